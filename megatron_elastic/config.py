@@ -1,0 +1,269 @@
+"""Typed configuration of megatron-elastic components.
+
+Each component owns one small dataclass, validated once in ``__post_init__``. User mistakes raise
+``ValueError`` naming the field and the fix. YAML recipes load strictly: an unknown key is an error
+that suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "LAYER_SYMBOLS",
+    "ModelConfig",
+    "ParallelConfig",
+    "check_parallel_fit",
+    "config_from_dict",
+    "load_model_config",
+    "load_yaml",
+]
+
+# NemotronH layer kinds as megatron-core's hybrid pattern spells them.
+LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp"}
+
+
+def _require_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(
+                f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}"
+            )
+
+
+def _require_divisible(owner: str, num: str, num_v: int, den: str, den_v: int) -> None:
+    if num_v % den_v != 0:
+        raise ValueError(
+            f"{owner}.{num}={num_v} is not divisible by {den}={den_v}; "
+            f"choose {num} as a multiple of {den_v} (e.g. {max(den_v, num_v // den_v * den_v)})"
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A NemotronH-family hybrid Mamba-2 + attention + MLP language model.
+
+    Fixed by the family: RMSNorm, squared-ReLU (non-gated) MLP, no positional embedding, no biases
+    in linear layers, untied input embedding and output layer.
+    """
+
+    hybrid_pattern: str
+    """One symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP."""
+    hidden_size: int
+    """Width of the residual stream (the embedding axis)."""
+    ffn_hidden_size: int
+    """Neurons of each MLP layer."""
+    num_attention_heads: int
+    """Query heads of each attention layer."""
+    num_query_groups: int
+    """Key/value heads (GQA groups); ``num_attention_heads`` must be a multiple of it."""
+    head_dim: int
+    """Channels per attention head (``kv_channels`` in megatron-core)."""
+    mamba_num_heads: int
+    """Heads of each Mamba-2 mixer."""
+    mamba_head_dim: int
+    """Channels per Mamba head; the mixer's inner width is ``mamba_num_heads * mamba_head_dim``."""
+    mamba_num_groups: int
+    """B/C groups of each mixer; ``mamba_num_heads`` must be a multiple of it."""
+    mamba_state_dim: int
+    """SSM state size per group (``d_state``)."""
+    vocab_size: int
+    """Rows of the embedding and of the output layer."""
+    mamba_conv_kernel: int = 4
+    """Width of the causal depthwise convolution in each mixer."""
+    mamba_chunk_size: int = 128
+    """Tokens per chunk of the chunked SSD scan (kernel and CPU path alike)."""
+    max_sequence_length: int = 4096
+    """Longest sequence the model is built for (no positional table depends on it)."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation of linear weights."""
+
+    def __post_init__(self) -> None:
+        if not self.hybrid_pattern:
+            raise ValueError("ModelConfig.hybrid_pattern is empty; give one symbol per layer")
+        bad = sorted(set(self.hybrid_pattern) - set(LAYER_SYMBOLS))
+        if bad:
+            raise ValueError(
+                f"ModelConfig.hybrid_pattern has unsupported symbols {bad}; use only "
+                f"{', '.join(f'{s!r} ({k})' for s, k in LAYER_SYMBOLS.items())}. Pipeline stage "
+                "boundaries are set by ParallelConfig.pipeline_layout, not by '|' in the pattern."
+            )
+        _require_positive(
+            self,
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "head_dim",
+            "mamba_num_heads",
+            "mamba_head_dim",
+            "mamba_num_groups",
+            "mamba_state_dim",
+            "vocab_size",
+            "mamba_conv_kernel",
+            "mamba_chunk_size",
+            "max_sequence_length",
+        )
+        _require_divisible(
+            "ModelConfig",
+            "num_attention_heads",
+            self.num_attention_heads,
+            "num_query_groups",
+            self.num_query_groups,
+        )
+        _require_divisible(
+            "ModelConfig",
+            "mamba_num_heads",
+            self.mamba_num_heads,
+            "mamba_num_groups",
+            self.mamba_num_groups,
+        )
+        if not self.layernorm_epsilon > 0:
+            raise ValueError(
+                f"ModelConfig.layernorm_epsilon must be > 0, got {self.layernorm_epsilon}"
+            )
+        if not self.init_method_std > 0:
+            raise ValueError(f"ModelConfig.init_method_std must be > 0, got {self.init_method_std}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hybrid_pattern)
+
+    @property
+    def mamba_inner_size(self) -> int:
+        """``d_inner`` of each mixer: heads times head dim."""
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    def layer_kinds(self) -> list[str]:
+        """The kind (``mamba``, ``attention``, ``mlp``) of every layer in order."""
+        return [LAYER_SYMBOLS[s] for s in self.hybrid_pattern]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one model replica is split across processes."""
+
+    tensor_parallel_size: int = 1
+    """Ranks sharing every layer's weights (heads, neurons and vocab split across them)."""
+    pipeline_parallel_size: int = 1
+    """Stages the layer stack is cut into."""
+    pipeline_layout: tuple[int, ...] | None = None
+    """Layers per pipeline stage (sums to the layer count); ``None`` splits evenly."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
+        if self.pipeline_layout is not None:
+            layout = tuple(self.pipeline_layout)
+            object.__setattr__(self, "pipeline_layout", layout)
+            if len(layout) != self.pipeline_parallel_size or any(n <= 0 for n in layout):
+                raise ValueError(
+                    f"ParallelConfig.pipeline_layout={list(layout)} must list "
+                    f"{self.pipeline_parallel_size} positive layer counts, one per pipeline stage"
+                )
+
+    def stage_layer_counts(self, num_layers: int) -> tuple[int, ...]:
+        """Layers on each pipeline stage."""
+        pp = self.pipeline_parallel_size
+        if self.pipeline_layout is not None:
+            if sum(self.pipeline_layout) != num_layers:
+                raise ValueError(
+                    f"ParallelConfig.pipeline_layout={list(self.pipeline_layout)} sums to "
+                    f"{sum(self.pipeline_layout)} but the model has {num_layers} layers"
+                )
+            return self.pipeline_layout
+        if num_layers % pp != 0:
+            raise ValueError(
+                f"{num_layers} layers do not split evenly over pipeline_parallel_size={pp}; "
+                f"set ParallelConfig.pipeline_layout, e.g. {_uneven_layout(num_layers, pp)}"
+            )
+        return (num_layers // pp,) * pp
+
+    def pipelined_pattern(self, pattern: str) -> str:
+        """``pattern`` with megatron-core's ``|`` stage separators inserted."""
+        counts = self.stage_layer_counts(len(pattern))
+        parts, start = [], 0
+        for n in counts:
+            parts.append(pattern[start : start + n])
+            start += n
+        return "|".join(parts)
+
+
+def _uneven_layout(num_layers: int, stages: int) -> list[int]:
+    base, extra = divmod(num_layers, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def check_parallel_fit(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Raise ``ValueError`` if ``model`` cannot be split as ``parallel`` asks."""
+    tp = parallel.tensor_parallel_size
+    for name in (
+        "num_attention_heads",
+        "num_query_groups",
+        "mamba_num_heads",
+        "mamba_num_groups",
+        "ffn_hidden_size",
+        "vocab_size",
+    ):
+        value = getattr(model, name)
+        if value % tp != 0:
+            ok = [t for t in range(1, value + 1) if value % t == 0 and t <= 64]
+            raise ValueError(
+                f"ModelConfig.{name}={value} is not divisible by tensor_parallel_size={tp}; "
+                f"tensor_parallel_size must divide it (possible sizes: {ok[-6:]})"
+            )
+    parallel.stage_layer_counts(model.num_layers)
+
+
+def config_from_dict[T](cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"{where or cls.__name__}: unknown key(s) {', '.join(hints)}; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    missing = [
+        name
+        for name, f in known.items()
+        if name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise ValueError(f"{where or cls.__name__}: missing required key(s) {', '.join(missing)}")
+    return cls(**data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Load a model recipe (``examples/*/model.yaml``)."""
+    return config_from_dict(ModelConfig, load_yaml(path), where=str(path))

@@ -1,0 +1,126 @@
+"""Build the NemotronH-family parent as a megatron-core ``HybridModel``."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.activations import squared_relu
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_elastic import platform
+from megatron_elastic.config import ModelConfig, ParallelConfig, check_parallel_fit
+from megatron_elastic.model.specs import local_hybrid_stack_spec, te_hybrid_stack_spec
+
+__all__ = [
+    "build_hybrid_model",
+    "hybrid_stack_spec",
+    "mixer_params",
+    "transformer_config",
+    "use_te",
+]
+
+
+def use_te() -> bool:
+    """Transformer-Engine specs need CUDA and an importable transformer_engine."""
+    return platform.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, *, params_dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """megatron-core's ``TransformerConfig`` for ``model`` split as ``parallel``."""
+    check_parallel_fit(model, parallel)
+    on_gpu = platform.cuda_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        mamba_num_heads=model.mamba_num_heads,
+        mamba_head_dim=model.mamba_head_dim,
+        mamba_num_groups=model.mamba_num_groups,
+        mamba_state_dim=model.mamba_state_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.layernorm_epsilon,
+        activation_func=squared_relu,
+        gated_linear_unit=False,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # Fusions below need CUDA kernels (apex / TE / custom); the unfused paths are exact.
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        attention_backend=AttnBackend.auto if use_te() else AttnBackend.local,
+    )
+
+
+def mixer_params(model: ModelConfig) -> dict[str, int]:
+    """Mamba mixer constructor arguments not carried by ``TransformerConfig``."""
+    return {"d_conv": model.mamba_conv_kernel, "chunk_size": model.mamba_chunk_size}
+
+
+def hybrid_stack_spec(model: ModelConfig) -> ModuleSpec:
+    """TE spec on GPU with transformer_engine, local spec otherwise."""
+    params = mixer_params(model)
+    return te_hybrid_stack_spec(params) if use_te() else local_hybrid_stack_spec(params)
+
+
+def build_hybrid_model(
+    model: ModelConfig,
+    pgs: ProcessGroupCollection,
+    parallel: ParallelConfig | None = None,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    stack_spec: ModuleSpec | None = None,
+) -> HybridModel:
+    """This rank's part of the parent model: its pipeline stage, its tensor-parallel shard.
+
+    ``stack_spec`` overrides the layer spec (the elastic model passes its own); the default is
+    :func:`hybrid_stack_spec`. The model is placed on :func:`platform.default_device`.
+    """
+    platform.apply()
+    parallel = parallel or ParallelConfig()
+    if (
+        pgs.tp.size() != parallel.tensor_parallel_size
+        or pgs.pp.size() != parallel.pipeline_parallel_size
+    ):
+        raise ValueError(
+            f"process groups (tp={pgs.tp.size()}, pp={pgs.pp.size()}) do not match "
+            f"ParallelConfig (tp={parallel.tensor_parallel_size}, "
+            f"pp={parallel.pipeline_parallel_size})"
+        )
+    config = transformer_config(model, parallel, params_dtype=params_dtype)
+    pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
+    hybrid = HybridModel(
+        config=config,
+        hybrid_stack_spec=stack_spec or hybrid_stack_spec(model),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_sequence_length,
+        hybrid_layer_pattern=parallel.pipelined_pattern(model.hybrid_pattern),
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp_size - 1,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",
+        pg_collection=pgs,
+    )
+    return hybrid.to(platform.default_device())

@@ -1,0 +1,141 @@
+"""Module specs of the NemotronH hybrid stack for megatron-core's ``HybridModel``.
+
+megatron-core 0.19 ships only Transformer-Engine specs for the hybrid model. The local spec here
+uses megatron-core's own tensor-parallel linears and core attention, our RMSNorm and the
+:class:`TorchScanMambaMixer`; it runs on CPU and GPU. Local parameter names map to the TE names in
+distributed checkpoints (``sharded_state_dict_keys_map``), as megatron's local GPT spec does.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from megatron_elastic.model.mamba import TorchScanMambaMixer
+from megatron_elastic.model.norm import RMSNorm
+
+__all__ = ["LocalNormHybridStack", "local_hybrid_stack_spec", "te_hybrid_stack_spec"]
+
+
+class LocalNormHybridStack(HybridStack):
+    """``HybridStack`` whose final norm comes from the spec (megatron's hard-codes ``TENorm``)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: HybridStackSubmodules,
+        *,
+        final_norm: Any,
+        post_layer_norm: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config, submodules, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = final_norm(
+                config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
+
+
+def local_hybrid_stack_spec(
+    mixer_params: dict[str, Any],
+    *,
+    mamba_mixer: type = TorchScanMambaMixer,
+    self_attention: type = SelfAttention,
+    mlp: type = MLP,
+    norm: Any = RMSNorm,
+    stack: type = LocalNormHybridStack,
+) -> ModuleSpec:
+    """The hybrid stack on megatron-core's local modules.
+
+    ``mixer_params`` are constructor arguments of the Mamba mixer that megatron's
+    ``TransformerConfig`` does not carry (``d_conv``, ``chunk_size``). The keyword arguments let
+    a caller (e.g. the elastic model) swap in subclasses of the mixer, attention, MLP, norm or
+    stack while keeping everything else, including parameter names.
+    """
+    return ModuleSpec(
+        module=stack,
+        params={"final_norm": norm},
+        submodules=HybridStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    norm=norm,
+                    mixer=ModuleSpec(
+                        module=mamba_mixer,
+                        params=dict(mixer_params),
+                        submodules=MambaMixerSubmodules(
+                            in_proj=ColumnParallelLinear, out_proj=RowParallelLinear
+                        ),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=norm,
+                    self_attention=ModuleSpec(
+                        module=self_attention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=ColumnParallelLinear,
+                            core_attention=DotProductAttention,
+                            linear_proj=RowParallelLinear,
+                        ),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={
+                        "input_layernorm.": "self_attention.linear_qkv.layer_norm_"
+                    },
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=norm,
+                    mlp=partial(
+                        mlp.as_mlp_submodule,
+                        submodules=MLPSubmodules(
+                            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                        ),
+                    ),
+                    mlp_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={
+                        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"
+                    },
+                ),
+            ),
+        ),
+    )
+
+
+def te_hybrid_stack_spec(mixer_params: dict[str, Any]) -> ModuleSpec:
+    """megatron-core's own Transformer-Engine hybrid spec (GPU with transformer_engine only), with
+    our mixer (identical to megatron's on CUDA tensors) and its constructor arguments."""
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
+
+    spec = copy.deepcopy(hybrid_stack_spec)
+    mixer = spec.submodules.mamba_layer.submodules.mixer
+    mixer.module = TorchScanMambaMixer
+    mixer.params = {**mixer.params, **mixer_params}
+    return spec

@@ -1,0 +1,212 @@
+"""The one place that works around gaps of megatron-core and mamba-ssm on machines without CUDA.
+
+Nothing else in this repository patches third-party code. :func:`apply` is idempotent and is a
+no-op for the CUDA-only patches when CUDA is available; each patch says why it exists. The
+mamba-ssm import shim is the exception that also applies on GPU, because the project installs
+mamba-ssm without compiling its CUDA extension there too (FACTS.md §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["apply", "cuda_available", "default_device", "seed_model_parallel_rng"]
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_device() -> torch.device:
+    """Device of this process's model: its CUDA device when there is one, else the CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _register_mamba_ssm_without_extension() -> None:
+    """mamba-ssm's package ``__init__`` imports ``selective_scan_cuda`` (a compiled Mamba-1 op),
+    which does not exist when mamba-ssm is installed with ``MAMBA_SKIP_CUDA_BUILD``. The Mamba-2
+    pieces megatron-core needs (``ops.triton.ssd_combined``, ``ops.triton.layernorm_gated``) are
+    pure Python/Triton, so we register the package without running its ``__init__``."""
+    if "mamba_ssm" in sys.modules:
+        return
+    try:
+        importlib.import_module("mamba_ssm")
+        return
+    except ImportError:
+        for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+            del sys.modules[name]
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or not spec.submodule_search_locations:
+        return  # not installed: megatron's MambaMixer will say so when built
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__file__ = spec.origin
+    package.__spec__ = spec
+    sys.modules["mamba_ssm"] = package
+
+
+class _CpuDeviceTorch(types.ModuleType):
+    """Stands in for ``torch`` inside a few megatron-core modules that hard-code ``device="cuda"``
+    (default causal masks, pipeline token counters, p2p shape buffers). Every attribute is torch's,
+    except that tensor factories map a CUDA device to the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+
+            def factory(*args: Any, **kwargs: Any) -> torch.Tensor:
+                device = kwargs.get("device")
+                if device is not None and torch.device(device).type == "cuda":
+                    kwargs["device"] = "cpu"
+                return attr(*args, **kwargs)
+
+            return factory
+        return attr
+
+
+_CPU_DEVICE_MODULES = (
+    # get_default_causal_mask / sliding-window masks: torch.ones(..., device="cuda")
+    "megatron.core.transformer.utils",
+    "megatron.core.fusions.fused_softmax",
+    # forward_backward_*: total_num_tokens = torch.zeros([], device="cuda")
+    "megatron.core.pipeline_parallel.schedules",
+    # FP32Optimizer / grad clipping keep scale, found-inf and norm scalars on "cuda"
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    # local_multi_tensor_l2_norm (the no-apex fallback used for grad norms) returns a "cuda" tensor
+    "megatron.core.utils",
+)
+
+
+class _CpuRngStatesTracker:
+    """megatron's ``CudaRNGStatesTracker`` keeps named CUDA generator states and forks into them
+    while initialising tensor-parallel weights; ``torch.cuda.get_rng_state`` fails without CUDA.
+    This tracker keeps named CPU generator states with the same names, seeds and ``fork``
+    semantics, so weight initialisation and dropout draw from per-rank streams on CPU too."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _clip_grad_by_total_norm_cpu(
+    parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
+) -> None:
+    """megatron's ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() ==
+    'torch.cuda.FloatTensor'``; the same in-place scaling for CPU gradients."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
+def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
+    """Seed the default and the named model-parallel RNG streams, on GPU or CPU.
+
+    Same seeds as megatron's ``model_parallel_cuda_manual_seed``: data-parallel stream ``seed``,
+    tensor-parallel stream ``seed + 2718 + tp_rank``, expert stream ``seed + 1024``.
+    """
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.manual_seed(seed)
+    if cuda_available():
+        mp_random.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0)
+        return
+    apply()
+    tracker = mp_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def apply() -> None:
+    """Install the workarounds this machine needs. Safe to call any number of times."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    _register_mamba_ssm_without_extension()
+    if cuda_available():
+        return
+
+    # MambaMixer allocates conv1d/dt/A/D/norm with device=torch.cuda.current_device(), and p2p
+    # communication sizes its shape buffers the same way; on a CPU-only machine that call raises.
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # p2p communication synchronises the CUDA stream after batched isend/irecv; gloo is synchronous.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+    shim = _CpuDeviceTorch()
+    for module_name in _CPU_DEVICE_MODULES:
+        module = importlib.import_module(module_name)
+        module.torch = shim  # type: ignore[attr-defined]
+
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import random as mp_random
+
+    for module in (clip_grads, optimizer):  # optimizer.py imported the function by name
+        module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu  # type: ignore[attr-defined]
+
+    # get_cuda_rng_tracker() returns this module-level singleton; on CPU it must not touch CUDA.
+    mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
