@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -186,6 +187,10 @@ def apply() -> None:
     if _APPLIED:
         return
     _APPLIED = True
+    if not cuda_available():
+        # Expected on CPU: megatron announces at import that it falls back from TE/Apex kernels.
+        for message in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
     _register_mamba_ssm_without_extension()
     if cuda_available():
         return
