@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     pgs = init_process_groups(ParallelConfig(), seed=args.seed)
     model = build_hybrid_model(cfg, pgs)
     optim = OptimConfig(
-        lr=args.lr, min_lr=args.lr / 10, warmup_steps=min(20, args.steps // 10),
+        lr=args.lr,
+        min_lr=args.lr / 10,
+        warmup_steps=min(20, args.steps // 10),
         total_steps=args.steps,
-    )  # fmt: skip
+    )
     ddp = wrap_ddp(model, pgs, optim)
     optimizer, scheduler = build_optimizer(ddp, optim)
     data = MarkovTokenSource(cfg.vocab_size, branching=4, seed=args.seed)

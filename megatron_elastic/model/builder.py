@@ -92,11 +92,13 @@ def build_hybrid_model(
     *,
     params_dtype: torch.dtype = torch.float32,
     stack_spec: ModuleSpec | None = None,
+    model_class: type[HybridModel] = HybridModel,
 ) -> HybridModel:
     """This rank's part of the parent model: its pipeline stage, its tensor-parallel shard.
 
     ``stack_spec`` overrides the layer spec (the elastic model passes its own); the default is
-    :func:`hybrid_stack_spec`. The model is placed on :func:`platform.default_device`.
+    :func:`hybrid_stack_spec`; ``model_class`` may be a ``HybridModel`` subclass. The model is
+    placed on :func:`platform.default_device`.
     """
     platform.apply()
     parallel = parallel or ParallelConfig()
@@ -111,7 +113,7 @@ def build_hybrid_model(
         )
     config = transformer_config(model, parallel, params_dtype=params_dtype)
     pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
-    hybrid = HybridModel(
+    hybrid = model_class(
         config=config,
         hybrid_stack_spec=stack_spec or hybrid_stack_spec(model),
         vocab_size=model.vocab_size,

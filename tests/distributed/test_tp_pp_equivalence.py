@@ -18,9 +18,18 @@ pytestmark = pytest.mark.distributed
 
 def _torchrun(workdir: Path, nproc: int, *args: str) -> None:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        str(WORKER), "--model", str(MODEL), "--workdir", str(workdir), *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(WORKER),
+        "--model",
+        str(MODEL),
+        "--workdir",
+        str(workdir),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

@@ -56,9 +56,13 @@ def _reference_mixer(mixer: TorchScanMambaMixer, hidden: torch.Tensor) -> torch.
     dt = F.softplus(dt + d(mixer.dt_bias))
     A = -torch.exp(d(mixer.A_log))
     y = ssd_sequential_scan(
-        x.reshape(*x.shape[:2], nh, hd), dt, A, B.reshape(*B.shape[:2], g, n),
-        C.reshape(*C.shape[:2], g, n), d(mixer.D),
-    ).reshape(*x.shape[:2], inner)  # fmt: skip
+        x.reshape(*x.shape[:2], nh, hd),
+        dt,
+        A,
+        B.reshape(*B.shape[:2], g, n),
+        C.reshape(*C.shape[:2], g, n),
+        d(mixer.D),
+    ).reshape(*x.shape[:2], inner)
     y = y * F.silu(z)
     groups = y.reshape(*y.shape[:2], g, inner // g)
     y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + mixer.norm.eps)).flatten(2)

@@ -1,0 +1,181 @@
+"""Elastic versions of megatron-core's norm, MLP and self-attention.
+
+Each keeps its parent class's parameters and names. The model sets ``module.active`` before a
+forward pass (``None`` = run the parent class's own forward, unchanged); it is never a hook and
+never global. In ``slice`` mode weights are cut to this rank's active rows/columns; in ``mask``
+mode the full computation runs and inactive channels are zeroed. Optional router weights
+(``ActiveWidth.weight``) multiply the active units' activations, so gradients reach the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.mlp import MLP
+
+from megatron_elastic.elastic.subnet import AttentionIndices, Index, MambaIndices, take
+from megatron_elastic.model.norm import RMSNorm, rms_norm
+
+__all__ = [
+    "ActiveWidth",
+    "ElasticRMSNorm",
+    "ElasticMLP",
+    "ElasticSelfAttention",
+    "column_parallel",
+    "row_parallel",
+    "unit_mask",
+]
+
+
+@dataclass(frozen=True)
+class ActiveWidth:
+    """What one elastic module runs in the current forward pass (set by the model)."""
+
+    mode: str
+    """``slice`` or ``mask``."""
+    hidden: int
+    """Active embedding width."""
+    indices: AttentionIndices | MambaIndices | Index | None = None
+    """This rank's active rows/columns (``None`` for norms)."""
+    weight: torch.Tensor | None = None
+    """Router weights of this rank's active units (heads, channels or neurons), or a scalar."""
+
+
+def column_parallel(x: torch.Tensor, weight: torch.Tensor, tp_group) -> torch.Tensor:
+    """``x @ weight.T`` for a column-parallel weight shard (input replicated across TP)."""
+    return linear_with_grad_accumulation_and_async_allreduce(
+        x,
+        weight,
+        None,
+        gradient_accumulation_fusion=False,
+        allreduce_dgrad=tp_group.size() > 1,
+        sequence_parallel=False,
+        tp_group=tp_group,
+    )
+
+
+def row_parallel(x: torch.Tensor, weight: torch.Tensor, tp_group) -> torch.Tensor:
+    """``x @ weight.T`` summed over TP ranks for a row-parallel weight shard."""
+    out = linear_with_grad_accumulation_and_async_allreduce(
+        x,
+        weight,
+        None,
+        gradient_accumulation_fusion=False,
+        allreduce_dgrad=False,
+        sequence_parallel=False,
+        tp_group=tp_group,
+    )
+    return reduce_from_tensor_model_parallel_region(out, group=tp_group)
+
+
+def unit_mask(
+    size: int, idx: Index, like: torch.Tensor, weight: torch.Tensor | None = None, unit: int = 1
+) -> torch.Tensor:
+    """Mask-mode multiplier of a ``size``-channel activation: zero outside ``idx``; at ``idx`` one,
+    or the router weights of the active units (each repeated ``unit`` times). Autograd-safe."""
+    count = (idx.stop - idx.start) if isinstance(idx, slice) else len(idx)
+    values = apply_unit_weight(
+        torch.ones(count, dtype=like.dtype, device=like.device), weight, unit
+    )
+    if isinstance(idx, slice):
+        zeros = like.new_zeros
+        return torch.cat([zeros(idx.start), values, zeros(size - idx.stop)])
+    return like.new_zeros(size).index_copy(0, idx.to(like.device), values)
+
+
+def hidden_mask(full: int, active: int, like: torch.Tensor) -> torch.Tensor:
+    return unit_mask(full, slice(0, active), like)
+
+
+def apply_unit_weight(x: torch.Tensor, weight: torch.Tensor | None, unit: int = 1) -> torch.Tensor:
+    """Multiply the last dim of ``x`` (``units * unit`` channels) by per-unit weights."""
+    if weight is None:
+        return x
+    if weight.dim() == 0:
+        return x * weight
+    return x * weight.to(x.dtype).repeat_interleave(unit)
+
+
+class ElasticRMSNorm(RMSNorm):
+    """RMSNorm over the active embedding channels only."""
+
+    active: ActiveWidth | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.active
+        if st is None:
+            return super().forward(x)
+        h = st.hidden
+        if st.mode == "slice":
+            return rms_norm(x, self.weight[:h], self.eps)
+        x32 = x.float()
+        ms = x32[..., :h].pow(2).mean(-1, keepdim=True)
+        out = x32 * torch.rsqrt(ms + self.eps) * self.weight.float()
+        return (out * hidden_mask(x.size(-1), h, out)).to(x.dtype)
+
+
+class ElasticMLP(MLP):
+    """Squared-ReLU MLP over active neurons (fc1 rows / fc2 columns) and active hidden."""
+
+    active: ActiveWidth | None = None
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
+        st = self.active
+        if st is None:
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        tp = self.linear_fc1.tp_group
+        act = self.config.activation_func
+        if st.mode == "slice":
+            w1 = take(self.linear_fc1.weight, 0, st.indices)[:, : st.hidden]
+            w2 = take(self.linear_fc2.weight, 1, st.indices)[: st.hidden]
+            inter = apply_unit_weight(act(column_parallel(hidden_states, w1, tp)), st.weight)
+            return row_parallel(inter, w2, tp), None
+        inter = act(column_parallel(hidden_states, self.linear_fc1.weight, tp))
+        inter = inter * unit_mask(inter.size(-1), st.indices, inter, st.weight)
+        out = row_parallel(inter, self.linear_fc2.weight, tp)
+        return out * hidden_mask(out.size(-1), st.hidden, out), None
+
+
+class ElasticSelfAttention(SelfAttention):
+    """GQA self-attention over active query heads (a prefix within every query group); key/value
+    heads all stay. Causal, no positional embedding (NemotronH)."""
+
+    active: ActiveWidth | None = None
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
+        st = self.active
+        if st is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        tp = self.linear_qkv.tp_group
+        idx: AttentionIndices = st.indices
+        d = self.hidden_size_per_attention_head
+        groups = self.num_query_groups_per_partition
+        if st.mode == "slice":
+            w_qkv = take(self.linear_qkv.weight, 0, idx.qkv_rows)[:, : st.hidden]
+            a = idx.heads_per_group
+        else:
+            w_qkv = self.linear_qkv.weight
+            a = self.num_attention_heads_per_partition // groups
+        s, b = hidden_states.shape[:2]
+        qkv = column_parallel(hidden_states, w_qkv, tp).view(s, b, groups, (a + 2) * d)
+        q, k, v = torch.split(qkv, [a * d, d, d], dim=-1)
+        q = q.reshape(s, b, groups * a, d)
+        k = k.repeat_interleave(a, dim=2)  # (s, b, groups*a, d): each group's kv for its heads
+        v = v.repeat_interleave(a, dim=2)
+        # (b, heads, s, d) for SDPA
+        ctx = F.scaled_dot_product_attention(
+            q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), is_causal=True
+        )
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, groups * a * d)
+        if st.mode == "slice":
+            ctx = apply_unit_weight(ctx, st.weight, d)
+            w_proj = take(self.linear_proj.weight, 1, idx.proj_cols)[: st.hidden]
+            return row_parallel(ctx, w_proj, tp), None
+        ctx = ctx * unit_mask(ctx.size(-1), idx.proj_cols, ctx, st.weight, d)
+        out = row_parallel(ctx, self.linear_proj.weight, tp)
+        return out * hidden_mask(out.size(-1), st.hidden, out), None

@@ -1,0 +1,274 @@
+"""The elastic hybrid model: megatron-core's ``HybridModel`` whose every layer can run a nested
+sub-network, chosen per forward pass with :meth:`ElasticHybridModel.set_subnet`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_elastic.config import ModelConfig, ParallelConfig
+from megatron_elastic.elastic.config import ElasticConfig
+from megatron_elastic.elastic.layers import (
+    ActiveWidth,
+    ElasticMLP,
+    ElasticRMSNorm,
+    ElasticSelfAttention,
+    apply_unit_weight,
+    column_parallel,
+    hidden_mask,
+)
+from megatron_elastic.elastic.mamba import ElasticMambaMixer
+from megatron_elastic.elastic.subnet import (
+    SubnetSpec,
+    attention_indices,
+    ffn_indices,
+    mamba_indices,
+)
+from megatron_elastic.model.builder import build_hybrid_model, mixer_params
+from megatron_elastic.model.specs import LocalNormHybridStack, local_hybrid_stack_spec
+
+__all__ = [
+    "SubnetWeights",
+    "ElasticHybridStack",
+    "ElasticHybridModel",
+    "elastic_stack_spec",
+    "build_elastic_model",
+]
+
+
+@dataclass(frozen=True)
+class SubnetWeights:
+    """Router weights that ride on a forward pass (straight-through: 1.0 in value, with grads).
+
+    Vectors are in logical order over all TP ranks: attention heads group-major, Mamba channels
+    head-major within group-major heads, FFN neurons block-major; each rank takes its share.
+    """
+
+    hidden: torch.Tensor | None = None
+    """Scalar, or one weight per active embedding channel."""
+    layers: tuple[torch.Tensor | None, ...] | None = None
+    """Per layer: scalar, or one weight per active head (attention), channel (Mamba), neuron."""
+    gates: tuple[torch.Tensor | None, ...] | None = None
+    """Per layer: scalar depth gate ``g`` (output = x + g * (layer(x) - x))."""
+
+
+class ElasticHybridStack(LocalNormHybridStack):
+    """The layer stack; skips inactive layers (their input passes through the residual)."""
+
+    run_layers: tuple[bool, ...] | None = None
+    gates: tuple[torch.Tensor | None, ...] | None = None
+    active_hidden: int | None = None
+    mode: str = "slice"
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask,
+        inference_context=None,
+        rotary_pos_emb=None,
+        *,
+        inference_params=None,
+        packed_seq_params=None,
+        padding_mask=None,
+    ):
+        if self.run_layers is None:
+            return super().forward(
+                hidden_states,
+                attention_mask,
+                inference_context,
+                rotary_pos_emb,
+                inference_params=inference_params,
+                packed_seq_params=packed_seq_params,
+                padding_mask=padding_mask,
+            )
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("elastic sub-networks run without an inference cache")
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+            if self.mode == "slice":  # stages exchange full-width tensors (see below)
+                hidden_states = hidden_states[..., : self.active_hidden]
+        for layer, run, gate in zip(self.layers, self.run_layers, self.gates, strict=True):
+            if not run:
+                continue
+            out = layer(hidden_states=hidden_states, attention_mask=attention_mask)
+            if isinstance(out, tuple):
+                out = out[0]
+            hidden_states = out if gate is None else hidden_states + gate * (out - hidden_states)
+        if self.post_process and self.post_layer_norm:
+            hidden_states = self.final_norm(hidden_states)
+        elif self.mode == "slice":
+            # megatron's p2p sizes receive buffers from config.hidden_size: pad to full width.
+            pad = self.config.hidden_size - hidden_states.size(-1)
+            hidden_states = F.pad(hidden_states, (0, pad))
+        return make_viewless_tensor(
+            hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
+        )
+
+
+class ElasticHybridModel(HybridModel):
+    """``HybridModel`` that runs the sub-network last given to :meth:`set_subnet`."""
+
+    model_config: ModelConfig
+    elastic_config: ElasticConfig
+    subnet: SubnetSpec | None = None
+    _hidden_weight: torch.Tensor | None = None
+
+    def set_subnet(
+        self, spec: SubnetSpec | None, weights: SubnetWeights | None = None, mode: str | None = None
+    ) -> None:
+        """Run ``spec`` from now on (``None`` or the full spec without weights: the parent, via
+        megatron's own forward, bit for bit). ``mode`` defaults to the elastic config's."""
+        model, elastic = self.model_config, self.elastic_config
+        mode = mode or elastic.mode
+        if mode not in ("slice", "mask"):
+            raise ValueError(f"mode must be 'slice' or 'mask', got {mode!r}")
+        if spec is not None:
+            spec.validate(model, elastic)
+        if spec is None or (spec.is_full(model) and weights is None):
+            self._clear()
+            return
+        weights = weights or SubnetWeights()
+        tp_size, tp_rank = self.pg_collection.tp.size(), self.pg_collection.tp.rank()
+        self.subnet, self._mode = spec, mode
+        self._hidden_weight = weights.hidden
+        for module in self.modules():
+            if isinstance(module, ElasticRMSNorm):
+                module.active = ActiveWidth(mode, spec.hidden)
+        stack: ElasticHybridStack = self.decoder
+        runs, gates = [], []
+        for layer in stack.layers:
+            j = layer.layer_number - 1
+            choice = spec.layers[j]
+            runs.append(choice.active)
+            gates.append(weights.gates[j] if weights.gates is not None else None)
+            w = weights.layers[j] if weights.layers is not None else None
+            w = w.chunk(tp_size)[tp_rank] if w is not None and w.dim() > 0 else w
+            if choice.kind == "mamba":
+                idx = mamba_indices(
+                    model.mamba_num_heads,
+                    model.mamba_num_groups,
+                    model.mamba_head_dim,
+                    model.mamba_state_dim,
+                    choice.width,
+                    choice.head_dim,
+                    tp_size,
+                )
+                layer.mixer.active = ActiveWidth(mode, spec.hidden, idx, w)
+            elif choice.kind == "attention":
+                idx = attention_indices(
+                    model.num_attention_heads,
+                    model.num_query_groups,
+                    model.head_dim,
+                    choice.width,
+                    tp_size,
+                )
+                layer.self_attention.active = ActiveWidth(mode, spec.hidden, idx, w)
+            else:
+                idx = ffn_indices(
+                    model.ffn_hidden_size, elastic.ffn_nesting_blocks, choice.width, tp_size
+                )
+                layer.mlp.active = ActiveWidth(mode, spec.hidden, idx, w)
+        stack.run_layers, stack.gates = tuple(runs), tuple(gates)
+        stack.active_hidden, stack.mode = spec.hidden, mode
+
+    def _clear(self) -> None:
+        self.subnet, self._hidden_weight = None, None
+        for module in self.modules():
+            if hasattr(module, "active"):
+                module.active = None
+        self.decoder.run_layers = self.decoder.gates = self.decoder.active_hidden = None
+
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        decoder_input=None,
+        labels=None,
+        inference_context=None,
+        runtime_gather_output=None,
+        **kwargs,
+    ):
+        if self.subnet is None:
+            return super().forward(
+                input_ids,
+                position_ids,
+                attention_mask,
+                decoder_input,
+                labels,
+                inference_context,
+                runtime_gather_output,
+                **kwargs,
+            )
+        h, mode = self.subnet.hidden, self._mode
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            if mode == "slice":
+                decoder_input = apply_unit_weight(decoder_input[..., :h], self._hidden_weight)
+            else:
+                mask = hidden_mask(decoder_input.size(-1), h, decoder_input)
+                weight = self._hidden_weight
+                if weight is not None and weight.dim() > 0:
+                    weight = F.pad(weight, (0, decoder_input.size(-1) - h))
+                decoder_input = apply_unit_weight(decoder_input * mask, weight)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask)
+        if not self.post_process:
+            return hidden
+        if mode == "slice":  # (ColumnParallelLinear.forward insists on the full weight shape)
+            tp = self.pg_collection.tp
+            logits = column_parallel(hidden, self.output_layer.weight[:, :h], tp)
+            gather = (
+                self.output_layer.gather_output
+                if runtime_gather_output is None
+                else (runtime_gather_output)
+            )
+            if gather:
+                logits = gather_from_tensor_model_parallel_region(logits, group=tp)
+        else:
+            logits, _ = self.output_layer(hidden, runtime_gather_output=runtime_gather_output)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+
+def elastic_stack_spec(model: ModelConfig) -> ModuleSpec:
+    """The local hybrid spec with every module swapped for its elastic subclass."""
+    return local_hybrid_stack_spec(
+        mixer_params(model),
+        mamba_mixer=ElasticMambaMixer,
+        self_attention=ElasticSelfAttention,
+        mlp=ElasticMLP,
+        norm=ElasticRMSNorm,
+        stack=ElasticHybridStack,
+    )
+
+
+def build_elastic_model(
+    model: ModelConfig,
+    elastic: ElasticConfig,
+    pgs: ProcessGroupCollection,
+    parallel: ParallelConfig | None = None,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+) -> ElasticHybridModel:
+    """This rank's part of the elastic parent. Its parameters (names, shapes, TP layout) are those
+    of :func:`build_hybrid_model`, so a parent checkpoint loads unchanged."""
+    parallel = parallel or ParallelConfig()
+    elastic.validate_for(model, parallel)
+    net = build_hybrid_model(
+        model,
+        pgs,
+        parallel,
+        params_dtype=params_dtype,
+        stack_spec=elastic_stack_spec(model),
+        model_class=ElasticHybridModel,
+    )
+    net.model_config, net.elastic_config = model, elastic
+    return net

@@ -1,0 +1,281 @@
+"""The active architecture of one forward pass, and the channel indices it keeps on each rank.
+
+A :class:`SubnetSpec` lists the embedding width and, per layer, whether it runs and its width
+(attention query heads, Mamba heads and head dim, FFN neurons). Sizes are totals over the tensor-
+parallel group; :mod:`indices <megatron_elastic.elastic.subnet>` turn them into the rows/columns
+each rank keeps: heads are a prefix *within every query/Mamba group*, head channels a prefix within
+every head, FFN neurons a prefix within every nesting block, hidden a prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+
+from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic.config import ElasticConfig
+
+__all__ = [
+    "LayerChoice",
+    "SubnetSpec",
+    "Index",
+    "take",
+    "attention_indices",
+    "mamba_indices",
+    "ffn_indices",
+]
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One layer's part of a sub-network."""
+
+    kind: str
+    """``mamba``, ``attention`` or ``mlp``."""
+    width: int
+    """Attention query heads, Mamba heads or FFN neurons (totals over TP ranks)."""
+    head_dim: int = 0
+    """Mamba channels per head (0 for other kinds)."""
+    active: bool = True
+    """False: the layer is skipped (its input passes through the residual)."""
+
+
+@dataclass(frozen=True)
+class SubnetSpec:
+    """The sub-network one forward pass runs."""
+
+    hidden: int
+    layers: tuple[LayerChoice, ...]
+
+    @classmethod
+    def full(cls, model: ModelConfig) -> SubnetSpec:
+        """The parent itself."""
+        return cls.homogeneous(model)
+
+    @classmethod
+    def homogeneous(
+        cls,
+        model: ModelConfig,
+        *,
+        hidden: int | None = None,
+        attention_heads: int | None = None,
+        mamba_heads: int | None = None,
+        mamba_head_dim: int | None = None,
+        ffn: int | None = None,
+        depth: int | None = None,
+        layer_ranking: Sequence[int] | None = None,
+    ) -> SubnetSpec:
+        """One choice per axis (``None`` = the parent's size)."""
+        n = model.num_layers
+        return cls.heterogeneous(
+            model,
+            hidden=hidden,
+            attention_heads=[attention_heads or model.num_attention_heads] * n,
+            mamba_heads=[mamba_heads or model.mamba_num_heads] * n,
+            mamba_head_dim=[mamba_head_dim or model.mamba_head_dim] * n,
+            ffn=[ffn or model.ffn_hidden_size] * n,
+            active=_active_layers(n, depth, layer_ranking),
+        )
+
+    @classmethod
+    def heterogeneous(
+        cls,
+        model: ModelConfig,
+        *,
+        hidden: int | None = None,
+        attention_heads: Sequence[int],
+        mamba_heads: Sequence[int],
+        mamba_head_dim: Sequence[int],
+        ffn: Sequence[int],
+        active: Sequence[bool] | None = None,
+    ) -> SubnetSpec:
+        """Per-layer choices: each list has one entry per layer (entries for other kinds are
+        ignored)."""
+        n = model.num_layers
+        for name, values in (
+            ("attention_heads", attention_heads),
+            ("mamba_heads", mamba_heads),
+            ("mamba_head_dim", mamba_head_dim),
+            ("ffn", ffn),
+        ):
+            if len(values) != n:
+                raise ValueError(f"{name} needs one entry per layer ({n}), got {len(values)}")
+        active = [True] * n if active is None else list(active)
+        layers = []
+        for i, kind in enumerate(model.layer_kinds()):
+            if kind == "mamba":
+                choice = LayerChoice(kind, mamba_heads[i], mamba_head_dim[i], active[i])
+            elif kind == "attention":
+                choice = LayerChoice(kind, attention_heads[i], 0, active[i])
+            else:
+                choice = LayerChoice(kind, ffn[i], 0, active[i])
+            layers.append(choice)
+        return cls(hidden or model.hidden_size, tuple(layers))
+
+    def with_depth(self, depth: int, layer_ranking: Sequence[int] | None = None) -> SubnetSpec:
+        active = _active_layers(len(self.layers), depth, layer_ranking)
+        return replace(
+            self,
+            layers=tuple(replace(c, active=a) for c, a in zip(self.layers, active, strict=True)),
+        )
+
+    @property
+    def depth(self) -> int:
+        return sum(c.active for c in self.layers)
+
+    def is_full(self, model: ModelConfig) -> bool:
+        return self == SubnetSpec.full(model)
+
+    def layer_is_full(self, model: ModelConfig, index: int) -> bool:
+        return self.layers[index] == SubnetSpec.full(model).layers[index]
+
+    def validate(self, model: ModelConfig, elastic: ElasticConfig | None = None) -> None:
+        """Raise ``ValueError`` for a spec the parent cannot run (sizes above the parent's, head
+        counts that break groups, FFN widths that break the nesting blocks)."""
+        if len(self.layers) != model.num_layers:
+            raise ValueError(f"spec has {len(self.layers)} layers, the parent {model.num_layers}")
+        if not 0 < self.hidden <= model.hidden_size:
+            raise ValueError(f"hidden={self.hidden} must be in [1, {model.hidden_size}]")
+        blocks = elastic.ffn_nesting_blocks if elastic else 1
+        for i, (c, kind) in enumerate(zip(self.layers, model.layer_kinds(), strict=True)):
+            if c.kind != kind:
+                raise ValueError(f"layer {i} is {kind}, the spec says {c.kind}")
+            if kind == "attention":
+                _check_width(
+                    i,
+                    "attention heads",
+                    c.width,
+                    model.num_attention_heads,
+                    model.num_query_groups,
+                    "query group",
+                )
+            elif kind == "mamba":
+                _check_width(
+                    i,
+                    "Mamba heads",
+                    c.width,
+                    model.mamba_num_heads,
+                    model.mamba_num_groups,
+                    "Mamba group",
+                )
+                if not 0 < c.head_dim <= model.mamba_head_dim:
+                    raise ValueError(
+                        f"layer {i}: Mamba head_dim={c.head_dim} must be in "
+                        f"[1, {model.mamba_head_dim}]"
+                    )
+            else:
+                _check_width(
+                    i, "FFN neurons", c.width, model.ffn_hidden_size, blocks, "FFN nesting block"
+                )
+        if self.depth == 0:
+            raise ValueError("spec skips every layer; keep at least one")
+
+
+def _check_width(i: int, what: str, width: int, limit: int, groups: int, unit: str) -> None:
+    if not 0 < width <= limit or width % groups:
+        raise ValueError(
+            f"layer {i}: {width} {what} is not possible: at most {limit} and a multiple of "
+            f"{groups} (the same count in every {unit}); e.g. "
+            f"{[w for w in range(groups, limit + 1, groups)][-4:]}"
+        )
+
+
+def _active_layers(n: int, depth: int | None, ranking: Sequence[int] | None) -> list[bool]:
+    if depth is None or depth == n:
+        return [True] * n
+    if not 0 < depth <= n:
+        raise ValueError(f"depth={depth} must be in [1, {n}]")
+    order = list(ranking) if ranking is not None else list(range(n))
+    keep = set(order[:depth])
+    return [i in keep for i in range(n)]
+
+
+# ---- indices each TP rank keeps -------------------------------------------------------------
+
+Index = torch.Tensor | slice
+"""Rows/columns to keep: a ``slice`` when they are contiguous (a view, no copy), else a tensor."""
+
+
+def take(t: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
+    if isinstance(idx, slice):
+        return t[(slice(None),) * dim + (idx,)]
+    return t.index_select(dim, idx.to(t.device))
+
+
+def _as_index(rows: list[int]) -> Index:
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class AttentionIndices:
+    qkv_rows: Index  # rows of this rank's linear_qkv weight
+    proj_cols: Index  # columns of this rank's linear_proj weight
+    heads_per_group: int  # active query heads per group
+
+
+@lru_cache(maxsize=256)
+def attention_indices(
+    num_heads: int, num_groups: int, head_dim: int, active_heads: int, tp_size: int
+) -> AttentionIndices:
+    """megatron's linear_qkv holds, per local query group, [q heads, k, v] rows."""
+    local_groups = num_groups // tp_size
+    hpg, a = num_heads // num_groups, active_heads // num_groups
+    qkv, proj = [], []
+    for g in range(local_groups):
+        base = g * (hpg + 2) * head_dim
+        qkv += list(range(base, base + a * head_dim))
+        qkv += list(range(base + hpg * head_dim, base + (hpg + 2) * head_dim))  # k, v
+        proj += list(range(g * hpg * head_dim, (g * hpg + a) * head_dim))
+    return AttentionIndices(_as_index(qkv), _as_index(proj), a)
+
+
+@dataclass(frozen=True)
+class MambaIndices:
+    in_proj_rows: Index  # rows of this rank's in_proj ([z, x, B, C, dt] per rank)
+    conv_channels: Index  # channels of conv1d ([x, B, C])
+    heads: Index  # entries of dt_bias / A_log / D
+    inner: Index  # channels of z / x / y / norm.weight / out_proj columns
+    num_heads: int  # active heads on this rank
+    heads_per_group: int
+    head_dim: int
+
+
+@lru_cache(maxsize=256)
+def mamba_indices(
+    num_heads: int,
+    num_groups: int,
+    head_dim: int,
+    state_dim: int,
+    active_heads: int,
+    active_head_dim: int,
+    tp_size: int,
+) -> MambaIndices:
+    local_heads, local_groups = num_heads // tp_size, num_groups // tp_size
+    hpg, a = num_heads // num_groups, active_heads // num_groups
+    heads = [g * hpg + j for g in range(local_groups) for j in range(a)]
+    inner = [h * head_dim + c for h in heads for c in range(active_head_dim)]
+    d_inner, gn = local_heads * head_dim, local_groups * state_dim
+    rows = inner + [d_inner + i for i in inner] + list(range(2 * d_inner, 2 * d_inner + 2 * gn))
+    rows += [2 * d_inner + 2 * gn + h for h in heads]
+    conv = inner + list(range(d_inner, d_inner + 2 * gn))
+    return MambaIndices(
+        _as_index(rows),
+        _as_index(conv),
+        _as_index(heads),
+        _as_index(inner),
+        len(heads),
+        a,
+        active_head_dim,
+    )
+
+
+@lru_cache(maxsize=256)
+def ffn_indices(ffn: int, blocks: int, active: int, tp_size: int) -> Index:
+    """Neurons kept on one rank: a prefix of each of its ``blocks / tp_size`` nesting blocks."""
+    size, keep = ffn // blocks, active // blocks
+    return _as_index([b * size + j for b in range(blocks // tp_size) for j in range(keep)])
