@@ -106,13 +106,17 @@ class ElasticRMSNorm(RMSNorm):
 
     active: ActiveWidth | None = None
 
+    def sliced(self, st: ActiveWidth) -> dict[str, torch.Tensor]:
+        """This module's parameters cut to ``st`` (the slice-mode weights; also the export)."""
+        return {"weight": self.weight[: st.hidden]}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.active
         if st is None:
             return super().forward(x)
         h = st.hidden
         if st.mode == "slice":
-            return rms_norm(x, self.weight[:h], self.eps)
+            return rms_norm(x, self.sliced(st)["weight"], self.eps)
         x32 = x.float()
         ms = x32[..., :h].pow(2).mean(-1, keepdim=True)
         out = x32 * torch.rsqrt(ms + self.eps) * self.weight.float()
@@ -124,6 +128,13 @@ class ElasticMLP(MLP):
 
     active: ActiveWidth | None = None
 
+    def sliced(self, st: ActiveWidth) -> dict[str, torch.Tensor]:
+        """This module's parameters cut to ``st`` (the slice-mode weights; also the export)."""
+        return {
+            "linear_fc1.weight": take(self.linear_fc1.weight, 0, st.indices)[:, : st.hidden],
+            "linear_fc2.weight": take(self.linear_fc2.weight, 1, st.indices)[: st.hidden],
+        }
+
     def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
         st = self.active
         if st is None:
@@ -131,8 +142,8 @@ class ElasticMLP(MLP):
         tp = self.linear_fc1.tp_group
         act = self.config.activation_func
         if st.mode == "slice":
-            w1 = take(self.linear_fc1.weight, 0, st.indices)[:, : st.hidden]
-            w2 = take(self.linear_fc2.weight, 1, st.indices)[: st.hidden]
+            w = self.sliced(st)
+            w1, w2 = w["linear_fc1.weight"], w["linear_fc2.weight"]
             inter = apply_unit_weight(act(column_parallel(hidden_states, w1, tp)), st.weight)
             return row_parallel(inter, w2, tp), None
         inter = act(column_parallel(hidden_states, self.linear_fc1.weight, tp))
@@ -147,6 +158,14 @@ class ElasticSelfAttention(SelfAttention):
 
     active: ActiveWidth | None = None
 
+    def sliced(self, st: ActiveWidth) -> dict[str, torch.Tensor]:
+        """This module's parameters cut to ``st`` (the slice-mode weights; also the export)."""
+        idx: AttentionIndices = st.indices
+        return {
+            "linear_qkv.weight": take(self.linear_qkv.weight, 0, idx.qkv_rows)[:, : st.hidden],
+            "linear_proj.weight": take(self.linear_proj.weight, 1, idx.proj_cols)[: st.hidden],
+        }
+
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
         st = self.active
         if st is None:
@@ -156,7 +175,8 @@ class ElasticSelfAttention(SelfAttention):
         d = self.hidden_size_per_attention_head
         groups = self.num_query_groups_per_partition
         if st.mode == "slice":
-            w_qkv = take(self.linear_qkv.weight, 0, idx.qkv_rows)[:, : st.hidden]
+            w = self.sliced(st)
+            w_qkv = w["linear_qkv.weight"]
             a = idx.heads_per_group
         else:
             w_qkv = self.linear_qkv.weight
@@ -174,8 +194,7 @@ class ElasticSelfAttention(SelfAttention):
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, groups * a * d)
         if st.mode == "slice":
             ctx = apply_unit_weight(ctx, st.weight, d)
-            w_proj = take(self.linear_proj.weight, 1, idx.proj_cols)[: st.hidden]
-            return row_parallel(ctx, w_proj, tp), None
+            return row_parallel(ctx, w["linear_proj.weight"], tp), None
         ctx = ctx * unit_mask(ctx.size(-1), idx.proj_cols, ctx, st.weight, d)
         out = row_parallel(ctx, self.linear_proj.weight, tp)
         return out * hidden_mask(out.size(-1), st.hidden, out), None

@@ -40,15 +40,27 @@ class ElasticMambaMixer(TorchScanMambaMixer):
         )
         return out, None
 
+    def sliced(self, st: ActiveWidth) -> dict[str, torch.Tensor]:
+        """This module's parameters cut to ``st`` (the slice-mode weights; also the export)."""
+        idx: MambaIndices = st.indices
+        return {
+            "in_proj.weight": take(self.in_proj.weight, 0, idx.in_proj_rows)[:, : st.hidden],
+            "conv1d_weight": take(self.conv1d_weight, 0, idx.conv_channels),
+            "conv1d_bias": take(self.conv1d_bias, 0, idx.conv_channels),
+            "dt_bias": take(self.dt_bias, 0, idx.heads),
+            "A_log": take(self.A_log, 0, idx.heads),
+            "D": take(self.D, 0, idx.heads),
+            "norm.weight": take(self.norm.weight, 0, idx.inner),
+            "out_proj.weight": take(self.out_proj.weight, 1, idx.inner)[: st.hidden],
+        }
+
     def _slice(self, hidden: torch.Tensor, st: ActiveWidth) -> torch.Tensor:
         idx: MambaIndices = st.indices
         tp = self.in_proj.tp_group
-        w_in = take(self.in_proj.weight, 0, idx.in_proj_rows)[:, : st.hidden]
-        zxbcdt = column_parallel(hidden, w_in, tp).transpose(0, 1)  # (b, l, d)
-        conv_w = take(self.conv1d_weight.squeeze(1), 0, idx.conv_channels)
-        conv_b = take(self.conv1d_bias, 0, idx.conv_channels)
-        dt_bias, A_log, D = (take(p, 0, idx.heads) for p in (self.dt_bias, self.A_log, self.D))
-        norm_w = take(self.norm.weight, 0, idx.inner)
+        w = self.sliced(st)
+        zxbcdt = column_parallel(hidden, w["in_proj.weight"], tp).transpose(0, 1)  # (b, l, d)
+        conv_w, conv_b = w["conv1d_weight"].squeeze(1), w["conv1d_bias"]
+        dt_bias, A_log, D, norm_w = w["dt_bias"], w["A_log"], w["D"], w["norm.weight"]
         group_size = idx.heads_per_group * idx.head_dim
         if zxbcdt.is_cuda:
             y = _mamba_cuda(
@@ -82,7 +94,7 @@ class ElasticMambaMixer(TorchScanMambaMixer):
                 norm_eps=self.norm.eps,
             )
         y = apply_unit_weight(y.transpose(0, 1), st.weight)
-        return row_parallel(y, take(self.out_proj.weight, 1, idx.inner)[: st.hidden], tp)
+        return row_parallel(y, w["out_proj.weight"], tp)
 
     def _mask(self, hidden: torch.Tensor, st: ActiveWidth) -> torch.Tensor:
         idx: MambaIndices = st.indices

@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 
+_WIDTH_MODULE = {"mamba": "mixer", "attention": "self_attention", "mlp": "mlp"}
+"""The module of each layer kind whose width is elastic."""
+
+
 @dataclass(frozen=True)
 class SubnetWeights:
     """Router weights that ride on a forward pass (straight-through: 1.0 in value, with grads).
@@ -135,48 +139,82 @@ class ElasticHybridModel(HybridModel):
             self._clear()
             return
         weights = weights or SubnetWeights()
-        tp_size, tp_rank = self.pg_collection.tp.size(), self.pg_collection.tp.rank()
         self.subnet, self._mode = spec, mode
         self._hidden_weight = weights.hidden
         for module in self.modules():
             if isinstance(module, ElasticRMSNorm):
                 module.active = ActiveWidth(mode, spec.hidden)
         stack: ElasticHybridStack = self.decoder
-        runs, gates = [], []
-        for layer in stack.layers:
-            j = layer.layer_number - 1
-            choice = spec.layers[j]
-            runs.append(choice.active)
-            gates.append(weights.gates[j] if weights.gates is not None else None)
-            w = weights.layers[j] if weights.layers is not None else None
-            w = w.chunk(tp_size)[tp_rank] if w is not None and w.dim() > 0 else w
-            if choice.kind == "mamba":
-                idx = mamba_indices(
-                    model.mamba_num_heads,
-                    model.mamba_num_groups,
-                    model.mamba_head_dim,
-                    model.mamba_state_dim,
-                    choice.width,
-                    choice.head_dim,
-                    tp_size,
-                )
-                layer.mixer.active = ActiveWidth(mode, spec.hidden, idx, w)
-            elif choice.kind == "attention":
-                idx = attention_indices(
-                    model.num_attention_heads,
-                    model.num_query_groups,
-                    model.head_dim,
-                    choice.width,
-                    tp_size,
-                )
-                layer.self_attention.active = ActiveWidth(mode, spec.hidden, idx, w)
-            else:
-                idx = ffn_indices(
-                    model.ffn_hidden_size, elastic.ffn_nesting_blocks, choice.width, tp_size
-                )
-                layer.mlp.active = ActiveWidth(mode, spec.hidden, idx, w)
-        stack.run_layers, stack.gates = tuple(runs), tuple(gates)
+        for layer, j in zip(stack.layers, self._global_layer_ids(), strict=True):
+            getattr(layer, _WIDTH_MODULE[spec.layers[j].kind]).active = self._layer_active(
+                spec, j, mode, weights.layers[j] if weights.layers is not None else None
+            )
+        stack.run_layers = tuple(spec.layers[j].active for j in self._global_layer_ids())
+        stack.gates = tuple(
+            weights.gates[j] if weights.gates is not None else None
+            for j in self._global_layer_ids()
+        )
         stack.active_hidden, stack.mode = spec.hidden, mode
+
+    def _global_layer_ids(self) -> list[int]:
+        return [layer.layer_number - 1 for layer in self.decoder.layers]
+
+    def _layer_active(
+        self, spec: SubnetSpec, j: int, mode: str, weight: torch.Tensor | None
+    ) -> ActiveWidth:
+        """What layer ``j``'s elastic module runs on this rank."""
+        model, choice = self.model_config, spec.layers[j]
+        tp_size, tp_rank = self.pg_collection.tp.size(), self.pg_collection.tp.rank()
+        if weight is not None and weight.dim() > 0:  # this rank's share of the logical vector
+            weight = weight.chunk(tp_size)[tp_rank]
+        if choice.kind == "mamba":
+            idx = mamba_indices(
+                model.mamba_num_heads,
+                model.mamba_num_groups,
+                model.mamba_head_dim,
+                model.mamba_state_dim,
+                choice.width,
+                choice.head_dim,
+                tp_size,
+            )
+        elif choice.kind == "attention":
+            idx = attention_indices(
+                model.num_attention_heads,
+                model.num_query_groups,
+                model.head_dim,
+                choice.width,
+                tp_size,
+            )
+        else:
+            idx = ffn_indices(
+                model.ffn_hidden_size, self.elastic_config.ffn_nesting_blocks, choice.width, tp_size
+            )
+        return ActiveWidth(mode, spec.hidden, idx, weight)
+
+    @torch.no_grad()
+    def sliced_state_dict(self, spec: SubnetSpec) -> dict[str, torch.Tensor]:
+        """This rank's parameters physically cut to ``spec``: exactly the tensors slice mode
+        computes with (copies). Skipped layers are left out; names are the parent's."""
+        spec.validate(self.model_config, self.elastic_config)
+        h, out = spec.hidden, {}
+        hidden_only = ActiveWidth("slice", h)
+        if self.pre_process:
+            out["embedding.word_embeddings.weight"] = self.embedding.word_embeddings.weight[:, :h]
+        if self.post_process:
+            out["output_layer.weight"] = self.output_layer.weight[:, :h]
+            out["decoder.final_norm.weight"] = self.decoder.final_norm.sliced(hidden_only)["weight"]
+        for layer, j in zip(self.decoder.layers, self._global_layer_ids(), strict=True):
+            choice = spec.layers[j]
+            if not choice.active:
+                continue
+            name = _WIDTH_MODULE[choice.kind]
+            module = getattr(layer, name)
+            for key, t in module.sliced(self._layer_active(spec, j, "slice", None)).items():
+                out[f"decoder.layers.{j}.{name}.{key}"] = t
+            for child, norm in layer.named_children():
+                if isinstance(norm, ElasticRMSNorm):
+                    out[f"decoder.layers.{j}.{child}.weight"] = norm.sliced(hidden_only)["weight"]
+        return {k: v.detach().clone() for k, v in out.items()}
 
     def _clear(self) -> None:
         self.subnet, self._hidden_weight = None, None
