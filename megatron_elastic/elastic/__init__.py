@@ -5,7 +5,7 @@ from megatron_elastic import platform
 platform.apply()  # before megatron's Mamba mixer is imported
 
 # ruff: noqa: E402
-from megatron_elastic.elastic.config import AXES, ElasticConfig, load_elastic_config
+from megatron_elastic.elastic.config import AXES, ElasticConfig, load_elastic_recipe
 from megatron_elastic.elastic.model import (
     ElasticHybridModel,
     SubnetWeights,
@@ -21,5 +21,5 @@ __all__ = [
     "SubnetSpec",
     "SubnetWeights",
     "build_elastic_model",
-    "load_elastic_config",
+    "load_elastic_recipe",
 ]

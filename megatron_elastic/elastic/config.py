@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict, load_yaml
+from megatron_elastic.config import (
+    ModelConfig,
+    ParallelConfig,
+    config_from_dict,
+    load_model_config,
+    load_yaml,
+)
 
-__all__ = ["AXES", "ElasticConfig", "load_elastic_config"]
+__all__ = ["AXES", "ElasticConfig", "load_elastic_recipe"]
 
 AXES = ("hidden", "attention_heads", "mamba_heads", "mamba_head_dim", "ffn", "depth")
 """Elastic axes: embedding width, attention heads (per query group), Mamba heads (per group),
@@ -166,9 +173,10 @@ class ElasticConfig:
             )
 
 
-def load_elastic_config(path: str) -> ElasticConfig:
-    """Load an elastic recipe (``examples/*/elastic.yaml``), strictly."""
-    data = load_yaml(path)
+def _elastic_from_dict(data: dict[str, Any], where: str) -> ElasticConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of elastic settings")
+    data = dict(data)
     for key in (
         "hidden_choices",
         "attention_head_choices",
@@ -180,4 +188,21 @@ def load_elastic_config(path: str) -> ElasticConfig:
     ):
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
-    return config_from_dict(ElasticConfig, data, where=str(path))
+    return config_from_dict(ElasticConfig, data, where=where)
+
+
+def load_elastic_recipe(path: str | Path) -> tuple[ModelConfig, ElasticConfig]:
+    """Load an elastic recipe: ``model:`` (path of the model YAML, relative to this file) and
+    ``elastic:`` (the :class:`ElasticConfig` keys)."""
+    path = Path(path)
+    data = load_yaml(path)
+    unknown = set(data) - {"model", "elastic"}
+    if unknown or "model" not in data or "elastic" not in data:
+        raise ValueError(
+            f"{path}: an elastic recipe has exactly two keys, 'model' (path of the model YAML) and "
+            f"'elastic' (the elastic settings); got {sorted(data)}"
+        )
+    model = load_model_config(path.parent / data["model"])
+    elastic = _elastic_from_dict(data["elastic"], where=f"{path}: elastic")
+    elastic.validate_for(model)
+    return model, elastic

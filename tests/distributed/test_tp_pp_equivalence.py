@@ -1,4 +1,5 @@
-"""TP=2, PP=2 and TP2xPP2 under torchrun/gloo give the loss and gradients of one process."""
+"""TP=2, PP=2 and TP2xPP2 under torchrun/gloo give the loss and gradients of one process, for the
+parent and for the elastic model running a heterogeneous sub-network (slice and mask modes)."""
 
 from __future__ import annotations
 
@@ -53,18 +54,40 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Ten
     return work, loss, grads
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_parallel_matches_single_process(reference, tp: int, pp: int) -> None:
-    work, ref_loss, ref_grads = reference
-    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp))
-    loss, grads = _collect(work / f"tp{tp}_pp{pp}")
+def _assert_same(loss, grads, ref_loss, ref_grads, kinds=("mixer", "self_attention", "mlp")):
     assert loss is not None and torch.isfinite(loss)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5, (loss.item(), ref_loss.item())
     assert set(grads) == set(ref_grads)
-    kinds = {name.split(".")[3] for name in grads if name.startswith("decoder.layers.")}
-    assert {"mixer", "self_attention", "mlp"} <= kinds  # every layer kind took part
+    present = {name.split(".")[3] for name in grads if name.startswith("decoder.layers.")}
+    assert set(kinds) <= present  # every layer kind took part
     for name, ref in ref_grads.items():
         assert grads[name].shape == ref.shape, name
         assert ref.abs().sum() > 0, f"{name} got no gradient"
         diff = (grads[name] - ref).abs().max().item()
         assert diff <= 1e-5, f"{name}: max |grad diff| {diff:.3e}"
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_parallel_matches_single_process(reference, tp: int, pp: int) -> None:
+    work, ref_loss, ref_grads = reference
+    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp))
+    _assert_same(*_collect(work / f"tp{tp}_pp{pp}"), ref_loss, ref_grads)
+
+
+@pytest.fixture(scope="module")
+def elastic_reference(reference) -> tuple[Path, torch.Tensor, dict]:
+    work, parent_loss, _ = reference
+    _torchrun(work, 1, "--elastic", "slice")
+    loss, grads = _collect(work / "tp1_pp1_slice")
+    assert abs(loss.item() - parent_loss.item()) > 1e-3  # the sub-network is not the parent
+    assert not any(n.startswith("decoder.layers.4.") for n in grads)  # the skipped layer
+    return work, loss, grads
+
+
+@pytest.mark.parametrize(
+    "tp,pp,mode", [(2, 1, "slice"), (1, 2, "slice"), (2, 2, "slice"), (2, 2, "mask")]
+)
+def test_elastic_parallel_matches_single_process(elastic_reference, tp, pp, mode) -> None:
+    work, ref_loss, ref_grads = elastic_reference
+    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--elastic", mode)
+    _assert_same(*_collect(work / f"tp{tp}_pp{pp}_{mode}"), ref_loss, ref_grads)

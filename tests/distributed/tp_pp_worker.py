@@ -1,7 +1,9 @@
 """torchrun worker for the TP/PP equivalence test (see test_tp_pp_equivalence.py).
 
-With ``--init`` (single process) it builds the model from a seed, saves its full weights and a
-fixed set of micro-batches; otherwise it loads and shards those weights. Every run does one
+With ``--elastic MODE`` the model is the elastic parent running a heterogeneous sub-network
+(:func:`elastic_spec`) in ``slice`` or ``mask`` mode. With ``--init`` (single process) it
+builds the model from a seed, saves its full weights and a fixed set of micro-batches;
+otherwise it loads and shards those weights. Every run does one
 forward/backward through megatron's schedule and saves the loss and the TP-gathered gradients,
 keyed by global parameter names, one file per pipeline stage.
 """
@@ -15,12 +17,28 @@ import torch
 import yaml
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
+from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
 from megatron_elastic.model import build_hybrid_model
 from megatron_elastic.model.sharding import gather_full_tensors, load_full_state_dict
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 from megatron_elastic.training import forward_backward
 
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 3, 2, 40
+ELASTIC = ElasticConfig(budgets={"full": 1.0, "small": 0.5}, ffn_nesting_blocks=2)
+
+
+def elastic_spec(cfg: ModelConfig) -> SubnetSpec:
+    """Per-layer widths differ, one MLP layer is skipped, hidden is cut: every axis is exercised
+    (for tests/fixtures/hybrid_small.yaml, pattern M-*M-*)."""
+    return SubnetSpec.heterogeneous(
+        cfg,
+        hidden=52,
+        attention_heads=[4, 4, 2, 4, 4, 4],
+        mamba_heads=[2, 4, 4, 4, 4, 4],
+        mamba_head_dim=[16, 16, 16, 11, 16, 16],
+        ffn=[128, 64, 128, 128, 96, 128],
+        active=[True, True, True, True, False, True],
+    )
 
 
 def main() -> None:
@@ -30,12 +48,16 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--init", action="store_true")
+    parser.add_argument("--elastic", choices=["slice", "mask"], default=None)
     args = parser.parse_args()
     work = Path(args.workdir)
     cfg = config_from_dict(ModelConfig, yaml.safe_load(Path(args.model).read_text()))
     parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     pgs = init_process_groups(parallel, seed=7)
-    model = build_hybrid_model(cfg, pgs, parallel)
+    if args.elastic:
+        model = build_elastic_model(cfg, ELASTIC, pgs, parallel)
+    else:
+        model = build_hybrid_model(cfg, pgs, parallel)
 
     if args.init:
         g = torch.Generator().manual_seed(11)
@@ -48,6 +70,8 @@ def main() -> None:
         torch.save({"weights": full, "batches": batches}, work / "init.pt")
     init = torch.load(work / "init.pt")
     load_full_state_dict(model, init["weights"], pgs)
+    if args.elastic:
+        model.set_subnet(elastic_spec(cfg), mode=args.elastic)
 
     loss = forward_backward(
         model,
@@ -57,9 +81,10 @@ def main() -> None:
         seq_length=SEQ,
         micro_batch_size=MICRO_BATCH_SIZE,
     )
-    grads = gather_full_tensors(model, {n: p.grad for n, p in model.named_parameters()}, pgs)
+    local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads = gather_full_tensors(model, local, pgs)
     if pgs.tp.rank() == 0:
-        out = work / f"tp{args.tp}_pp{args.pp}"
+        out = work / (f"tp{args.tp}_pp{args.pp}" + (f"_{args.elastic}" if args.elastic else ""))
         out.mkdir(exist_ok=True)
         torch.save({"loss": loss, "grads": grads}, out / f"stage{pgs.pp.rank()}.pt")
     destroy_process_groups()

@@ -150,3 +150,19 @@ def test_router_weights_reach_every_axis(models, small_config, mode) -> None:
         if c.active:
             assert w.grad is not None and w.grad.abs().sum() > 0
             assert g.grad is not None and g.grad.abs() > 0
+
+
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+def test_elastic_code_path_at_full_width_matches_base(models, small_config, mode) -> None:
+    """With router weights present the elastic layers run even at the full budget (as in
+    training); they must compute what megatron's layers compute."""
+    base, elastic = models
+    tokens, labels = _batch(small_config, seed=4)
+    elastic.set_subnet(
+        SubnetSpec.full(small_config), SubnetWeights(hidden=torch.ones(())), mode=mode
+    )
+    ref, out = _run(base, tokens, labels), _run(elastic, tokens, labels)
+    elastic.set_subnet(None)
+    assert (ref[0] - out[0]).abs().max().item() <= 1e-5
+    for name, g in ref[2].items():
+        assert (g - out[2][name]).abs().max().item() <= 1e-5, name

@@ -1,0 +1,75 @@
+"""tools/inspect_budgets.py and the budget architectures it prints."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_elastic.elastic import SubnetSpec
+from megatron_elastic.elastic.architectures import budget_specs, spec_from_choices
+from megatron_elastic.elastic.budget import subnet_param_count
+from megatron_elastic.elastic.config import load_elastic_recipe
+
+ROOT = Path(__file__).parents[2]
+TOOL = ROOT / "tools" / "inspect_budgets.py"
+
+
+def _run(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOL), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "nemotron_nano_12b"])
+def test_prints_one_line_per_budget_with_exact_params(recipe) -> None:
+    path = ROOT / "examples" / recipe / "elastic.yaml"
+    done = _run(path)
+    assert done.returncode == 0, done.stderr
+    lines = dict(re.findall(r"^budget (\S+) params (\d+)$", done.stdout, flags=re.M))
+    model, elastic = load_elastic_recipe(path)
+    assert set(lines) == set(elastic.budgets)
+    parent = subnet_param_count(model, SubnetSpec.full(model))
+    for name, (spec, _) in budget_specs(model, elastic).items():
+        params = int(lines[name])
+        assert params == subnet_param_count(model, spec)
+        assert abs(params / parent - elastic.budgets[name]) < 0.02
+
+
+def test_bad_recipes_give_clear_errors(tmp_path) -> None:
+    data = yaml.safe_load((ROOT / "examples/tiny/elastic.yaml").read_text())
+    data["model"] = str(ROOT / "examples/tiny/model.yaml")
+    data["elastic"]["budget_choices"] = {"50%": {"hiden": 192}}
+    bad = tmp_path / "elastic.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    done = _run(bad)
+    assert done.returncode == 2 and "unknown axes ['hiden']" in done.stderr
+    data["elastic"]["budget_choices"] = {"50%": {"hidden": 200}}
+    bad.write_text(yaml.safe_dump(data))
+    done = _run(bad)
+    assert done.returncode == 2 and "not among its candidates" in done.stderr
+    data["elastic"]["budget_choices"] = {"40%": {"hidden": 192}}
+    bad.write_text(yaml.safe_dump(data))
+    assert "unknown budgets ['40%']" in _run(bad).stderr
+
+
+def test_heterogeneous_choices(small_config) -> None:
+    from megatron_elastic.elastic import ElasticConfig
+
+    elastic = ElasticConfig(
+        budgets={"a": 0.5}, heterogeneous=True, attention_head_choices=(2,), ffn_choices=(64,)
+    )
+    spec = spec_from_choices(
+        small_config, elastic, {"ffn": [64, 64, 128, 64, 64, 128], "attention_heads": 2}
+    )
+    assert [c.width for c in spec.layers if c.kind == "mlp"] == [64, 64]
+    assert [c.width for c in spec.layers if c.kind == "attention"] == [2, 2]
+    with pytest.raises(ValueError, match="per-layer list"):
+        spec_from_choices(small_config, ElasticConfig(budgets={"a": 0.5}), {"ffn": [128] * 6})

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Show what each named budget of an elastic recipe runs: active dims per layer, parameters and
+deployment memory. Budgets with explicit choices in the recipe use them; the others use the
+homogeneous candidate combination closest to their target. One line per budget reads
+``budget <name> params <integer>``.
+
+    python tools/inspect_budgets.py --config examples/tiny/elastic.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_elastic.elastic.architectures import budget_specs
+from megatron_elastic.elastic.budget import subnet_memory, subnet_param_count, target_param_count
+from megatron_elastic.elastic.config import load_elastic_recipe
+from megatron_elastic.model import count_parameters
+
+MIB = 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", required=True, help="elastic recipe YAML (examples/*/elastic.yaml)"
+    )
+    parser.add_argument(
+        "--seq-length", type=int, default=8192, help="context for the memory estimate"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="sequences for the memory estimate"
+    )
+    args = parser.parse_args(argv)
+    try:
+        model, elastic = load_elastic_recipe(args.config)
+        specs = budget_specs(model, elastic)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    parent = count_parameters(model)
+    print(
+        f"parent: {parent:,} params; mode {elastic.mode}; "
+        f"{'heterogeneous' if elastic.heterogeneous else 'homogeneous'}"
+    )
+    for name, (spec, source) in specs.items():
+        params = subnet_param_count(model, spec)
+        mem = subnet_memory(model, spec, seq_length=args.seq_length, batch_size=args.batch_size)
+        target = target_param_count(model, elastic.budgets[name])
+        print()
+        print(
+            f"== budget {name}: target {elastic.budgets[name]:.0%} = {target:,} params "
+            f"({source} choices); hidden {spec.hidden}, depth {spec.depth}/{len(spec.layers)}"
+        )
+        print(f"  {'layer':>5} {'kind':<10} {'width':>7} {'head_dim':>8} {'active':>7}")
+        for i, c in enumerate(spec.layers):
+            unit = {"attention": "heads", "mamba": "heads", "mlp": "neurons"}[c.kind]
+            hd = str(c.head_dim) if c.kind == "mamba" else "-"
+            print(
+                f"  {i:>5} {c.kind:<10} {c.width:>7} {hd:>8} {'yes' if c.active else 'skip':>7}"
+                f"  ({unit})"
+            )
+        print(
+            f"  params {params:,} ({params / parent:.2%} of parent, {params / target - 1:+.2%} vs "
+            f"target)"
+        )
+        print(
+            f"  memory @ seq {args.seq_length} x batch {args.batch_size}, bf16: weights "
+            f"{mem.weights / MIB:,.1f} MiB, KV cache {mem.kv_cache / MIB:,.1f} MiB, Mamba state "
+            f"{mem.mamba_state / MIB:,.1f} MiB, total {mem.total / MIB:,.1f} MiB"
+        )
+        print(f"budget {name} params {params}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
