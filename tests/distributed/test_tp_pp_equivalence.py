@@ -91,3 +91,32 @@ def test_elastic_parallel_matches_single_process(elastic_reference, tp, pp, mode
     work, ref_loss, ref_grads = elastic_reference
     _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--elastic", mode)
     _assert_same(*_collect(work / f"tp{tp}_pp{pp}_{mode}"), ref_loss, ref_grads)
+
+
+@pytest.fixture(scope="module")
+def ranked_reference(reference):
+    work, parent_loss, _ = reference
+    _torchrun(work, 1, "--importance")
+    data = torch.load(work / "tp1_pp1_ranked" / "stage0.pt")
+    # ranking permutes weights but keeps the function: the parent's loss, unchanged
+    assert abs(data["loss"].item() - parent_loss.item()) <= 1e-5
+    return work, data
+
+
+def test_importance_under_tp_matches_single_process(ranked_reference) -> None:
+    work, ref = ranked_reference
+    _torchrun(work, 2, "--tp", "2", "--importance")
+    data = torch.load(work / "tp2_pp1_ranked" / "stage0.pt")
+    assert abs(data["loss"].item() - ref["loss"].item()) <= 1e-5
+    ours, theirs = data["ranking"], ref["ranking"]
+    for axis in (
+        "hidden",
+        "ffn",
+        "mamba_channels",
+        "mamba_heads",
+        "attention_heads",
+        "layer_ranking",
+    ):
+        assert ours[axis] == theirs[axis], axis
+    for name, g in ref["grads"].items():  # the ranked parents train identically too
+        assert (data["grads"][name] - g).abs().max().item() <= 1e-5, name

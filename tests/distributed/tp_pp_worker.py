@@ -18,6 +18,7 @@ import yaml
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
+from megatron_elastic.importance.estimate import estimate_importance, rank_model
 from megatron_elastic.model import build_hybrid_model
 from megatron_elastic.model.sharding import gather_full_tensors, load_full_state_dict
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
@@ -49,12 +50,13 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--init", action="store_true")
     parser.add_argument("--elastic", choices=["slice", "mask"], default=None)
+    parser.add_argument("--importance", action="store_true", help="rank the parent first")
     args = parser.parse_args()
     work = Path(args.workdir)
     cfg = config_from_dict(ModelConfig, yaml.safe_load(Path(args.model).read_text()))
     parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     pgs = init_process_groups(parallel, seed=7)
-    if args.elastic:
+    if args.elastic or args.importance:
         model = build_elastic_model(cfg, ELASTIC, pgs, parallel)
     else:
         model = build_hybrid_model(cfg, pgs, parallel)
@@ -70,6 +72,10 @@ def main() -> None:
         torch.save({"weights": full, "batches": batches}, work / "init.pt")
     init = torch.load(work / "init.pt")
     load_full_state_dict(model, init["weights"], pgs)
+    ranking = None
+    if args.importance:  # rank on the training batches, then train the ranked parent
+        ranking = estimate_importance(model, init["batches"], pgs)
+        rank_model(model, ranking, pgs)
     if args.elastic:
         model.set_subnet(elastic_spec(cfg), mode=args.elastic)
 
@@ -84,9 +90,13 @@ def main() -> None:
     local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     grads = gather_full_tensors(model, local, pgs)
     if pgs.tp.rank() == 0:
-        out = work / (f"tp{args.tp}_pp{args.pp}" + (f"_{args.elastic}" if args.elastic else ""))
+        tag = f"_{args.elastic}" if args.elastic else ""
+        out = work / (f"tp{args.tp}_pp{args.pp}" + tag + ("_ranked" if args.importance else ""))
         out.mkdir(exist_ok=True)
-        torch.save({"loss": loss, "grads": grads}, out / f"stage{pgs.pp.rank()}.pt")
+        torch.save(
+            {"loss": loss, "grads": grads, "ranking": ranking and ranking.to_json()},
+            out / f"stage{pgs.pp.rank()}.pt",
+        )
     destroy_process_groups()
 
 

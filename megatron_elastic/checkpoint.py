@@ -1,0 +1,148 @@
+"""Checkpoints: megatron ``dist_checkpointing`` for weights (TP/PP layout can change between save
+and load) plus a JSON manifest naming what the directory holds and what produced it.
+
+Writes are atomic: everything goes to a temporary sibling directory that replaces the target only
+once complete, so a crash never leaves a half-written checkpoint under the final name. Loading
+checks the manifest first and refuses a checkpoint of another architecture before touching weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from torch import nn
+
+from megatron_elastic.config import ModelConfig, config_from_dict
+
+__all__ = ["MANIFEST", "save_checkpoint", "load_checkpoint", "read_manifest", "manifest_model"]
+
+MANIFEST = "manifest.json"
+_WEIGHTS = "weights"
+FORMAT_VERSION = 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _versions() -> dict[str, str]:
+    import megatron.core
+
+    import megatron_elastic
+
+    return {
+        "megatron_elastic": megatron_elastic.__version__,
+        "megatron_core": megatron.core.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    model_config: ModelConfig,
+    *,
+    kind: str,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` (every rank's shard) under ``path`` atomically. ``kind`` names the artefact
+    (``parent``, ``ranked``, ``elastic``...); ``metadata`` is stored in the manifest (JSON)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftovers of an interrupted save
+        (tmp / _WEIGHTS).mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / _WEIGHTS))
+    _barrier()
+    if _rank() == 0:
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "model": dataclasses.asdict(model_config),
+            "metadata": metadata or {},
+            "versions": _versions(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    _barrier()
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a checkpoint directory, with clear errors for what is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist (or is not a directory)")
+    file = path / MANIFEST
+    if not file.is_file() or not (path / _WEIGHTS).is_dir():
+        raise ValueError(
+            f"{str(path)!r} is not a megatron-elastic checkpoint (no {MANIFEST} and {_WEIGHTS}/); "
+            "an interrupted save leaves its partial files in a hidden .tmp sibling instead"
+        )
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {str(path)!r} has a corrupt {MANIFEST}: {exc}") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format version {manifest.get('format_version')!r}; "
+            f"this megatron-elastic reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def manifest_model(manifest: dict[str, Any]) -> ModelConfig:
+    return config_from_dict(ModelConfig, manifest["model"], where="checkpoint manifest model")
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    model_config: ModelConfig,
+    *,
+    kinds: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Load weights saved by :func:`save_checkpoint` into ``model`` (any TP/PP layout) and return
+    the manifest. Raises ``ValueError`` before loading anything if the checkpoint's kind or
+    architecture differs from what is expected."""
+    manifest = read_manifest(path)
+    if kinds is not None and manifest["kind"] not in kinds:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds a {manifest['kind']!r} model; expected one of {kinds}"
+        )
+    saved = manifest_model(manifest)
+    if saved != model_config:
+        diffs = [
+            f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs "
+            f"config {getattr(model_config, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(saved, f.name) != getattr(model_config, f.name)
+        ]
+        raise ValueError(
+            f"checkpoint {str(path)!r} was saved for a different architecture ({'; '.join(diffs)})"
+        )
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / _WEIGHTS))
+    model.load_state_dict(state)
+    return manifest

@@ -1,0 +1,72 @@
+"""Megatron indexed datasets (``PREFIX.bin`` / ``PREFIX.idx``) through ``megatron.core.datasets``:
+writing token documents, and reading fixed-length calibration batches from them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+__all__ = ["write_indexed_dataset", "check_prefix", "calibration_batches", "token_dtype"]
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def write_indexed_dataset(
+    prefix: str | Path, documents: Iterable[Iterable[int]], vocab_size: int
+) -> Path:
+    """Write token documents as ``prefix.bin``/``prefix.idx``; returns the prefix."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=token_dtype(vocab_size))
+    count = 0
+    for doc in documents:
+        tokens = list(doc)
+        builder.add_document(torch.as_tensor(tokens, dtype=torch.long), [len(tokens)])
+        count += 1
+    if count == 0:
+        raise ValueError("no documents to write")
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def check_prefix(prefix: str | Path) -> None:
+    """Clear error for a dataset prefix whose files are missing."""
+    missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
+    if missing:
+        raise ValueError(
+            f"dataset prefix {str(prefix)!r} is missing {missing}; give the path without the "
+            ".bin/.idx extension (tools/prepare_data.py writes both)"
+        )
+
+
+def calibration_batches(
+    prefix: str | Path, *, num_samples: int, seq_length: int, batch_size: int, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``num_samples`` sequences of ``seq_length`` tokens (documents concatenated, windows drawn
+    at seeded random offsets), in batches of ``batch_size``."""
+    check_prefix(prefix)
+    dataset = IndexedDataset(str(prefix))
+    stream = np.concatenate([np.asarray(dataset[i]) for i in range(len(dataset))])
+    need = seq_length + 1
+    if stream.size < need:
+        raise ValueError(f"dataset {str(prefix)!r} has {stream.size} tokens; need >= {need}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.size - need + 1, (num_samples,), generator=g).tolist()
+    windows = torch.from_numpy(np.stack([stream[s : s + need] for s in starts]).astype(np.int64))
+    batches = []
+    for i in range(0, num_samples, batch_size):
+        w = windows[i : i + batch_size]
+        batches.append(
+            {
+                "tokens": w[:, :-1],
+                "labels": w[:, 1:],
+                "loss_mask": torch.ones(w.size(0), seq_length),
+            }
+        )
+    return batches

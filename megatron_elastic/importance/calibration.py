@@ -1,0 +1,159 @@
+"""Forward-only activation statistics for importance estimation.
+
+Hooks exist only inside :func:`collect_activation_stats` (a registry that owns its handles and
+removes them in ``finally``); statistics accumulate in float32 on this rank, are gathered across
+tensor-parallel shards (into the unsplit order) and summed across data-parallel replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.mlp import MLP
+from torch import nn
+
+from megatron_elastic.model.norm import RMSNorm
+from megatron_elastic.training.lm_step import position_ids_like
+
+__all__ = ["ActivationStats", "collect_activation_stats"]
+
+
+@dataclass
+class ActivationStats:
+    """Sums over calibration tokens, in the unsplit (TP=1) order, keyed by global layer index."""
+
+    hidden: torch.Tensor | None = None
+    """(hidden,) sum of |RMSNorm output| over every norm of the model (embedding channels)."""
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per MLP layer, (ffn,) sum of |fc1 pre-activation| per neuron."""
+    mamba_x: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per Mamba layer, (heads, head_dim) sum of squares of the x projection ``LN(X) W_x^T``."""
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per attention layer, (heads,) sum of squares of each head's attention output."""
+    tokens: int = 0
+
+
+def _accumulate(store: dict, key, value: torch.Tensor) -> None:
+    value = value.detach().float()
+    store[key] = store[key] + value if key in store else value
+
+
+class _HookRegistry:
+    """Registers one statistic hook per supported module type; owns and removes the handles."""
+
+    def __init__(self, model: nn.Module, stats: dict) -> None:
+        self.handles: list = []
+        self.stats = stats
+        self.model = model
+
+    def __enter__(self) -> _HookRegistry:
+        handlers: dict[type, Callable] = {
+            RMSNorm: self._norm,
+            MLP: self._mlp,
+            MambaMixer: self._mamba,
+            SelfAttention: self._attention,
+        }
+        for layer in self.model.decoder.layers:
+            j = layer.layer_number - 1
+            for module in layer.modules():
+                for cls, handler in handlers.items():
+                    if isinstance(module, cls):
+                        handler(module, j)
+        final = getattr(self.model.decoder, "final_norm", None)
+        if isinstance(final, RMSNorm):
+            self._norm(final, -1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _norm(self, module: nn.Module, j: int) -> None:
+        def hook(_m, _inp, out):
+            _accumulate(self.stats["hidden"], 0, out.abs().sum(dim=(0, 1)))
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _mlp(self, module: MLP, j: int) -> None:
+        def hook(_m, _inp, out):
+            _accumulate(self.stats["ffn"], j, out[0].abs().sum(dim=(0, 1)))
+
+        self.handles.append(module.linear_fc1.register_forward_hook(hook))
+
+    def _mamba(self, module: MambaMixer, j: int) -> None:
+        inner, heads, p = module.d_inner_local_tp, module.nheads_local_tp, module.headdim
+
+        def hook(_m, _inp, out):
+            x = out[0][..., inner : 2 * inner].float()  # [z, x, B, C, dt]: the x segment
+            _accumulate(self.stats["mamba_x"], j, x.pow(2).sum(dim=(0, 1)).view(heads, p))
+
+        self.handles.append(module.in_proj.register_forward_hook(hook))
+
+    def _attention(self, module: SelfAttention, j: int) -> None:
+        heads = module.num_attention_heads_per_partition
+
+        def hook(_m, inp):
+            ctx = inp[0].float()  # (s, b, heads * d): input of the output projection
+            per_head = ctx.pow(2).view(*ctx.shape[:2], heads, -1).sum(dim=(0, 1, 3))
+            _accumulate(self.stats["attention"], j, per_head)
+
+        self.handles.append(module.linear_proj.register_forward_pre_hook(hook))
+
+
+def _gather_tp(t: torch.Tensor, pgs: ProcessGroupCollection) -> torch.Tensor:
+    """Concatenate TP shards along dim 0 (ranks hold contiguous heads / neurons)."""
+    if pgs.tp.size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(pgs.tp.size())]
+    dist.all_gather(parts, t.contiguous(), group=pgs.tp)
+    return torch.cat(parts, dim=0)
+
+
+def _sum_dp(t: torch.Tensor, pgs: ProcessGroupCollection) -> torch.Tensor:
+    if pgs.dp.size() > 1:
+        dist.all_reduce(t, group=pgs.dp)
+    return t
+
+
+@torch.no_grad()
+def collect_activation_stats(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], pgs: ProcessGroupCollection
+) -> ActivationStats:
+    """Run ``model`` (the parent, pipeline-parallel size 1) over calibration ``batches`` (each with
+    ``tokens`` (b, s)) and return the statistics every importance score is computed from."""
+    if pgs.pp.size() != 1:
+        raise ValueError(
+            "importance estimation runs with pipeline_parallel_size=1 (tensor and data "
+            "parallelism are supported); re-launch with PP=1"
+        )
+    raw: dict = {"hidden": {}, "ffn": {}, "mamba_x": {}, "attention": {}}
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        with _HookRegistry(model, raw):
+            for batch in batches:
+                ids = batch["tokens"]
+                model(ids, position_ids_like(ids), None)
+                tokens += ids.numel()
+    finally:
+        model.train(was_training)
+    if not raw["hidden"]:
+        raise ValueError("no calibration batches were given")
+    count = _sum_dp(torch.tensor([float(tokens)]), pgs)
+    return ActivationStats(
+        hidden=_sum_dp(raw["hidden"][0], pgs),
+        ffn={j: _sum_dp(_gather_tp(v, pgs), pgs) for j, v in sorted(raw["ffn"].items())},
+        mamba_x={j: _sum_dp(_gather_tp(v, pgs), pgs) for j, v in sorted(raw["mamba_x"].items())},
+        attention={
+            j: _sum_dp(_gather_tp(v, pgs), pgs) for j, v in sorted(raw["attention"].items())
+        },
+        tokens=int(count.item()),
+    )

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Rank the parent's components by importance and write the ranked (permuted) parent.
+
+Forward passes only: embedding channels, FFN neurons, Mamba heads and head channels, attention
+heads (within their groups) and layers (iterative normalised MSE of the logits). The weights are
+permuted so every nested sub-network is a prefix of the most important components; the model's
+function does not change. Writes the ranked checkpoint and a readable ``importance.json`` in it.
+
+    python tools/estimate_importance.py --elastic-config examples/tiny/elastic.yaml \\
+        --checkpoint runs/parent --data runs/data/train_text_document --num-samples 64 \\
+        --output runs/ranked
+
+Runs under torchrun for tensor/data parallelism (pipeline parallel size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--elastic-config", help="elastic recipe (model + FFN nesting blocks)")
+    src.add_argument("--model-config", help="model YAML (FFN nesting blocks from the flag)")
+    parser.add_argument("--checkpoint", required=True, help="parent checkpoint directory")
+    parser.add_argument("--data", required=True, help="Megatron indexed dataset prefix")
+    parser.add_argument("--output", required=True, help="directory for the ranked checkpoint")
+    parser.add_argument("--num-samples", type=int, default=64, help="calibration sequences")
+    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--ffn-nesting-blocks",
+        type=int,
+        default=None,
+        help="with --model-config: the elastic config's ffn_nesting_blocks",
+    )
+    parser.add_argument(
+        "--no-layer-ranking",
+        action="store_true",
+        help="skip the iterative layer ranking (O(layers^2) forward passes)",
+    )
+    parser.add_argument("--backend", choices=["native", "modelopt"], default="native")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    if args.num_samples <= 0 or args.seq_length <= 0 or args.batch_size <= 0:
+        parser.error("--num-samples, --seq-length and --batch-size must be positive")
+
+    from megatron_elastic.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+    from megatron_elastic.config import ParallelConfig, load_model_config
+    from megatron_elastic.data import calibration_batches, check_prefix
+    from megatron_elastic.elastic import ElasticConfig, build_elastic_model, load_elastic_recipe
+    from megatron_elastic.importance.estimate import estimate_importance, rank_model
+    from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+
+    try:
+        if args.elastic_config:
+            model_cfg, elastic = load_elastic_recipe(args.elastic_config)
+            if args.ffn_nesting_blocks is not None:
+                parser.error("--ffn-nesting-blocks comes from --elastic-config; drop the flag")
+        else:
+            model_cfg = load_model_config(args.model_config)
+            elastic = ElasticConfig(
+                budgets={"parent": 1.0}, ffn_nesting_blocks=args.ffn_nesting_blocks or 1
+            )
+        if args.backend == "modelopt":
+            raise ValueError(
+                "--backend modelopt needs NVIDIA ModelOpt's Megatron plugin, which imports "
+                "transformer_engine (CUDA only); run it on a GPU node with Transformer Engine "
+                "installed. The native backend runs everywhere."
+            )
+        check_prefix(args.data)
+        read_manifest(args.checkpoint)
+        parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
+        elastic.validate_for(model_cfg, parallel)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    pgs = init_process_groups(parallel, seed=args.seed)
+    model = build_elastic_model(model_cfg, elastic, pgs, parallel)
+    try:
+        source = load_checkpoint(args.checkpoint, model, model_cfg, kinds=("parent",))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    batches = calibration_batches(
+        args.data,
+        num_samples=args.num_samples,
+        seq_length=args.seq_length,
+        batch_size=args.batch_size,
+        seed=args.seed + pgs.dp.rank(),
+    )
+    start = time.time()
+    ranking = estimate_importance(model, batches, pgs, rank_layers=not args.no_layer_ranking)
+    rank_model(model, ranking, pgs)
+    out = Path(args.output)
+    meta = {
+        "source_checkpoint": str(Path(args.checkpoint).resolve()),
+        "source_kind": source["kind"],
+        "data": str(args.data),
+        "num_samples": args.num_samples,
+        "seq_length": args.seq_length,
+        "backend": args.backend,
+        "ffn_nesting_blocks": elastic.ffn_nesting_blocks,
+        "layer_ranking": ranking.layers,
+    }
+    save_checkpoint(out, model, model_cfg, kind="ranked", metadata=meta)
+    if pgs.tp.rank() == 0 and pgs.dp.rank() == 0:
+        (out / "importance.json").write_text(json.dumps({**meta, **ranking.to_json()}, indent=1))
+        print(
+            f"ranked parent written to {out} in {time.time() - start:.1f}s "
+            f"(layer ranking: {ranking.layers})"
+        )
+    if dist.is_initialized():
+        dist.barrier()
+    destroy_process_groups()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
