@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """The main job on the tiny CPU recipe (``make quickstart``).
 
-Today: build the tiny hybrid parent on megatron-core and pretrain it on a generated token stream
-(a sparse Markov chain, so the reachable loss is known), printing the loss as it falls. Later stages
-of the pipeline (importance, elastic training, export, evaluation) extend this same command.
+Today: build the tiny hybrid parent on megatron-core, pretrain it on a generated token stream (a
+sparse Markov chain, so the reachable loss is known) printing the loss as it falls, save it, then
+rank its components by importance and save the ranked parent. Later stages of the pipeline
+(elastic training, export, evaluation) extend this same command.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_elastic.checkpoint import load_checkpoint, save_checkpoint
 from megatron_elastic.config import ParallelConfig, load_model_config
-from megatron_elastic.data import MarkovTokenSource
+from megatron_elastic.data import MarkovTokenSource, calibration_batches, write_indexed_dataset
+from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
+from megatron_elastic.importance.estimate import estimate_importance, rank_model
 from megatron_elastic.model import build_hybrid_model, count_parameters
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 from megatron_elastic.training import forward_backward
@@ -26,6 +30,11 @@ from megatron_elastic.training.optim import OptimConfig, build_optimizer, wrap_d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="examples/tiny/model.yaml", help="model recipe YAML")
+    parser.add_argument(
+        "--elastic-config",
+        default="examples/tiny/elastic.yaml",
+        help="elastic recipe (for importance: FFN nesting blocks)",
+    )
     parser.add_argument("--output", default="runs/quickstart", help="directory for results")
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -95,8 +104,44 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "pretrain.json").write_text(json.dumps(result, indent=2))
     print(f"[quickstart] loss {first:.3f} -> {last:.3f}; results in {out / 'pretrain.json'}")
+    if last >= first:
+        return 1
+    save_checkpoint(out / "parent", model, cfg, kind="parent", metadata=result)
+    print(f"[quickstart] parent checkpoint: {out / 'parent'}", flush=True)
+
+    # Importance: rank the parent on calibration data from the same stream, permute it.
+    prefix = write_indexed_dataset(
+        out / "data" / "calibration",
+        (data.sample(1, args.seq_length)["tokens"][0].tolist() for _ in range(64)),
+        cfg.vocab_size,
+    )
+    _, elastic = load_elastic_recipe(args.elastic_config)
+    ranked = build_elastic_model(cfg, elastic, pgs)
+    load_checkpoint(out / "parent", ranked, cfg, kinds=("parent",))
+    batches = calibration_batches(
+        prefix, num_samples=16, seq_length=args.seq_length, batch_size=4, seed=args.seed
+    )
+    t0 = time.time()
+    ranking = estimate_importance(ranked, batches, pgs)
+    rank_model(ranked, ranking, pgs)
+    save_checkpoint(
+        out / "ranked",
+        ranked,
+        cfg,
+        kind="ranked",
+        metadata={
+            "layer_ranking": ranking.layers,
+            "ffn_nesting_blocks": elastic.ffn_nesting_blocks,
+        },
+    )
+    (out / "ranked" / "importance.json").write_text(json.dumps(ranking.to_json(), indent=1))
+    print(
+        f"[quickstart] importance in {time.time() - t0:.1f}s; layers most -> least important: "
+        f"{ranking.layers}; ranked parent: {out / 'ranked'}",
+        flush=True,
+    )
     destroy_process_groups()
-    return 0 if last < first else 1
+    return 0
 
 
 if __name__ == "__main__":
