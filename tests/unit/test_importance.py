@@ -116,9 +116,6 @@ def test_zeroed_units_rank_last(model, small_config) -> None:
             ):
                 p[[3, 17]] = 0
         model.decoder.layers[1].mlp.linear_fc1.weight[[5, 6, 100]] = 0  # dead neurons
-        q_rows = model.decoder.layers[2].self_attention.linear_qkv.weight
-        d, hpg = cfg.head_dim, cfg.num_attention_heads // cfg.num_query_groups
-        q_rows[(hpg + 2) * d + d : (hpg + 2) * d + 2 * d] = 0  # group 1, query head 1: dead
         inner, p_ = cfg.mamba_inner_size, cfg.mamba_head_dim
         x_rows = model.decoder.layers[0].mixer.in_proj.weight[inner : 2 * inner]
         x_rows.view(cfg.mamba_num_heads, p_, -1)[:, 9] = 0  # channel 9 of every head: dead
@@ -127,9 +124,24 @@ def test_zeroed_units_rank_last(model, small_config) -> None:
     ranking = rank_from_stats(cfg, stats)
     assert set(ranking.hidden[-2:]) == {3, 17}
     assert set(ranking.ffn[1][-3:]) == {5, 6, 100}
-    assert ranking.attention_heads[2][1][-1] == 1
+    assert stats.attention[2].shape == (cfg.num_attention_heads,)
+    assert torch.all(stats.attention[2] > 0)  # (a dead query still attends: no exact zero)
     assert ranking.mamba_channels[0][-1] == 9
     assert ranking.mamba_heads[0][1][-1] == 1
+
+
+def test_heads_rank_within_their_groups(small_config) -> None:
+    from megatron_elastic.importance.calibration import ActivationStats
+
+    stats = ActivationStats(
+        hidden=torch.ones(small_config.hidden_size),
+        attention={2: torch.tensor([1.0, 4.0, 9.0, 0.25])},
+        mamba_x={0: torch.ones(4, 16)},
+    )
+    stats.mamba_x[0][2] = 0.1  # group 1 (heads 2, 3): head 2 is weaker
+    ranking = rank_from_stats(small_config, stats)
+    assert ranking.attention_heads[2] == [[1, 0], [0, 1]]  # per group, local indices
+    assert ranking.mamba_heads[0] == [[0, 1], [1, 0]]
 
 
 def test_identity_layer_ranks_least_important(model, small_config) -> None:

@@ -1,0 +1,105 @@
+"""Configuration of the architecture routers (one small MLP per elastic axis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BUDGET_TARGETS", "SAMPLING_MODES", "RouterConfig"]
+
+BUDGET_TARGETS = ("params", "memory")
+SAMPLING_MODES = ("hard", "soft")
+
+_SEED_MIX = 1_000_003  # a prime: (step, micro-batch) pairs map to distinct seeds
+_SEED_MOD = 2**63
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"RouterConfig.{name} must be > 0, got {value!r}")
+
+
+def _count(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"RouterConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the routers are built, sampled, annealed and optimised (Nemotron Elastic §router)."""
+
+    anneal_steps: int
+    """Router steps over which temperature and logit scale move from start to end values (they
+    stay at the end values afterwards)."""
+    hidden_size: int = 256
+    """Width of each router MLP's hidden layer."""
+    temperature_start: float = 1.0
+    """Gumbel-softmax temperature at step 0."""
+    temperature_end: float = 0.05
+    """Gumbel-softmax temperature from ``anneal_steps`` on (annealed geometrically)."""
+    logit_scale_start: float = 1.0
+    """Factor on the logits at step 0."""
+    logit_scale_end: float = 10.0
+    """Factor on the logits from ``anneal_steps`` on (grows linearly); a large scale makes the
+    Gumbel noise negligible, so late samples agree with the deterministic argmax."""
+    budget_target: str = "params"
+    """What a budget fraction constrains: ``params`` (parameter count) or ``memory`` (bf16 weights
+    + KV cache + Mamba state at ``memory_seq_length``)."""
+    budget_loss_weight: float = 1.0
+    """lambda: total loss = task loss + lambda * budget loss."""
+    memory_seq_length: int = 8192
+    """Tokens per sequence (batch of one) for the KV-cache part of the ``memory`` target."""
+    lr: float = 1e-2
+    """Peak AdamW learning rate of the router parameters (the paper's 1e-2; trained on the budget
+    loss alone, 1e-3 lands on the target more reliably: 1e-2 saturates logits within ~50 steps)."""
+    warmup_steps: int = 60
+    """Steps of linear learning-rate warmup (0: none)."""
+    sampling: str = "hard"
+    """``hard``: one-hot sample, straight-through gradients (runs the chosen sub-network);
+    ``soft``: probability-weighted mix of nested candidates."""
+    soft_min_weight: float = 1e-3
+    """Soft mode runs each axis up to the largest candidate whose extra units still weigh at least
+    this much; lighter units are dropped (saves compute, changes the mix negligibly)."""
+    seed: int = 0
+    """Base of the per-(step, micro-batch) sampling seeds; the same on every rank."""
+
+    def __post_init__(self) -> None:
+        _count("anneal_steps", self.anneal_steps, 1)
+        _count("hidden_size", self.hidden_size, 1)
+        _count("memory_seq_length", self.memory_seq_length, 1)
+        _count("warmup_steps", self.warmup_steps, 0)
+        _count("seed", self.seed, 0)
+        for name in ("temperature_start", "temperature_end", "logit_scale_start"):
+            _positive(name, getattr(self, name))
+        _positive("logit_scale_end", self.logit_scale_end)
+        _positive("lr", self.lr)
+        if self.temperature_end > self.temperature_start:
+            raise ValueError(
+                f"RouterConfig.temperature_end={self.temperature_end} exceeds temperature_start="
+                f"{self.temperature_start}; the temperature anneals downwards, swap them"
+            )
+        if self.budget_target not in BUDGET_TARGETS:
+            raise ValueError(
+                f"RouterConfig.budget_target={self.budget_target!r}; choose one of {BUDGET_TARGETS}"
+            )
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(
+                f"RouterConfig.sampling={self.sampling!r}; choose one of {SAMPLING_MODES}"
+            )
+        if not self.budget_loss_weight >= 0:
+            raise ValueError(
+                f"RouterConfig.budget_loss_weight must be >= 0, got {self.budget_loss_weight}"
+            )
+        if not 0 <= self.soft_min_weight < 1:
+            raise ValueError(
+                f"RouterConfig.soft_min_weight must be in [0, 1), got {self.soft_min_weight}"
+            )
+
+    def generator(
+        self, step: int, micro_batch: int = 0, device: str | torch.device = "cpu"
+    ) -> torch.Generator:
+        """A fresh generator for one decision, seeded from (seed, step, micro-batch) alone, so
+        every rank draws the same architecture without sharing any RNG state."""
+        seed = ((self.seed * _SEED_MIX + step) * _SEED_MIX + micro_batch) % _SEED_MOD
+        return torch.Generator(device=device).manual_seed(seed)

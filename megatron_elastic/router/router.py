@@ -1,0 +1,278 @@
+"""The architecture router: one small MLP per elastic axis, from a budget to a sub-network.
+
+:meth:`ElasticRouter.decide` turns a budget into the :class:`SubnetSpec` to run, the router
+weights (:class:`SubnetWeights`) that carry gradients from the task loss back to the router, and
+the expected sizes the budget loss is computed from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+
+from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
+from megatron_elastic.elastic.budget import expected_memory_bytes, expected_param_count
+from megatron_elastic.elastic.config import AXES, ElasticConfig
+from megatron_elastic.elastic.model import SubnetWeights
+from megatron_elastic.elastic.subnet import SubnetSpec
+from megatron_elastic.router.config import RouterConfig
+from megatron_elastic.router.decision import RouterDecision, weights_to
+from megatron_elastic.router.sampling import (
+    BudgetEncoding,
+    gumbel_softmax,
+    logit_scale,
+    prefix_weights,
+    straight_through,
+    temperature,
+)
+
+__all__ = ["ElasticRouter"]
+
+_AXIS_KIND = {
+    "attention_heads": "attention",
+    "mamba_heads": "mamba",
+    "mamba_head_dim": "mamba",
+    "ffn": "mlp",
+}
+"""Per-layer axes and the layer kind they size; ``hidden`` and ``depth`` are global."""
+_WIDTH_AXIS = {"attention": "attention_heads", "mamba": "mamba_heads", "mlp": "ffn"}
+
+Size = torch.Tensor | int
+
+
+def _mlp(num_inputs: int, hidden: int, num_outputs: int) -> nn.Sequential:
+    # skip_init: no draw from the global RNG (parameters are set from the router's own seed).
+    return nn.Sequential(
+        skip_init(nn.Linear, num_inputs, hidden),
+        nn.LeakyReLU(),
+        skip_init(nn.Linear, hidden, num_outputs),
+    )
+
+
+class ElasticRouter(nn.Module):
+    """Routers for every elastic axis of ``model`` under ``elastic``'s candidates and budgets.
+
+    Parameters are initialised from ``config.seed`` alone (identical on every rank). The output
+    layers start at zero, so every budget starts from uniform choices.
+    """
+
+    def __init__(self, model: ModelConfig, elastic: ElasticConfig, config: RouterConfig) -> None:
+        super().__init__()
+        elastic.validate_for(model)
+        self.model_config, self.elastic_config, self.config = model, elastic, config
+        self.encoding = BudgetEncoding.from_budgets(elastic.budgets)
+        self.choices = elastic.axis_choices(model)
+        kinds = model.layer_kinds()
+        self._layers_of = {
+            k: [j for j, kj in enumerate(kinds) if kj == k] for k in LAYER_SYMBOLS.values()
+        }
+        self._ordinal = [self._layers_of[k].index(j) for j, k in enumerate(kinds)]
+        self.axes = tuple(a for a in AXES if self.num_decisions(a) > 0)
+        self.routers = nn.ModuleDict(
+            {
+                a: _mlp(len(self.encoding), config.hidden_size, self.num_decisions(a) * len(c))
+                for a, c in self.choices.items()
+                if a in self.axes
+            }
+        )
+        for axis in self.axes:
+            sizes = torch.tensor(self.choices[axis], dtype=torch.float32)
+            self.register_buffer(f"sizes_{axis}", sizes, persistent=False)
+        ranking = elastic.layer_ranking or tuple(range(model.num_layers))
+        self._position = [ranking.index(j) for j in range(model.num_layers)]
+        keeps = [[float(d > p) for d in self.choices["depth"]] for p in self._position]
+        self.register_buffer("depth_keeps", torch.tensor(keeps), persistent=False)  # (L, K)
+        self._init_parameters(config.seed)
+        # C(parent): the parameters or memory bytes every budget fraction is a fraction of.
+        self.parent_cost = float(
+            self._cost(
+                model.hidden_size,
+                [self.choices[_WIDTH_AXIS[k]][-1] for k in kinds],  # the parent's sizes
+                [model.mamba_head_dim if k == "mamba" else 0 for k in kinds],
+                [1] * model.num_layers,
+            )
+        )
+
+    def num_decisions(self, axis: str) -> int:
+        """Independent choices of ``axis``: one per layer of its kind when heterogeneous."""
+        if axis not in _AXIS_KIND:
+            return 1
+        layers = len(self._layers_of[_AXIS_KIND[axis]])
+        return layers if self.elastic_config.heterogeneous else min(layers, 1)
+
+    @torch.no_grad()
+    def _init_parameters(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for mlp in self.routers.values():
+            first, last = mlp[0], mlp[2]
+            bound = first.in_features**-0.5
+            for p in (first.weight, first.bias):
+                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=gen))
+            last.weight.zero_()
+            last.bias.zero_()
+
+    def forward(self, code: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per axis, (num_decisions, num_candidates), for one budget encoding."""
+        return {
+            a: self.routers[a](code).view(self.num_decisions(a), len(self.choices[a]))
+            for a in self.axes
+        }
+
+    def _cost(self, hidden: Size, widths, head_dims, keep) -> Size:
+        model, cfg = self.model_config, self.config
+        if cfg.budget_target == "params":
+            return expected_param_count(model, hidden, widths, head_dims, keep)
+        return expected_memory_bytes(
+            model, hidden, widths, head_dims, keep, seq_length=cfg.memory_seq_length
+        )
+
+    def expected_cost(self, decision: RouterDecision) -> torch.Tensor:
+        """C(expected sizes): parameters or memory bytes (differentiable)."""
+        return self._cost(decision.hidden, decision.widths, decision.head_dims, decision.keep)
+
+    def budget_loss(self, decision: RouterDecision) -> torch.Tensor:
+        """lambda * |C(expected) - C_target| / C_target, with C_target = fraction * C(parent)."""
+        target = decision.fraction * self.parent_cost
+        deviation = (self.expected_cost(decision) - target).abs() / target
+        return self.config.budget_loss_weight * deviation
+
+    def decide(
+        self,
+        budget: str | float,
+        step: int,
+        generator: torch.Generator | None,
+        deterministic: bool = False,
+        *,
+        device: torch.device | str | None = None,
+    ) -> RouterDecision:
+        """The sub-network for ``budget`` (a trained name, or a fraction between trained ones).
+
+        ``generator`` (e.g. :meth:`RouterConfig.generator`) is the only source of randomness;
+        ``deterministic``: argmax of the logits, no noise (inference; ``generator`` unused).
+        Weights are moved to ``device`` (the model's); the router may stay on the CPU. Costs one
+        host sync (the chosen indices), once per decision, never inside the model's forward.
+        """
+        if generator is None and not deterministic:
+            raise ValueError("decide() needs a torch.Generator unless deterministic=True")
+        logits = self(self.encoding.encode(budget, device=self.sizes_hidden.device))
+        tau, scale = temperature(self.config, step), logit_scale(self.config, step)
+        hard = deterministic or self.config.sampling == "hard"
+        samples, probs, picks = {}, {}, {}
+        for axis in self.axes:  # fixed order: the generator's draws are the same on every rank
+            z = logits[axis]
+            if deterministic:
+                y = p = F.one_hot(z.argmax(-1), z.size(-1)).to(z.dtype)
+            else:
+                p = gumbel_softmax(z, tau=tau, scale=scale, generator=generator, hard=False)
+                y = straight_through(p) if hard else p
+            samples[axis], probs[axis] = y, p
+            picks[axis] = y.argmax(-1) if hard else self._largest_kept(y)
+        flat = torch.cat([picks[a] for a in self.axes]).tolist()  # the one host sync
+        indices, start = {}, 0
+        for axis in self.axes:
+            n = self.num_decisions(axis)
+            indices[axis], start = tuple(flat[start : start + n]), start + n
+        spec = self._spec(indices)
+        expect = {a: probs[a] @ getattr(self, f"sizes_{a}") for a in self.axes}  # (D,) each
+        kinds = self.model_config.layer_kinds()
+        keep = self.depth_keeps @ probs["depth"][0]  # (L,)
+        if deterministic:
+            weights = None
+        elif hard:
+            weights = self._hard_weights(spec, samples, picks)
+        else:
+            weights = self._soft_weights(spec, probs, keep)
+        if weights is not None and device is not None:
+            weights = weights_to(weights, device)
+        return RouterDecision(
+            spec=spec,
+            weights=weights,
+            fraction=self.encoding.fraction(budget),
+            hidden=expect["hidden"][0],
+            widths=tuple(
+                expect[_WIDTH_AXIS[k]][self._decision(_WIDTH_AXIS[k], j)]
+                for j, k in enumerate(kinds)
+            ),
+            head_dims=tuple(
+                expect["mamba_head_dim"][self._decision("mamba_head_dim", j)] if k == "mamba" else 0
+                for j, k in enumerate(kinds)
+            ),
+            keep=tuple(keep.unbind(0)),
+            indices=indices,
+            probs=probs,
+        )
+
+    def _decision(self, axis: str, layer: int) -> int:
+        """Which of ``axis``'s decisions sizes ``layer``."""
+        return self._ordinal[layer] if self.num_decisions(axis) > 1 else 0
+
+    def _largest_kept(self, probs: torch.Tensor) -> torch.Tensor:
+        """Soft mode: index of the largest candidate whose extra units weigh >= soft_min_weight
+        (units of candidate k weigh the tail sum p_k + ... + p_K)."""
+        tails = probs.flip(-1).cumsum(-1).flip(-1)
+        return (tails >= self.config.soft_min_weight).sum(-1) - 1
+
+    def _spec(self, indices: dict[str, tuple[int, ...]]) -> SubnetSpec:
+        model = self.model_config
+        n = model.num_layers
+        per_layer = {
+            "attention_heads": [model.num_attention_heads] * n,
+            "mamba_heads": [model.mamba_num_heads] * n,
+            "mamba_head_dim": [model.mamba_head_dim] * n,
+            "ffn": [model.ffn_hidden_size] * n,
+        }
+        for axis, values in per_layer.items():
+            for j in self._layers_of[_AXIS_KIND[axis]]:
+                values[j] = self.choices[axis][indices[axis][self._decision(axis, j)]]
+        depth = self.choices["depth"][indices["depth"][0]]
+        return SubnetSpec.heterogeneous(
+            model,
+            hidden=self.choices["hidden"][indices["hidden"][0]],
+            active=[p < depth for p in self._position],
+            **per_layer,
+        )
+
+    def _hard_weights(self, spec: SubnetSpec, probs, picks) -> SubnetWeights:
+        """Straight-through scalars: exactly 1.0, gradient of the chosen candidate's probability."""
+        s = {a: probs[a].gather(-1, picks[a][:, None])[:, 0] for a in self.axes}
+        layers, gates = [], []
+        for j, c in enumerate(spec.layers):
+            w = s[_WIDTH_AXIS[c.kind]][self._decision(_WIDTH_AXIS[c.kind], j)]
+            if c.kind == "mamba":
+                w = w * s["mamba_head_dim"][self._decision("mamba_head_dim", j)]
+            layers.append(w if c.active else None)
+            gates.append(s["depth"][0] if c.active else None)
+        return SubnetWeights(hidden=s["hidden"][0], layers=tuple(layers), gates=tuple(gates))
+
+    def _soft_weights(self, spec: SubnetSpec, probs, keep: torch.Tensor) -> SubnetWeights:
+        """Per-unit weights in the model's logical orders: w_i = P(the sampled candidate keeps
+        unit i). Heads nest within groups and neurons within blocks, so the per-group (per-block)
+        prefix weights repeat group-major (block-major)."""
+        model = self.model_config
+        groups = {
+            "attention_heads": model.num_query_groups,
+            "mamba_heads": model.mamba_num_groups,
+            "ffn": self.elastic_config.ffn_nesting_blocks,
+        }
+
+        def nested(axis: str, j: int, active: int) -> torch.Tensor:
+            g = groups.get(axis, 1)
+            sizes = getattr(self, f"sizes_{axis}") / g
+            p = probs[axis][self._decision(axis, j)]
+            return prefix_weights(p, sizes, active // g).repeat(g)
+
+        layers, gates = [], []
+        for j, c in enumerate(spec.layers):
+            if not c.active:
+                layers.append(None)
+                gates.append(None)
+                continue
+            w = nested(_WIDTH_AXIS[c.kind], j, c.width)
+            if c.kind == "mamba":  # (heads, head_dim) -> head-major channels
+                w = (w[:, None] * nested("mamba_head_dim", j, c.head_dim)[None, :]).flatten()
+            layers.append(w)
+            gates.append(keep[j])
+        hidden = prefix_weights(probs["hidden"][0], self.sizes_hidden, spec.hidden)
+        return SubnetWeights(hidden=hidden, layers=tuple(layers), gates=tuple(gates))
