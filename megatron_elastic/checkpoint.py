@@ -23,10 +23,18 @@ from torch import nn
 
 from megatron_elastic.config import ModelConfig, config_from_dict
 
-__all__ = ["MANIFEST", "save_checkpoint", "load_checkpoint", "read_manifest", "manifest_model"]
+__all__ = [
+    "MANIFEST",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_extra",
+    "read_manifest",
+    "manifest_model",
+]
 
 MANIFEST = "manifest.json"
 _WEIGHTS = "weights"
+_EXTRA = "extra.pt"
 FORMAT_VERSION = 1
 
 
@@ -58,9 +66,12 @@ def save_checkpoint(
     *,
     kind: str,
     metadata: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` (every rank's shard) under ``path`` atomically. ``kind`` names the artefact
-    (``parent``, ``ranked``, ``elastic``...); ``metadata`` is stored in the manifest (JSON)."""
+    (``parent``, ``ranked``, ``elastic``...); ``metadata`` is stored in the manifest (JSON);
+    ``extra`` (replicated state such as the router's, tensors allowed) in ``extra.pt``, written
+    by rank 0 (every rank holds the same)."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     if _rank() == 0:
@@ -79,6 +90,8 @@ def save_checkpoint(
             "versions": _versions(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if extra is not None:
+            torch.save(extra, tmp / _EXTRA)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         old = path.parent / f".{path.name}.old"
         if path.exists():
@@ -146,3 +159,13 @@ def load_checkpoint(
     state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / _WEIGHTS))
     model.load_state_dict(state)
     return manifest
+
+
+def load_extra(path: str | Path) -> dict[str, Any]:
+    """The replicated state saved with ``extra=`` (e.g. the router), with a clear error if the
+    checkpoint has none."""
+    read_manifest(path)
+    file = Path(path) / _EXTRA
+    if not file.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} holds no extra state (router etc.)")
+    return torch.load(file, map_location="cpu", weights_only=True)

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Show what each named budget of an elastic recipe runs: active dims per layer, parameters and
-deployment memory. Budgets with explicit choices in the recipe use them; the others use the
-homogeneous candidate combination closest to their target. One line per budget reads
-``budget <name> params <integer>``.
+"""Show what each named budget runs: active dims per layer, parameters and deployment memory.
+With ``--config`` (an elastic recipe), budgets with explicit choices in the recipe use them and the
+others the homogeneous candidate combination closest to their target; with ``--checkpoint`` (an
+elastic checkpoint), what its trained router chooses (argmax, no noise). One line per budget
+reads ``budget <name> params <integer>``.
 
     python tools/inspect_budgets.py --config examples/tiny/elastic.yaml
+    python tools/inspect_budgets.py --checkpoint runs/quickstart/stage2
 """
 
 from __future__ import annotations
@@ -12,19 +14,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_elastic.checkpoint import load_extra, manifest_model, read_manifest
 from megatron_elastic.elastic.architectures import budget_specs
 from megatron_elastic.elastic.budget import subnet_memory, subnet_param_count, target_param_count
 from megatron_elastic.elastic.config import load_elastic_recipe
 from megatron_elastic.model import count_parameters
+from megatron_elastic.router import router_from_state
 
 MIB = 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--config", required=True, help="elastic recipe YAML (examples/*/elastic.yaml)"
-    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="elastic recipe YAML (examples/*/elastic.yaml)")
+    source.add_argument("--checkpoint", help="elastic checkpoint with a trained router")
     parser.add_argument(
         "--seq-length", type=int, default=8192, help="context for the memory estimate"
     )
@@ -33,8 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        model, elastic = load_elastic_recipe(args.config)
-        specs = budget_specs(model, elastic)
+        if args.config:
+            model, elastic = load_elastic_recipe(args.config)
+            specs = budget_specs(model, elastic)
+        else:
+            model = manifest_model(read_manifest(args.checkpoint))
+            router = router_from_state(model, load_extra(args.checkpoint))
+            elastic = router.elastic_config
+            specs = {
+                name: (router.decide(name, 0, None, deterministic=True).spec, "router")
+                for name in elastic.budgets
+            }
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

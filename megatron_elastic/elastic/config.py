@@ -14,7 +14,7 @@ from megatron_elastic.config import (
     load_yaml,
 )
 
-__all__ = ["AXES", "ElasticConfig", "load_elastic_recipe"]
+__all__ = ["AXES", "ElasticConfig", "elastic_from_dict", "load_elastic_recipe"]
 
 AXES = ("hidden", "attention_heads", "mamba_heads", "mamba_head_dim", "ffn", "depth")
 """Elastic axes: embedding width, attention heads (per query group), Mamba heads (per group),
@@ -173,7 +173,7 @@ class ElasticConfig:
             )
 
 
-def _elastic_from_dict(data: dict[str, Any], where: str) -> ElasticConfig:
+def elastic_from_dict(data: dict[str, Any], where: str) -> ElasticConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of elastic settings")
     data = dict(data)
@@ -203,6 +203,6 @@ def load_elastic_recipe(path: str | Path) -> tuple[ModelConfig, ElasticConfig]:
             f"'elastic' (the elastic settings); got {sorted(data)}"
         )
     model = load_model_config(path.parent / data["model"])
-    elastic = _elastic_from_dict(data["elastic"], where=f"{path}: elastic")
+    elastic = elastic_from_dict(data["elastic"], where=f"{path}: elastic")
     elastic.validate_for(model)
     return model, elastic

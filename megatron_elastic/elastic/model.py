@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import make_viewless_tensor
 
@@ -165,8 +168,13 @@ class ElasticHybridModel(HybridModel):
         """What layer ``j``'s elastic module runs on this rank."""
         model, choice = self.model_config, spec.layers[j]
         tp_size, tp_rank = self.pg_collection.tp.size(), self.pg_collection.tp.rank()
-        if weight is not None and weight.dim() > 0:  # this rank's share of the logical vector
-            weight = weight.chunk(tp_size)[tp_rank]
+        if weight is not None and tp_size > 1:
+            # The weight multiplies this rank's shard of the activations, so its gradient here is
+            # partial; all-reducing it in backward makes the router's gradient complete (and
+            # identical) on every TP rank, like the replicated hidden weight and depth gates.
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.pg_collection.tp)
+            if weight.dim() > 0:  # this rank's share of the logical vector
+                weight = weight.chunk(tp_size)[tp_rank]
         if choice.kind == "mamba":
             idx = mamba_indices(
                 model.mamba_num_heads,

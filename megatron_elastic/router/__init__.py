@@ -3,7 +3,12 @@ with a differentiable budget loss and straight-through (hard) or mixed (soft) we
 
 from megatron_elastic.router.config import RouterConfig
 from megatron_elastic.router.decision import RouterDecision
-from megatron_elastic.router.optim import build_router_optimizer, reduce_router_grads
+from megatron_elastic.router.optim import (
+    build_router_optimizer,
+    finalize_router_grads,
+    reduce_router_grads,
+)
+from megatron_elastic.router.persist import router_from_state, router_state
 from megatron_elastic.router.router import ElasticRouter
 from megatron_elastic.router.sampling import (
     BudgetEncoding,
@@ -19,9 +24,12 @@ __all__ = [
     "RouterConfig",
     "RouterDecision",
     "build_router_optimizer",
+    "finalize_router_grads",
     "gumbel_softmax",
     "logit_scale",
     "prefix_weights",
     "reduce_router_grads",
+    "router_from_state",
+    "router_state",
     "temperature",
 ]

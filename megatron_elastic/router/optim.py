@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
 
 from megatron_elastic.router.config import RouterConfig
 
-__all__ = ["build_router_optimizer", "reduce_router_grads"]
+__all__ = ["build_router_optimizer", "reduce_router_grads", "finalize_router_grads"]
 
 
 def build_router_optimizer(
@@ -58,3 +59,15 @@ def reduce_router_grads(
         n = p.grad.numel()
         p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
+
+
+def finalize_router_grads(router: nn.Module, pgs: ProcessGroupCollection) -> None:
+    """Make the router's gradients the single-process gradients on every rank, in place.
+
+    Tensor parallel: nothing to do (the elastic model all-reduces the gradients of router weights
+    that multiply TP-sharded activations, so they are complete on every TP rank). Pipeline
+    parallel: each stage holds the gradient of its own layers: summed (the budget loss is added on
+    the last stage only). Data parallel: averaged, like megatron's model gradients.
+    """
+    reduce_router_grads(router, pgs.pp, average=False)
+    reduce_router_grads(router, pgs.dp, average=True)

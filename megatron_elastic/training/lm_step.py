@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -24,21 +24,32 @@ def position_ids_like(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(
-    loss_mask: torch.Tensor, per_token_loss: torch.Tensor
+    loss_mask: torch.Tensor, extra_loss: torch.Tensor | None, per_token_loss: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Masked token-summed cross entropy, the token count, and both for logging (megatron's
-    3-tuple loss contract: the schedule divides by the token count)."""
+    """Masked token-summed cross entropy (+ ``extra_loss``, e.g. the router's budget loss, counted
+    once per micro-batch), the token count, and both for logging. megatron's 3-tuple loss
+    contract: the schedule divides the first by the token count."""
     mask = loss_mask.float()
     loss_sum = (per_token_loss.float() * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+    num_tokens = mask.sum()
+    logged = {"lm loss": torch.stack([loss_sum.detach(), num_tokens])}
+    if extra_loss is not None:
+        loss_sum = loss_sum + extra_loss * num_tokens.clamp(min=1)
+        logged["extra loss"] = torch.stack([extra_loss.detach(), torch.ones_like(num_tokens)])
+    return loss_sum, num_tokens.to(torch.int), logged
 
 
-def _forward_step(data_iterator: Any, model: nn.Module) -> tuple[torch.Tensor, Any]:
-    batch = next(data_iterator)
+MicroBatchHook = Callable[[int], "torch.Tensor | None"]
+"""Called with the micro-batch index before that micro-batch's forward on every stage (set the
+sub-network there); may return an extra loss that the last stage adds to that micro-batch."""
+
+
+def _forward_step(hook: MicroBatchHook | None, data_iterator: Any, model: nn.Module):
+    index, batch = next(data_iterator)
+    extra = hook(index) if hook is not None else None
     tokens = batch["tokens"]
     output = model(tokens, position_ids_like(tokens), None, labels=batch["labels"])
-    return output, partial(lm_loss, batch["loss_mask"])
+    return output, partial(lm_loss, batch["loss_mask"], extra)
 
 
 def forward_backward(
@@ -50,6 +61,7 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    micro_batch_hook: MicroBatchHook | None = None,
 ) -> torch.Tensor | None:
     """Run megatron's schedule (no pipelining or 1F1B) over the micro-batches; gradients accumulate
     in ``.grad``/``main_grad``. Returns the token-mean loss on the last pipeline stage, else None.
@@ -60,8 +72,8 @@ def forward_backward(
     if pp_size > 1:
         pipeline_kwargs["p2p_communicator"] = P2PCommunicator(pgs.pp, get_model_config(model))
     reduced = schedule(
-        forward_step_func=_forward_step,
-        data_iterator=iter(micro_batches),
+        forward_step_func=partial(_forward_step, micro_batch_hook),
+        data_iterator=iter(enumerate(micro_batches)),
         model=model,
         num_microbatches=num_micro_batches,
         seq_length=seq_length,

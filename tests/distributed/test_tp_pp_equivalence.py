@@ -120,3 +120,27 @@ def test_importance_under_tp_matches_single_process(ranked_reference) -> None:
         assert ours[axis] == theirs[axis], axis
     for name, g in ref["grads"].items():  # the ranked parents train identically too
         assert (data["grads"][name] - g).abs().max().item() <= 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def router_reference(reference):
+    work, _, _ = reference
+    _torchrun(work, 1, "--router")
+    return work, torch.load(work / "tp1_pp1_router" / "stage0.pt")
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_router_decisions_and_grads_match_single_process(router_reference, tp, pp) -> None:
+    work, ref = router_reference
+    assert len(ref["decisions"]) == 3 and ref["router_grads"]
+    assert any(g.abs().sum() > 0 for g in ref["router_grads"].values())
+    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--router")
+    stages = sorted((work / f"tp{tp}_pp{pp}_router").glob("stage*.pt"))
+    assert len(stages) == pp
+    for stage in stages:  # every stage (after reduction) holds the same, full router gradient
+        data = torch.load(stage)
+        assert data["decisions"] == ref["decisions"]  # identical decisions on every rank
+        for name, g in ref["router_grads"].items():
+            diff = (data["router_grads"][name] - g).abs().max().item()
+            assert diff <= 1e-5, f"{name}: {diff:.3e}"
+    _assert_same(*_collect(work / f"tp{tp}_pp{pp}_router"), ref["loss"], ref["grads"])

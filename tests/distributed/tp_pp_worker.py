@@ -22,10 +22,22 @@ from megatron_elastic.importance.estimate import estimate_importance, rank_model
 from megatron_elastic.model import build_hybrid_model
 from megatron_elastic.model.sharding import gather_full_tensors, load_full_state_dict
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+from megatron_elastic.router import ElasticRouter, RouterConfig, finalize_router_grads
 from megatron_elastic.training import forward_backward
 
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 3, 2, 40
 ELASTIC = ElasticConfig(budgets={"full": 1.0, "small": 0.5}, ffn_nesting_blocks=2)
+ROUTED = ElasticConfig(
+    budgets={"full": 1.0, "half": 0.5},
+    hidden_choices=(40, 52),
+    attention_head_choices=(2,),
+    mamba_head_choices=(2,),
+    mamba_head_dim_choices=(8, 12),
+    ffn_choices=(32, 96),
+    depth_choices=(5,),
+    heterogeneous=True,
+    ffn_nesting_blocks=2,
+)
 
 
 def elastic_spec(cfg: ModelConfig) -> SubnetSpec:
@@ -51,12 +63,15 @@ def main() -> None:
     parser.add_argument("--init", action="store_true")
     parser.add_argument("--elastic", choices=["slice", "mask"], default=None)
     parser.add_argument("--importance", action="store_true", help="rank the parent first")
+    parser.add_argument("--router", action="store_true", help="a router picks each sub-network")
     args = parser.parse_args()
     work = Path(args.workdir)
     cfg = config_from_dict(ModelConfig, yaml.safe_load(Path(args.model).read_text()))
     parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     pgs = init_process_groups(parallel, seed=7)
-    if args.elastic or args.importance:
+    if args.router:
+        model = build_elastic_model(cfg, ROUTED, pgs, parallel)
+    elif args.elastic or args.importance:
         model = build_elastic_model(cfg, ELASTIC, pgs, parallel)
     else:
         model = build_hybrid_model(cfg, pgs, parallel)
@@ -79,6 +94,18 @@ def main() -> None:
     if args.elastic:
         model.set_subnet(elastic_spec(cfg), mode=args.elastic)
 
+    router, decisions, hook = None, [], None
+    if args.router:  # a budget per micro-batch; the router decides on every rank identically
+        rcfg = RouterConfig(anneal_steps=100, seed=3)
+        router = ElasticRouter(cfg, ROUTED, rcfg)
+        budgets = ["full", "half", 0.75]
+
+        def hook(i: int) -> torch.Tensor:
+            d = router.decide(budgets[i], 10, rcfg.generator(10, i))
+            model.set_subnet(d.spec, d.weights)
+            decisions.append(d.indices)
+            return router.budget_loss(d)
+
     loss = forward_backward(
         model,
         init["batches"],
@@ -86,15 +113,26 @@ def main() -> None:
         num_micro_batches=MICRO_BATCHES,
         seq_length=SEQ,
         micro_batch_size=MICRO_BATCH_SIZE,
+        micro_batch_hook=hook,
     )
+    router_grads = None
+    if router is not None:
+        finalize_router_grads(router, pgs)
+        router_grads = {n: p.grad.clone() for n, p in router.named_parameters()}
     local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     grads = gather_full_tensors(model, local, pgs)
     if pgs.tp.rank() == 0:
-        tag = f"_{args.elastic}" if args.elastic else ""
+        tag = f"_{args.elastic}" if args.elastic else ("_router" if args.router else "")
         out = work / (f"tp{args.tp}_pp{args.pp}" + tag + ("_ranked" if args.importance else ""))
         out.mkdir(exist_ok=True)
         torch.save(
-            {"loss": loss, "grads": grads, "ranking": ranking and ranking.to_json()},
+            {
+                "loss": loss,
+                "grads": grads,
+                "ranking": ranking and ranking.to_json(),
+                "router_grads": router_grads,
+                "decisions": decisions,
+            },
             out / f"stage{pgs.pp.rank()}.pt",
         )
     destroy_process_groups()

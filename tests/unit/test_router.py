@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -285,9 +284,7 @@ FAST = {"anneal_steps": STEPS, "lr": 1e-3, "warmup_steps": 10}
 def test_budget_loss_converges_to_exact_param_targets(recipe, heterogeneous) -> None:
     model, _ = recipe
     router = _router(recipe, heterogeneous, **FAST)
-    start = time.perf_counter()
     _train(router, STEPS)
-    assert time.perf_counter() - start < 30
     parent = subnet_param_count(model, SubnetSpec.full(model))
     for name, fraction in zip(router.encoding.names, router.encoding.fractions, strict=True):
         spec = router.decide(name, STEPS, None, deterministic=True).spec

@@ -1,0 +1,33 @@
+"""Saving and restoring a router together with the elastic configuration it was trained for."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from megatron_elastic.config import ModelConfig, config_from_dict
+from megatron_elastic.elastic.config import elastic_from_dict
+from megatron_elastic.router.config import RouterConfig
+from megatron_elastic.router.router import ElasticRouter
+
+__all__ = ["router_state", "router_from_state"]
+
+
+def router_state(router: ElasticRouter) -> dict[str, Any]:
+    """Everything needed to rebuild ``router``: its configs (plain data) and weights."""
+    return {
+        "router_config": dataclasses.asdict(router.config),
+        "elastic_config": dataclasses.asdict(router.elastic_config),
+        "state_dict": {k: v.detach().cpu() for k, v in router.state_dict().items()},
+    }
+
+
+def router_from_state(model: ModelConfig, state: dict[str, Any]) -> ElasticRouter:
+    """The router saved by :func:`router_state`, for ``model``."""
+    if "router_config" not in state or "state_dict" not in state:
+        raise ValueError("this checkpoint's extra state holds no router")
+    rcfg = config_from_dict(RouterConfig, dict(state["router_config"]), where="saved router")
+    elastic = elastic_from_dict(state["elastic_config"], where="saved elastic config")
+    router = ElasticRouter(model, elastic, rcfg)
+    router.load_state_dict(state["state_dict"])
+    return router
