@@ -174,20 +174,9 @@ class ElasticConfig:
 
 
 def elastic_from_dict(data: dict[str, Any], where: str) -> ElasticConfig:
+    """An :class:`ElasticConfig` from plain data (YAML lists become tuples in validation)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of elastic settings")
-    data = dict(data)
-    for key in (
-        "hidden_choices",
-        "attention_head_choices",
-        "mamba_head_choices",
-        "mamba_head_dim_choices",
-        "ffn_choices",
-        "depth_choices",
-        "layer_ranking",
-    ):
-        if isinstance(data.get(key), list):
-            data[key] = tuple(data[key])
     return config_from_dict(ElasticConfig, data, where=where)
 
 

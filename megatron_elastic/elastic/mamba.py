@@ -62,37 +62,22 @@ class ElasticMambaMixer(TorchScanMambaMixer):
         conv_w, conv_b = w["conv1d_weight"].squeeze(1), w["conv1d_bias"]
         dt_bias, A_log, D, norm_w = w["dt_bias"], w["A_log"], w["D"], w["norm.weight"]
         group_size = idx.heads_per_group * idx.head_dim
-        if zxbcdt.is_cuda:
-            y = _mamba_cuda(
-                zxbcdt,
-                conv_w,
-                conv_b,
-                dt_bias,
-                A_log,
-                D,
-                norm_w,
-                idx.head_dim,
-                self.ngroups_local_tp,
-                self.chunk_size,
-                group_size,
-                self.norm.eps,
-            )
-        else:
-            y = mamba_ssm_torch(
-                zxbcdt,
-                conv_w,
-                conv_b,
-                dt_bias,
-                A_log,
-                D,
-                norm_w,
-                head_dim=idx.head_dim,
-                num_groups=self.ngroups_local_tp,
-                state_dim=self.d_state,
-                chunk_size=self.chunk_size,
-                norm_group_size=group_size,
-                norm_eps=self.norm.eps,
-            )
+        ssm = _mamba_cuda if zxbcdt.is_cuda else mamba_ssm_torch
+        y = ssm(
+            zxbcdt,
+            conv_w,
+            conv_b,
+            dt_bias,
+            A_log,
+            D,
+            norm_w,
+            head_dim=idx.head_dim,
+            num_groups=self.ngroups_local_tp,
+            state_dim=self.d_state,
+            chunk_size=self.chunk_size,
+            norm_group_size=group_size,
+            norm_eps=self.norm.eps,
+        )
         y = apply_unit_weight(y.transpose(0, 1), st.weight)
         return row_parallel(y, w["out_proj.weight"], tp)
 
@@ -132,23 +117,43 @@ class ElasticMambaMixer(TorchScanMambaMixer):
 
 
 def _mamba_cuda(
-    zxbcdt, conv_w, conv_b, dt_bias, A_log, D, norm_w, head_dim, groups, chunk, group_size, eps
+    zxbcdt,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A_log,
+    D,
+    norm_weight,
+    *,
+    head_dim,
+    num_groups,
+    state_dim,
+    chunk_size,
+    norm_group_size,
+    norm_eps,
 ):
-    """The sliced mixer on mamba-ssm's fused Triton kernels (as megatron's training path)."""
+    (
+        """The sliced mixer on mamba-ssm's fused Triton kernels (as megatron's training path); the
+    signature of :func:`mamba_ssm_torch`."""
+        ""
+    )
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
+    del state_dim  # implied by the shapes for the kernel
     y = mamba_split_conv1d_scan_combined(
         zxbcdt,
-        conv_w,
-        conv_b,
+        conv_weight,
+        conv_bias,
         dt_bias.float(),
         -torch.exp(A_log.float()),
         D=D,
-        chunk_size=chunk,
+        chunk_size=chunk_size,
         activation="silu",
         headdim=head_dim,
-        ngroups=groups,
+        ngroups=num_groups,
         norm_before_gate=False,
     )
-    return rmsnorm_fn(y, norm_w, None, eps=eps, group_size=group_size, norm_before_gate=False)
+    return rmsnorm_fn(
+        y, norm_weight, None, eps=norm_eps, group_size=norm_group_size, norm_before_gate=False
+    )

@@ -34,7 +34,15 @@ def test_triton_kernels_match_torch_scan(heads, head_dim) -> None:
         norm_group_size=inner // groups,
         norm_eps=1e-5,
     )
-    out = _mamba_cuda(*(t.cuda() for t in args), head_dim, groups, chunk, inner // groups, 1e-5)
+    out = _mamba_cuda(
+        *(t.cuda() for t in args),
+        head_dim=head_dim,
+        num_groups=groups,
+        state_dim=state,
+        chunk_size=chunk,
+        norm_group_size=inner // groups,
+        norm_eps=1e-5,
+    )
     assert (out.cpu() - ref).abs().max().item() <= 2e-3
 
 
