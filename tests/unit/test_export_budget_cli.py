@@ -1,0 +1,95 @@
+"""tools/export_budget.py: the trained router's budgets exported as standalone megatron models
+that compute what the elastic model computes; clear errors for unknown or untrained budgets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_elastic.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from megatron_elastic.config import load_model_config
+from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
+from megatron_elastic.model import build_hybrid_model
+from megatron_elastic.router import (
+    ElasticRouter,
+    RouterConfig,
+    build_router_optimizer,
+    router_state,
+)
+from megatron_elastic.training.lm_step import position_ids_like
+
+ROOT = Path(__file__).parents[2]
+TOOL = ROOT / "tools" / "export_budget.py"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, pgs):
+    model_cfg, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
+    router = ElasticRouter(model_cfg, elastic, RouterConfig(anneal_steps=150, lr=1e-3))
+    optimizer, scheduler = build_router_optimizer(router, router.config)
+    for step in range(150):  # budget loss only: enough for distinct architectures per budget
+        loss = sum(
+            router.budget_loss(router.decide(b, step, router.config.generator(step, i)))
+            for i, b in enumerate(elastic.budgets)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    torch.manual_seed(2)
+    model = build_elastic_model(model_cfg, elastic, pgs)
+    path = tmp_path_factory.mktemp("export") / "elastic"
+    save_checkpoint(path, model, model_cfg, kind="elastic", extra=router_state(router))
+    return path, model, router
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_all_budgets_export_and_match_the_elastic_model(checkpoint, pgs, tmp_path) -> None:
+    path, model, router = checkpoint
+    done = _run("--checkpoint", str(path), "--all", "--output", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokens = torch.randint(0, model.model_config.vocab_size, (2, 40))
+    for budget in router.elastic_config.budgets:
+        target = tmp_path / budget
+        cfg = load_model_config(target / "model.yaml")
+        plain = build_hybrid_model(cfg, pgs)
+        manifest = load_checkpoint(target, plain, cfg, kinds=("exported",))
+        assert manifest["metadata"]["budget"] == budget
+        assert sum(p.numel() for p in plain.parameters()) == manifest["metadata"]["params"]
+        spec = router.decide(budget, 0, None, deterministic=True).spec
+        with torch.no_grad():
+            model.set_subnet(spec, mode="slice")
+            ref = model(tokens, position_ids_like(tokens), None)
+            model.set_subnet(None)
+            out = plain(tokens, position_ids_like(tokens), None)
+        assert (ref - out).abs().max().item() <= 1e-4, budget
+
+
+def test_unknown_and_untrained_budgets(checkpoint, tmp_path) -> None:
+    path, _, _ = checkpoint
+    done = _run("--checkpoint", str(path), "--budget", "7B", "--output", str(tmp_path / "a"))
+    assert done.returncode == 2 and "trained budgets: ['50%', '75%', 'full']" in done.stderr
+    done = _run("--checkpoint", str(path), "--budget", "0.6", "--output", str(tmp_path / "b"))
+    assert done.returncode == 2 and "--interpolate" in done.stderr
+    assert not (tmp_path / "b").exists()
+    done = _run(
+        "--checkpoint",
+        str(path),
+        "--budget",
+        "0.6",
+        "--interpolate",
+        "--output",
+        str(tmp_path / "c"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "untrained" in done.stdout
+    assert read_manifest(tmp_path / "c")["metadata"]["interpolated"] is True

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Export trained budgets of an elastic checkpoint as standalone models (zero-shot: no training).
+
+The trained router picks each budget's architecture (argmax, no noise) and the weights are
+physically sliced. ``--format megatron`` writes a checkpoint + ``model.yaml`` that load into a
+plain megatron-core HybridModel of the exported dims (homogeneous budgets).
+
+    python tools/export_budget.py --checkpoint runs/elastic --budget 6B --output runs/export/6B
+    python tools/export_budget.py --checkpoint runs/elastic --all --output runs/export
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _budget_value(text: str) -> str | float:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="elastic checkpoint (with its router)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--budget", help="a trained budget name, or a fraction (see --interpolate)")
+    which.add_argument("--all", action="store_true", help="export every trained budget")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--format", choices=["megatron"], default="megatron")
+    parser.add_argument(
+        "--interpolate",
+        action="store_true",
+        help="allow an untrained fraction between two trained budgets (router interpolation; "
+        "quality is not trained for it)",
+    )
+    args = parser.parse_args(argv)
+
+    from megatron_elastic.checkpoint import (
+        load_checkpoint,
+        load_extra,
+        manifest_model,
+        read_manifest,
+        save_checkpoint,
+    )
+    from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.elastic import build_elastic_model
+    from megatron_elastic.elastic.budget import subnet_param_count
+    from megatron_elastic.export import standalone_config, standalone_state_dict
+    from megatron_elastic.model import build_hybrid_model
+    from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+    from megatron_elastic.router import router_from_state
+
+    try:
+        manifest = read_manifest(args.checkpoint)
+        model_cfg = manifest_model(manifest)
+        router = router_from_state(model_cfg, load_extra(args.checkpoint))
+        trained = router.elastic_config.budgets
+        if args.all:
+            budgets: list[str | float] = list(trained)
+        else:
+            budget = _budget_value(args.budget)
+            if isinstance(budget, str) and budget not in trained:
+                raise ValueError(f"unknown budget {budget!r}; trained budgets: {sorted(trained)}")
+            if isinstance(budget, float) and not args.interpolate:
+                raise ValueError(
+                    f"{budget} is not a trained budget ({sorted(trained)}); pass --interpolate "
+                    "to export it through router interpolation (untrained)"
+                )
+            budgets = [budget]
+        specs = {b: router.decide(b, 0, None, deterministic=True).spec for b in budgets}
+        configs = {b: standalone_config(model_cfg, s) for b, s in specs.items()}
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    pgs = init_process_groups(ParallelConfig())
+    elastic = build_elastic_model(model_cfg, router.elastic_config, pgs)
+    load_checkpoint(args.checkpoint, elastic, model_cfg, kinds=("elastic",))
+    out = Path(args.output)
+    for budget, spec in specs.items():
+        cfg = configs[budget]
+        plain = build_hybrid_model(cfg, pgs)
+        missing, unexpected = plain.load_state_dict(standalone_state_dict(elastic, spec), False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+        target = out / str(budget) if args.all else out
+        interpolated = isinstance(budget, float) and budget not in trained.values()
+        meta = {
+            "source_checkpoint": str(Path(args.checkpoint).resolve()),
+            "budget": budget,
+            "interpolated": interpolated,
+            "params": subnet_param_count(model_cfg, spec),
+            "dims": dataclasses.asdict(cfg),
+        }
+        save_checkpoint(target, plain, cfg, kind="exported", metadata=meta)
+        (target / "model.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        note = " (router interpolation: untrained budget)" if interpolated else ""
+        print(
+            f"exported budget {budget}: {meta['params']:,} params, pattern "
+            f"{cfg.hybrid_pattern}, hidden {cfg.hidden_size} -> {target}{note}"
+        )
+    destroy_process_groups()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
