@@ -10,16 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_elastic.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from megatron_elastic.checkpoint import load_checkpoint, read_manifest
 from megatron_elastic.config import load_model_config
-from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
 from megatron_elastic.model import build_hybrid_model
-from megatron_elastic.router import (
-    ElasticRouter,
-    RouterConfig,
-    build_router_optimizer,
-    router_state,
-)
 from megatron_elastic.training.lm_step import position_ids_like
 
 ROOT = Path(__file__).parents[2]
@@ -27,24 +20,8 @@ TOOL = ROOT / "tools" / "export_budget.py"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, pgs):
-    model_cfg, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
-    router = ElasticRouter(model_cfg, elastic, RouterConfig(anneal_steps=150, lr=1e-3))
-    optimizer, scheduler = build_router_optimizer(router, router.config)
-    for step in range(150):  # budget loss only: enough for distinct architectures per budget
-        loss = sum(
-            router.budget_loss(router.decide(b, step, router.config.generator(step, i)))
-            for i, b in enumerate(elastic.budgets)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    torch.manual_seed(2)
-    model = build_elastic_model(model_cfg, elastic, pgs)
-    path = tmp_path_factory.mktemp("export") / "elastic"
-    save_checkpoint(path, model, model_cfg, kind="elastic", extra=router_state(router))
-    return path, model, router
+def checkpoint(tiny_elastic_checkpoint):
+    return tiny_elastic_checkpoint
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -75,34 +75,11 @@ def test_heterogeneous_choices(small_config) -> None:
         spec_from_choices(small_config, ElasticConfig(budgets={"a": 0.5}), {"ffn": [128] * 6})
 
 
-def test_checkpoint_prints_the_trained_routers_choices(pgs, tmp_path) -> None:
-    from megatron_elastic.checkpoint import save_checkpoint
-    from megatron_elastic.elastic import build_elastic_model
-    from megatron_elastic.router import (
-        ElasticRouter,
-        RouterConfig,
-        build_router_optimizer,
-        router_state,
-    )
-
-    model_cfg, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
-    router = ElasticRouter(model_cfg, elastic, RouterConfig(anneal_steps=150, lr=1e-3))
-    optimizer, scheduler = build_router_optimizer(router, router.config)
-    for step in range(150):  # the budget loss alone (model frozen)
-        loss = sum(
-            router.budget_loss(router.decide(b, step, router.config.generator(step, i)))
-            for i, b in enumerate(elastic.budgets)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    model = build_elastic_model(model_cfg, elastic, pgs)
-    save_checkpoint(
-        tmp_path / "elastic", model, model_cfg, kind="elastic", extra=router_state(router)
-    )
+def test_checkpoint_prints_the_trained_routers_choices(tiny_elastic_checkpoint) -> None:
+    path, model, router = tiny_elastic_checkpoint
+    model_cfg, elastic = model.model_config, router.elastic_config
     done = subprocess.run(
-        [sys.executable, str(TOOL), "--checkpoint", str(tmp_path / "elastic")],
+        [sys.executable, str(TOOL), "--checkpoint", str(path)],
         capture_output=True,
         text=True,
         timeout=300,

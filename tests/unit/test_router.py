@@ -261,19 +261,6 @@ def test_task_loss_gradient_reaches_every_router(recipe, pgs, sampling) -> None:
 # ---- budget loss convergence ---------------------------------------------------------------
 
 
-def _train(router: ElasticRouter, steps: int) -> None:
-    optimizer, scheduler = build_router_optimizer(router, router.config)
-    for step in range(steps):
-        loss = sum(
-            router.budget_loss(router.decide(name, step, router.config.generator(step, i)))
-            for i, name in enumerate(router.encoding.names)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-
-
 # lr 1e-3 (not the paper's 1e-2): with the budget loss alone 1e-2 saturates the logits within
 # ~50 steps and a few percent of seeds freeze one neighbour away from the target.
 STEPS = 400
@@ -281,10 +268,12 @@ FAST = {"anneal_steps": STEPS, "lr": 1e-3, "warmup_steps": 10}
 
 
 @pytest.mark.parametrize("heterogeneous", [False, True])
-def test_budget_loss_converges_to_exact_param_targets(recipe, heterogeneous) -> None:
+def test_budget_loss_converges_to_exact_param_targets(
+    recipe, heterogeneous, train_on_budget_loss
+) -> None:
     model, _ = recipe
     router = _router(recipe, heterogeneous, **FAST)
-    _train(router, STEPS)
+    train_on_budget_loss(router, STEPS)
     parent = subnet_param_count(model, SubnetSpec.full(model))
     for name, fraction in zip(router.encoding.names, router.encoding.fractions, strict=True):
         spec = router.decide(name, STEPS, None, deterministic=True).spec
@@ -293,14 +282,14 @@ def test_budget_loss_converges_to_exact_param_targets(recipe, heterogeneous) -> 
         assert abs(ratio - 1) <= 0.05, (name, ratio, spec)
 
 
-def test_budget_loss_converges_to_memory_target(recipe) -> None:
+def test_budget_loss_converges_to_memory_target(recipe, train_on_budget_loss) -> None:
     model, elastic = recipe
     router = ElasticRouter(
         model,
         dataclasses.replace(elastic, budgets={"60%": 0.6}),
         RouterConfig(**FAST, budget_target="memory", memory_seq_length=2048),
     )
-    _train(router, STEPS)
+    train_on_budget_loss(router, STEPS)
     spec = router.decide("60%", STEPS, None, deterministic=True).spec
     memory = subnet_memory(model, spec, seq_length=2048).total
     parent = subnet_memory(model, SubnetSpec.full(model), seq_length=2048).total
