@@ -28,6 +28,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_extra",
+    "load_rank_state",
     "read_manifest",
     "manifest_model",
 ]
@@ -35,6 +36,8 @@ __all__ = [
 MANIFEST = "manifest.json"
 _WEIGHTS = "weights"
 _EXTRA = "extra.pt"
+_OPTIMIZER = "optimizer"
+_RANKS = "ranks"
 FORMAT_VERSION = 1
 
 
@@ -67,11 +70,15 @@ def save_checkpoint(
     kind: str,
     metadata: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    optimizer: Any | None = None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` (every rank's shard) under ``path`` atomically. ``kind`` names the artefact
     (``parent``, ``ranked``, ``elastic``...); ``metadata`` is stored in the manifest (JSON);
     ``extra`` (replicated state such as the router's, tensors allowed) in ``extra.pt``, written
-    by rank 0 (every rank holds the same)."""
+    by rank 0 (every rank holds the same). ``optimizer`` (megatron's) is saved sharded next to
+    the weights, so it too can be loaded at another TP/PP layout; ``rank_state`` (e.g. RNG
+    states) is saved per rank and only restored at the same world size."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     if _rank() == 0:
@@ -79,7 +86,13 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # leftovers of an interrupted save
         (tmp / _WEIGHTS).mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / _WEIGHTS))
+    state = model.sharded_state_dict()
+    if optimizer is not None:
+        state = {**state, _OPTIMIZER: optimizer.sharded_state_dict(state)}
+    dist_checkpointing.save(state, str(tmp / _WEIGHTS))
+    if rank_state is not None:
+        (tmp / _RANKS).mkdir(exist_ok=True)
+        torch.save(rank_state, tmp / _RANKS / f"rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
         manifest = {
@@ -87,6 +100,8 @@ def save_checkpoint(
             "kind": kind,
             "model": dataclasses.asdict(model_config),
             "metadata": metadata or {},
+            "has_optimizer": optimizer is not None,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "versions": _versions(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -136,10 +151,12 @@ def load_checkpoint(
     model_config: ModelConfig,
     *,
     kinds: tuple[str, ...] | None = None,
+    optimizer: Any | None = None,
 ) -> dict[str, Any]:
-    """Load weights saved by :func:`save_checkpoint` into ``model`` (any TP/PP layout) and return
-    the manifest. Raises ``ValueError`` before loading anything if the checkpoint's kind or
-    architecture differs from what is expected."""
+    """Load weights saved by :func:`save_checkpoint` into ``model`` (any TP/PP layout), and the
+    optimizer state into ``optimizer`` if given, and return the manifest. Raises ``ValueError``
+    before loading anything if the checkpoint's kind or architecture differs from what is
+    expected, or if it holds no optimizer state and one was asked for."""
     manifest = read_manifest(path)
     if kinds is not None and manifest["kind"] not in kinds:
         raise ValueError(
@@ -156,9 +173,30 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {str(path)!r} was saved for a different architecture ({'; '.join(diffs)})"
         )
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / _WEIGHTS))
+    if optimizer is not None and not manifest.get("has_optimizer"):
+        raise ValueError(f"checkpoint {str(path)!r} holds no optimizer state")
+    request = model.sharded_state_dict()
+    if optimizer is not None:
+        request = {**request, _OPTIMIZER: optimizer.sharded_state_dict(request, is_loading=True)}
+    try:
+        state = dist_checkpointing.load(request, str(Path(path) / _WEIGHTS))
+    except Exception as exc:  # corrupt or truncated shards: say which checkpoint
+        raise ValueError(f"checkpoint {str(path)!r} could not be read: {exc}") from exc
+    if optimizer is not None:
+        optimizer.load_state_dict(state.pop(_OPTIMIZER))
     model.load_state_dict(state)
     return manifest
+
+
+def load_rank_state(path: str | Path) -> dict[str, Any] | None:
+    """This rank's ``rank_state``, or None if the checkpoint was saved at another world size (the
+    per-rank state, e.g. RNG streams, does not map across layouts) or holds none."""
+    manifest = read_manifest(path)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    file = Path(path) / _RANKS / f"rank{_rank()}.pt"
+    if manifest.get("world_size") != world or not file.is_file():
+        return None
+    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def load_extra(path: str | Path) -> dict[str, Any]:

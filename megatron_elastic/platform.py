@@ -58,15 +58,44 @@ def _register_mamba_ssm_without_extension() -> None:
     sys.modules["mamba_ssm"] = package
 
 
+class _CpuStream:
+    """A CUDA stream stand-in: work on the CPU is already ordered, so waiting is a no-op."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` for the shimmed modules: DDP's gradient buckets order their all-reduce
+    against the current CUDA stream (``current_stream().wait_event``, ``with cuda.stream(s)``)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+
+    def current_stream(self, device: Any = None) -> _CpuStream:
+        return _CpuStream()
+
+    def stream(self, stream: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
 class _CpuDeviceTorch(types.ModuleType):
     """Stands in for ``torch`` inside a few megatron-core modules that hard-code ``device="cuda"``
-    (default causal masks, pipeline token counters, p2p shape buffers). Every attribute is torch's,
-    except that tensor factories map a CUDA device to the CPU."""
+    (default causal masks, pipeline token counters, p2p shape buffers) or CUDA streams (DDP's
+    gradient buckets). Every attribute is torch's, except that tensor factories map a CUDA device
+    to the CPU and ``torch.cuda`` streams are no-ops."""
 
     _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
 
     def __init__(self) -> None:
         super().__init__("torch")
+        self.cuda = _CpuCuda()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(torch, name)
@@ -93,6 +122,8 @@ _CPU_DEVICE_MODULES = (
     "megatron.core.optimizer.clip_grads",
     # local_multi_tensor_l2_norm (the no-apex fallback used for grad norms) returns a "cuda" tensor
     "megatron.core.utils",
+    # DDP gradient sync (finalize_model_grads): torch.cuda.current_stream() / torch.cuda.stream()
+    "megatron.core.distributed.param_and_grad_buffer",
 )
 
 

@@ -13,7 +13,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config
 from torch import nn
 
-__all__ = ["Batch", "forward_backward", "lm_loss", "position_ids_like"]
+__all__ = [
+    "Batch",
+    "distill_forward",
+    "forward_backward",
+    "lm_forward",
+    "lm_loss",
+    "position_ids_like",
+]
 
 Batch = dict[str, torch.Tensor]
 """A micro-batch: ``tokens`` and ``labels`` (b, s) int64, ``loss_mask`` (b, s) float."""
@@ -44,12 +51,29 @@ MicroBatchHook = Callable[[int], "torch.Tensor | None"]
 sub-network there); may return an extra loss that the last stage adds to that micro-batch."""
 
 
-def _forward_step(hook: MicroBatchHook | None, data_iterator: Any, model: nn.Module):
+def lm_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-token cross entropy on the last stage (hidden states elsewhere)."""
+    tokens = batch["tokens"]
+    return model(tokens, position_ids_like(tokens), None, labels=batch["labels"])
+
+
+def distill_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-token KD loss of a :class:`~megatron_elastic.distill.pair.DistillationPair`."""
+    tokens = batch["tokens"]
+    return model(
+        tokens, position_ids_like(tokens), None, labels=batch["labels"], loss_mask=batch["loss_mask"]
+    )
+
+
+ModelForward = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def _forward_step(
+    hook: MicroBatchHook | None, run: ModelForward, data_iterator: Any, model: nn.Module
+):
     index, batch = next(data_iterator)
     extra = hook(index) if hook is not None else None
-    tokens = batch["tokens"]
-    output = model(tokens, position_ids_like(tokens), None, labels=batch["labels"])
-    return output, partial(lm_loss, batch["loss_mask"], extra)
+    return run(model, batch), partial(lm_loss, batch["loss_mask"], extra)
 
 
 def forward_backward(
@@ -62,9 +86,15 @@ def forward_backward(
     micro_batch_size: int,
     forward_only: bool = False,
     micro_batch_hook: MicroBatchHook | None = None,
+    model_forward: ModelForward = lm_forward,
+    p2p_batch_factor: int = 1,
 ) -> torch.Tensor | None:
     """Run megatron's schedule (no pipelining or 1F1B) over the micro-batches; gradients accumulate
     in ``.grad``/``main_grad``. Returns the token-mean loss on the last pipeline stage, else None.
+
+    ``model_forward`` runs the model on one micro-batch (default: cross entropy);
+    ``p2p_batch_factor``: the inter-stage tensor holds this many micro-batches' rows (2 for a
+    student/teacher pair).
     """
     pp_size = pgs.pp.size()
     schedule = get_forward_backward_func(pp_size=pp_size)
@@ -72,12 +102,12 @@ def forward_backward(
     if pp_size > 1:
         pipeline_kwargs["p2p_communicator"] = P2PCommunicator(pgs.pp, get_model_config(model))
     reduced = schedule(
-        forward_step_func=partial(_forward_step, micro_batch_hook),
+        forward_step_func=partial(_forward_step, micro_batch_hook, model_forward),
         data_iterator=iter(enumerate(micro_batches)),
         model=model,
         num_microbatches=num_micro_batches,
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=micro_batch_size * p2p_batch_factor,
         forward_only=forward_only,
         pg_collection=pgs,
         **pipeline_kwargs,

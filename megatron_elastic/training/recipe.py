@@ -1,0 +1,307 @@
+"""A training recipe: one YAML file per stage (``examples/*/stage*.yaml``), loaded strictly.
+
+Sections map to typed configs owned by their components (model, elastic, parallel, optimizer,
+router, distillation) plus the ones owned here (data, train, checkpoint, logging). ``model`` and
+``elastic`` paths are relative to the recipe file (they belong to it); data and checkpoint paths
+are relative to the working directory (they are the run's artefacts). Command-line overrides
+``section.key=value`` (value parsed as YAML) are applied before validation, so a typo in an
+override fails the same way as a typo in the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_elastic.config import (
+    ModelConfig,
+    ParallelConfig,
+    check_parallel_fit,
+    config_from_dict,
+    load_model_config,
+    load_yaml,
+)
+from megatron_elastic.elastic.config import ElasticConfig, load_elastic_recipe
+from megatron_elastic.router.config import RouterConfig
+from megatron_elastic.training.budget_sampling import validate_budget_probs
+from megatron_elastic.training.optim import OptimConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "DistillConfig",
+    "LoggingConfig",
+    "TrainConfig",
+    "TrainRecipe",
+    "apply_overrides",
+    "load_train_recipe",
+    "recipe_summary",
+]
+
+MODES = ("plain", "elastic")
+TEACHERS = ("parent", "self", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training tokens come from (megatron indexed datasets)."""
+
+    blend: str | list[list[Any]]
+    """A dataset prefix (``PREFIX.bin``/``.idx``), or ``[[weight, prefix], ...]`` to blend."""
+    tokenizer: str
+    """``tokenizer.json`` (HF tokenizers) or ``.model`` (SentencePiece); stored in checkpoints."""
+    split: str = "98,2,0"
+    """Train/valid/test proportions, split by document."""
+    valid_samples: int = 64
+    """Validation samples evaluated every ``train.eval_interval`` steps."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Steps, batch geometry, seed and numerics."""
+
+    steps: int
+    """Optimizer steps of this stage."""
+    seq_length: int
+    """Tokens per sample."""
+    micro_batch_size: int
+    """Samples per micro-batch on one data-parallel rank."""
+    global_batch_size: int
+    """Samples per optimizer step over all data-parallel ranks (a multiple of
+    ``micro_batch_size * data_parallel_size``; the rest is gradient accumulation)."""
+    seed: int = 1234
+    """Seeds weights init, data order, budget sampling and router noise."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (GPU only)."""
+    deterministic: bool = True
+    """Deterministic torch algorithms (resume reproduces an uninterrupted run exactly)."""
+    eval_interval: int = 0
+    """Validation loss every this many steps (0: only at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}; choose one of {PRECISIONS}")
+        if self.eval_interval < 0:
+            raise ValueError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation of every budget from a frozen teacher."""
+
+    teacher: str = "parent"
+    """``parent``: a frozen copy of ``teacher_checkpoint``; ``self``: the full budget of the
+    shared weights (no gradient); ``none``: plain cross entropy."""
+    teacher_checkpoint: str | None = None
+    """The (ranked) parent the teacher loads (``teacher: parent``)."""
+    temperature: float = 1.0
+    """Softmax temperature of the forward KL (the loss is scaled by T^2)."""
+    ce_weight: float = 0.0
+    """Weight of the student's cross entropy added to the KD loss."""
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"distill.teacher={self.teacher!r}; choose one of {TEACHERS}")
+        if self.teacher == "parent" and not self.teacher_checkpoint:
+            raise ValueError(
+                "distill.teacher='parent' needs distill.teacher_checkpoint (the ranked parent)"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
+        if not self.ce_weight >= 0:
+            raise ValueError(f"distill.ce_weight must be >= 0, got {self.ce_weight}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where the stage starts from and where it saves."""
+
+    save: str
+    """Directory of this stage's checkpoints (``step_NNNNNNN/`` + ``latest.json``). If it already
+    holds a checkpoint, the run resumes from it (SLURM requeue)."""
+    init: str | None = None
+    """Weights to start from when not resuming: a parent/ranked checkpoint, or the save directory
+    (or a checkpoint) of the previous stage, whose model and router are taken (not its
+    optimizer: a new stage has its own schedule)."""
+    save_interval: int = 100
+    """Save every this many steps (and always at the end, and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 2
+    """Checkpoints kept in ``save`` (older ones are deleted after a newer one is complete)."""
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint.save_interval and checkpoint.keep_last must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Console, TensorBoard and (optional) Weights & Biases."""
+
+    log_interval: int = 10
+    """Print and record metrics every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``<save>/tensorboard``."""
+    wandb_project: str | None = None
+    """Also log to this W&B project when ``wandb`` is installed (ignored, with a note, if not)."""
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Everything one training stage needs."""
+
+    stage: str
+    """Name of the stage (``pretrain``, ``stage1``, ``stage2``...), recorded in checkpoints."""
+    mode: str
+    """``plain``: train the parent with cross entropy; ``elastic``: budgets, router, KD."""
+    model: ModelConfig
+    parallel: ParallelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    elastic: ElasticConfig | None = None
+    router: RouterConfig | None = None
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(teacher="none"))
+    budget_sampling: dict[str, float] = field(default_factory=dict)
+    """Budget name -> probability that a micro-batch trains it (sums to 1)."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """The recipe as loaded (after overrides), stored in checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; choose one of {MODES}")
+        check_parallel_fit(self.model, self.parallel)
+        if self.mode == "elastic":
+            if self.elastic is None or self.router is None:
+                raise ValueError("mode 'elastic' needs the 'elastic' recipe and a 'router' section")
+            self.elastic.validate_for(self.model, self.parallel)
+            validate_budget_probs(self.budget_sampling, self.elastic.budgets)
+        elif self.distill.teacher != "none" or self.budget_sampling:
+            raise ValueError(
+                "mode 'plain' trains the parent alone: remove 'budget_sampling' and set "
+                "distill.teacher to 'none'"
+            )
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "router": RouterConfig,
+    "distill": DistillConfig,
+    "parallel": ParallelConfig,
+}
+_KEYS = {"stage", "mode", "model", "elastic", "budget_sampling", *_SECTIONS}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with each ``dotted.key=value`` set (value parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def _probability(name: str, value: Any) -> float:
+    if isinstance(value, str):  # "1/3" keeps a uniform mix summing to exactly 1
+        try:
+            return float(Fraction(value))
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"budget_sampling[{name!r}]={value!r} is not a number") from exc
+    return value
+
+
+def load_train_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRecipe:
+    """Load and validate a stage recipe (plus ``overrides``); every error is a ``ValueError``."""
+    path = Path(path)
+    data = apply_overrides(load_yaml(path), overrides or [])
+    where = str(path)
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(_KEYS), n=1)
+            hints.append(key + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; known: {sorted(_KEYS)}")
+    for key in ("stage", "mode", "model", "data", "train", "checkpoint"):
+        if key not in data:
+            raise ValueError(f"{where}: missing required key {key!r}")
+    model = load_model_config(path.parent / data["model"])
+    elastic = None
+    if data.get("elastic") is not None:
+        elastic_model, elastic = load_elastic_recipe(path.parent / data["elastic"])
+        if elastic_model != model:
+            raise ValueError(f"{where}: the elastic recipe's model differs from 'model'")
+    sections: dict[str, Any] = {}
+    for key, cls in _SECTIONS.items():
+        if key in data and data[key] is not None:
+            values = dict(data[key])
+            if cls is OptimConfig:
+                values.setdefault("total_steps", data["train"].get("steps", 1))
+            sections[key] = config_from_dict(cls, values, where=f"{where}: {key}")
+    probs = {
+        str(k): _probability(str(k), v) for k, v in (data.get("budget_sampling") or {}).items()
+    }
+    return TrainRecipe(
+        stage=str(data["stage"]),
+        mode=str(data.get("mode", "elastic")),
+        model=model,
+        parallel=sections.get("parallel", ParallelConfig()),
+        data=sections["data"],
+        train=sections["train"],
+        optim=sections.get(
+            "optim", OptimConfig(total_steps=sections["train"].steps, warmup_steps=0)
+        ),
+        checkpoint=sections["checkpoint"],
+        logging=sections.get("logging", LoggingConfig()),
+        elastic=elastic,
+        router=sections.get("router"),
+        distill=sections.get("distill", DistillConfig(teacher="none")),
+        budget_sampling=probs,
+        source=data,
+    )
+
+
+def recipe_summary(recipe: TrainRecipe) -> dict[str, Any]:
+    """Plain-data view of the recipe for manifests and logs."""
+    return {
+        "stage": recipe.stage,
+        "mode": recipe.mode,
+        "train": dataclasses.asdict(recipe.train),
+        "budget_sampling": recipe.budget_sampling,
+        "distill": dataclasses.asdict(recipe.distill),
+        "parallel": dataclasses.asdict(recipe.parallel),
+    }
