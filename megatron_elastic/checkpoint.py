@@ -182,8 +182,11 @@ def load_checkpoint(
         state = dist_checkpointing.load(request, str(Path(path) / _WEIGHTS))
     except Exception as exc:  # corrupt or truncated shards: say which checkpoint
         raise ValueError(f"checkpoint {str(path)!r} could not be read: {exc}") from exc
+    # Without an optimizer requested, dist_checkpointing still returns its common (non-sharded)
+    # entries, e.g. param groups: drop them.
+    optimizer_state = state.pop(_OPTIMIZER, None)
     if optimizer is not None:
-        optimizer.load_state_dict(state.pop(_OPTIMIZER))
+        optimizer.load_state_dict(optimizer_state)
     model.load_state_dict(state)
     return manifest
 

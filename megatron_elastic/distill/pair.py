@@ -55,7 +55,9 @@ class DistillationPair(nn.Module):
         self.student = student
         self.teacher = teacher
         self.temperature, self.ce_weight, self.tp_group = temperature, ce_weight, tp_group
-        self.config = _unwrap(student).config  # what the schedules read
+        # What megatron's schedules read from the model they are given.
+        self.config = _unwrap(student).config
+        self.model_type = _unwrap(student).model_type
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -101,8 +103,12 @@ class DistillationPair(nn.Module):
             return torch.cat([student_out, teacher_out.detach()], dim=1)  # (s, 2b, h)
         kd = kd_kl_loss(student_out, teacher_out, self.temperature, self.tp_group)  # (b, s)
         ce = None
-        if labels is not None:
-            ce = inner.compute_language_model_loss(labels, student_out.transpose(0, 1))
+        if labels is not None:  # logged always; trained only with a CE weight
+            with torch.set_grad_enabled(self.ce_weight > 0 and torch.is_grad_enabled()):
+                # (a copy: megatron's vocab-parallel CE may edit its input in place)
+                ce = inner.compute_language_model_loss(
+                    labels, student_out.transpose(0, 1).contiguous()
+                )
         per_token = kd_loss_with_ce(kd, ce, self.ce_weight)
         if loss_mask is not None:
             mask = loss_mask.float()

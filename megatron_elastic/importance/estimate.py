@@ -53,7 +53,7 @@ def logits_error_fn(
     reference = logits(None)
 
     def error(removed: Sequence[int]) -> float:
-        num = torch.zeros(2)
+        num = torch.zeros(2, device=reference[0].device)  # NCCL reduces device tensors
         for ref, out in zip(reference, logits(removed), strict=True):
             num += torch.stack([(ref - out).pow(2).sum(), ref.pow(2).sum()])
         for group in (pgs.tp, pgs.dp):
