@@ -11,17 +11,37 @@ function does not change. Writes the ranked checkpoint and a readable ``importan
         --output runs/ranked
 
 Runs under torchrun for tensor/data parallelism (pipeline parallel size 1).
+
+``--backend modelopt`` ranks with NVIDIA ModelOpt's Minitron importance (``mcore_minitron``)
+instead, then permutes the same way. It needs a CUDA GPU with Transformer Engine and runs in one
+process with TP=1 (ModelOpt's limits); see docs/benchmarks.md for how the two backends agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch.distributed as dist
+
+
+def _check_modelopt_backend(tensor_parallel_size: int) -> None:
+    """ValueError (before any heavy work) where ``--backend modelopt`` cannot run."""
+    if tensor_parallel_size != 1 or int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ValueError(
+            "--backend modelopt runs in one process with --tensor-parallel-size 1 (ModelOpt's "
+            "Minitron pruning supports TP=1 only); drop torchrun/--tensor-parallel-size, or use "
+            "--backend native for tensor/data parallelism"
+        )
+    from megatron_elastic.importance.modelopt_backend import modelopt_available
+
+    reason = modelopt_available()
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the iterative layer ranking (O(layers^2) forward passes)",
     )
-    parser.add_argument("--backend", choices=["native", "modelopt"], default="native")
+    parser.add_argument(
+        "--backend",
+        choices=["native", "modelopt"],
+        default="native",
+        help="native: this package's scores (runs everywhere); modelopt: ModelOpt's Minitron "
+        "importance (CUDA GPU with transformer_engine, one process, TP=1)",
+    )
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
@@ -73,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 budgets={"parent": 1.0}, ffn_nesting_blocks=args.ffn_nesting_blocks or 1
             )
         if args.backend == "modelopt":
-            raise ValueError(
-                "--backend modelopt needs NVIDIA ModelOpt's Megatron plugin, which imports "
-                "transformer_engine (CUDA only); run it on a GPU node with Transformer Engine "
-                "installed. The native backend runs everywhere."
-            )
+            _check_modelopt_backend(args.tensor_parallel_size)
         check_prefix(args.data)
         read_manifest(args.checkpoint)
         parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
@@ -101,7 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed + pgs.dp.rank(),
     )
     start = time.time()
-    ranking = estimate_importance(model, batches, pgs, rank_layers=not args.no_layer_ranking)
+    if args.backend == "modelopt":
+        from megatron_elastic.importance.modelopt_backend import run_minitron_importance
+
+        ranking = run_minitron_importance(model_cfg, model, batches, pgs)
+        if args.no_layer_ranking:
+            ranking.layers = None
+    else:
+        ranking = estimate_importance(model, batches, pgs, rank_layers=not args.no_layer_ranking)
     rank_model(model, ranking, pgs)
     out = Path(args.output)
     meta = {

@@ -3,10 +3,13 @@
 
 The trained router picks each budget's architecture (argmax, no noise) and the weights are
 physically sliced. ``--format megatron`` writes a checkpoint + ``model.yaml`` that load into a
-plain megatron-core HybridModel of the exported dims (homogeneous budgets).
+plain megatron-core HybridModel of the exported dims (homogeneous budgets). ``--format hf``
+writes a Hugging Face directory: stock NemotronH (``AutoModelForCausalLM.from_pretrained``) for a
+homogeneous budget, the bundled remote-code model (``trust_remote_code=True``) for a heterogeneous
+one, with the tokenizer (``--tokenizer``, default: the checkpoint's) and export_manifest.json.
 
     python tools/export_budget.py --checkpoint runs/elastic --budget 6B --output runs/export/6B
-    python tools/export_budget.py --checkpoint runs/elastic --all --output runs/export
+    python tools/export_budget.py --checkpoint runs/elastic --all --output runs/export --format hf
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -26,6 +30,55 @@ def _budget_value(text: str) -> str | float:
         return text
 
 
+def _tokenizer(args: argparse.Namespace, manifest: dict) -> Path | None:
+    """--tokenizer, else the checkpoint's recorded tokenizer when it still exists."""
+    if args.tokenizer is not None:
+        if not Path(args.tokenizer).exists():
+            raise ValueError(f"--tokenizer {args.tokenizer!r} does not exist")
+        return Path(args.tokenizer)
+    recorded = manifest.get("metadata", {}).get("tokenizer")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    if recorded:
+        print(f"note: the checkpoint's tokenizer {recorded!r} no longer exists")
+    print("note: no tokenizer (pass --tokenizer PATH): exporting weights only")
+    return None
+
+
+def _export_hf(
+    elastic: Any,
+    spec: Any,
+    target: Path,
+    tokenizer: Path | None,
+    checkpoint: str,
+    budget: str | float,
+    interpolated: bool,
+) -> None:
+    from megatron_elastic.export.hf import export_subnet_to_hf
+
+    meta = {
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+        "budget": budget,
+        "interpolated": interpolated,
+    }
+    info = export_subnet_to_hf(elastic, spec, target, tokenizer_path=tokenizer, metadata=meta)
+    how = (
+        "stock NemotronH"
+        if info["format"] == "hf"
+        else "remote-code model: load with trust_remote_code=True"
+    )
+    note = " (router interpolation: untrained budget)" if interpolated else ""
+    print(
+        f"exported budget {budget}: {info['params']:,} params, pattern {info['dims']['pattern']}, "
+        f"hidden {info['dims']['hidden']} -> {target} ({how}){note}"
+    )
+    if not info["has_attention"]:
+        print(
+            f"note: budget {budget} keeps no attention layer: use_cache is false in config.json "
+            "and generation_config.json (stock NemotronH's cache needs an attention layer)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -35,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--budget", help="a trained budget name, or a fraction (see --interpolate)")
     which.add_argument("--all", action="store_true", help="export every trained budget")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--format", choices=["megatron"], default="megatron")
+    parser.add_argument("--format", choices=["megatron", "hf"], default="megatron")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.json / .model (or a directory) shipped with --format hf; default: the "
+        "checkpoint manifest's metadata['tokenizer']",
+    )
     parser.add_argument(
         "--interpolate",
         action="store_true",
@@ -77,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             budgets = [budget]
         specs = {b: router.decide(b, 0, None, deterministic=True).spec for b in budgets}
-        configs = {b: standalone_config(model_cfg, s) for b, s in specs.items()}
+        if args.format == "megatron":
+            configs = {b: standalone_config(model_cfg, s) for b, s in specs.items()}
+        tokenizer = _tokenizer(args, manifest) if args.format == "hf" else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -87,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     load_checkpoint(args.checkpoint, elastic, model_cfg, kinds=("elastic",))
     out = Path(args.output)
     for budget, spec in specs.items():
+        target = out / str(budget) if args.all else out
+        interpolated = isinstance(budget, float) and budget not in trained.values()
+        if args.format == "hf":
+            _export_hf(elastic, spec, target, tokenizer, args.checkpoint, budget, interpolated)
+            continue
         cfg = configs[budget]
         plain = build_hybrid_model(cfg, pgs)
         missing, unexpected = plain.load_state_dict(standalone_state_dict(elastic, spec), False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
-        target = out / str(budget) if args.all else out
-        interpolated = isinstance(budget, float) and budget not in trained.values()
         meta = {
             "source_checkpoint": str(Path(args.checkpoint).resolve()),
             "budget": budget,

@@ -1,0 +1,219 @@
+"""A checkpoint opened for evaluation: an elastic one (parent weights + trained router: every
+budget served by one copy of the weights) or an exported one (a plain model of one budget).
+
+    ckpt = open_checkpoint("runs/elastic", pgs)
+    for name in ckpt.budgets():
+        ckpt.set_budget(name)   # switches the sub-network; no weight is copied or reloaded
+        ... ckpt.model(tokens, position_ids, None) ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from torch import nn
+
+from megatron_elastic.checkpoint import (
+    load_checkpoint,
+    load_extra,
+    manifest_model,
+    read_manifest,
+)
+from megatron_elastic.config import ModelConfig, ParallelConfig
+from megatron_elastic.data.tokenizers import Tokenizer, load_tokenizer
+from megatron_elastic.elastic.budget import subnet_param_count
+from megatron_elastic.elastic.model import build_elastic_model
+from megatron_elastic.elastic.subnet import SubnetSpec
+from megatron_elastic.model import build_hybrid_model, count_parameters
+from megatron_elastic.router import ElasticRouter, router_from_state
+
+__all__ = [
+    "KINDS",
+    "EvalCheckpoint",
+    "checkpoint_budgets",
+    "open_checkpoint",
+    "load_eval_tokenizer",
+    "parse_budgets",
+    "recorded_tokenizer",
+]
+
+KINDS = ("elastic", "exported")
+"""Checkpoint kinds :func:`open_checkpoint` reads."""
+
+
+class EvalCheckpoint:
+    """A loaded checkpoint in eval mode whose budget can be switched.
+
+    ``model`` is the elastic parent (``kind == "elastic"``) or the plain exported model; call it
+    like any megatron language model. :meth:`set_budget` on an elastic checkpoint only changes
+    which slices of the same parameters the next forward uses.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        model: nn.Module,
+        model_config: ModelConfig,
+        router: ElasticRouter | None,
+    ) -> None:
+        self.path, self.manifest, self.model = path, manifest, model
+        self.model_config, self.router = model_config, router
+        self.kind: str = manifest["kind"]
+        self.budget: str | float | None = None
+        """The budget the model runs now (None before :meth:`set_budget`: the parent)."""
+        self._specs: dict[str | float, SubnetSpec] = {}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.manifest.get("metadata", {})
+
+    def budgets(self) -> list[str]:
+        """Trained budget names (recipe order) or, exported, the one budget it holds."""
+        if self.router is not None:
+            return list(self.router.elastic_config.budgets)
+        return [str(self.metadata.get("budget", "exported"))]
+
+    def _check(self, budget: str | float) -> None:
+        if isinstance(budget, str) and budget not in self.budgets():
+            where = "trained budgets" if self.router is not None else "this exported model holds"
+            raise ValueError(f"unknown budget {budget!r}; {where}: {sorted(self.budgets())}")
+        if self.router is None and not isinstance(budget, str):
+            raise ValueError(
+                f"an exported checkpoint runs only its own budget {self.budgets()}, not a "
+                f"fraction ({budget}); open the elastic checkpoint to interpolate"
+            )
+
+    def spec(self, budget: str | float) -> SubnetSpec | None:
+        """The sub-network the trained router picks for ``budget`` (argmax, no noise); None for an
+        exported checkpoint. A float is a fraction between trained budgets (interpolation)."""
+        self._check(budget)
+        if self.router is None:
+            return None
+        if budget not in self._specs:
+            self._specs[budget] = self.router.decide(budget, 0, None, deterministic=True).spec
+        return self._specs[budget]
+
+    def set_budget(self, budget: str | float) -> None:
+        """Run ``budget`` from the next forward on (elastic: slices of the loaded weights)."""
+        spec = self.spec(budget)
+        if self.router is not None:
+            self.model.set_subnet(spec, mode="slice")
+        self.budget = budget
+
+    def params(self, budget: str | float) -> int:
+        """Parameters of the model that ``budget`` runs (the exported model's own count)."""
+        spec = self.spec(budget)
+        if spec is None:
+            return int(self.metadata.get("params", count_parameters(self.model_config)))
+        return subnet_param_count(self.model_config, spec)
+
+    def tokenizer_path(self) -> str | None:
+        """See :func:`recorded_tokenizer`."""
+        return recorded_tokenizer(self.manifest)
+
+
+def recorded_tokenizer(manifest: dict[str, Any]) -> str | None:
+    """The tokenizer file recorded at training time: ``metadata["tokenizer"]``, or for an export
+    its source checkpoint's (while that checkpoint is still there); None if neither names one."""
+    metadata = manifest.get("metadata", {})
+    if metadata.get("tokenizer"):
+        return str(metadata["tokenizer"])
+    source = metadata.get("source_checkpoint")
+    if source and Path(source).is_dir():
+        try:
+            found = read_manifest(source).get("metadata", {}).get("tokenizer")
+        except ValueError:
+            return None
+        return str(found) if found else None
+    return None
+
+
+def _read_evaluable(path: str | Path) -> dict[str, Any]:
+    manifest = read_manifest(path)
+    if manifest["kind"] not in KINDS:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is of kind {manifest['kind']!r}; evaluation reads an "
+            f"elastic checkpoint (with its router) or an exported budget: {KINDS}"
+        )
+    return manifest
+
+
+def open_checkpoint(
+    path: str | Path, pgs: ProcessGroupCollection, parallel: ParallelConfig | None = None
+) -> EvalCheckpoint:
+    """Load an ``elastic`` or ``exported`` checkpoint for evaluation, split as ``parallel``
+    (default: unsplit; must match ``pgs``). ``ValueError`` for another kind, before any weight
+    is read."""
+    path = Path(path)
+    manifest = _read_evaluable(path)
+    model_config = manifest_model(manifest)
+    router = None
+    if manifest["kind"] == "elastic":
+        router = router_from_state(model_config, load_extra(path))
+        model = build_elastic_model(model_config, router.elastic_config, pgs, parallel)
+    else:
+        model = build_hybrid_model(model_config, pgs, parallel)
+    load_checkpoint(path, model, model_config, kinds=KINDS)
+    model.eval()
+    return EvalCheckpoint(path, manifest, model, model_config, router)
+
+
+def checkpoint_budgets(path: str | Path) -> tuple[str, list[str]]:
+    """(kind, budget names) of a checkpoint, read from its manifest and router without loading
+    weights: tools check the budgets they are asked for before the slow part."""
+    manifest = _read_evaluable(path)
+    kind = manifest["kind"]
+    if kind == "exported":
+        return kind, [str(manifest.get("metadata", {}).get("budget", "exported"))]
+    router = router_from_state(manifest_model(manifest), load_extra(path))
+    return kind, list(router.elastic_config.budgets)
+
+
+def parse_budgets(
+    texts: str | list[str], trained: list[str], *, allow_fractions: bool = True
+) -> list[str | float]:
+    """Budgets named on a command line: ``all``, trained names, comma-separated lists of them, or
+    (``allow_fractions``) fractions between trained budgets, e.g. ``0.6`` (router interpolation:
+    untrained). ``ValueError`` listing the trained budgets for anything else."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no budget given; trained budgets: {sorted(trained)} (or 'all')")
+    out: list[str | float] = []
+    for name in names:
+        if name == "all":
+            chosen: list[str | float] = list(trained)
+        elif name in trained:
+            chosen = [name]
+        else:
+            try:
+                fraction = float(name)
+            except ValueError:
+                fraction = None
+            if fraction is None or not allow_fractions:
+                raise ValueError(f"unknown budget {name!r}; trained budgets: {sorted(trained)}")
+            chosen = [fraction]
+        out += [b for b in chosen if b not in out]
+    return out
+
+
+def load_eval_tokenizer(
+    override: str | Path | None, manifest: dict[str, Any], model_config: ModelConfig
+) -> Tokenizer:
+    """``override`` (a ``--tokenizer`` flag) or the checkpoint's recorded tokenizer, checked to
+    fit the model's vocabulary."""
+    path = override or recorded_tokenizer(manifest)
+    if not path:
+        raise ValueError(
+            "the checkpoint names no tokenizer (metadata 'tokenizer'); pass --tokenizer"
+        )
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"tokenizer {str(path)!r} has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size {model_config.vocab_size}: pass the tokenizer the model was trained with"
+        )
+    return tokenizer

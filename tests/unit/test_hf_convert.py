@@ -1,0 +1,187 @@
+"""Hugging Face NemotronH <-> megatron conversion: both round trips are bit-exact, the HF model
+computes the megatron model's logits, the fused-QKV layout is megatron's, and what cannot be
+represented (mixture-of-experts layers, tied embeddings...) is refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_elastic.checkpoint import read_manifest
+from megatron_elastic.config import ModelConfig, load_model_config
+from megatron_elastic.export.hf import (
+    from_hf_state_dict,
+    hf_pattern,
+    load_hf_directory,
+    model_config_from_hf,
+    save_hf_directory,
+    use_torch_nemotron_h_kernels,
+)
+from megatron_elastic.export.hf_mapping import FusedQKV, QKVLayout
+from megatron_elastic.model import build_hybrid_model
+from megatron_elastic.training.lm_step import position_ids_like
+
+ROOT = Path(__file__).parents[2]
+TO_MEGATRON = ROOT / "tools" / "convert_hf_to_megatron.py"
+TO_HF = ROOT / "tools" / "convert_megatron_to_hf.py"
+
+SMALL = ModelConfig(
+    hybrid_pattern="M-*M-*M",
+    hidden_size=64,
+    ffn_hidden_size=96,
+    num_attention_heads=6,
+    num_query_groups=2,
+    head_dim=16,
+    mamba_num_heads=4,
+    mamba_head_dim=16,
+    mamba_num_groups=2,
+    mamba_state_dim=8,
+    mamba_conv_kernel=4,
+    mamba_chunk_size=16,
+    vocab_size=256,
+    max_sequence_length=256,
+)
+
+
+def _run(tool: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(tool), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def _perturb(named_parameters) -> None:
+    """Move norms, D, dt_bias and conv biases off their init values so every tensor matters."""
+    with torch.no_grad():
+        for name, p in named_parameters:
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("dt_bias", "conv1d_bias", "conv1d.bias")):
+                p.add_(torch.randn_like(p) * 0.5)
+
+
+def test_fused_qkv_layout_is_megatrons() -> None:
+    groups, hpg, d = 2, 3, 2
+    # Row r of megatron's linear_qkv belongs to group r // ((hpg + 2) * d).
+    fused = torch.arange(groups * (hpg + 2) * d, dtype=torch.float32)[:, None].repeat(1, 4)
+    mapping, layout = FusedQKV("qkv", "q", "k", "v"), QKVLayout(groups, d)
+    q, k, v = mapping.to_hf([fused], layout)
+    assert q[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]  # heads group-major
+    assert k[:, 0].tolist() == [6, 7, 16, 17] and v[:, 0].tolist() == [8, 9, 18, 19]
+    assert torch.equal(mapping.to_megatron([q, k, v], layout)[0], fused)
+
+
+def test_megatron_to_hf_to_megatron_is_exact_and_hf_matches(pgs, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = build_hybrid_model(SMALL, pgs)
+    _perturb(model.named_parameters())
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    save_hf_directory(tmp_path / "hf", SMALL, state)
+    config, hf_state = load_hf_directory(tmp_path / "hf")
+    assert model_config_from_hf(config) == SMALL
+    back = from_hf_state_dict(hf_state, SMALL)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+    use_torch_nemotron_h_kernels()  # CPU: not mamba-ssm's Triton kernels
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 41))
+    with torch.no_grad():
+        diff = (hf(tokens).logits - model(tokens, position_ids_like(tokens), None)).abs().max()
+    print(f"megatron -> HF: max |logits diff| = {diff.item():.3g}")
+    assert diff.item() <= 1e-4
+
+
+def _random_hf_model(directory: Path) -> None:
+    from megatron_elastic.data.tokenizers import train_bpe_tokenizer
+
+    use_torch_nemotron_h_kernels()  # before transformers' NemotronH module is first imported
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(4)
+    config = NemotronHConfig(
+        vocab_size=320,
+        hidden_size=48,
+        layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        intermediate_size=80,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        n_groups=2,
+        ssm_state_size=8,
+        conv_kernel=4,
+        chunk_size=16,
+        eos_token_id=0,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
+    model = NemotronHForCausalLM(config)
+    _perturb(model.named_parameters())
+    model.to(torch.bfloat16).save_pretrained(directory)  # as released checkpoints are
+    texts = [f"hybrid mamba attention model {i}" for i in range(100)]
+    train_bpe_tokenizer(texts, 300, directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    )
+
+
+def test_hf_to_megatron_to_hf_round_trip_is_bit_exact(tmp_path) -> None:
+    src, ckpt, dst = tmp_path / "src", tmp_path / "ckpt", tmp_path / "dst"
+    _random_hf_model(src)
+    done = _run(TO_MEGATRON, "--hf", str(src), "--output", str(ckpt))
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_manifest(ckpt)
+    assert manifest["kind"] == "parent"
+    assert load_model_config(ckpt / "model.yaml").hybrid_pattern == "M-*M"
+    assert (Path(manifest["metadata"]["tokenizer"]) / "tokenizer.json").is_file()
+    done = _run(TO_HF, "--checkpoint", str(ckpt), "--output", str(dst))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    before, after = load_file(src / "model.safetensors"), load_file(dst / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert before["lm_head.weight"].dtype == torch.bfloat16
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    src_config = json.loads((src / "config.json").read_text())
+    dst_config = json.loads((dst / "config.json").read_text())
+    assert {k: dst_config.get(k) for k in src_config} == src_config
+    assert dst_config["hybrid_override_pattern"] == "M-*M" and dst_config["head_dim"] == 12
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_moe_and_unrepresentable_configs_are_refused(tmp_path) -> None:
+    base = {"model_type": "nemotron_h", "hybrid_override_pattern": "M-E*"}
+    with pytest.raises(ValueError, match=r"layer 2 is a mixture-of-experts layer"):
+        model_config_from_hf(base)
+    blocks = ["linear_attention", "moe", "full_attention"]
+    with pytest.raises(ValueError, match=r"layer 1 is a mixture-of-experts layer"):
+        hf_pattern({"layers_block_type": blocks})
+    for key, value, why in [
+        ("tie_word_embeddings", True, "separate tensors"),
+        ("mlp_hidden_act", "silu", "squared-ReLU"),
+        ("num_nextn_predict_layers", 1, "MTP"),
+        ("attention_bias", True, "no bias"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{key}=.*{why}"):
+            model_config_from_hf(
+                {"model_type": "nemotron_h", "hybrid_override_pattern": "M-*", key: value}
+            )
+    with pytest.raises(ValueError, match=r"model_type is 'llama'"):
+        model_config_from_hf({"model_type": "llama"})
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(base))
+    (tmp_path / "moe" / "model.safetensors").write_bytes(b"")  # never read: the config fails first
+    done = _run(TO_MEGATRON, "--hf", str(tmp_path / "moe"), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2 and "layer 2 is a mixture-of-experts layer" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Convert a megatron-elastic checkpoint (parent, exported budget, or an elastic checkpoint's full
+model) into a stock Hugging Face NemotronH directory.
+
+Writes config.json (``hybrid_override_pattern``, ``head_dim``; the source ``config.json`` keys
+when the checkpoint was converted from HF), generation_config.json, model.safetensors and, with a
+tokenizer (``--tokenizer``, default: the checkpoint manifest's ``metadata["tokenizer"]``), its
+files. Load with ``AutoModelForCausalLM.from_pretrained(OUTPUT)``.
+
+    python tools/convert_megatron_to_hf.py --checkpoint runs/parent --output runs/hf/parent
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="megatron-elastic checkpoint")
+    parser.add_argument("--output", required=True, help="HF directory to write")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.json / .model or an HF tokenizer directory; default: the checkpoint's",
+    )
+    args = parser.parse_args(argv)
+
+    from megatron_elastic.checkpoint import load_checkpoint, manifest_model, read_manifest
+    from megatron_elastic.export.hf import hf_config_from_model
+
+    try:
+        manifest = read_manifest(args.checkpoint)
+        cfg = manifest_model(manifest)
+        base = manifest["metadata"].get("hf_config")
+        hf_config_from_model(cfg, base=base)  # refuses what stock NemotronH cannot represent
+        tokenizer = args.tokenizer or manifest["metadata"].get("tokenizer")
+        if tokenizer is not None and not Path(tokenizer).exists():
+            raise ValueError(f"tokenizer {tokenizer!r} does not exist; pass --tokenizer PATH")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.export.hf import save_hf_directory
+    from megatron_elastic.model import build_hybrid_model
+    from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+
+    pgs = init_process_groups(ParallelConfig())
+    model = build_hybrid_model(cfg, pgs)
+    load_checkpoint(args.checkpoint, model, cfg)
+    config = save_hf_directory(args.output, cfg, model.state_dict(), tokenizer, base_config=base)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.checkpoint}: {params:,} params -> {args.output} (stock NemotronH)")
+    if not config["use_cache"]:
+        print("note: no attention layer: use_cache is false (stock NemotronH's cache needs one)")
+    if tokenizer is None:
+        print("note: no tokenizer (pass --tokenizer PATH): weights only")
+    destroy_process_groups()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
