@@ -243,6 +243,16 @@ def apply() -> None:
     for module in (clip_grads, optimizer):  # optimizer.py imported the function by name
         module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu  # type: ignore[attr-defined]
 
+    # megatron wraps its activations in torch.compile at import. On CPU, inductor builds C++ for
+    # every new shape (seconds each, and slice-mode FFN widths change per micro-batch) to fuse
+    # one elementwise op: run them eagerly instead.
+    from megatron.core import activations
+
+    for name in ("squared_relu", "quick_gelu", "fast_gelu"):
+        eager = getattr(getattr(activations, name, None), "_torchdynamo_orig_callable", None)
+        if eager is not None:
+            setattr(activations, name, eager)
+
     # get_cuda_rng_tracker() returns this module-level singleton; on CPU it must not touch CUDA.
     mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

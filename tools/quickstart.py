@@ -1,147 +1,300 @@
 #!/usr/bin/env python
-"""The main job on the tiny CPU recipe (``make quickstart``).
+"""The main job (``make quickstart``): the whole Nemotron Elastic pipeline on the tiny recipe.
 
-Today: build the tiny hybrid parent on megatron-core, pretrain it on a generated token stream (a
-sparse Markov chain, so the reachable loss is known) printing the loss as it falls, save it, then
-rank its components by importance and save the ranked parent. Later stages of the pipeline
-(elastic training, export, evaluation) extend this same command.
+    reasoning corpus + BPE tokenizer -> pretrain the parent -> importance ranking -> stage 1
+    (short context, uniform budgets) -> stage 2 (long context, weighted to the largest) -> export
+    every budget to Hugging Face -> evaluate the elastic checkpoint and every exported model
+
+Each step is one of the project's CLIs run as its own process (what a user would type), so a
+failure names the command to rerun. Results: ``<output>/results.json`` (per budget: params,
+validation loss and reasoning accuracy of the elastic model and of the exported HF model),
+``results.md`` (the table) and ``results.png`` (the plot). ``--reduced`` shrinks every step for
+the end-to-end test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from megatron_elastic.checkpoint import load_checkpoint, save_checkpoint
-from megatron_elastic.config import ParallelConfig, load_model_config
-from megatron_elastic.data import MarkovTokenSource, calibration_batches, write_indexed_dataset
-from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
-from megatron_elastic.importance.estimate import estimate_importance, rank_model
-from megatron_elastic.model import build_hybrid_model, count_parameters
-from megatron_elastic.parallel import destroy_process_groups, init_process_groups
-from megatron_elastic.training import forward_backward
-from megatron_elastic.training.optim import OptimConfig, build_optimizer, wrap_ddp
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny"
+
+# (full, reduced) sizes of each step.
+SIZES = {
+    "num_train": (12000, 600),
+    "num_train_long": (3000, 200),
+    "num_valid": (200, 40),
+    "pretrain_steps": (250, 6),
+    "stage1_steps": (100, 4),
+    "stage2_steps": (40, 4),
+    "calibration_samples": (32, 8),
+    "num_problems": (48, 4),
+    "max_new_tokens": (96, 16),
+    "seq_stage1": (256, 64),
+    "seq_stage2": (512, 128),
+}
+
+
+class Pipeline:
+    def __init__(self, output: Path, reduced: bool, python: str) -> None:
+        self.out, self.python = output, python
+        self.size = {k: v[1] if reduced else v[0] for k, v in SIZES.items()}
+        self.step, self.total, self.t0 = 0, 9, time.time()
+
+    def run(self, title: str, *args: str) -> None:
+        self.step += 1
+        started = time.time()
+        print(
+            f"[quickstart] ({self.step}/{self.total}) {title}  "
+            f"[{time.time() - self.t0:,.0f}s elapsed]",
+            flush=True,
+        )
+        cmd = [self.python, *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        done = subprocess.run(cmd, cwd=REPO, env=env)
+        if done.returncode != 0:
+            raise SystemExit(
+                f"[quickstart] step failed (exit {done.returncode}); rerun it with:\n  "
+                + " ".join(cmd)
+            )
+        print(f"[quickstart]     done in {time.time() - started:,.0f}s", flush=True)
+
+    def train(self, title: str, recipe: str, *overrides: str) -> None:
+        self.run(title, "-m", "megatron_elastic.train", "--config", str(TINY / recipe), *overrides)
+
+
+def _latest(save: Path) -> Path:
+    return save / json.loads((save / "latest.json").read_text())["checkpoint"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="examples/tiny/model.yaml", help="model recipe YAML")
-    parser.add_argument(
-        "--elastic-config",
-        default="examples/tiny/elastic.yaml",
-        help="elastic recipe (for importance: FFN nesting blocks)",
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--output", default="runs/quickstart", help="directory for results")
-    parser.add_argument("--steps", type=int, default=300, help="pretraining steps")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--output", default="runs/quickstart", help="directory for everything")
+    parser.add_argument("--reduced", action="store_true", help="tiny sizes (end-to-end test)")
     args = parser.parse_args(argv)
-    if args.steps < 2:
-        parser.error("--steps must be at least 2")
-
-    cfg = load_model_config(args.config)
-    out = Path(args.output)
+    out = Path(args.output).resolve()
+    if (out / "stage1").exists() or (out / "pretrain").exists():
+        print(f"[quickstart] {out} holds an earlier run; remove it or pass --output", flush=True)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    pgs = init_process_groups(ParallelConfig(), seed=args.seed)
-    model = build_hybrid_model(cfg, pgs)
-    optim = OptimConfig(
-        lr=args.lr,
-        min_lr=args.lr / 10,
-        warmup_steps=min(20, args.steps // 10),
-        total_steps=args.steps,
-    )
-    ddp = wrap_ddp(model, pgs, optim)
-    optimizer, scheduler = build_optimizer(ddp, optim)
-    data = MarkovTokenSource(cfg.vocab_size, branching=4, seed=args.seed)
-    print(
-        f"[quickstart] tiny parent: {count_parameters(cfg):,} params, pattern "
-        f"{cfg.hybrid_pattern}; target loss ~{data.entropy:.2f} (untrained "
-        f"~{math.log(cfg.vocab_size):.2f})",
-        flush=True,
-    )
+    p = Pipeline(out, args.reduced, sys.executable)
+    s = p.size
+    data, tok = out / "data", out / "data" / "tokenizer.json"
+    common = [f"data.tokenizer={tok}", f"data.blend={data / 'train'}"]
 
-    history, start = [], time.time()
-    for step in range(1, args.steps + 1):
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = forward_backward(
-            ddp,
-            [data.sample(args.batch_size, args.seq_length)],
-            pgs,
-            num_micro_batches=1,
-            seq_length=args.seq_length,
-            micro_batch_size=args.batch_size,
+    p.run(
+        "reasoning corpus (reasoning-gym, worked solutions; long chains for stage 2)",
+        "tools/make_tiny_corpus.py",
+        *("--output", str(out / "corpus"), "--num-train", str(s["num_train"])),
+        *("--num-valid", str(s["num_valid"])),
+    )
+    subprocess.run(  # the long-chain corpus for stage 2 (part of the same step)
+        [
+            sys.executable,
+            "tools/make_tiny_corpus.py",
+            *("--output", str(out / "corpus_long"), "--num-train", str(s["num_train_long"])),
+            *("--num-valid", "0", "--long", "--seed", "1"),
+        ],
+        cwd=REPO,
+        check=True,
+    )
+    p.run(
+        "tokenizer (byte-level BPE, 4096) + megatron indexed datasets",
+        "tools/prepare_data.py",
+        *("--input", str(out / "corpus" / "train.jsonl"), "--train-tokenizer", "4096"),
+        *("--output", str(data / "train"), "--append-eod"),
+    )
+    for name, source in (
+        ("train_long", "corpus_long/train.jsonl"),
+        ("valid", "corpus/valid.jsonl"),
+    ):
+        subprocess.run(
+            [
+                sys.executable,
+                "tools/prepare_data.py",
+                *("--input", str(out / source), "--tokenizer", str(tok)),
+                *("--output", str(data / name), "--append-eod"),
+            ],
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
-        if not math.isfinite(loss.item()):
-            print(f"[quickstart] loss became {loss.item()} at step {step}; stopping", flush=True)
-            return 1
-        optimizer.step()
-        scheduler.step(increment=1)
-        history.append(loss.item())
-        if step % args.log_every == 0 or step == 1:
-            rate = step * args.batch_size * args.seq_length / (time.time() - start)
-            print(
-                f"[quickstart] step {step:>4}/{args.steps}  loss {loss.item():.4f}  "
-                f"lr {optimizer.param_groups[0]['lr']:.2e}  {rate:,.0f} tok/s",
-                flush=True,
-            )
-
-    first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
-    result = {
-        "params": count_parameters(cfg),
-        "steps": args.steps,
-        "loss_first10": first,
-        "loss_last10": last,
-        "target_loss": data.entropy,
-        "seconds": time.time() - start,
-    }
-    (out / "pretrain.json").write_text(json.dumps(result, indent=2))
-    print(f"[quickstart] loss {first:.3f} -> {last:.3f}; results in {out / 'pretrain.json'}")
-    if last >= first:
-        return 1
-    save_checkpoint(out / "parent", model, cfg, kind="parent", metadata=result)
-    print(f"[quickstart] parent checkpoint: {out / 'parent'}", flush=True)
-
-    # Importance: rank the parent on calibration data from the same stream, permute it.
-    prefix = write_indexed_dataset(
-        out / "data" / "calibration",
-        (data.sample(1, args.seq_length)["tokens"][0].tolist() for _ in range(64)),
-        cfg.vocab_size,
+    steps = s["pretrain_steps"]
+    p.train(
+        "pretrain the tiny parent (plain megatron training)",
+        "pretrain.yaml",
+        *common,
+        f"checkpoint.save={out / 'pretrain'}",
+        f"train.steps={steps}",
+        f"optim.warmup_steps={min(20, steps // 3)}",
     )
-    _, elastic = load_elastic_recipe(args.elastic_config)
-    ranked = build_elastic_model(cfg, elastic, pgs)
-    load_checkpoint(out / "parent", ranked, cfg, kinds=("parent",))
-    batches = calibration_batches(
-        prefix, num_samples=16, seq_length=args.seq_length, batch_size=4, seed=args.seed
+    p.run(
+        "importance: rank channels, heads, neurons, layers; permute the parent",
+        "tools/estimate_importance.py",
+        *("--elastic-config", str(TINY / "elastic.yaml")),
+        *("--checkpoint", str(_latest(out / "pretrain")), "--data", str(data / "train")),
+        *("--output", str(out / "ranked"), "--num-samples", str(s["calibration_samples"])),
+        *("--seq-length", str(s["seq_stage1"])),
     )
-    t0 = time.time()
-    ranking = estimate_importance(ranked, batches, pgs)
-    rank_model(ranked, ranking, pgs)
-    save_checkpoint(
-        out / "ranked",
-        ranked,
-        cfg,
-        kind="ranked",
-        metadata={
-            "layer_ranking": ranking.layers,
-            "ffn_nesting_blocks": elastic.ffn_nesting_blocks,
-        },
+    ranked = [f"distill.teacher_checkpoint={out / 'ranked'}"]
+    steps = s["stage1_steps"]
+    p.train(
+        "stage 1: short context, uniform budgets, KD from the ranked parent, routers",
+        "stage1.yaml",
+        *common,
+        *ranked,
+        f"checkpoint.init={out / 'ranked'}",
+        f"checkpoint.save={out / 'stage1'}",
+        f"train.steps={steps}",
+        f"train.seq_length={s['seq_stage1']}",
+        f"optim.warmup_steps={min(10, steps // 3)}",
+        f"router.warmup_steps={min(10, steps // 3)}",
+        f"router.anneal_steps={s['stage1_steps'] + s['stage2_steps']}",
     )
-    (out / "ranked" / "importance.json").write_text(json.dumps(ranking.to_json(), indent=1))
+    steps = s["stage2_steps"]
+    p.train(
+        "stage 2: long context, budgets weighted to the largest (0.5/0.3/0.2)",
+        "stage2.yaml",
+        f"data.tokenizer={tok}",
+        f"data.blend={data / 'train_long'}",
+        *ranked,
+        f"checkpoint.init={out / 'stage1'}",
+        f"checkpoint.save={out / 'stage2'}",
+        f"train.steps={steps}",
+        f"train.seq_length={s['seq_stage2']}",
+        f"optim.warmup_steps={min(5, steps // 3)}",
+        f"router.warmup_steps={min(5, steps // 3)}",
+        f"router.anneal_steps={s['stage1_steps'] + s['stage2_steps']}",
+    )
+    elastic = _latest(out / "stage2")
+    p.run(
+        "export every budget to Hugging Face NemotronH (zero-shot slicing)",
+        "tools/export_budget.py",
+        *("--checkpoint", str(elastic), "--all", "--format", "hf"),
+        *("--output", str(out / "export"), "--tokenizer", str(tok)),
+    )
+    evaluation = [
+        *("--budgets", "all", "--data", str(data / "valid"), "--split", "0,1,0"),
+        *("--seq-length", str(s["seq_stage1"]), "--num-problems", str(s["num_problems"])),
+        *("--max-new-tokens", str(s["max_new_tokens"]), "--tokenizer", str(tok)),
+        *("--exclude", str(out / "corpus" / "train.jsonl")),
+    ]
+    p.run(
+        "evaluate the elastic checkpoint at every budget (one copy of the weights)",
+        "tools/evaluate.py",
+        *("--checkpoint", str(elastic), "--output", str(out / "eval" / "elastic.json")),
+        *evaluation,
+    )
+    exported = sorted(d for d in (out / "export").iterdir() if (d / "config.json").is_file())
+    p.total += len(exported) - 1
+    for directory in exported:
+        p.run(
+            f"evaluate the exported HF model {directory.name}",
+            "tools/evaluate.py",
+            *("--checkpoint", str(directory), "--budgets", "all"),
+            *("--output", str(out / "eval" / f"hf_{directory.name}.json")),
+            *evaluation[2:],
+        )
+    results = _collect(out, exported)
+    print((out / "results.md").read_text(), flush=True)
     print(
-        f"[quickstart] importance in {time.time() - t0:.1f}s; layers most -> least important: "
-        f"{ranking.layers}; ranked parent: {out / 'ranked'}",
+        f"[quickstart] finished in {time.time() - p.t0:,.0f}s: {out / 'results.json'}, "
+        f"{out / 'results.md'}, {out / 'results.png'}",
         flush=True,
     )
-    destroy_process_groups()
-    return 0
+    return 0 if results else 1
+
+
+def _collect(out: Path, exported: list[Path]) -> dict:
+    """results.json / results.md / results.png from the evaluation files."""
+    elastic = {
+        r["budget"]: r for r in json.loads((out / "eval" / "elastic.json").read_text())["results"]
+    }
+    hf = {}
+    for directory in exported:
+        rows = json.loads((out / "eval" / f"hf_{directory.name}.json").read_text())["results"]
+        hf[directory.name] = rows[0]
+    budgets = sorted(elastic, key=lambda b: -elastic[b]["params"])
+    results = {
+        "budgets": {
+            b: {
+                "params": elastic[b]["params"],
+                "elastic": {"val_loss": elastic[b]["val_loss"], "accuracy": elastic[b]["accuracy"]},
+                "exported_hf": {
+                    "params": hf.get(b, {}).get("params"),
+                    "val_loss": hf.get(b, {}).get("val_loss"),
+                    "accuracy": hf.get(b, {}).get("accuracy"),
+                },
+            }
+            for b in budgets
+        },
+        "pretrain": _metrics_tail(out / "pretrain"),
+        "stage1": _metrics_tail(out / "stage1"),
+        "stage2": _metrics_tail(out / "stage2"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "| budget | params | val loss (elastic) | val loss (HF export) | accuracy (elastic) "
+        "| accuracy (HF export) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for b, r in results["budgets"].items():
+        e, h = r["elastic"], r["exported_hf"]
+        lines.append(
+            f"| {b} | {r['params']:,} | {_fmt(e['val_loss'])} | {_fmt(h['val_loss'])} | "
+            f"{_fmt(e['accuracy'])} | {_fmt(h['accuracy'])} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "results.png", results)
+    return results
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _metrics_tail(save: Path) -> dict:
+    """First and last logged losses of a stage."""
+    records = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if any(k.startswith("loss/") for k in r)]
+    valid = [r for r in records if any(k.startswith("valid/") for k in r)]
+    return {"first": losses[0], "last": losses[-1], "valid": valid[-1] if valid else None}
+
+
+def _plot(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = list(results["budgets"])
+    params = [results["budgets"][b]["params"] / 1e6 for b in budgets]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax, label in (
+        ("val_loss", axes[0], "validation loss"),
+        ("accuracy", axes[1], "accuracy"),
+    ):
+        for source, marker in (("elastic", "o-"), ("exported_hf", "x--")):
+            values = [results["budgets"][b][source][key] for b in budgets]
+            if all(v is not None for v in values):
+                ax.plot(params, values, marker, label=source.replace("_", " "))
+        for x, b in zip(params, budgets, strict=True):
+            ax.annotate(b, (x, ax.get_ylim()[0]), fontsize=8)
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("tiny elastic family: every budget from one checkpoint")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def distill_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Per-token KD loss of a :class:`~megatron_elastic.distill.pair.DistillationPair`."""
     tokens = batch["tokens"]
     return model(
-        tokens, position_ids_like(tokens), None, labels=batch["labels"], loss_mask=batch["loss_mask"]
+        tokens,
+        position_ids_like(tokens),
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
     )
 
 

@@ -301,6 +301,7 @@ def recipe_summary(recipe: TrainRecipe) -> dict[str, Any]:
         "stage": recipe.stage,
         "mode": recipe.mode,
         "train": dataclasses.asdict(recipe.train),
+        "optim": dataclasses.asdict(recipe.optim),
         "budget_sampling": recipe.budget_sampling,
         "distill": dataclasses.asdict(recipe.distill),
         "parallel": dataclasses.asdict(recipe.parallel),

@@ -84,8 +84,8 @@ def preflight(recipe: TrainRecipe) -> dict[str, Path | None]:
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise ValueError(
-            f"tokenizer {recipe.data.tokenizer!r} has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {recipe.model.vocab_size}"
+            f"tokenizer {recipe.data.tokenizer!r} has {tokenizer.vocab_size} tokens but the "
+            f"model's vocab_size is {recipe.model.vocab_size}"
         )
     resume = latest_checkpoint(recipe.checkpoint.save)
     init = None if resume is not None or not recipe.checkpoint.init else recipe.checkpoint.init
@@ -98,6 +98,19 @@ def preflight(recipe: TrainRecipe) -> dict[str, Path | None]:
             raise ValueError(
                 f"checkpoint {str(path)!r} was saved for a different architecture than the "
                 "recipe's model"
+            )
+    if resume is not None:
+        saved = read_manifest(resume)["metadata"].get("recipe", {}).get("optim", {})
+        changed = {
+            k: (saved[k], v)
+            for k, v in dataclasses.asdict(recipe.optim).items()
+            if k in saved and saved[k] != v
+        }
+        if changed:
+            raise ValueError(
+                f"{recipe.checkpoint.save} holds a run with other optimizer settings "
+                f"(saved vs now: {changed}); resuming needs the same ones. To change them, start "
+                "a new stage: a new checkpoint.save with checkpoint.init pointing at this one"
             )
     return {"resume": resume, "init": init, "teacher": teacher}
 
@@ -262,8 +275,8 @@ class Trainer:
                         f"recipe trains {dict(self.elastic.budgets)}"
                     )
                 self.router.load_state_dict(extra["state_dict"])
-                self.progress.router_step = manifest["metadata"].get("progress", {}).get(
-                    "router_step", 0
+                self.progress.router_step = (
+                    manifest["metadata"].get("progress", {}).get("router_step", 0)
                 )
             _log(f"initialised from {path} ({manifest['kind']})")
 
@@ -410,7 +423,9 @@ class Trainer:
                 self.evaluate(r.train.steps)
                 self.save()
         self.metrics.close()
-        _log(f"stage {r.stage} done: {self.progress.step} steps; checkpoints in {r.checkpoint.save}")
+        _log(
+            f"stage {r.stage} done: {self.progress.step} steps; checkpoints in {r.checkpoint.save}"
+        )
         return 0
 
     def _log_step(self, step: int, stats, grad_norm: float, rate: float) -> None:
@@ -478,8 +493,7 @@ class Trainer:
         self.metrics.log(
             step,
             {f"valid/{k}": v for k, v in results.items()},
-            "[train] validation loss "
-            + " ".join(f"{k} {v:.4f}" for k, v in results.items()),
+            "[train] validation loss " + " ".join(f"{k} {v:.4f}" for k, v in results.items()),
         )
         return results
 
