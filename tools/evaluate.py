@@ -7,9 +7,15 @@ noise) on slices of the same weights. Reasoning problems come from reasoning-gym
 (--problem-seed; use one other than the training corpus's, and --exclude the training jsonl to
 drop any question training saw). Prints a table and writes --output as JSON.
 
+--checkpoint may also be a Hugging Face directory (``export_budget.py --format hf``, or any
+``config.json`` causal LM): it is loaded with transformers in float32 and measured by the same
+loss and greedy-decoding code, with its own tokenizer file unless --tokenizer is given; its
+budget name comes from export_manifest.json.
+
     python tools/evaluate.py --checkpoint runs/elastic --budgets all \\
         --data runs/data/valid --num-problems 200 --output runs/eval.json
     python tools/evaluate.py --checkpoint runs/export/50% --data runs/data/train --split 98,2,0
+    python tools/evaluate.py --checkpoint runs/export_hf/50% --data runs/data/valid
 
 Single process (no tensor/pipeline split). Unknown budgets, a missing tokenizer or dataset stop
 with exit code 2 and a message.
@@ -64,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="elastic or exported checkpoint")
+    parser.add_argument(
+        "--checkpoint", required=True, help="elastic or exported checkpoint, or an HF directory"
+    )
     parser.add_argument(
         "--budgets",
         default="all",
@@ -99,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         validation_batches,
         validation_loss,
     )
+    from megatron_elastic.eval.hf_model import (
+        is_hf_directory,
+        load_hf_eval_tokenizer,
+        read_hf_directory,
+    )
     from megatron_elastic.eval.loading import (
         checkpoint_budgets,
         load_eval_tokenizer,
@@ -109,16 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kind, trained = checkpoint_budgets(args.checkpoint)
         budgets = parse_budgets(args.budgets, trained, allow_fractions=kind == "elastic")
-        manifest = read_manifest(args.checkpoint)
-        model_cfg = manifest_model(manifest)
-        if args.seq_length > model_cfg.max_sequence_length:
+        hf_dir = read_hf_directory(args.checkpoint) if is_hf_directory(args.checkpoint) else None
+        if hf_dir is not None:
+            max_length = hf_dir.max_sequence_length
+        else:
+            manifest = read_manifest(args.checkpoint)
+            model_cfg = manifest_model(manifest)
+            max_length = model_cfg.max_sequence_length
+        if max_length is not None and args.seq_length > max_length:
             raise ValueError(
                 f"--seq-length {args.seq_length} exceeds the model's max_sequence_length "
-                f"{model_cfg.max_sequence_length}"
+                f"{max_length}"
             )
         problems = _problems(args)
         tokenizer = None
-        if args.data or problems:
+        if (args.data or problems) and hf_dir is not None:
+            tokenizer = load_hf_eval_tokenizer(args.tokenizer, hf_dir)
+        elif args.data or problems:
             tokenizer = load_eval_tokenizer(args.tokenizer, manifest, model_cfg)
         pgs = init_process_groups(ParallelConfig())
         batches = None
@@ -151,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt.model,
                 tokenizer,
                 max_new_tokens=args.max_new_tokens,
-                max_sequence_length=model_cfg.max_sequence_length,
+                max_sequence_length=max_length,
             )
             acc = reasoning_accuracy(problems, complete, batch_size=args.batch_size)
             row.update(

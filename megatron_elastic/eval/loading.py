@@ -1,5 +1,6 @@
 """A checkpoint opened for evaluation: an elastic one (parent weights + trained router: every
-budget served by one copy of the weights) or an exported one (a plain model of one budget).
+budget served by one copy of the weights), an exported one (a plain model of one budget), or an
+exported Hugging Face directory (see :mod:`.hf_model`).
 
     ckpt = open_checkpoint("runs/elastic", pgs)
     for name in ckpt.budgets():
@@ -26,6 +27,12 @@ from megatron_elastic.data.tokenizers import Tokenizer, load_tokenizer
 from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.elastic.model import build_elastic_model
 from megatron_elastic.elastic.subnet import SubnetSpec
+from megatron_elastic.eval.hf_model import (
+    HFEvalCheckpoint,
+    is_hf_directory,
+    open_hf_checkpoint,
+    read_hf_directory,
+)
 from megatron_elastic.model import build_hybrid_model, count_parameters
 from megatron_elastic.router import ElasticRouter, router_from_state
 
@@ -143,11 +150,15 @@ def _read_evaluable(path: str | Path) -> dict[str, Any]:
 
 def open_checkpoint(
     path: str | Path, pgs: ProcessGroupCollection, parallel: ParallelConfig | None = None
-) -> EvalCheckpoint:
+) -> EvalCheckpoint | HFEvalCheckpoint:
     """Load an ``elastic`` or ``exported`` checkpoint for evaluation, split as ``parallel``
-    (default: unsplit; must match ``pgs``). ``ValueError`` for another kind, before any weight
-    is read."""
+    (default: unsplit; must match ``pgs``), or an HF directory (unsplit only). ``ValueError``
+    for another kind, before any weight is read."""
     path = Path(path)
+    if is_hf_directory(path):
+        if parallel is not None and parallel != ParallelConfig():
+            raise ValueError(f"a Hugging Face directory ({str(path)!r}) is evaluated unsplit")
+        return open_hf_checkpoint(path)
     manifest = _read_evaluable(path)
     model_config = manifest_model(manifest)
     router = None
@@ -163,7 +174,11 @@ def open_checkpoint(
 
 def checkpoint_budgets(path: str | Path) -> tuple[str, list[str]]:
     """(kind, budget names) of a checkpoint, read from its manifest and router without loading
-    weights: tools check the budgets they are asked for before the slow part."""
+    weights: tools check the budgets they are asked for before the slow part. An HF directory
+    gives its kind (``hf``, ``hf-remote-code``) and its export manifest's budget."""
+    if is_hf_directory(path):
+        directory = read_hf_directory(path)
+        return directory.kind, [directory.budget]
     manifest = _read_evaluable(path)
     kind = manifest["kind"]
     if kind == "exported":
