@@ -160,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in BUDGETS:
         spec = router.decide(name, 0, None, deterministic=True).spec
-        print(
-            f"  router at {name}: hidden {spec.hidden}, layers {sum(c.active for c in spec.layers)}, params {subnet_param_count(cfg, spec):,}"
-        )
+        active, params = sum(c.active for c in spec.layers), subnet_param_count(cfg, spec)
+        print(f"  router at {name}: hidden {spec.hidden}, {active} layers, {params:,} params")
     print(f"{'mix':>8} {'plain ms':>10} {'elastic ms':>11} {'elastic/plain':>14}")
     ratios = {}
     for mix, probs in MIXES.items():
