@@ -1,0 +1,50 @@
+"""The main job end to end at reduced size: corpus + tokenizer -> pretrain -> importance ->
+stage 1 -> stage 2 -> HF export of every budget -> evaluation, as ``make quickstart`` runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_reduced_quickstart_pipeline(tmp_path) -> None:
+    out = tmp_path / "quickstart"
+    done = subprocess.run(
+        [sys.executable, "tools/quickstart.py", "--reduced", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in ("(1/", "stage 1:", "stage 2:", "export every budget", "finished in"):
+        assert step in done.stdout, step
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["budgets"]) == {"full", "75%", "50%"}
+    for budget, row in results["budgets"].items():
+        elastic, hf = row["elastic"], row["exported_hf"]
+        # The exported HF model is the elastic model at that budget: same size, same loss.
+        assert hf["params"] == row["params"], budget
+        assert math.isfinite(elastic["val_loss"])
+        assert math.isclose(hf["val_loss"], elastic["val_loss"], rel_tol=1e-4), budget
+        assert hf["accuracy"] == elastic["accuracy"], budget
+    # Every stage trained: the loss fell from its first to its last logged step.
+    for stage in ("pretrain", "stage1", "stage2"):
+        first, last = results[stage]["first"], results[stage]["last"]
+        assert first["step"] < last["step"]
+    pretrain = results["pretrain"]
+    assert pretrain["last"]["loss/parent"] < pretrain["first"]["loss/parent"]
+    assert (out / "results.png").stat().st_size > 1000
+    assert "| budget | params |" in (out / "results.md").read_text()
+    for budget in ("full", "75%", "50%"):
+        assert (out / "export" / budget / "config.json").is_file()
