@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not distributed"
 
 quickstart: $(STAMP)
-	$(PY) tools/quickstart.py --config examples/tiny/model.yaml --output runs/quickstart
+	$(PY) tools/quickstart.py --output runs/quickstart
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

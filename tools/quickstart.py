@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduced", action="store_true", help="tiny sizes (end-to-end test)")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
-    if (out / "stage1").exists() or (out / "pretrain").exists():
-        print(f"[quickstart] {out} holds an earlier run; remove it or pass --output", flush=True)
-        return 2
+    if out.exists() and any(out.iterdir()):
+        previous = out.with_name(out.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        out.rename(previous)
+        print(f"[quickstart] moved the earlier run to {previous}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     p = Pipeline(out, args.reduced, sys.executable)
     s = p.size
