@@ -24,6 +24,25 @@ __all__ = ["apply", "cuda_available", "default_device", "seed_model_parallel_rng
 _APPLIED = False
 
 
+# Warnings megatron-core emits at import or construction that say nothing actionable to our users:
+# the TE/Apex fallback (expected without CUDA), and notes about megatron features we do not use.
+_EXPECTED_WARNINGS = (
+    ("Transformer Engine and Apex are not installed", True),
+    ("Apex is not installed", True),
+    ("MimoModelConfig is experimental", False),
+    ("full scope is deprecated", False),
+)
+
+
+def quiet_expected_warnings() -> None:
+    """Filter the warnings above (the TE/Apex ones only where CUDA is absent). Call it before
+    importing megatron-core to catch its import-time warnings; :func:`apply` calls it too."""
+    cpu = not cuda_available()
+    for message, cpu_only in _EXPECTED_WARNINGS:
+        if cpu or not cpu_only:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -218,10 +237,7 @@ def apply() -> None:
     if _APPLIED:
         return
     _APPLIED = True
-    if not cuda_available():
-        # Expected on CPU: megatron announces at import that it falls back from TE/Apex kernels.
-        for message in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
-            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    quiet_expected_warnings()
     _register_mamba_ssm_without_extension()
     if cuda_available():
         return

@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from megatron_elastic import platform
+
+    platform.quiet_expected_warnings()  # before megatron-core is imported
+
     from megatron_elastic.training.recipe import load_train_recipe
     from megatron_elastic.training.trainer import Trainer
 

@@ -104,9 +104,7 @@ class ElasticHybridStack(LocalNormHybridStack):
         for layer, run, gate in zip(self.layers, self.run_layers, self.gates, strict=True):
             if not run:
                 continue
-            out = layer(hidden_states=hidden_states, attention_mask=attention_mask)
-            if isinstance(out, tuple):
-                out = out[0]
+            out = self.run_layer(layer, hidden_states, attention_mask)
             hidden_states = out if gate is None else hidden_states + gate * (out - hidden_states)
         if self.post_process and self.post_layer_norm:
             hidden_states = self.final_norm(hidden_states)
@@ -303,6 +301,7 @@ def build_elastic_model(
     parallel: ParallelConfig | None = None,
     *,
     params_dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
 ) -> ElasticHybridModel:
     """This rank's part of the elastic parent. Its parameters (names, shapes, TP layout) are those
     of :func:`build_hybrid_model`, so a parent checkpoint loads unchanged."""
@@ -315,6 +314,7 @@ def build_elastic_model(
         params_dtype=params_dtype,
         stack_spec=elastic_stack_spec(model),
         model_class=ElasticHybridModel,
+        recompute=recompute,
     )
     net.model_config, net.elastic_config = model, elastic
     return net

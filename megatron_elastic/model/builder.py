@@ -31,9 +31,14 @@ def use_te() -> bool:
 
 
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, *, params_dtype: torch.dtype = torch.float32
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
 ) -> TransformerConfig:
-    """megatron-core's ``TransformerConfig`` for ``model`` split as ``parallel``."""
+    """megatron-core's ``TransformerConfig`` for ``model`` split as ``parallel``; ``recompute``:
+    recompute every layer's activations in backward (our stacks do it per layer)."""
     check_parallel_fit(model, parallel)
     on_gpu = platform.cuda_available()
     return TransformerConfig(
@@ -71,6 +76,9 @@ def transformer_config(
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         attention_backend=AttnBackend.auto if use_te() else AttnBackend.local,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
     )
 
 
@@ -93,12 +101,14 @@ def build_hybrid_model(
     params_dtype: torch.dtype = torch.float32,
     stack_spec: ModuleSpec | None = None,
     model_class: type[HybridModel] = HybridModel,
+    recompute: bool = False,
 ) -> HybridModel:
     """This rank's part of the parent model: its pipeline stage, its tensor-parallel shard.
 
     ``stack_spec`` overrides the layer spec (the elastic model passes its own); the default is
     :func:`hybrid_stack_spec`; ``model_class`` may be a ``HybridModel`` subclass. The model is
-    placed on :func:`platform.default_device`.
+    placed on :func:`platform.default_device`. ``recompute``: activations of each layer are
+    recomputed in backward (memory for long contexts).
     """
     platform.apply()
     parallel = parallel or ParallelConfig()
@@ -111,7 +121,7 @@ def build_hybrid_model(
             f"ParallelConfig (tp={parallel.tensor_parallel_size}, "
             f"pp={parallel.pipeline_parallel_size})"
         )
-    config = transformer_config(model, parallel, params_dtype=params_dtype)
+    config = transformer_config(model, parallel, params_dtype=params_dtype, recompute=recompute)
     pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
     hybrid = model_class(
         config=config,

@@ -12,6 +12,7 @@ import copy
 from functools import partial
 from typing import Any
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -28,6 +29,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
 )
+from megatron.core.utils import make_viewless_tensor
+from torch.utils.checkpoint import checkpoint
 
 from megatron_elastic.model.mamba import TorchScanMambaMixer
 from megatron_elastic.model.norm import RMSNorm
@@ -53,6 +56,52 @@ class LocalNormHybridStack(HybridStack):
             self.final_norm = final_norm(
                 config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
             )
+
+    @property
+    def recompute(self) -> bool:
+        """Recompute each layer's activations in backward (``recompute_granularity="full"``)."""
+        return (
+            self.config.recompute_granularity == "full"
+            and self.training
+            and (torch.is_grad_enabled())
+        )
+
+    def run_layer(self, layer: torch.nn.Module, hidden_states, attention_mask):
+        """One layer, its activations recomputed in backward when :attr:`recompute` (torch's
+        non-reentrant checkpoint: it restores the CPU and CUDA RNG states, so it also works
+        without CUDA, unlike megatron's ``checkpointed_forward``). The layer's elastic state
+        (``active``) is captured now and restored for the recomputation, which under 1F1B runs
+        after later micro-batches have set other sub-networks."""
+
+        def run(hidden, states=None):
+            saved = []
+            for module, active in states or ():
+                saved.append((module, module.active))
+                module.active = active
+            try:
+                out = layer(hidden_states=hidden, attention_mask=attention_mask)
+            finally:
+                for module, active in saved:
+                    module.active = active
+            return out[0] if isinstance(out, tuple) else out
+
+        if not self.recompute:
+            return run(hidden_states)
+        states = [(m, m.active) for m in layer.modules() if hasattr(m, "active")]
+        return checkpoint(run, hidden_states, states, use_reentrant=False)
+
+    def forward(self, hidden_states, attention_mask, *args: Any, **kwargs: Any):
+        if not self.recompute:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        for layer in self.layers:
+            hidden_states = self.run_layer(layer, hidden_states, attention_mask)
+        if self.post_process and self.post_layer_norm:
+            hidden_states = self.final_norm(hidden_states)
+        return make_viewless_tensor(
+            hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
+        )
 
 
 def local_hybrid_stack_spec(

@@ -85,6 +85,9 @@ class TrainConfig:
     """Deterministic torch algorithms (resume reproduces an uninterrupted run exactly)."""
     eval_interval: int = 0
     """Validation loss every this many steps (0: only at the end)."""
+    recompute_activations: bool = False
+    """Recompute every layer's activations in backward instead of storing them (long contexts:
+    only each layer's input is kept; costs about one more forward)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size"):

@@ -142,12 +142,15 @@ class Trainer:
         self.dtype = self._dtype()
         self.tokenizer_path = str(Path(r.data.tokenizer).resolve())
         self.elastic = self._elastic_config()
+        recompute = r.train.recompute_activations
         if r.mode == "elastic":
             self.model = build_elastic_model(
-                r.model, self.elastic, pgs, r.parallel, params_dtype=self.dtype
+                r.model, self.elastic, pgs, r.parallel, params_dtype=self.dtype, recompute=recompute
             )
         else:
-            self.model = build_hybrid_model(r.model, pgs, r.parallel, params_dtype=self.dtype)
+            self.model = build_hybrid_model(
+                r.model, pgs, r.parallel, params_dtype=self.dtype, recompute=recompute
+            )
         self.ddp = wrap_ddp(self.model, pgs, r.optim)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, r.optim, params_dtype=self.dtype)
         self.router = self.router_optimizer = self.router_scheduler = None

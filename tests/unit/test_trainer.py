@@ -230,3 +230,60 @@ def test_distillation_lowers_the_small_budget_kd_loss(workspace, tmp_path) -> No
     first, last = sum(half[:5]) / 5, sum(half[-5:]) / 5
     assert last < 0.7 * first, half
     assert list((save / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.distributed
+def test_pp2_distillation_matches_one_process(workspace, tmp_path) -> None:
+    """Student and teacher cross the pipeline stages as one tensor: PP=2 trains exactly like one
+    process (losses of every step, including after optimizer and router updates)."""
+    one = tmp_path / "one"
+    done = _train(workspace, one, "train.steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    pp2 = tmp_path / "pp2"
+    done = _torchrun(workspace, pp2, "parallel.pipeline_parallel_size=2", "train.steps=3")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    reference, got = _losses(one), _losses(pp2)
+    assert sorted(got) == [1, 2, 3]
+    for step, losses in reference.items():
+        assert got[step].keys() == losses.keys(), step
+        for name, value in losses.items():
+            assert math.isclose(got[step][name], value, rel_tol=1e-5, abs_tol=1e-6), (step, name)
+
+
+def test_self_teacher_distils_from_the_full_budget(workspace, pgs, tmp_path) -> None:
+    """``distill.teacher: self``: the full budget of the shared weights teaches (no gradient), and
+    the student's sub-network is restored after the teacher's forward."""
+    import torch
+
+    from megatron_elastic.distill import kd_kl_loss
+    from megatron_elastic.distill.pair import DistillationPair
+    from megatron_elastic.elastic import SubnetSpec, build_elastic_model, load_elastic_recipe
+    from megatron_elastic.training.lm_step import position_ids_like
+
+    cfg, elastic = load_elastic_recipe(FIXTURE / "elastic.yaml")
+    torch.manual_seed(0)
+    model = build_elastic_model(cfg, elastic, pgs)
+    pair = DistillationPair(model, None, temperature=2.0, ce_weight=0.0, tp_group=pgs.tp)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    pos, mask = position_ids_like(tokens), torch.ones(2, 24)
+    half = SubnetSpec.homogeneous(cfg, hidden=48, attention_heads=2, mamba_heads=2, ffn=64)
+    with torch.no_grad():
+        model.set_subnet(None)
+        full_logits = model(tokens, pos, None)
+        model.set_subnet(half)
+        half_logits = model(tokens, pos, None)
+    pair.set_student(half, None)
+    kd = pair(tokens, pos, None, labels=tokens, loss_mask=mask)
+    assert torch.allclose(kd, kd_kl_loss(half_logits, full_logits, 2.0), atol=1e-6)
+    assert model.subnet is half  # restored after the teacher ran at full size
+    kd.sum().backward()  # gradients reach the shared weights through the student only
+    assert model.embedding.word_embeddings.weight.grad is not None
+    pair.set_student(None, None)
+    assert pair(tokens, pos, None, labels=tokens, loss_mask=mask).abs().max().item() < 1e-6
+
+    # ...and the trainer runs with it (no teacher checkpoint loaded).
+    save = tmp_path / "self"
+    done = _train(workspace, save, "train.steps=2", "distill.teacher=self")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "teacher:" not in done.stdout
+    assert all(math.isfinite(v) for r in _losses(save).values() for v in r.values())
