@@ -274,7 +274,10 @@ def test_self_teacher_distils_from_the_full_budget(workspace, pgs, tmp_path) -> 
         half_logits = model(tokens, pos, None)
     pair.set_student(half, None)
     kd = pair(tokens, pos, None, labels=tokens, loss_mask=mask)
-    assert torch.allclose(kd, kd_kl_loss(half_logits, full_logits, 2.0), atol=1e-6)
+    expected = kd_kl_loss(half_logits, full_logits, 2.0)
+    # (fp32 noise: the pair runs with autograd, the reference without)
+    assert torch.allclose(kd, expected, rtol=1e-3, atol=1e-5), (kd - expected).abs().max()
+    assert expected.min().item() > 1e-4  # the half network really differs from its teacher
     assert model.subnet is half  # restored after the teacher ran at full size
     kd.sum().backward()  # gradients reach the shared weights through the student only
     assert model.embedding.word_embeddings.weight.grad is not None
