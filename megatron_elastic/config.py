@@ -86,6 +86,14 @@ class ModelConfig:
     """Epsilon of every RMSNorm."""
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of linear weights."""
+    layer_widths: tuple[int, ...] | None = None
+    """Per-layer widths of a heterogeneous model, one entry per layer: query heads of a ``*``
+    layer, heads of an ``M`` layer, neurons of a ``-`` layer. ``None``: every layer uses the
+    global size of its kind (``num_attention_heads``, ``mamba_num_heads``, ``ffn_hidden_size``),
+    which are otherwise only the sizes of the megatron config the stack starts from."""
+    layer_mamba_head_dims: tuple[int, ...] | None = None
+    """Per-layer Mamba head dims, one entry per layer (``0`` for non-Mamba layers). ``None``:
+    every Mamba layer uses ``mamba_head_dim``."""
 
     def __post_init__(self) -> None:
         if not self.hybrid_pattern:
@@ -133,6 +141,41 @@ class ModelConfig:
             )
         if not self.init_method_std > 0:
             raise ValueError(f"ModelConfig.init_method_std must be > 0, got {self.init_method_std}")
+        self._check_layer_lists()
+
+    def _check_layer_lists(self) -> None:
+        groups = {
+            "attention": ("num_query_groups", self.num_query_groups),
+            "mamba": ("mamba_num_groups", self.mamba_num_groups),
+            "mlp": ("1", 1),
+        }
+        for name in ("layer_widths", "layer_mamba_head_dims"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            values = tuple(values)
+            object.__setattr__(self, name, values)
+            if len(values) != self.num_layers or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in values
+            ):
+                raise ValueError(
+                    f"ModelConfig.{name}={list(values)} must list {self.num_layers} integers, "
+                    f"one per layer of hybrid_pattern {self.hybrid_pattern!r}"
+                )
+            for i, (v, kind) in enumerate(zip(values, self.layer_kinds(), strict=True)):
+                if name == "layer_mamba_head_dims":
+                    if not (v > 0 if kind == "mamba" else v == 0):
+                        want = "a positive head dim" if kind == "mamba" else "0"
+                        raise ValueError(
+                            f"ModelConfig.{name}[{i}]={v}: layer {i} is {kind}, give {want}"
+                        )
+                    continue
+                group_name, group = groups[kind]
+                if v <= 0 or v % group:
+                    raise ValueError(
+                        f"ModelConfig.{name}[{i}]={v}: the width of {kind} layer {i} must be a "
+                        f"positive multiple of {group_name}={group}"
+                    )
 
     @property
     def num_layers(self) -> int:
@@ -146,6 +189,31 @@ class ModelConfig:
     def layer_kinds(self) -> list[str]:
         """The kind (``mamba``, ``attention``, ``mlp``) of every layer in order."""
         return [LAYER_SYMBOLS[s] for s in self.hybrid_pattern]
+
+    @property
+    def is_heterogeneous(self) -> bool:
+        """Whether layers carry their own widths (``layer_widths`` / ``layer_mamba_head_dims``)."""
+        return self.layer_widths is not None or self.layer_mamba_head_dims is not None
+
+    def layer_sizes(self) -> list[tuple[int, int]]:
+        """``(width, Mamba head dim)`` of every layer in order: width is query heads, Mamba heads
+        or FFN neurons by kind; the head dim is 0 for non-Mamba layers."""
+        width = {
+            "attention": self.num_attention_heads,
+            "mamba": self.mamba_num_heads,
+            "mlp": self.ffn_hidden_size,
+        }
+        sizes = []
+        for i, kind in enumerate(self.layer_kinds()):
+            w = width[kind] if self.layer_widths is None else self.layer_widths[i]
+            if kind != "mamba":
+                d = 0
+            elif self.layer_mamba_head_dims is None:
+                d = self.mamba_head_dim
+            else:
+                d = self.layer_mamba_head_dims[i]
+            sizes.append((w, d))
+        return sizes
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 
 The trained router picks each budget's architecture (argmax, no noise) and the weights are
 physically sliced. ``--format megatron`` writes a checkpoint + ``model.yaml`` that load into a
-plain megatron-core HybridModel of the exported dims (homogeneous budgets). ``--format hf``
+plain megatron-core HybridModel of the exported dims (a heterogeneous budget lists its per-layer
+widths in ``layer_widths`` / ``layer_mamba_head_dims``). ``--format hf``
 writes a Hugging Face directory: stock NemotronH (``AutoModelForCausalLM.from_pretrained``) for a
 homogeneous budget, the bundled remote-code model (``trust_remote_code=True``) for a heterogeneous
 one, with the tokenizer (``--tokenizer``, default: the checkpoint's) and export_manifest.json.
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(target, plain, cfg, kind="exported", metadata=meta)
         (target / "model.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         note = " (router interpolation: untrained budget)" if interpolated else ""
+        if cfg.is_heterogeneous:
+            note = f", per-layer widths {list(cfg.layer_widths or ())}{note}"
         print(
             f"exported budget {budget}: {meta['params']:,} params, pattern "
             f"{cfg.hybrid_pattern}, hidden {cfg.hidden_size} -> {target}{note}"

@@ -1,8 +1,9 @@
 """A budget as a standalone megatron-core model: the sub-network's dims as a plain
 :class:`ModelConfig` and its physically sliced weights under that model's names.
 
-Homogeneous sub-networks only (megatron's ``TransformerConfig`` has one size per axis); a
-heterogeneous layout needs a per-layer model (the Hugging Face remote-code export).
+A homogeneous sub-network becomes a config with one size per axis; a heterogeneous one keeps its
+per-layer sizes in ``ModelConfig.layer_widths`` / ``layer_mamba_head_dims`` (built by
+:class:`~megatron_elastic.model.specs.HeterogeneousHybridStack`, same parameter names).
 """
 
 from __future__ import annotations
@@ -20,36 +21,43 @@ __all__ = ["standalone_config", "standalone_state_dict"]
 
 _SYMBOL = {kind: symbol for symbol, kind in LAYER_SYMBOLS.items()}
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-def _one_size(spec: SubnetSpec, kind: str, attr: str) -> int | None:
-    sizes = {getattr(c, attr) for c in spec.layers if c.active and c.kind == kind}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"the sub-network is heterogeneous ({kind} layers use {attr} {sorted(sizes)}); a "
-            "standalone megatron model has one size per axis: export it in Hugging Face format "
-            "(remote code) instead"
-        )
-    return sizes.pop() if sizes else None
+_WIDTH_FIELD = {
+    "attention": "num_attention_heads",
+    "mamba": "mamba_num_heads",
+    "mlp": "ffn_hidden_size",
+}
 
 
 def standalone_config(parent: ModelConfig, spec: SubnetSpec) -> ModelConfig:
-    """The plain model the (homogeneous) ``spec`` is: its active layers and sizes."""
+    """The plain model ``spec`` is: its active layers and sizes.
+
+    A kind's global size is the largest width its active layers use (the parent's when it has
+    none). When every active layer of a kind has that size (and every Mamba layer the same head
+    dim), the config is homogeneous, as megatron's own; otherwise it also lists every layer's
+    width and Mamba head dim (``layer_widths`` / ``layer_mamba_head_dims``).
+    """
     spec.validate(parent)
-    pattern = "".join(_SYMBOL[c.kind] for c in spec.layers if c.active)
-    heads = _one_size(spec, "attention", "width")
-    mamba_heads = _one_size(spec, "mamba", "width")
-    mamba_head_dim = _one_size(spec, "mamba", "head_dim")
-    ffn = _one_size(spec, "mlp", "width")
+    if parent.is_heterogeneous:
+        raise ValueError("export slices a homogeneous parent; this parent has per-layer widths")
+    active = [c for c in spec.layers if c.active]
+    sizes = {}
+    for kind, field in _WIDTH_FIELD.items():
+        widths = [c.width for c in active if c.kind == kind]
+        sizes[field] = max(widths, default=getattr(parent, field))
+    head_dims = [c.head_dim for c in active if c.kind == "mamba"]
+    sizes["mamba_head_dim"] = max(head_dims, default=parent.mamba_head_dim)
+    homogeneous = all(c.width == sizes[_WIDTH_FIELD[c.kind]] for c in active) and all(
+        d == sizes["mamba_head_dim"] for d in head_dims
+    )
     return dataclasses.replace(
         parent,
-        hybrid_pattern=pattern,
+        hybrid_pattern="".join(_SYMBOL[c.kind] for c in active),
         hidden_size=spec.hidden,
-        # Sizes of a kind with no active layer do not matter; keep the parent's (valid) ones.
-        num_attention_heads=heads or parent.num_attention_heads,
-        mamba_num_heads=mamba_heads or parent.mamba_num_heads,
-        mamba_head_dim=mamba_head_dim or parent.mamba_head_dim,
-        ffn_hidden_size=ffn or parent.ffn_hidden_size,
+        **sizes,
+        layer_widths=None if homogeneous else tuple(c.width for c in active),
+        layer_mamba_head_dims=None
+        if homogeneous
+        else tuple(c.head_dim if c.kind == "mamba" else 0 for c in active),
     )
 
 

@@ -14,11 +14,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_elastic import platform
 from megatron_elastic.config import ModelConfig, ParallelConfig, check_parallel_fit
-from megatron_elastic.model.specs import local_hybrid_stack_spec, te_hybrid_stack_spec
+from megatron_elastic.model.specs import (
+    HeterogeneousHybridStack,
+    local_hybrid_stack_spec,
+    te_hybrid_stack_spec,
+)
 
 __all__ = [
     "build_hybrid_model",
     "hybrid_stack_spec",
+    "layer_overrides",
     "mixer_params",
     "transformer_config",
     "use_te",
@@ -87,9 +92,43 @@ def mixer_params(model: ModelConfig) -> dict[str, int]:
     return {"d_conv": model.mamba_conv_kernel, "chunk_size": model.mamba_chunk_size}
 
 
-def hybrid_stack_spec(model: ModelConfig) -> ModuleSpec:
-    """TE spec on GPU with transformer_engine, local spec otherwise."""
+_WIDTH_FIELD = {
+    "attention": "num_attention_heads",
+    "mamba": "mamba_num_heads",
+    "mlp": "ffn_hidden_size",
+}
+
+
+def layer_overrides(
+    model: ModelConfig, parallel: ParallelConfig | None = None
+) -> list[dict[str, int]]:
+    """Per layer, the ``TransformerConfig`` fields that differ from the global sizes in a
+    heterogeneous ``model`` (its ``layer_widths`` / ``layer_mamba_head_dims``)."""
+    tp = (parallel or ParallelConfig()).tensor_parallel_size
+    out = []
+    for i, (kind, (width, head_dim)) in enumerate(
+        zip(model.layer_kinds(), model.layer_sizes(), strict=True)
+    ):
+        if width % tp:
+            raise ValueError(
+                f"ModelConfig.layer_widths[{i}]={width} is not divisible by "
+                f"tensor_parallel_size={tp}"
+            )
+        fields = {_WIDTH_FIELD[kind]: width}
+        if kind == "mamba":
+            fields["mamba_head_dim"] = head_dim
+        out.append(fields)
+    return out
+
+
+def hybrid_stack_spec(model: ModelConfig, parallel: ParallelConfig | None = None) -> ModuleSpec:
+    """TE spec on GPU with transformer_engine, local spec otherwise. A heterogeneous ``model``
+    always gets the local spec with a :class:`HeterogeneousHybridStack` (per-layer sizes)."""
     params = mixer_params(model)
+    if model.is_heterogeneous:
+        spec = local_hybrid_stack_spec(params, stack=HeterogeneousHybridStack)
+        spec.params["layer_overrides"] = layer_overrides(model, parallel)
+        return spec
     return te_hybrid_stack_spec(params) if use_te() else local_hybrid_stack_spec(params)
 
 
@@ -108,10 +147,17 @@ def build_hybrid_model(
     ``stack_spec`` overrides the layer spec (the elastic model passes its own); the default is
     :func:`hybrid_stack_spec`; ``model_class`` may be a ``HybridModel`` subclass. The model is
     placed on :func:`platform.default_device`. ``recompute``: activations of each layer are
-    recomputed in backward (memory for long contexts).
+    recomputed in backward (memory for long contexts). A heterogeneous ``model`` (per-layer
+    widths) is built by its own stack spec, so it takes no ``stack_spec``.
     """
     platform.apply()
     parallel = parallel or ParallelConfig()
+    if model.is_heterogeneous and stack_spec is not None:
+        raise ValueError(
+            "a heterogeneous ModelConfig (layer_widths / layer_mamba_head_dims) is built by its "
+            "own stack spec; pass no stack_spec (e.g. build an elastic model from a homogeneous "
+            "parent)"
+        )
     if (
         pgs.tp.size() != parallel.tensor_parallel_size
         or pgs.pp.size() != parallel.pipeline_parallel_size
@@ -125,7 +171,7 @@ def build_hybrid_model(
     pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
     hybrid = model_class(
         config=config,
-        hybrid_stack_spec=stack_spec or hybrid_stack_spec(model),
+        hybrid_stack_spec=stack_spec or hybrid_stack_spec(model, parallel),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_sequence_length,
         hybrid_layer_pattern=parallel.pipelined_pattern(model.hybrid_pattern),

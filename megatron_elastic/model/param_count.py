@@ -49,15 +49,15 @@ def embedding_params(hidden: int, vocab: int) -> int:
 
 
 def layer_parameter_counts(cfg: ModelConfig) -> list[int]:
-    """Parameters of each layer of the stack, in pattern order."""
+    """Parameters of each layer of the stack, in pattern order (per-layer widths honoured)."""
     counts = []
-    for kind in cfg.layer_kinds():
+    for kind, (width, head_dim) in zip(cfg.layer_kinds(), cfg.layer_sizes(), strict=True):
         if kind == "mamba":
             counts.append(
                 mamba_layer_params(
                     cfg.hidden_size,
-                    cfg.mamba_num_heads,
-                    cfg.mamba_head_dim,
+                    width,
+                    head_dim,
                     cfg.mamba_num_groups,
                     cfg.mamba_state_dim,
                     cfg.mamba_conv_kernel,
@@ -65,12 +65,10 @@ def layer_parameter_counts(cfg: ModelConfig) -> list[int]:
             )
         elif kind == "attention":
             counts.append(
-                attention_layer_params(
-                    cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
-                )
+                attention_layer_params(cfg.hidden_size, width, cfg.num_query_groups, cfg.head_dim)
             )
         else:
-            counts.append(mlp_layer_params(cfg.hidden_size, cfg.ffn_hidden_size))
+            counts.append(mlp_layer_params(cfg.hidden_size, width))
     return counts
 
 

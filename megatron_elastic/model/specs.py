@@ -9,12 +9,15 @@ distributed checkpoints (``sharded_state_dict_keys_map``), as megatron's local G
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
@@ -23,7 +26,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -35,7 +38,12 @@ from torch.utils.checkpoint import checkpoint
 from megatron_elastic.model.mamba import TorchScanMambaMixer
 from megatron_elastic.model.norm import RMSNorm
 
-__all__ = ["LocalNormHybridStack", "local_hybrid_stack_spec", "te_hybrid_stack_spec"]
+__all__ = [
+    "HeterogeneousHybridStack",
+    "LocalNormHybridStack",
+    "local_hybrid_stack_spec",
+    "te_hybrid_stack_spec",
+]
 
 
 class LocalNormHybridStack(HybridStack):
@@ -102,6 +110,64 @@ class LocalNormHybridStack(HybridStack):
         return make_viewless_tensor(
             hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
         )
+
+
+class HeterogeneousHybridStack(LocalNormHybridStack):
+    """A stack whose layers have their own sizes: layer ``i`` (global index) is built from the
+    stack's ``TransformerConfig`` with the fields ``layer_overrides[i]`` replaced (e.g.
+    ``num_attention_heads``, ``ffn_hidden_size``, ``mamba_num_heads``, ``mamba_head_dim``). Same
+    modules and parameter names as :class:`LocalNormHybridStack`; Mamba, attention, MLP layers."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: HybridStackSubmodules,
+        *,
+        layer_overrides: Sequence[dict[str, int]],
+        final_norm: Any,
+        pp_layer_offset: int = 0,
+        pg_collection: Any = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # The parent builds placeholders (IdentityOp for every kind); the real layers follow.
+        super().__init__(
+            config,
+            HybridStackSubmodules(),
+            final_norm=final_norm,
+            pp_layer_offset=pp_layer_offset,
+            pg_collection=pg_collection,
+            name=name,
+            **kwargs,
+        )
+        layer_kwargs = {
+            Symbols.MAMBA: (submodules.mamba_layer, {"pp_layer_offset": pp_layer_offset}),
+            Symbols.ATTENTION: (
+                submodules.attention_layer,
+                {
+                    "is_mtp_layer": self.is_mtp_layer,
+                    "add_layer_offset": False,
+                    "pp_layer_offset": pp_layer_offset,
+                },
+            ),
+            Symbols.MLP: (submodules.mlp_layer, {"add_layer_offset": False}),
+        }
+        layers = []
+        for i, symbol in enumerate(self.layer_type_list):
+            if symbol not in layer_kwargs:
+                raise ValueError(f"HeterogeneousHybridStack has no layer of kind {symbol!r}")
+            spec, extra = layer_kwargs[symbol]
+            layers.append(
+                build_module(
+                    spec,
+                    config=dataclasses.replace(config, **layer_overrides[pp_layer_offset + i]),
+                    layer_number=pp_layer_offset + i + 1,
+                    pg_collection=pg_collection,
+                    name=None if name is None else f"{name}.layers.{i}",
+                    **extra,
+                )
+            )
+        self.layers = torch.nn.ModuleList(layers)
 
 
 def local_hybrid_stack_spec(

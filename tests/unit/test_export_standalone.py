@@ -53,16 +53,3 @@ def test_exported_model_equals_elastic_budget(pgs, small_config, elastic, kwargs
         elastic.set_subnet(None)
         out = plain(tokens, position_ids_like(tokens), None)
     assert (ref - out).abs().max().item() <= 1e-4
-
-
-def test_heterogeneous_spec_is_refused(small_config) -> None:
-    n = small_config.num_layers
-    spec = SubnetSpec.heterogeneous(
-        small_config,
-        attention_heads=[4] * n,
-        mamba_heads=[2, 4, 4, 4, 4, 4],
-        mamba_head_dim=[16] * n,
-        ffn=[128] * n,
-    )
-    with pytest.raises(ValueError, match=r"heterogeneous.*Hugging Face"):
-        standalone_config(small_config, spec)
