@@ -35,8 +35,8 @@ SIZES = {
     "stage1_steps": (100, 4),
     "stage2_steps": (40, 4),
     "calibration_samples": (32, 8),
-    "num_problems": (48, 4),
-    "max_new_tokens": (96, 16),
+    "num_problems": (40, 4),
+    "max_new_tokens": (80, 16),
     "seq_stage1": (256, 64),
     "seq_stage2": (512, 128),
 }
