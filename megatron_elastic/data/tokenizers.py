@@ -152,10 +152,20 @@ _BY_SUFFIX: dict[str, type[HFTokenizer] | type[SentencePieceTokenizer]] = {
 _DIR_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, *, model_vocab_size: int | None = None) -> Tokenizer:
     """Load ``tokenizer.json`` (HF) or ``*.model`` (SentencePiece); a directory is searched for
-    ``tokenizer.json`` then ``tokenizer.model``. ``ValueError`` for a missing or unknown file."""
-    path = Path(path)
+    ``tokenizer.json`` then ``tokenizer.model``. ``ValueError`` for a missing or unknown file, or
+    for a tokenizer with more tokens than ``model_vocab_size`` (the model it is meant for)."""
+    tokenizer = _load(Path(path))
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"tokenizer {str(path)!r} has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size {model_vocab_size}: pass the tokenizer the model was trained with"
+        )
+    return tokenizer
+
+
+def _load(path: Path) -> Tokenizer:
     if path.is_dir():
         found = [path / name for name in _DIR_FILES if (path / name).is_file()]
         if not found:

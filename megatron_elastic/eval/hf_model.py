@@ -125,13 +125,7 @@ def load_hf_eval_tokenizer(override: str | Path | None, directory: HFDirectory) 
             f"{str(directory.path)!r} holds no {' or '.join(_TOKENIZER_FILES)} and its export "
             "manifest names no existing tokenizer; pass --tokenizer"
         )
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > directory.vocab_size:
-        raise ValueError(
-            f"tokenizer {str(path)!r} has {tokenizer.vocab_size} tokens, more than the model's "
-            f"vocab_size {directory.vocab_size}: pass the tokenizer the model was trained with"
-        )
-    return tokenizer
+    return load_tokenizer(path, model_vocab_size=directory.vocab_size)
 
 
 class HFCausalLM(nn.Module):

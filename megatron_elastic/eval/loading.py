@@ -225,10 +225,4 @@ def load_eval_tokenizer(
         raise ValueError(
             "the checkpoint names no tokenizer (metadata 'tokenizer'); pass --tokenizer"
         )
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"tokenizer {str(path)!r} has {tokenizer.vocab_size} tokens, more than the model's "
-            f"vocab_size {model_config.vocab_size}: pass the tokenizer the model was trained with"
-        )
-    return tokenizer
+    return load_tokenizer(path, model_vocab_size=model_config.vocab_size)

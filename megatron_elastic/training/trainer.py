@@ -81,12 +81,7 @@ def preflight(recipe: TrainRecipe) -> dict[str, Path | None]:
     blend = recipe.data.blend
     for prefix in [blend] if isinstance(blend, str) else [pair[1] for pair in blend]:
         check_prefix(prefix)
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
-    if tokenizer.vocab_size > recipe.model.vocab_size:
-        raise ValueError(
-            f"tokenizer {recipe.data.tokenizer!r} has {tokenizer.vocab_size} tokens but the "
-            f"model's vocab_size is {recipe.model.vocab_size}"
-        )
+    load_tokenizer(recipe.data.tokenizer, model_vocab_size=recipe.model.vocab_size)
     resume = latest_checkpoint(recipe.checkpoint.save)
     init = None if resume is not None or not recipe.checkpoint.init else recipe.checkpoint.init
     init = resolve_init(init) if init else None
