@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["apply", "cuda_available", "default_device", "seed_model_parallel_rng"]
+__all__ = [
+    "apply",
+    "cuda_available",
+    "default_device",
+    "quiet_expected_warnings",
+    "seed_model_parallel_rng",
+    "use_torch_nemotron_h_kernels",
+]
 
 _APPLIED = False
 
@@ -272,3 +279,22 @@ def apply() -> None:
     # get_cuda_rng_tracker() returns this module-level singleton; on CPU it must not touch CUDA.
     mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def use_torch_nemotron_h_kernels() -> None:
+    """CPU only: make transformers' NemotronH take its pure-torch Mamba path in this process.
+
+    transformers picks mamba-ssm's Triton kernels, at the import of its NemotronH module, when
+    ``mamba_ssm`` imports; megatron-elastic registers it (for megatron's mixer) even without CUDA,
+    and the kernels fail on CPU tensors. Call before loading a stock NemotronH in such a process.
+    """
+    name = "transformers.models.nemotron_h.modeling_nemotron_h"
+    if name in sys.modules or cuda_available():
+        return
+    saved = {k: v for k, v in sys.modules.items() if k == "mamba_ssm" or k.startswith("mamba_ssm.")}
+    sys.modules["mamba_ssm"] = None  # type: ignore[assignment]  # import now raises ImportError
+    try:
+        importlib.import_module(name)
+    finally:
+        del sys.modules["mamba_ssm"]
+        sys.modules.update(saved)

@@ -32,6 +32,7 @@ from megatron_elastic.elastic.model import ElasticHybridModel
 from megatron_elastic.elastic.subnet import LayerChoice, SubnetSpec
 from megatron_elastic.export import remote_code
 from megatron_elastic.export.hf_mapping import from_hf_state_dict, to_hf_state_dict
+from megatron_elastic.platform import use_torch_nemotron_h_kernels
 
 __all__ = [
     "EXPORT_MANIFEST",
@@ -75,28 +76,6 @@ _FIXED_KEYS: dict[str, tuple[Any, str]] = {
     "sliding_window": (None, "attention is global (no sliding window)"),
     "layer_norm_epsilon": (MAMBA_NORM_EPSILON, "megatron's Mamba gated norm uses eps 1e-5"),
 }
-
-
-def use_torch_nemotron_h_kernels() -> None:
-    """Make transformers' NemotronH take its pure-torch Mamba path in this process (no CUDA).
-
-    transformers picks mamba-ssm's Triton kernels, at the import of its NemotronH module, when
-    ``mamba_ssm`` imports; megatron-elastic registers it (for megatron's mixer) even without CUDA,
-    and the kernels fail on CPU tensors. Call before loading a stock NemotronH in such a process.
-    """
-    import importlib
-    import sys
-
-    name = "transformers.models.nemotron_h.modeling_nemotron_h"
-    if name in sys.modules or torch.cuda.is_available():
-        return
-    saved = {k: v for k, v in sys.modules.items() if k == "mamba_ssm" or k.startswith("mamba_ssm.")}
-    sys.modules["mamba_ssm"] = None  # type: ignore[assignment]  # import now raises ImportError
-    try:
-        importlib.import_module(name)
-    finally:
-        del sys.modules["mamba_ssm"]
-        sys.modules.update(saved)
 
 
 # ---- configs ------------------------------------------------------------------------------------
