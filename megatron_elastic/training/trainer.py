@@ -135,6 +135,14 @@ class Trainer:
             # bit for bit); the flag would only swap index_add for a slower sort-based kernel.
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.pgs = pgs = init_process_groups(r.parallel, seed=r.train.seed)
+        self.dp_rank, self.dp_size = pgs.dp.rank(), pgs.dp.size()
+        per_step = r.train.micro_batch_size * self.dp_size
+        if r.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={r.train.global_batch_size} is not a multiple of "
+                f"micro_batch_size x data-parallel size = {per_step}"
+            )
+        self.num_micro = r.train.global_batch_size // per_step
         self.device = platform.default_device()
         self.dtype = self._dtype()
         self.tokenizer_path = str(Path(r.data.tokenizer).resolve())
@@ -161,14 +169,6 @@ class Trainer:
         self.progress = Progress()
         self._load()
         self._resumed_at = self.progress.step
-        self.dp_rank, self.dp_size = pgs.dp.rank(), pgs.dp.size()
-        per_step = r.train.micro_batch_size * self.dp_size
-        if r.train.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size={r.train.global_batch_size} is not a multiple of "
-                f"micro_batch_size x data-parallel size = {per_step}"
-            )
-        self.num_micro = r.train.global_batch_size // per_step
         self.train_ds, self.valid_ds = self._datasets()
         last = pgs.pp.rank() == pgs.pp.size() - 1
         self.reports_losses = last and pgs.tp.rank() == 0
