@@ -96,10 +96,12 @@ def preflight(recipe: TrainRecipe) -> dict[str, Path | None]:
             )
     if resume is not None:
         saved = read_manifest(resume)["metadata"].get("recipe", {}).get("optim", {})
+        # train.steps (and the schedule horizon derived from it) may change on resume, e.g. to
+        # stop early or extend; the LR schedule keeps its saved horizon (the trainer says so).
         changed = {
             k: (saved[k], v)
             for k, v in dataclasses.asdict(recipe.optim).items()
-            if k in saved and saved[k] != v
+            if k in saved and saved[k] != v and k != "total_steps"
         }
         if changed:
             raise ValueError(
@@ -259,6 +261,12 @@ class Trainer:
                 self.router_optimizer.load_state_dict(extra["router_optimizer"])
                 self.router_scheduler.load_state_dict(extra["router_scheduler"])
             self.progress = Progress(**manifest["metadata"]["progress"])
+            horizon = manifest["metadata"]["recipe"]["optim"]["total_steps"]
+            if horizon != r.optim.total_steps:
+                _log(
+                    f"train.steps is now {r.train.steps}; the LR schedule keeps the horizon of "
+                    f"{horizon} steps it was saved with"
+                )
             exact = restore_rng(load_rank_state(path))
             _log(
                 f"resumed from {path} at step {self.progress.step}"

@@ -167,6 +167,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_0(workspace, tmp_path) ->
     resumed = _train(workspace, save, f"train.steps={step + 1}", "checkpoint.save_interval=100")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {save / latest['checkpoint']}" in resumed.stdout
+    assert "the LR schedule keeps the horizon of 40 steps" in resumed.stdout
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path) -> None:
