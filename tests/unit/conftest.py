@@ -66,3 +66,60 @@ def tiny_elastic_checkpoint(tmp_path_factory, pgs):
     path = tmp_path_factory.mktemp("elastic_ckpt") / "elastic"
     save_checkpoint(path, model, model_cfg, kind="elastic", extra=router_state(router))
     return path, model, router
+
+
+def _check_exported_budgets(out_dir, budgets, model, router, pgs) -> dict:
+    """Every budget exported by ``tools/export_budget.py --all --format megatron`` under
+    ``out_dir/<budget>`` loads into a plain ``HybridModel`` with the manifest's parameter count
+    and computes what the elastic ``model`` computes at the router's choice (<= 1e-4 logits).
+    Returns ``{budget: (model config, manifest)}`` for further checks."""
+    import torch
+
+    from megatron_elastic.checkpoint import load_checkpoint
+    from megatron_elastic.config import load_model_config
+    from megatron_elastic.model import build_hybrid_model
+    from megatron_elastic.training.lm_step import position_ids_like
+
+    tokens = torch.randint(0, model.model_config.vocab_size, (2, 40))
+    positions = position_ids_like(tokens)
+    found = {}
+    for budget in budgets:
+        target = Path(out_dir) / budget
+        cfg = load_model_config(target / "model.yaml")
+        plain = build_hybrid_model(cfg, pgs)
+        manifest = load_checkpoint(target, plain, cfg, kinds=("exported",))
+        assert sum(p.numel() for p in plain.parameters()) == manifest["metadata"]["params"]
+        spec = router.decide(budget, 0, None, deterministic=True).spec
+        with torch.no_grad():
+            model.set_subnet(spec, mode="slice")
+            ref = model(tokens, positions, None)
+            model.set_subnet(None)
+            out = plain(tokens, positions, None)
+        assert (ref - out).abs().max().item() <= 1e-4, budget
+        found[budget] = (cfg, manifest)
+    return found
+
+
+@pytest.fixture(scope="session")
+def check_exported_budgets():
+    return _check_exported_budgets
+
+
+@pytest.fixture(scope="session")
+def tiny_heterogeneous_spec():
+    """A per-layer sub-network of the tiny recipe within its elastic choices (pattern
+    ``M-M*-M-M*-``): every axis differs between layers of its kind, MLP layer 6 is skipped."""
+    from megatron_elastic.elastic import SubnetSpec
+
+    def build(cfg):
+        return SubnetSpec.heterogeneous(
+            cfg,
+            hidden=224,
+            attention_heads=[0, 0, 0, 6, 0, 0, 0, 0, 4, 0],
+            mamba_heads=[8, 0, 4, 0, 0, 6, 0, 4, 0, 0],
+            mamba_head_dim=[32, 0, 16, 0, 0, 24, 0, 32, 0, 0],
+            ffn=[0, 768, 0, 0, 384, 0, 512, 0, 0, 640],
+            active=[i != 6 for i in range(cfg.num_layers)],
+        )
+
+    return build

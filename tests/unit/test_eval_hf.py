@@ -19,7 +19,6 @@ import torch
 from megatron_elastic.data.indexed import write_indexed_dataset
 from megatron_elastic.data.reasoning import generate_records, render_prompt, render_text
 from megatron_elastic.data.tokenizers import train_bpe_tokenizer
-from megatron_elastic.elastic import SubnetSpec
 from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.eval import (
     greedy_generate,
@@ -127,25 +126,12 @@ def test_evaluate_cli_on_hf_exports_matches_the_elastic_checkpoint(
         assert row["total"] == NUM_PROBLEMS and row["val_tokens"] == SAMPLES * SEQ
 
 
-def _heterogeneous_spec(cfg) -> SubnetSpec:
-    """Per-layer widths within the tiny recipe's choices (pattern M-M*-M-M*-); MLP 6 skipped."""
-    return SubnetSpec.heterogeneous(
-        cfg,
-        hidden=224,
-        attention_heads=[0, 0, 0, 6, 0, 0, 0, 0, 4, 0],
-        mamba_heads=[8, 0, 4, 0, 0, 6, 0, 4, 0, 0],
-        mamba_head_dim=[32, 0, 16, 0, 0, 24, 0, 32, 0, 0],
-        ffn=[0, 768, 0, 0, 384, 0, 512, 0, 0, 640],
-        active=[i != 6 for i in range(cfg.num_layers)],
-    )
-
-
 def test_remote_code_export_evaluates_like_the_elastic_subnet(
-    tiny_elastic_checkpoint, data, pgs, tmp_path
+    tiny_elastic_checkpoint, data, pgs, tmp_path, tiny_heterogeneous_spec
 ) -> None:
     tok_path, tokenizer, prefix = data
     _, model, _ = tiny_elastic_checkpoint
-    spec = _heterogeneous_spec(model.model_config)
+    spec = tiny_heterogeneous_spec(model.model_config)
     meta = {"budget": "het"}
     export_subnet_to_hf(model, spec, tmp_path / "het", tokenizer_path=tok_path, metadata=meta)
     ckpt = open_checkpoint(tmp_path / "het", pgs)

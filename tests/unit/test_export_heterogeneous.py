@@ -133,7 +133,7 @@ def test_heterogeneous_config_refuses_a_stack_spec(pgs, exported) -> None:
         build_hybrid_model(exported, pgs, stack_spec=hybrid_stack_spec(exported))
 
 
-def test_cli_exports_heterogeneous_budgets(pgs, tmp_path) -> None:
+def test_cli_exports_heterogeneous_budgets(pgs, tmp_path, check_exported_budgets) -> None:
     """tools/export_budget.py --format megatron on a heterogeneous router (random weights pick a
     different width per layer): each budget loads from its model.yaml and matches the elastic
     model."""
@@ -171,18 +171,6 @@ def test_cli_exports_heterogeneous_budgets(pgs, tmp_path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    tokens = torch.randint(0, model_cfg.vocab_size, (2, 40))
-    for budget in elastic_cfg.budgets:
-        target = tmp_path / "out" / budget
-        cfg = load_model_config(target / "model.yaml")
+    exported = check_exported_budgets(tmp_path / "out", elastic_cfg.budgets, model, router, pgs)
+    for budget, (cfg, _) in exported.items():
         assert cfg.is_heterogeneous, budget
-        plain = build_hybrid_model(cfg, pgs)
-        manifest = load_checkpoint(target, plain, cfg, kinds=("exported",))
-        assert sum(p.numel() for p in plain.parameters()) == manifest["metadata"]["params"]
-        spec = router.decide(budget, 0, None, deterministic=True).spec
-        with torch.no_grad():
-            model.set_subnet(spec, mode="slice")
-            ref = model(tokens, position_ids_like(tokens), None)
-            model.set_subnet(None)
-            out = plain(tokens, position_ids_like(tokens), None)
-        assert (ref - out).abs().max().item() <= 1e-4, budget

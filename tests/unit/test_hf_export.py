@@ -106,23 +106,11 @@ def test_every_budget_loads_in_stock_transformers_and_matches(checkpoint, tmp_pa
         _check_equivalent(_load(tmp_path / budget), model, spec, f"budget {budget}")
 
 
-def _heterogeneous_spec(cfg) -> SubnetSpec:
-    """Every axis differs between layers of its kind; one MLP layer is skipped."""
-    n = cfg.num_layers  # pattern M-M*-M-M*-
-    return SubnetSpec.heterogeneous(
-        cfg,
-        hidden=224,
-        attention_heads=[8, 0, 0, 4, 0, 0, 0, 0, 6, 0],
-        mamba_heads=[8, 0, 4, 0, 0, 6, 0, 2, 0, 0],
-        mamba_head_dim=[32, 0, 16, 0, 0, 24, 0, 32, 0, 0],
-        ffn=[0, 768, 0, 0, 384, 0, 512, 0, 0, 640],
-        active=[i != 6 for i in range(n)],
-    )
-
-
-def test_heterogeneous_budget_through_remote_code(perturbed, tmp_path) -> None:
+def test_heterogeneous_budget_through_remote_code(
+    perturbed, tmp_path, tiny_heterogeneous_spec
+) -> None:
     model = perturbed
-    spec = _heterogeneous_spec(model.model_config)
+    spec = tiny_heterogeneous_spec(model.model_config)
     manifest = export_subnet_to_hf(model, spec, tmp_path / "het")
     assert manifest["format"] == "hf-remote-code"
     config = json.loads((tmp_path / "het" / "config.json").read_text())
