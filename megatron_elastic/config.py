@@ -19,6 +19,7 @@ __all__ = [
     "LAYER_SYMBOLS",
     "ModelConfig",
     "ParallelConfig",
+    "check_mamba_context_parallel",
     "check_parallel_fit",
     "config_from_dict",
     "load_model_config",
@@ -226,9 +227,23 @@ class ParallelConfig:
     """Stages the layer stack is cut into."""
     pipeline_layout: tuple[int, ...] | None = None
     """Layers per pipeline stage (sums to the layer count); ``None`` splits evenly."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism: between layers the sequence is split across the TP ranks
+    (norms and residuals on the local shard; column-parallel inputs all-gathered, row-parallel
+    outputs reduce-scattered). A no-op at ``tensor_parallel_size=1``, as in megatron."""
+    context_parallel_size: int = 1
+    """Ranks the sequence is split across for the whole forward pass (megatron's load-balanced
+    chunking: rank ``r`` of ``CP`` holds chunks ``r`` and ``2*CP-1-r`` of ``2*CP``)."""
 
     def __post_init__(self) -> None:
-        _require_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
+        _require_positive(
+            self, "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"
+        )
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(
+                f"ParallelConfig.sequence_parallel must be true or false, got "
+                f"{self.sequence_parallel!r}"
+            )
         if self.pipeline_layout is not None:
             layout = tuple(self.pipeline_layout)
             object.__setattr__(self, "pipeline_layout", layout)
@@ -237,6 +252,41 @@ class ParallelConfig:
                     f"ParallelConfig.pipeline_layout={list(layout)} must list "
                     f"{self.pipeline_parallel_size} positive layer counts, one per pipeline stage"
                 )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks of one model replica: TP x PP x CP (the world is a multiple of it; the rest is
+        data parallelism)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+    @property
+    def sequence_parallel_active(self) -> bool:
+        """Whether the sequence is really split across TP ranks (SP asked for and TP > 1)."""
+        return self.sequence_parallel and self.tensor_parallel_size > 1
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Training sequence lengths must be multiples of this: ``2 x CP`` load-balanced chunks
+        (when CP > 1), each split across the TP ranks under sequence parallelism."""
+        cp = self.context_parallel_size
+        return (2 * cp if cp > 1 else 1) * (
+            self.tensor_parallel_size if self.sequence_parallel_active else 1
+        )
+
+    def check_sequence_length(self, seq_length: int, field: str = "train.seq_length") -> None:
+        """Raise ``ValueError`` if ``seq_length`` cannot be split as this config asks."""
+        m = self.sequence_multiple
+        if seq_length % m:
+            parts = []
+            if self.context_parallel_size > 1:
+                parts.append(f"2 x context_parallel_size={self.context_parallel_size}")
+            if self.sequence_parallel_active:
+                parts.append(f"tensor_parallel_size={self.tensor_parallel_size} (sequence_parallel)")
+            lower, upper = seq_length // m * m, (seq_length // m + 1) * m
+            raise ValueError(
+                f"{field}={seq_length} is not divisible by {' x '.join(parts)} = {m}; use a "
+                f"multiple of {m} (e.g. {lower or upper} or {upper})"
+            )
 
     def stage_layer_counts(self, num_layers: int) -> tuple[int, ...]:
         """Layers on each pipeline stage."""
@@ -288,7 +338,32 @@ def check_parallel_fit(model: ModelConfig, parallel: ParallelConfig) -> None:
                 f"ModelConfig.{name}={value} is not divisible by tensor_parallel_size={tp}; "
                 f"tensor_parallel_size must divide it (possible sizes: {ok[-6:]})"
             )
+    cp = parallel.context_parallel_size
+    if cp > 1:
+        check_mamba_context_parallel(
+            "ModelConfig.mamba_num_heads", model.mamba_num_heads, model.mamba_num_groups, tp, cp
+        )
     parallel.stage_layer_counts(model.num_layers)
+
+
+def check_mamba_context_parallel(field: str, heads: int, groups: int, tp: int, cp: int) -> None:
+    """megatron's ``MambaContextParallel`` rules for a mixer of ``heads`` heads in ``groups``
+    groups: this TP rank's heads must split evenly over the CP ranks (each takes a contiguous
+    run of heads), and its groups must too, or the CP ranks must divide into them (then B and C
+    of a group are replicated on several CP ranks)."""
+    heads_local, groups_local = heads // tp, groups // tp
+    if heads_local % cp:
+        ok = [h for h in range(groups, heads + 1, groups) if (h // tp) % cp == 0]
+        raise ValueError(
+            f"{field}={heads}: {heads_local} heads per tensor-parallel rank (TP={tp}) do not "
+            f"split over context_parallel_size={cp}; context parallelism needs heads per TP rank "
+            f"divisible by CP (possible head counts: {ok[:8] or 'none'})"
+        )
+    if groups_local % cp and cp % groups_local:
+        raise ValueError(
+            f"ModelConfig.mamba_num_groups={groups}: {groups_local} groups per TP rank (TP={tp}) "
+            f"and context_parallel_size={cp} must divide one another"
+        )
 
 
 def config_from_dict[T](cls: type[T], data: dict[str, Any], where: str = "") -> T:

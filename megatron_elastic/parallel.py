@@ -36,18 +36,19 @@ def init_process_groups(parallel: ParallelConfig, *, seed: int = 1234) -> Proces
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     world = dist.get_world_size()
-    model_parallel = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+    model_parallel = parallel.model_parallel_size
     if world % model_parallel != 0:
         raise ValueError(
             f"world size {world} is not a multiple of tensor_parallel_size x "
-            f"pipeline_parallel_size = {model_parallel}; launch a multiple of {model_parallel} "
-            "processes"
+            f"pipeline_parallel_size x context_parallel_size = {model_parallel}; launch a "
+            f"multiple of {model_parallel} processes"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
     )
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     platform.seed_model_parallel_rng(seed, tp_rank=pgs.tp.rank())

@@ -196,6 +196,7 @@ class TrainRecipe:
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; choose one of {MODES}")
         check_parallel_fit(self.model, self.parallel)
+        self.parallel.check_sequence_length(self.train.seq_length)
         if self.mode == "elastic":
             if self.elastic is None or self.router is None:
                 raise ValueError("mode 'elastic' needs the 'elastic' recipe and a 'router' section")
