@@ -281,7 +281,8 @@ class ParallelConfig:
             if self.context_parallel_size > 1:
                 parts.append(f"2 x context_parallel_size={self.context_parallel_size}")
             if self.sequence_parallel_active:
-                parts.append(f"tensor_parallel_size={self.tensor_parallel_size} (sequence_parallel)")
+                tp = self.tensor_parallel_size
+                parts.append(f"tensor_parallel_size={tp} (sequence_parallel)")
             lower, upper = seq_length // m * m, (seq_length // m + 1) * m
             raise ValueError(
                 f"{field}={seq_length} is not divisible by {' x '.join(parts)} = {m}; use a "

@@ -143,6 +143,22 @@ class ElasticConfig:
             f"Mamba heads are kept per group (mamba_num_groups={model.mamba_num_groups}), at most "
             f"{model.mamba_num_heads}",
         )
+        cp = parallel.context_parallel_size
+        if cp > 1:
+            # Context parallelism gives every CP rank a contiguous share of this TP rank's active
+            # heads (megatron's MambaContextParallel), so active heads per TP rank split over CP.
+            bad = [h for h in choices["mamba_heads"] if (h // tp) % cp]
+            if bad:
+                ok = [
+                    h
+                    for h in range(model.mamba_num_groups, model.mamba_num_heads + 1)
+                    if h % model.mamba_num_groups == 0 and h % tp == 0 and (h // tp) % cp == 0
+                ]
+                raise ValueError(
+                    f"ElasticConfig mamba_heads choices {bad} are not possible with "
+                    f"context_parallel_size={cp} at tensor_parallel_size={tp}: the active Mamba "
+                    f"heads per TP rank must be divisible by CP; valid values are {ok}"
+                )
         check("mamba_head_dim", model.mamba_head_dim, 1, f"at most {model.mamba_head_dim}")
         check("depth", model.num_layers, 1, f"the parent has {model.num_layers} layers")
         blocks = self.ffn_nesting_blocks

@@ -12,13 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 
 from megatron_elastic.elastic.subnet import AttentionIndices, Index, MambaIndices, take
+from megatron_elastic.model.attention import causal_attention
 from megatron_elastic.model.norm import RMSNorm, rms_norm
 
 __all__ = [
@@ -46,21 +49,27 @@ class ActiveWidth:
     """Router weights of this rank's active units (heads, channels or neurons), or a scalar."""
 
 
-def column_parallel(x: torch.Tensor, weight: torch.Tensor, tp_group) -> torch.Tensor:
-    """``x @ weight.T`` for a column-parallel weight shard (input replicated across TP)."""
+def column_parallel(x: torch.Tensor, weight: torch.Tensor, linear) -> torch.Tensor:
+    """``x @ weight.T`` for (a slice of) the weight shard of the column-parallel ``linear``, with
+    its TP group and its sequence parallelism: under SP ``x`` holds this rank's tokens and is
+    all-gathered (its gradient reduce-scattered), otherwise it is replicated across TP and its
+    gradient all-reduced. The one place SP enters the elastic layers' column-parallel inputs."""
+    tp_group, sp = linear.tp_group, linear.sequence_parallel
     return linear_with_grad_accumulation_and_async_allreduce(
         x,
         weight,
         None,
         gradient_accumulation_fusion=False,
-        allreduce_dgrad=tp_group.size() > 1,
-        sequence_parallel=False,
+        allreduce_dgrad=tp_group.size() > 1 and not sp,
+        sequence_parallel=sp,
         tp_group=tp_group,
     )
 
 
-def row_parallel(x: torch.Tensor, weight: torch.Tensor, tp_group) -> torch.Tensor:
-    """``x @ weight.T`` summed over TP ranks for a row-parallel weight shard."""
+def row_parallel(x: torch.Tensor, weight: torch.Tensor, linear) -> torch.Tensor:
+    """``x @ weight.T`` for (a slice of) the weight shard of the row-parallel ``linear``, summed
+    over TP ranks: all-reduced, or reduce-scattered to this rank's tokens under SP."""
+    tp_group = linear.tp_group
     out = linear_with_grad_accumulation_and_async_allreduce(
         x,
         weight,
@@ -70,6 +79,8 @@ def row_parallel(x: torch.Tensor, weight: torch.Tensor, tp_group) -> torch.Tenso
         sequence_parallel=False,
         tp_group=tp_group,
     )
+    if linear.sequence_parallel:
+        return reduce_scatter_to_sequence_parallel_region(out, group=tp_group)
     return reduce_from_tensor_model_parallel_region(out, group=tp_group)
 
 
@@ -139,22 +150,23 @@ class ElasticMLP(MLP):
         st = self.active
         if st is None:
             return super().forward(hidden_states, per_token_scale, **kwargs)
-        tp = self.linear_fc1.tp_group
+        fc1, fc2 = self.linear_fc1, self.linear_fc2
         act = self.config.activation_func
         if st.mode == "slice":
             w = self.sliced(st)
             w1, w2 = w["linear_fc1.weight"], w["linear_fc2.weight"]
-            inter = apply_unit_weight(act(column_parallel(hidden_states, w1, tp)), st.weight)
-            return row_parallel(inter, w2, tp), None
-        inter = act(column_parallel(hidden_states, self.linear_fc1.weight, tp))
+            inter = apply_unit_weight(act(column_parallel(hidden_states, w1, fc1)), st.weight)
+            return row_parallel(inter, w2, fc2), None
+        inter = act(column_parallel(hidden_states, fc1.weight, fc1))
         inter = inter * unit_mask(inter.size(-1), st.indices, inter, st.weight)
-        out = row_parallel(inter, self.linear_fc2.weight, tp)
+        out = row_parallel(inter, fc2.weight, fc2)
         return out * hidden_mask(out.size(-1), st.hidden, out), None
 
 
 class ElasticSelfAttention(SelfAttention):
     """GQA self-attention over active query heads (a prefix within every query group); key/value
-    heads all stay. Causal, no positional embedding (NemotronH)."""
+    heads all stay. Causal, no positional embedding (NemotronH); exact under context parallelism
+    (:func:`~megatron_elastic.model.attention.causal_attention`)."""
 
     active: ActiveWidth | None = None
 
@@ -170,7 +182,6 @@ class ElasticSelfAttention(SelfAttention):
         st = self.active
         if st is None:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        tp = self.linear_qkv.tp_group
         idx: AttentionIndices = st.indices
         d = self.hidden_size_per_attention_head
         groups = self.num_query_groups_per_partition
@@ -181,20 +192,13 @@ class ElasticSelfAttention(SelfAttention):
         else:
             w_qkv = self.linear_qkv.weight
             a = self.num_attention_heads_per_partition // groups
-        s, b = hidden_states.shape[:2]
-        qkv = column_parallel(hidden_states, w_qkv, tp).view(s, b, groups, (a + 2) * d)
-        q, k, v = torch.split(qkv, [a * d, d, d], dim=-1)
-        q = q.reshape(s, b, groups * a, d)
-        k = k.repeat_interleave(a, dim=2)  # (s, b, groups*a, d): each group's kv for its heads
-        v = v.repeat_interleave(a, dim=2)
-        # (b, heads, s, d) for SDPA
-        ctx = F.scaled_dot_product_attention(
-            q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), is_causal=True
-        )
-        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, groups * a * d)
+        qkv = column_parallel(hidden_states, w_qkv, self.linear_qkv)
+        s, b = qkv.shape[:2]  # this rank's tokens (all of them, also under SP)
+        q, k, v = torch.split(qkv.view(s, b, groups, (a + 2) * d), [a * d, d, d], dim=-1)
+        ctx = causal_attention(q.reshape(s, b, groups * a, d), k, v, self.pg_collection.cp)
         if st.mode == "slice":
             ctx = apply_unit_weight(ctx, st.weight, d)
-            return row_parallel(ctx, w["linear_proj.weight"], tp), None
+            return row_parallel(ctx, w["linear_proj.weight"], self.linear_proj), None
         ctx = ctx * unit_mask(ctx.size(-1), idx.proj_cols, ctx, st.weight, d)
-        out = row_parallel(ctx, self.linear_proj.weight, tp)
+        out = row_parallel(ctx, self.linear_proj.weight, self.linear_proj)
         return out * hidden_mask(out.size(-1), st.hidden, out), None

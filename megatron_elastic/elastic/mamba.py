@@ -4,12 +4,15 @@ z, x and dt follow the active heads/channels; B and C (per group) are kept; the 
 the gated group RMSNorm normalises over each group's *active* channels. ``slice`` runs the mixer
 on the cut weights (mamba-ssm kernels on CUDA, the torch scan on CPU); ``mask`` runs it in full
 and zeroes inactive heads/channels after the conv (masking before it would let the conv bias leak).
+Context parallelism follows megatron's ``MambaContextParallel``: an all-to-all from this rank's
+tokens to this rank's heads over the whole sequence before the conv, and back after the scan.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.ssm.mamba_context_parallel import MambaContextParallel
 
 from megatron_elastic.elastic.layers import (
     ActiveWidth,
@@ -20,7 +23,7 @@ from megatron_elastic.elastic.layers import (
     unit_mask,
 )
 from megatron_elastic.elastic.subnet import MambaIndices, take
-from megatron_elastic.model.mamba import TorchScanMambaMixer, mamba_ssm_torch
+from megatron_elastic.model.mamba import TorchScanMambaMixer, mixer_ssm
 from megatron_elastic.model.ssd_scan import ssd_chunked_scan
 
 __all__ = ["ElasticMambaMixer"]
@@ -54,106 +57,83 @@ class ElasticMambaMixer(TorchScanMambaMixer):
             "out_proj.weight": take(self.out_proj.weight, 1, idx.inner)[: st.hidden],
         }
 
+    def _context_parallel(self, w: dict[str, torch.Tensor], idx: MambaIndices):
+        """megatron's ``MambaContextParallel`` for the sliced mixer: its sizes are the active
+        heads/channels of this TP rank, its parameters the sliced ones (it cuts them per CP rank
+        in the forward pass, so gradients reach the full parameters)."""
+        heads = idx.heads_per_group * self.ngroups_local_tp
+        return MambaContextParallel(
+            cp_group=self.cp.cp_group,
+            d_inner_local_tp=heads * idx.head_dim,
+            nheads_local_tp=heads,
+            ngroups_local_tp=self.ngroups_local_tp,
+            d_state=self.d_state,
+            conv1d_weight_cp1=w["conv1d_weight"],
+            conv1d_bias_cp1=w["conv1d_bias"],
+            conv1d_padding=self.d_conv - 1,
+            dt_bias_cp1=w["dt_bias"],
+            A_log_cp1=w["A_log"],
+            D_cp1=w["D"],
+            D_has_hdim=False,
+        )
+
     def _slice(self, hidden: torch.Tensor, st: ActiveWidth) -> torch.Tensor:
         idx: MambaIndices = st.indices
-        tp = self.in_proj.tp_group
         w = self.sliced(st)
-        zxbcdt = column_parallel(hidden, w["in_proj.weight"], tp).transpose(0, 1)  # (b, l, d)
-        conv_w, conv_b = w["conv1d_weight"].squeeze(1), w["conv1d_bias"]
-        dt_bias, A_log, D, norm_w = w["dt_bias"], w["A_log"], w["D"], w["norm.weight"]
-        group_size = idx.heads_per_group * idx.head_dim
-        ssm = _mamba_cuda if zxbcdt.is_cuda else mamba_ssm_torch
-        y = ssm(
+        cp = self._context_parallel(w, idx)
+        zxbcdt = cp.pre_conv_ssm(column_parallel(hidden, w["in_proj.weight"], self.in_proj))
+        y = mixer_ssm(
             zxbcdt,
-            conv_w,
-            conv_b,
-            dt_bias,
-            A_log,
-            D,
-            norm_w,
+            cp,
+            w["norm.weight"],
             head_dim=idx.head_dim,
-            num_groups=self.ngroups_local_tp,
-            state_dim=self.d_state,
             chunk_size=self.chunk_size,
-            norm_group_size=group_size,
+            norm_group_size=idx.heads_per_group * idx.head_dim,
             norm_eps=self.norm.eps,
         )
-        y = apply_unit_weight(y.transpose(0, 1), st.weight)
-        return row_parallel(y, w["out_proj.weight"], tp)
+        y = apply_unit_weight(y, st.weight)
+        return row_parallel(y, w["out_proj.weight"], self.out_proj)
 
     def _mask(self, hidden: torch.Tensor, st: ActiveWidth) -> torch.Tensor:
         idx: MambaIndices = st.indices
-        tp = self.in_proj.tp_group
-        zxbcdt = column_parallel(hidden, self.in_proj.weight, tp).transpose(0, 1)
+        cp = self.cp  # the full mixer's: this CP rank's heads after pre_conv_ssm
+        zxbcdt = cp.pre_conv_ssm(column_parallel(hidden, self.in_proj.weight, self.in_proj))
+        zxbcdt = zxbcdt.transpose(0, 1)  # (b, l, d): the whole sequence
         b, length, _ = zxbcdt.shape
-        inner, heads = self.d_inner_local_tp, self.nheads_local_tp
-        groups, n, p = self.ngroups_local_tp, self.d_state, self.headdim
+        inner, heads = cp.d_inner_local_tpcp, cp.nheads_local_tpcp
+        groups, n, p = cp.ngroups_local_tpcp, self.d_state, self.headdim
         z, xbc, dt = torch.split(zxbcdt, [inner, inner + 2 * groups * n, heads], dim=-1)
-        w = self.conv1d_weight
+        w = cp.get_conv1d_weight()
         xbc = F.conv1d(
-            xbc.transpose(1, 2), w, self.conv1d_bias, padding=w.size(-1) - 1, groups=w.size(0)
+            xbc.transpose(1, 2), w, cp.get_conv1d_bias(), padding=w.size(-1) - 1, groups=w.size(0)
         )[..., :length]
         x, B, C = torch.split(F.silu(xbc).transpose(1, 2), [inner, groups * n, groups * n], -1)
-        inner_mask = unit_mask(inner, idx.inner, x)
+        inner_mask = _cp_share(unit_mask(self.d_inner_local_tp, idx.inner, x), cp)
         x, z = x * inner_mask, z * inner_mask
-        dt = F.softplus(dt.float() + self.dt_bias.float()) * unit_mask(heads, idx.heads, x).float()
+        head_mask = _cp_share(unit_mask(self.nheads_local_tp, idx.heads, x), cp)
+        dt = F.softplus(dt.float() + cp.get_dt_bias().float()) * head_mask.float()
         y = ssd_chunked_scan(
             x.reshape(b, length, heads, p),
             dt,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(cp.get_A_log().float()),
             B.reshape(b, length, groups, n),
             C.reshape(b, length, groups, n),
             self.chunk_size,
-            D=self.D.float(),
+            D=cp.get_D().float(),
         ).reshape(b, length, inner)
-        gated = (y.float() * F.silu(z.float())).reshape(b, length, groups, inner // groups)
+        gated = y.float() * F.silu(z.float())
+        gated = cp.post_conv_ssm(gated.transpose(0, 1).contiguous())  # (l/CP, b, d_inner_local_tp)
+        groups, inner = self.ngroups_local_tp, self.d_inner_local_tp
+        gated = gated.reshape(*gated.shape[:2], groups, inner // groups)
         active_per_group = idx.heads_per_group * idx.head_dim
         ms = gated.pow(2).sum(-1, keepdim=True) / active_per_group
-        y = (gated * torch.rsqrt(ms + self.norm.eps)).reshape(b, length, inner)
-        y = (y * self.norm.weight.float()).to(hidden.dtype).transpose(0, 1)
+        y = (gated * torch.rsqrt(ms + self.norm.eps)).reshape(*gated.shape[:2], inner)
+        y = (y * self.norm.weight.float()).to(hidden.dtype)
         y = y * unit_mask(inner, idx.inner, y, st.weight)
-        out = row_parallel(y, self.out_proj.weight, tp)
+        out = row_parallel(y, self.out_proj.weight, self.out_proj)
         return out * hidden_mask(out.size(-1), st.hidden, out)
 
 
-def _mamba_cuda(
-    zxbcdt,
-    conv_weight,
-    conv_bias,
-    dt_bias,
-    A_log,
-    D,
-    norm_weight,
-    *,
-    head_dim,
-    num_groups,
-    state_dim,
-    chunk_size,
-    norm_group_size,
-    norm_eps,
-):
-    (
-        """The sliced mixer on mamba-ssm's fused Triton kernels (as megatron's training path); the
-    signature of :func:`mamba_ssm_torch`."""
-        ""
-    )
-    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
-
-    del state_dim  # implied by the shapes for the kernel
-    y = mamba_split_conv1d_scan_combined(
-        zxbcdt,
-        conv_weight,
-        conv_bias,
-        dt_bias.float(),
-        -torch.exp(A_log.float()),
-        D=D,
-        chunk_size=chunk_size,
-        activation="silu",
-        headdim=head_dim,
-        ngroups=num_groups,
-        norm_before_gate=False,
-    )
-    return rmsnorm_fn(
-        y, norm_weight, None, eps=norm_eps, group_size=norm_group_size, norm_before_gate=False
-    )
+def _cp_share(mask: torch.Tensor, cp) -> torch.Tensor:
+    """This CP rank's contiguous share of a per-channel (or per-head) mask of the TP rank."""
+    return mask if cp.cp_size == 1 else mask.chunk(cp.cp_size)[cp.cp_rank]

@@ -139,7 +139,9 @@ class ElasticHybridModel(HybridModel):
         if spec is None or (spec.is_full(model) and weights is None):
             self._clear()
             return
-        weights = weights or SubnetWeights()
+        weights = _sequence_parallel_weights(
+            weights or SubnetWeights(), self.config, self.pg_collection
+        )
         self.subnet, self._mode = spec, mode
         self._hidden_weight = weights.hidden
         for module in self.modules():
@@ -267,7 +269,7 @@ class ElasticHybridModel(HybridModel):
             return hidden
         if mode == "slice":  # (ColumnParallelLinear.forward insists on the full weight shape)
             tp = self.pg_collection.tp
-            logits = column_parallel(hidden, self.output_layer.weight[:, :h], tp)
+            logits = column_parallel(hidden, self.output_layer.weight[:, :h], self.output_layer)
             gather = (
                 self.output_layer.gather_output
                 if runtime_gather_output is None
@@ -282,7 +284,23 @@ class ElasticHybridModel(HybridModel):
         return self.compute_language_model_loss(labels, logits)
 
 
-def elastic_stack_spec(model: ModelConfig) -> ModuleSpec:
+def _sequence_parallel_weights(
+    weights: SubnetWeights, config, pgs: ProcessGroupCollection
+) -> SubnetWeights:
+    """Under sequence parallelism the hidden weight and the depth gates multiply this TP rank's
+    tokens only, so their gradients are partial over TP: all-reduce them in backward (what
+    megatron does for norm weights), so the router's gradient is complete on every TP rank."""
+    if not config.sequence_parallel:
+        return weights
+
+    def reduced(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else copy_to_tensor_model_parallel_region(t, group=pgs.tp)
+
+    gates = None if weights.gates is None else tuple(reduced(g) for g in weights.gates)
+    return SubnetWeights(hidden=reduced(weights.hidden), layers=weights.layers, gates=gates)
+
+
+def elastic_stack_spec(model: ModelConfig, parallel: ParallelConfig | None = None) -> ModuleSpec:
     """The local hybrid spec with every module swapped for its elastic subclass."""
     return local_hybrid_stack_spec(
         mixer_params(model),
@@ -291,6 +309,7 @@ def elastic_stack_spec(model: ModelConfig) -> ModuleSpec:
         mlp=ElasticMLP,
         norm=ElasticRMSNorm,
         stack=ElasticHybridStack,
+        context_parallel=(parallel or ParallelConfig()).context_parallel_size > 1,
     )
 
 
@@ -312,7 +331,7 @@ def build_elastic_model(
         pgs,
         parallel,
         params_dtype=params_dtype,
-        stack_spec=elastic_stack_spec(model),
+        stack_spec=elastic_stack_spec(model, parallel),
         model_class=ElasticHybridModel,
         recompute=recompute,
     )

@@ -68,6 +68,8 @@ def transformer_config(
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel_active,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -125,11 +127,14 @@ def hybrid_stack_spec(model: ModelConfig, parallel: ParallelConfig | None = None
     """TE spec on GPU with transformer_engine, local spec otherwise. A heterogeneous ``model``
     always gets the local spec with a :class:`HeterogeneousHybridStack` (per-layer sizes)."""
     params = mixer_params(model)
+    cp = (parallel or ParallelConfig()).context_parallel_size > 1
     if model.is_heterogeneous:
-        spec = local_hybrid_stack_spec(params, stack=HeterogeneousHybridStack)
+        spec = local_hybrid_stack_spec(params, stack=HeterogeneousHybridStack, context_parallel=cp)
         spec.params["layer_overrides"] = layer_overrides(model, parallel)
         return spec
-    return te_hybrid_stack_spec(params) if use_te() else local_hybrid_stack_spec(params)
+    if use_te():
+        return te_hybrid_stack_spec(params)
+    return local_hybrid_stack_spec(params, context_parallel=cp)
 
 
 def build_hybrid_model(
@@ -158,14 +163,15 @@ def build_hybrid_model(
             "own stack spec; pass no stack_spec (e.g. build an elastic model from a homogeneous "
             "parent)"
         )
-    if (
-        pgs.tp.size() != parallel.tensor_parallel_size
-        or pgs.pp.size() != parallel.pipeline_parallel_size
-    ):
+    sizes = (pgs.tp.size(), pgs.pp.size(), pgs.cp.size())
+    wanted = (
+        parallel.tensor_parallel_size,
+        parallel.pipeline_parallel_size,
+        parallel.context_parallel_size,
+    )
+    if sizes != wanted:
         raise ValueError(
-            f"process groups (tp={pgs.tp.size()}, pp={pgs.pp.size()}) do not match "
-            f"ParallelConfig (tp={parallel.tensor_parallel_size}, "
-            f"pp={parallel.pipeline_parallel_size})"
+            f"process groups (tp, pp, cp)={sizes} do not match ParallelConfig (tp, pp, cp)={wanted}"
         )
     config = transformer_config(model, parallel, params_dtype=params_dtype, recompute=recompute)
     pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()

@@ -35,6 +35,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import make_viewless_tensor
 from torch.utils.checkpoint import checkpoint
 
+from megatron_elastic.model.attention import ContextParallelDotProductAttention
 from megatron_elastic.model.mamba import TorchScanMambaMixer
 from megatron_elastic.model.norm import RMSNorm
 
@@ -178,14 +179,18 @@ def local_hybrid_stack_spec(
     mlp: type = MLP,
     norm: Any = RMSNorm,
     stack: type = LocalNormHybridStack,
+    context_parallel: bool = False,
 ) -> ModuleSpec:
     """The hybrid stack on megatron-core's local modules.
 
     ``mixer_params`` are constructor arguments of the Mamba mixer that megatron's
     ``TransformerConfig`` does not carry (``d_conv``, ``chunk_size``). The keyword arguments let
     a caller (e.g. the elastic model) swap in subclasses of the mixer, attention, MLP, norm or
-    stack while keeping everything else, including parameter names.
+    stack while keeping everything else, including parameter names. ``context_parallel``: the
+    core attention is :class:`ContextParallelDotProductAttention` (megatron's local one refuses
+    CP); it has no parameters, so checkpoints are the same either way.
     """
+    core_attention = ContextParallelDotProductAttention if context_parallel else DotProductAttention
     return ModuleSpec(
         module=stack,
         params={"final_norm": norm},
@@ -214,7 +219,7 @@ def local_hybrid_stack_spec(
                         params={"attn_mask_type": AttnMaskType.causal},
                         submodules=SelfAttentionSubmodules(
                             linear_qkv=ColumnParallelLinear,
-                            core_attention=DotProductAttention,
+                            core_attention=core_attention,
                             linear_proj=RowParallelLinear,
                         ),
                     ),

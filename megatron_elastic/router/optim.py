@@ -65,9 +65,11 @@ def finalize_router_grads(router: nn.Module, pgs: ProcessGroupCollection) -> Non
     """Make the router's gradients the single-process gradients on every rank, in place.
 
     Tensor parallel: nothing to do (the elastic model all-reduces the gradients of router weights
-    that multiply TP-sharded activations, so they are complete on every TP rank). Pipeline
-    parallel: each stage holds the gradient of its own layers: summed (the budget loss is added on
-    the last stage only). Data parallel: averaged, like megatron's model gradients.
+    that multiply TP-sharded activations, or under sequence parallelism TP-split tokens, so they
+    are complete on every TP rank). Pipeline parallel: each stage holds the gradient of its own
+    layers: summed (the budget loss is added on the last stage only). Data and context parallel:
+    averaged over both, like megatron's model gradients (a CP rank's task loss is scaled by CP,
+    see :func:`~megatron_elastic.training.lm_step.lm_loss`, and its budget loss is not).
     """
     reduce_router_grads(router, pgs.pp, average=False)
-    reduce_router_grads(router, pgs.dp, average=True)
+    reduce_router_grads(router, pgs.dp_cp, average=True)

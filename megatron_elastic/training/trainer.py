@@ -137,7 +137,10 @@ class Trainer:
             # bit for bit); the flag would only swap index_add for a slower sort-based kernel.
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.pgs = pgs = init_process_groups(r.parallel, seed=r.train.seed)
+        # Data parallel replicas read distinct samples; the CP ranks of a replica read the same
+        # ones and each trains its load-balanced share of every sequence.
         self.dp_rank, self.dp_size = pgs.dp.rank(), pgs.dp.size()
+        self.cp_rank = pgs.cp.rank()
         per_step = r.train.micro_batch_size * self.dp_size
         if r.train.global_batch_size % per_step:
             raise ValueError(
@@ -357,10 +360,14 @@ class Trainer:
             finalize_router_grads(self.router, self.pgs)
         per_budget: dict[str, list[torch.Tensor]] = {}
         if is_pair:
+            # Under CP each rank's records hold its share of a micro-batch's tokens (summed over
+            # the CP ranks below); the micro-batch itself is counted on CP rank 0 only.
+            counted = float(self.cp_rank == 0)
             for name, rec in zip(budgets, self.runner.records, strict=False):
-                row = torch.stack([rec.kd, rec.ce, rec.tokens, torch.ones_like(rec.tokens)])
+                count = torch.full_like(rec.tokens, counted)
+                row = torch.stack([rec.kd, rec.ce, rec.tokens, count])
                 per_budget.setdefault(name, []).append(row.cpu())
-        elif loss is not None:
+        elif loss is not None and self.cp_rank == 0:  # the CP-reduced mean: counted once
             name = self.budgets[0]
             tokens = sum(b["loss_mask"].sum() for b in batches).cpu()
             row = torch.stack([loss.detach().cpu() * tokens, loss.detach().cpu() * tokens, tokens])
@@ -399,7 +406,9 @@ class Trainer:
             f"stage {r.stage} ({r.mode}): {count_parameters(r.model):,} params, "
             f"{r.train.steps} steps x {r.train.global_batch_size} x {r.train.seq_length} tokens, "
             f"TP {r.parallel.tensor_parallel_size} PP {r.parallel.pipeline_parallel_size} "
-            f"DP {self.dp_size}, {self.num_micro} micro-batches/step, {self.dtype}"
+            f"CP {r.parallel.context_parallel_size} DP {self.dp_size}"
+            f"{' SP' if r.parallel.sequence_parallel_active else ''}, "
+            f"{self.num_micro} micro-batches/step, {self.dtype}"
         )
         t0, tokens0 = time.time(), self.progress.tokens
         for step in range(self.progress.step + 1, r.train.steps + 1):
@@ -492,8 +501,8 @@ class Trainer:
                 forward_only=True,
             )
             value = torch.zeros(1, dtype=torch.float64, device=self.device)
-            if loss is not None and self.reports_losses:
-                value += loss.double()
+            if loss is not None and self.reports_losses and self.cp_rank == 0:
+                value += loss.double()  # (already the mean over the CP ranks' tokens)
             dist.all_reduce(value)
             results[name] = value.item() / self.dp_size
         if self.router is not None:

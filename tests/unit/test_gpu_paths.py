@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_elastic.elastic.mamba import _mamba_cuda
-from megatron_elastic.model.mamba import mamba_ssm_torch
+from megatron_elastic.model.mamba import mamba_ssm_cuda, mamba_ssm_torch
 
 pytestmark = pytest.mark.gpu
 
@@ -34,7 +33,7 @@ def test_triton_kernels_match_torch_scan(heads, head_dim) -> None:
         norm_group_size=inner // groups,
         norm_eps=1e-5,
     )
-    out = _mamba_cuda(
+    out = mamba_ssm_cuda(
         *(t.cuda() for t in args),
         head_dim=head_dim,
         num_groups=groups,

@@ -1,0 +1,180 @@
+"""torchrun worker for the sequence/context-parallel equivalence tests
+(test_sequence_context_parallel.py).
+
+One launch runs every case on one parallel layout: the parent, a homogeneous budget with a
+skipped layer and heterogeneous budgets, each in slice and mask mode (sub-networks carry
+router-like weights: leaf tensors on the hidden channels, on every layer's heads/channels/neurons
+and on the depth gates), with and without activation recomputation. Every case is one
+forward/backward through megatron's schedule on the model wrapped in megatron's DDP, then
+``finalize_model_grads`` (DP x CP averaging, SP norm-grad all-reduce) and the router's gradient
+reduction, exactly as the trainer does. It saves the loss, the TP-gathered model gradients keyed
+by global names and the router weights' gradients, one file per pipeline stage.
+
+With ``--init`` (one process) it first builds the model from a seed and saves its full weights
+and the micro-batches, which every layout then loads and shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from torch import nn
+
+from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
+from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
+from megatron_elastic.elastic.model import SubnetWeights
+from megatron_elastic.model.sharding import gather_full_tensors, load_full_state_dict
+from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+from megatron_elastic.router import finalize_router_grads
+from megatron_elastic.training import forward_backward
+from megatron_elastic.training.optim import OptimConfig, wrap_ddp
+
+MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 3, 2, 48  # SEQ: a multiple of 2 x CP x TP = 8
+ELASTIC = ElasticConfig(budgets={"full": 1.0, "small": 0.5}, ffn_nesting_blocks=2)
+
+
+def specs(cfg: ModelConfig, cp: int) -> dict[str, SubnetSpec]:
+    """The sub-networks of the tests (hybrid_small.yaml, pattern M-*M-*). Mamba heads 2 of 4 are
+    1 per TP rank at TP 2, which CP 2 cannot split: that case runs without CP only."""
+    out = {
+        "homogeneous": SubnetSpec.homogeneous(
+            cfg, hidden=48, attention_heads=2, mamba_heads=4, mamba_head_dim=12, ffn=64, depth=5
+        ),
+        "heterogeneous": SubnetSpec.heterogeneous(
+            cfg,
+            hidden=52,
+            attention_heads=[4, 4, 2, 4, 4, 4],
+            mamba_heads=[4, 4, 4, 4, 4, 4],
+            mamba_head_dim=[16, 16, 16, 11, 16, 16],
+            ffn=[128, 64, 128, 128, 96, 128],
+            active=[True, True, True, True, False, True],
+        ),
+    }
+    if cp == 1:
+        out["heterogeneous_heads"] = SubnetSpec.heterogeneous(
+            cfg,
+            hidden=52,
+            attention_heads=[4, 4, 2, 4, 4, 4],
+            mamba_heads=[2, 4, 4, 4, 4, 4],
+            mamba_head_dim=[16, 16, 16, 11, 16, 16],
+            ffn=[128, 64, 128, 128, 96, 128],
+            active=[True, True, True, True, False, True],
+        )
+    return out
+
+
+class RouterWeights(nn.Module):
+    """Leaf weights standing in for a router's outputs (values near 1), seeded per case."""
+
+    def __init__(self, spec: SubnetSpec, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+
+        def leaf(n: int | None) -> nn.Parameter:
+            shape = () if n is None else (n,)
+            return nn.Parameter(1 + 0.1 * torch.randn(shape, generator=g))
+
+        self.hidden = leaf(spec.hidden)
+        self.layers = nn.ParameterList()
+        self.gates = nn.ParameterList()
+        for c in spec.layers:
+            self.layers.append(leaf(c.width * c.head_dim if c.kind == "mamba" else c.width))
+            self.gates.append(leaf(None))
+        self.active = [c.active for c in spec.layers]
+
+    def weights(self) -> SubnetWeights:
+        """Non-leaf views of the leaves, as a router's outputs are."""
+        on = self.active
+        return SubnetWeights(
+            hidden=self.hidden * 1,
+            layers=tuple(p * 1 if a else None for p, a in zip(self.layers, on, strict=True)),
+            gates=tuple(p * 1 if a else None for p, a in zip(self.gates, on, strict=True)),
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--init", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    cfg = config_from_dict(ModelConfig, yaml.safe_load(Path(args.model).read_text()))
+    parallel = ParallelConfig(
+        tensor_parallel_size=args.tp,
+        pipeline_parallel_size=args.pp,
+        context_parallel_size=args.cp,
+        sequence_parallel=args.sp,
+    )
+    parallel.check_sequence_length(SEQ)
+    pgs = init_process_groups(parallel, seed=7)
+    tag = f"tp{args.tp}_pp{args.pp}_cp{args.cp}" + ("_sp" if args.sp else "")
+    results = {}
+    for recompute in (False, True):
+        model = build_elastic_model(cfg, ELASTIC, pgs, parallel, recompute=recompute)
+        if args.init and not recompute:
+            g = torch.Generator().manual_seed(11)
+            batches = []
+            for _ in range(MICRO_BATCHES):
+                tokens = torch.randint(0, cfg.vocab_size, (MICRO_BATCH_SIZE, SEQ + 1), generator=g)
+                mask = (torch.rand(MICRO_BATCH_SIZE, SEQ, generator=g) > 0.2).float()
+                batches.append(
+                    {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+                )
+            full = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
+            torch.save({"weights": full, "batches": batches}, work / "init.pt")
+        init = torch.load(work / "init.pt")
+        load_full_state_dict(model, init["weights"], pgs)
+        ddp = wrap_ddp(model, pgs, OptimConfig())
+        cases = {"parent": None, **specs(cfg, args.cp)}
+        for seed, (name, spec) in enumerate(cases.items()):
+            for mode in ("slice", "mask") if spec is not None else ("parent",):
+                router = None if spec is None else RouterWeights(spec, seed)
+                ddp.zero_grad_buffer()
+
+                def hook(i: int, model=model, spec=spec, router=router, mode=mode) -> None:
+                    # like the trainer: the sub-network (and fresh router outputs) per micro-batch
+                    if spec is not None:
+                        model.set_subnet(spec, router.weights(), mode=mode)
+
+                loss = forward_backward(
+                    ddp,
+                    init["batches"],
+                    pgs,
+                    num_micro_batches=MICRO_BATCHES,
+                    seq_length=SEQ,
+                    micro_batch_size=MICRO_BATCH_SIZE,
+                    micro_batch_hook=hook,
+                )
+                finalize_model_grads([ddp], pg_collection=pgs)
+                router_grads = None
+                if router is not None:
+                    finalize_router_grads(router, pgs)
+                    router_grads = {
+                        n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                        for n, p in router.named_parameters()
+                    }
+                local = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+                results[(name, mode, recompute)] = {
+                    "loss": loss,
+                    "grads": gather_full_tensors(model, local, pgs),
+                    "router_grads": router_grads,
+                }
+                model.set_subnet(None)
+    if pgs.tp.rank() == 0 and pgs.cp.rank() == 0:
+        out = work / tag
+        out.mkdir(exist_ok=True)
+        torch.save(results, out / f"stage{pgs.pp.rank()}.pt")
+    destroy_process_groups()
+
+
+if __name__ == "__main__":
+    main()
