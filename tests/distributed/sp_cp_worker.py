@@ -27,6 +27,7 @@ from torch import nn
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
 from megatron_elastic.elastic.model import SubnetWeights
+from megatron_elastic.model.attention import causal_attention, load_balanced_positions
 from megatron_elastic.model.sharding import gather_full_tensors, load_full_state_dict
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 from megatron_elastic.router import finalize_router_grads
@@ -94,6 +95,28 @@ class RouterWeights(nn.Module):
             layers=tuple(p * 1 if a else None for p, a in zip(self.layers, on, strict=True)),
             gates=tuple(p * 1 if a else None for p, a in zip(self.gates, on, strict=True)),
         )
+
+
+def attention_check(cp_group) -> dict[str, float]:
+    """The CPU context-parallel attention against full causal attention: outputs and q/k/v
+    gradients of this rank's load-balanced tokens (max abs differences)."""
+    g = torch.Generator().manual_seed(5)
+    length, b, heads, groups, d = 16 * cp_group.size(), 2, 4, 2, 8
+    q = torch.randn(length, b, heads, d, generator=g, requires_grad=True)
+    k = torch.randn(length, b, groups, d, generator=g, requires_grad=True)
+    v = torch.randn(length, b, groups, d, generator=g, requires_grad=True)
+    grad_out = torch.randn(length, b, heads * d, generator=g)
+    full = causal_attention(q, k, v)
+    full.backward(grad_out)
+    cp = cp_group.size()
+    pos = load_balanced_positions(length // cp, cp, cp_group.rank(), "cpu")
+    local = [t.detach()[pos].clone().requires_grad_(True) for t in (q, k, v)]
+    out = causal_attention(*local, cp_group)
+    out.backward(grad_out[pos])
+    diffs = {"out": (out - full.detach()[pos]).abs().max().item()}
+    for name, t, ref in zip("qkv", local, (q, k, v), strict=True):
+        diffs[f"grad_{name}"] = (t.grad - ref.grad[pos]).abs().max().item()
+    return diffs
 
 
 def main() -> None:
@@ -169,6 +192,8 @@ def main() -> None:
                     "router_grads": router_grads,
                 }
                 model.set_subnet(None)
+    if args.cp > 1:
+        results["attention"] = attention_check(pgs.cp)
     if pgs.tp.rank() == 0 and pgs.cp.rank() == 0:
         out = work / tag
         out.mkdir(exist_ok=True)
