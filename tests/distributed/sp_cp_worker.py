@@ -139,7 +139,9 @@ def main() -> None:
     )
     parallel.check_sequence_length(SEQ)
     pgs = init_process_groups(parallel, seed=7)
+    dp = pgs.dp.size()  # replicas see the same batches: their averaged grads are one replica's
     tag = f"tp{args.tp}_pp{args.pp}_cp{args.cp}" + ("_sp" if args.sp else "")
+    tag += f"_dp{dp}" if dp > 1 else ""
     results = {}
     for recompute in (False, True):
         model = build_elastic_model(cfg, ELASTIC, pgs, parallel, recompute=recompute)

@@ -1,4 +1,5 @@
-"""Sequence parallelism (TP 2, TP 2 x PP 2) and context parallelism (CP 2, CP 2 x TP 2 with SP)
+"""Sequence parallelism (TP 2, TP 2 x PP 2) and context parallelism (CP 2, CP 2 x TP 2 with SP,
+CP 2 x DP 2)
 under torchrun/gloo give the loss, every model gradient and the router weights' gradients of one
 process, for the parent, a homogeneous budget with a skipped layer and heterogeneous budgets, in
 slice and mask mode, with and without activation recomputation (sp_cp_worker.py runs them all in
@@ -100,11 +101,14 @@ def test_sequence_parallel_matches_single_process(reference, tp: int, pp: int) -
     _assert_same(got, ref)
 
 
-@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)])
-def test_context_parallel_matches_single_process(reference, tp: int, sp: bool) -> None:
+@pytest.mark.parametrize("tp,sp,dp", [(1, False, 1), (2, True, 1), (1, False, 2)])
+def test_context_parallel_matches_single_process(reference, tp: int, sp: bool, dp: int) -> None:
+    """CP 2, CP 2 x TP 2 with SP, and CP 2 x DP 2 (gradients averaged over DP x CP by megatron's
+    DDP and by the router's reduction)."""
     work, ref = reference
-    _torchrun(work, 2 * tp, "--cp", "2", "--tp", str(tp), *(["--sp"] if sp else []))
-    got = _collect(work / (f"tp{tp}_pp1_cp2" + ("_sp" if sp else "")))
+    _torchrun(work, 2 * tp * dp, "--cp", "2", "--tp", str(tp), *(["--sp"] if sp else []))
+    tag = f"tp{tp}_pp1_cp2" + ("_sp" if sp else "") + (f"_dp{dp}" if dp > 1 else "")
+    got = _collect(work / tag)
     attention = got.pop("attention")
     assert set(attention) == {"out", "grad_q", "grad_k", "grad_v"}
     assert max(attention.values()) <= TOL, attention
