@@ -13,7 +13,9 @@
 # Environment read here: PYTHON (interpreter, default python), EXTRA_OVERRIDES (more recipe
 # overrides, whitespace-separated section.key=value), MASTER_PORT (default 20000 + job id mod
 # 20000), OMP_NUM_THREADS (default 1), REQUEUE (1: requeue after a SIGUSR1 save, the default),
-# DRY_RUN (1: validate and print the command, run nothing; works outside SLURM).
+# DRY_RUN (1: validate and print the command, run nothing; works outside SLURM), DP (optional:
+# the data-parallel size the job must have; checked against tasks / (TP x PP x CP)).
+# The task count must be a multiple of TP x PP x CP (parallel.* overrides): checked before srun.
 # shellcheck shell=bash
 
 _prog=${SLURM_JOB_NAME:-$(basename "$0")}
@@ -32,6 +34,14 @@ require_env() {
 require_int() {
   case ${!1:-} in
     '' | *[!0-9]* | 0*) die "$1 must be a positive integer, got '${!1:-}'" ;;
+  esac
+}
+
+# require_bool NAME: NAME must be empty (the recipe's value), true or false.
+require_bool() {
+  case ${!1:-} in
+    '' | true | false) ;;
+    *) die "$1 must be true or false, got '${!1}'" ;;
   esac
 }
 
@@ -110,12 +120,23 @@ launch_stage() {
     export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
   fi
 
-  local tp pp world=${SLURM_NTASKS:-}
+  local tp pp cp sp dp= world=${SLURM_NTASKS:-}
   tp=$(_override_value parallel.tensor_parallel_size "${overrides[@]}" "${extra[@]}")
   pp=$(_override_value parallel.pipeline_parallel_size "${overrides[@]}" "${extra[@]}")
-  if [ -n "$world" ] && [ -n "$tp" ] && [ -n "$pp" ] && [ $((world % (tp * pp))) -ne 0 ]; then
-    die "$world tasks do not split into TP=$tp x PP=$pp model replicas: launch a multiple of" \
-      "$((tp * pp)) tasks (sbatch --nodes/--ntasks-per-node)"
+  cp=$(_override_value parallel.context_parallel_size "${overrides[@]}" "${extra[@]}")
+  sp=$(_override_value parallel.sequence_parallel "${overrides[@]}" "${extra[@]}")
+  cp=${cp:-1}
+  # The world is TP x PP x CP x DP: one model replica spans TP x PP x CP ranks.
+  if [ -n "$world" ] && [ -n "$tp" ] && [ -n "$pp" ]; then
+    if [ $((world % (tp * pp * cp))) -ne 0 ]; then
+      die "$world tasks do not split into TP=$tp x PP=$pp x CP=$cp model replicas: launch a" \
+        "multiple of $((tp * pp * cp)) tasks (sbatch --nodes/--ntasks-per-node)"
+    fi
+    dp=$((world / (tp * pp * cp)))
+    if [ -n "${DP:-}" ] && [ "$DP" != "$dp" ]; then
+      die "DP=$DP but $world tasks = TP=$tp x PP=$pp x CP=$cp x DP=$dp: change DP or the" \
+        "task count"
+    fi
   fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
     log "dry run; command of every task:"
@@ -126,7 +147,7 @@ launch_stage() {
   [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job: submit with sbatch (or DRY_RUN=1)"
   _rendezvous
   log "job $SLURM_JOB_ID: $world tasks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)," \
-    "TP ${tp:-recipe} PP ${pp:-recipe}${tp:+${pp:+ DP $((world / (tp * pp)))}};" \
+    "TP ${tp:-recipe} PP ${pp:-recipe}${dp:+ DP $dp} CP $cp SP ${sp:-recipe};" \
     "rendezvous $MASTER_ADDR:$MASTER_PORT; working directory $PWD"
   log "command of every task (RANK=SLURM_PROCID, WORLD_SIZE=SLURM_NTASKS, LOCAL_RANK=SLURM_LOCALID):"
   printf '%q ' "${cmd[@]}" >&2

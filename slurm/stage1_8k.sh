@@ -16,6 +16,10 @@
 #                    [runs/nemotron_nano_12b/stage1_8k]; an existing one is resumed
 #   RECIPE           [examples/nemotron_nano_12b/stage1_8k.yaml]
 #   TP, PP           tensor / pipeline parallel sizes [4, 1: the recipe's]
+#   SP               sequence parallelism, true or false [the recipe's: true]
+#   CP               context parallel size [1: the recipe's]; tasks must be a multiple of
+#                    TP x PP x CP (the rest is data parallelism), checked before srun
+#   DP               optional: the data-parallel size the job must come out at
 #   EXTRA_OVERRIDES  more recipe overrides, e.g. "train.steps=100 logging.log_interval=1"
 #   PYTHON           interpreter with megatron_elastic installed [python]
 #   REPO             this repository [found from the submitted script's path]
@@ -59,6 +63,8 @@ source "$REPO/slurm/common.sh"
 RECIPE=${RECIPE:-$REPO/examples/nemotron_nano_12b/stage1_8k.yaml}
 TP=${TP:-4}
 PP=${PP:-1}
+CP=${CP:-1}
+SP=${SP:-}
 SAVE_DIR=${SAVE_DIR:-runs/nemotron_nano_12b/stage1_8k}
 require_env DATA_PREFIX "the training dataset prefix (PREFIX.bin/.idx from tools/prepare_data.py)"
 require_env TOKENIZER "the tokenizer the data was prepared with (tokenizer.json or .model)"
@@ -68,6 +74,8 @@ require_file TOKENIZER
 require_checkpoint PARENT
 require_int TP
 require_int PP
+require_int CP
+require_bool SP
 
 launch_stage "$RECIPE" \
   "data.blend=$DATA_PREFIX" \
@@ -76,4 +84,6 @@ launch_stage "$RECIPE" \
   "distill.teacher_checkpoint=$PARENT" \
   "checkpoint.save=$SAVE_DIR" \
   "parallel.tensor_parallel_size=$TP" \
-  "parallel.pipeline_parallel_size=$PP"
+  "parallel.pipeline_parallel_size=$PP" \
+  "parallel.context_parallel_size=$CP" \
+  ${SP:+"parallel.sequence_parallel=$SP"}

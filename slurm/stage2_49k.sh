@@ -18,6 +18,10 @@
 #                    [runs/nemotron_nano_12b/stage2_49k]; an existing one is resumed
 #   RECIPE           [examples/nemotron_nano_12b/stage2_49k.yaml]
 #   TP, PP           tensor / pipeline parallel sizes [8, 2: the recipe's]
+#   SP               sequence parallelism, true or false [the recipe's: true]
+#   CP               context parallel size [1: the recipe's]; tasks must be a multiple of
+#                    TP x PP x CP (the rest is data parallelism), checked before srun
+#   DP               optional: the data-parallel size the job must come out at
 #   EXTRA_OVERRIDES  more recipe overrides, e.g. "train.seq_length=16384"
 #   PYTHON           interpreter with megatron_elastic installed [python]
 #   REPO             this repository [found from the submitted script's path]
@@ -59,6 +63,8 @@ source "$REPO/slurm/common.sh"
 RECIPE=${RECIPE:-$REPO/examples/nemotron_nano_12b/stage2_49k.yaml}
 TP=${TP:-8}
 PP=${PP:-2}
+CP=${CP:-1}
+SP=${SP:-}
 STAGE1_DIR=${STAGE1_DIR:-runs/nemotron_nano_12b/stage1_8k}
 SAVE_DIR=${SAVE_DIR:-runs/nemotron_nano_12b/stage2_49k}
 require_env DATA_PREFIX "the long-context dataset prefix (PREFIX.bin/.idx from tools/prepare_data.py)"
@@ -69,6 +75,8 @@ require_file TOKENIZER
 require_checkpoint PARENT
 require_int TP
 require_int PP
+require_int CP
+require_bool SP
 # Stage 2 starts from stage 1's newest checkpoint, unless it is resuming its own.
 if [ ! -f "$SAVE_DIR/latest.json" ] && [ ! -f "$STAGE1_DIR/latest.json" ]; then
   die "STAGE1_DIR=$STAGE1_DIR holds no checkpoint (no latest.json): run slurm/stage1_8k.sh first"
@@ -81,4 +89,6 @@ launch_stage "$RECIPE" \
   "distill.teacher_checkpoint=$PARENT" \
   "checkpoint.save=$SAVE_DIR" \
   "parallel.tensor_parallel_size=$TP" \
-  "parallel.pipeline_parallel_size=$PP"
+  "parallel.pipeline_parallel_size=$PP" \
+  "parallel.context_parallel_size=$CP" \
+  ${SP:+"parallel.sequence_parallel=$SP"}

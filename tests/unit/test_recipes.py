@@ -385,3 +385,86 @@ def test_fraction_strings_are_exact() -> None:
     recipe = load_train_recipe(NANO / "stage1_8k.yaml")
     assert recipe.source["budget_sampling"] == {"12B": "1/3", "9B": "1/3", "6B": "1/3"}
     assert sum(Fraction(v) for v in recipe.source["budget_sampling"].values()) == 1
+
+
+# --- SP / CP in the 12B recipes and the SLURM scripts ---------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["stage1_8k.sh", "stage2_49k.sh"])
+def test_12b_recipes_turn_on_sequence_parallelism(nano, script: str) -> None:
+    recipe = nano[0 if script.startswith("stage1") else 1]
+    assert recipe.parallel.sequence_parallel_active  # TP > 1 and SP on
+    text = (ROOT / "slurm" / script).read_text()
+    cp = int(re.search(r"^CP=\$\{CP:-(\d+)\}$", text, re.M).group(1))
+    assert cp == recipe.parallel.context_parallel_size
+    assert re.search(r"^SP=\$\{SP:-\}$", text, re.M), "SP defaults to the recipe's"
+    # the planner's table for this layout is in the recipe's comments
+    yaml_text = (NANO / script.replace(".sh", ".yaml")).read_text()
+    assert "# Memory per GPU (python tools/plan_memory.py" in yaml_text
+    assert "peak GiB per GPU: " in yaml_text
+
+
+def _slurm_dry_run(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    for name in ("train.bin", "train.idx", "tokenizer.json"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "ranked").mkdir(exist_ok=True)
+    (tmp_path / "ranked" / "manifest.json").write_text("{}")
+    (tmp_path / "s1").mkdir(exist_ok=True)
+    (tmp_path / "s1" / "latest.json").write_text("{}")
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in ("TP", "PP", "SP", "CP", "DP", "RECIPE")
+    }
+    inputs = {
+        "DATA_PREFIX": str(tmp_path / "train"),
+        "TOKENIZER": str(tmp_path / "tokenizer.json"),
+        "PARENT": str(tmp_path / "ranked"),
+        "STAGE1_DIR": str(tmp_path / "s1"),
+        "PYTHON": sys.executable,
+        "DRY_RUN": "1",
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "slurm" / script)],
+        env={**base, **inputs, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_slurm_passes_sp_and_cp_through(tmp_path: Path) -> None:
+    done = _slurm_dry_run(tmp_path, "stage2_49k.sh", SP="false", CP="2", SLURM_NTASKS="128")
+    assert done.returncode == 0, done.stderr
+    command = done.stderr.splitlines()[-1]
+    assert "parallel.sequence_parallel=false" in command, command
+    assert "parallel.context_parallel_size=2" in command, command
+    # Unset SP: the recipe's value (no override); CP: the default 1.
+    done = _slurm_dry_run(tmp_path, "stage1_8k.sh")
+    command = done.stderr.splitlines()[-1]
+    assert "parallel.sequence_parallel" not in command, command
+    assert "parallel.context_parallel_size=1" in command, command
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SP": "yes"}, "SP must be true or false, got 'yes'"),
+        ({"CP": "0"}, "CP must be a positive integer"),
+        ({"CP": "3", "SLURM_NTASKS": "128"}, "128 tasks do not split into TP=8 x PP=2 x CP=3"),
+        ({"CP": "2", "DP": "8", "SLURM_NTASKS": "128"}, "DP=8 but 128 tasks = TP=8 x PP=2 x CP=2"),
+    ],
+)
+def test_slurm_checks_the_world_size_before_srun(tmp_path: Path, env, message: str) -> None:
+    done = _slurm_dry_run(tmp_path, "stage2_49k.sh", **env)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr, done.stderr
+    assert "dry run" not in done.stderr
+
+
+def test_slurm_world_is_tp_pp_cp_dp(tmp_path: Path) -> None:
+    done = _slurm_dry_run(tmp_path, "stage2_49k.sh", CP="2", DP="4", SLURM_NTASKS="128")
+    assert done.returncode == 0, done.stderr  # 8 x 2 x 2 x 4 = 128

@@ -1,0 +1,509 @@
+"""Per-GPU memory of one training step, by category and pipeline stage, from a recipe's sizes.
+
+One formula serves ``tools/plan_memory.py``, the tests and ``benchmarks/bench_memory.py`` (which
+checks it against measured peaks). Every activation term names the tensor autograd keeps for
+backward in *our* code path, per token of one micro-batch on one rank:
+
+* ``cpu-fp32``: what the CPU trainer runs (fp32; the elastic student's slice-mode layers with
+  router scalars and depth gates, megatron's linears, SDPA for attention, the pure-torch chunked
+  SSD scan of ``model/ssd_scan.py``); each term was read off the autograd graph and is checked
+  against measured peaks by the benchmark.
+* ``gpu-bf16``: the same student in bf16 on CUDA (our fp32-accumulating RMSNorm, SDPA flash
+  attention, mamba-ssm's fused ``mamba_split_conv1d_scan_combined`` + gated ``rmsnorm_fn``), the
+  teacher on Transformer-Engine specs (fused attention), megatron's mixed-precision optimizer
+  (fp32 master weights, Adam moments). Read from the same code and mamba-ssm 2.3.2's
+  ``save_for_backward`` calls; the GPU run of the benchmark measures it when a GPU is lent.
+
+Model of a step (megatron's 1F1B): stage ``i`` of ``PP`` keeps ``min(PP - i, M)`` micro-batches'
+activations in flight. The peak of a stage is its static memory (weights, fp32 gradient buffer,
+optimizer state, frozen teacher, router) plus the largest of: the in-flight activations plus the
+backward working set (at layer j: the gradients of its output, input and weight; with recompute
+its forward rebuilt first; minus what the layers after j have freed);
+the in-flight activations but one plus the teacher's forward working set; on the last stage, one
+micro-batch's activations plus the logits and KD temporaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_elastic.config import ModelConfig, ParallelConfig, check_parallel_fit
+
+__all__ = [
+    "PROFILES",
+    "LayerShape",
+    "MemoryPlan",
+    "MemoryPlanConfig",
+    "Profile",
+    "StagePlan",
+    "format_plan",
+    "layer_activation_terms",
+    "plan_config_from_recipe",
+    "plan_memory",
+]
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The numerics and kernels a plan assumes."""
+
+    name: str
+    """``cpu-fp32`` or ``gpu-bf16``."""
+    param_bytes: int
+    """Bytes per weight of the student and the teacher."""
+    act_bytes: int
+    """Bytes per element of activations between layers (the model dtype)."""
+    optimizer_bytes: int
+    """Optimizer state per trainable parameter: Adam moments (8), plus fp32 master weights (4)
+    when the weights are in bf16."""
+    teacher_attention_scores: bool
+    """Whether the frozen teacher's attention materialises the (s x s) scores (megatron's local
+    ``DotProductAttention`` on CPU) or not (TE fused attention on GPU)."""
+
+
+PROFILES = {
+    "cpu-fp32": Profile("cpu-fp32", 4, 4, 8, True),
+    "gpu-bf16": Profile("gpu-bf16", 2, 2, 12, False),
+}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer of the student as it runs (the largest budget's sub-network)."""
+
+    kind: str
+    """``mamba``, ``attention`` or ``mlp``."""
+    width: int
+    """Query heads, Mamba heads or FFN neurons (whole model, not per rank)."""
+    head_dim: int = 0
+    """Mamba channels per head (0 for other kinds)."""
+    active: bool = True
+    """Skipped layers store nothing."""
+
+
+@dataclass(frozen=True)
+class MemoryPlanConfig:
+    """Everything the planner needs: sizes, parallel layout, batch geometry, numerics."""
+
+    model: ModelConfig
+    """The parent (the teacher, and the student's full size)."""
+    parallel: ParallelConfig
+    """TP, PP (and layout), SP, CP."""
+    seq_length: int
+    """Tokens per sample."""
+    micro_batch_size: int
+    """Samples per micro-batch."""
+    num_micro_batches: int
+    """Micro-batches per step and data-parallel rank (bounds 1F1B's in-flight count)."""
+    data_parallel_size: int = 1
+    """Replicas; the distributed optimizer shards optimizer state over them."""
+    recompute: bool = False
+    """Per-layer activation recomputation (``train.recompute_activations``)."""
+    distributed_optimizer: bool = False
+    """Optimizer state sharded over data-parallel ranks."""
+    teacher: bool = True
+    """A frozen parent copy distils the student (``distill.teacher: parent``)."""
+    profile: str = "cpu-fp32"
+    """A key of :data:`PROFILES`."""
+    student_hidden: int | None = None
+    """Embedding width of the largest budget (``None``: the parent's)."""
+    student_layers: tuple[LayerShape, ...] | None = None
+    """Per-layer shape of the largest budget (``None``: the parent's)."""
+    router_params: int = 0
+    """Parameters of the routers (fp32, Adam: 16 bytes each, on every rank)."""
+    stages: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("seq_length", "micro_batch_size", "num_micro_batches", "data_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MemoryPlanConfig.{name} must be a positive integer, got {value}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile={self.profile!r}; choose one of {sorted(PROFILES)}")
+        check_parallel_fit(self.model, self.parallel)
+        self.parallel.check_sequence_length(self.seq_length)
+        if self.student_layers is not None and len(self.student_layers) != self.model.num_layers:
+            raise ValueError(
+                f"student_layers lists {len(self.student_layers)} layers, the model has "
+                f"{self.model.num_layers}"
+            )
+        object.__setattr__(self, "stages", self.parallel.stage_layer_counts(self.model.num_layers))
+
+    def layers(self) -> tuple[LayerShape, ...]:
+        if self.student_layers is not None:
+            return self.student_layers
+        return tuple(
+            LayerShape(kind, width, head_dim)
+            for kind, (width, head_dim) in zip(
+                self.model.layer_kinds(), self.model.layer_sizes(), strict=True
+            )
+        )
+
+
+# --------------------------------------------------------------------------- activations
+def _tokens(cfg: MemoryPlanConfig) -> tuple[float, float]:
+    """Tokens per rank of one micro-batch: (head-sharded tensors, hidden-width tensors). CP splits
+    the sequence; SP further splits hidden-width tensors (norms, residual, linear inputs) over TP
+    (megatron's linears save the local shard and all-gather again in backward)."""
+    p = cfg.parallel
+    tokens = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
+    hidden_tokens = tokens / (p.tensor_parallel_size if p.sequence_parallel_active else 1)
+    return tokens, hidden_tokens
+
+
+def layer_activation_terms(
+    cfg: MemoryPlanConfig, layer: LayerShape, hidden: int
+) -> dict[str, float]:
+    """Bytes autograd keeps for one micro-batch through ``layer`` on one rank, by tensor."""
+    m, p, prof = cfg.model, cfg.parallel, PROFILES[cfg.profile]
+    tp, cp = p.tensor_parallel_size, p.context_parallel_size
+    t, th = _tokens(cfg)
+    h = hidden
+    if not layer.active:
+        return {}
+    if prof.name == "cpu-fp32":
+        # Pre-norm (ours, fp32): its input (pow), rsqrt, normalised x (weight mul), its output
+        # (the first linear's input); the depth gate x + g*(f(x) - x) keeps f(x) - x.
+        terms = {"norm + gate (4h+1)": 4 * th * (4 * h + 1)}
+    else:
+        # Our RMSNorm on bf16: fp32 upcast of the input, fp32 rsqrt, fp32 normalised x, bf16
+        # output; the gate's bf16 f(x) - x.
+        terms = {"norm + gate (12h+4 B)": th * (12 * h + 4)}
+    a = prof.act_bytes
+    if layer.kind == "mlp":
+        f = layer.width / tp
+        # relu result (relu + pow), pow result (router-weight mul), weighted result (fc2 input)
+        terms["ffn: relu, pow, weighted (3f)"] = 3 * t * f * a
+        return terms
+    if layer.kind == "attention":
+        nq, d = layer.width / tp, m.head_dim
+        kv_tokens = t * cp  # K/V all-gathered over the CP ranks (causal_attention)
+        # q (reshape copy), SDPA output (= ctx), weighted ctx (linear_proj input); k and v
+        # expanded to every query head (repeat_interleave); fp32 logsumexp per head
+        # One query group per rank: q is a view of the fused qkv output, which it keeps whole.
+        q = (nq + 2 * m.num_query_groups / tp) * d if m.num_query_groups == tp else nq * d
+        terms["attn: q (or all qkv), out, weighted"] = t * (q + 2 * nq * d) * a
+        terms["attn: k, v per query head (2 nq d)"] = 2 * kv_tokens * nq * d * a
+        terms["attn: logsumexp (nq fp32)"] = 4 * t * nq
+        if cp > 1:  # the (local queries x gathered keys) causal mask, bool
+            b = cfg.micro_batch_size
+            terms["attn: CP mask (s x CP s bool)"] = (t / b) * (kv_tokens / b)
+        return terms
+    nh, hd = layer.width / tp, layer.head_dim
+    g, n, L, k = m.mamba_num_groups / tp, m.mamba_state_dim, m.mamba_chunk_size, m.mamba_conv_kernel
+    inner = nh * hd
+    d_in = 2 * inner + 2 * g * n + nh  # in_proj output [z, x, B, C, dt]
+    if prof.name == "cpu-fp32":
+        seq = cfg.seq_length
+        chunks = -(-seq // L)
+        b = cfg.micro_batch_size
+        # zxbcdt (silu(z) keeps the whole in_proj output), conv output (padded by k-1) and its
+        # silu result (both [x, B, C]); x*dt and its two bmm copies; scan output y, silu(z),
+        # gated y*silu(z), its normalised form, the normed output, the router-weighted out_proj
+        # input (6 inner); per-head dt/decay vectors (5 nh incl. dt in zxbcdt's share).
+        terms["mamba: in_proj output [z,x,B,C,dt]"] = 4 * t * d_in
+        terms["mamba: conv out + silu [x,B,C] x2"] = (
+            4 * t * (inner + 2 * g * n) * (2 + (k - 1) / seq)
+        )
+        terms["mamba: x*dt + 2 bmm copies (3 inner)"] = 4 * t * 3 * inner
+        terms["mamba: y, gate, norm, out (6 inner)"] = 4 * t * (6 * inner + g)
+        terms["mamba: dt, decays (4 nh)"] = 4 * t * 4 * nh
+        # Per-head B and C expansions (5 copies), chunk states, the L x L decay/score blocks.
+        terms["mamba: B/C per head (5 nh n)"] = 4 * t * 5 * nh * n
+        terms["mamba: chunk states"] = 4 * t * nh * n * hd / L * (1 + (chunks + 1) / chunks)
+        terms["mamba: L x L decay, scores (3 nh L)"] = 4 * t * 3 * nh * L
+        terms["mamba: masks, chunk decay"] = 2 * L * L + 4 * b * nh * (chunks + 1) ** 2
+        return terms
+    # mamba-ssm fused conv+scan keeps zxbcdt and the scan output; rmsnorm_fn keeps its input
+    # and fp32 rstd per group; the normed output (router-weight mul) and the out_proj input.
+    terms["mamba: in_proj output [z,x,B,C,dt]"] = a * t * d_in
+    terms["mamba: scan out, norm in, normed, out (4 inner)"] = a * t * 4 * inner
+    terms["mamba: rstd (g fp32)"] = 4 * t * g
+    return terms
+
+
+def _layer_bytes(cfg: MemoryPlanConfig, layer: LayerShape, hidden: int) -> float:
+    return sum(layer_activation_terms(cfg, layer, hidden).values())
+
+
+def _stored_bytes(cfg: MemoryPlanConfig, layer: LayerShape, hidden: int) -> float:
+    """What one micro-batch keeps through ``layer`` until its backward."""
+    if not layer.active:
+        return 0.0
+    if not cfg.recompute:
+        return _layer_bytes(cfg, layer, hidden)
+    # Non-reentrant checkpoint keeps the layer's input; the depth gate outside it keeps
+    # f(x) - x: 2 hidden-width tensors.
+    _, th = _tokens(cfg)
+    return 2 * th * hidden * PROFILES[cfg.profile].act_bytes
+
+
+# --------------------------------------------------------------------------- parameters
+def _layer_params_per_rank(m: ModelConfig, kind: str, width: int, head_dim: int, tp: int) -> float:
+    h = m.hidden_size
+    if kind == "mlp":
+        return h + 2 * h * width / tp
+    if kind == "attention":
+        return h + (h * (width + 2 * m.num_query_groups) * m.head_dim + width * m.head_dim * h) / tp
+    inner, gn = width * head_dim, m.mamba_num_groups * m.mamba_state_dim
+    conv = (inner + 2 * gn) * (m.mamba_conv_kernel + 1)
+    return h + (h * (2 * inner + 2 * gn + width) + conv + 3 * width + inner + inner * h) / tp
+
+
+def _largest_weight(m: ModelConfig, tp: int, first: bool, last: bool) -> float:
+    """Elements of the largest weight matrix shard on a stage (its gradient is a transient)."""
+    h, sizes = m.hidden_size, [0.0]
+    for kind, (width, head_dim) in zip(m.layer_kinds(), m.layer_sizes(), strict=True):
+        if kind == "mlp":
+            sizes.append(h * width / tp)
+        elif kind == "attention":
+            sizes.append(h * (width + 2 * m.num_query_groups) * m.head_dim / tp)
+        else:
+            inner = width * head_dim
+            sizes.append(h * (2 * inner + 2 * m.mamba_num_groups * m.mamba_state_dim + width) / tp)
+    if first or last:
+        sizes.append(m.vocab_size / tp * h)
+    return max(sizes)
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class StagePlan:
+    """Bytes on the busiest rank of one pipeline stage."""
+
+    stage: int
+    layers: dict[str, int]
+    """Active student layers of each kind on this stage."""
+    in_flight: int
+    """Micro-batches whose activations this stage holds at once under 1F1B."""
+    static: dict[str, float]
+    """Weights, gradients, optimizer state, teacher, router."""
+    activations: dict[str, float]
+    """Stored activations of all in-flight micro-batches, by layer kind (and embedding, final
+    norm, pipeline buffers)."""
+    transients: dict[str, float]
+    """The working sets the peak adds on top (the largest one counts)."""
+    peak: float
+    """Static + the largest of the step's phases (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    config: MemoryPlanConfig
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def peak(self) -> float:
+        return max(s.peak for s in self.stages)
+
+
+def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
+    """Per-stage memory of one training step on the busiest rank of each stage."""
+    m, p, prof = cfg.model, cfg.parallel, PROFILES[cfg.profile]
+    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+    hidden = cfg.student_hidden or m.hidden_size
+    layers = cfg.layers()
+    t, th = _tokens(cfg)
+    a = prof.act_bytes
+    vocab = m.vocab_size / tp
+    stages, start = [], 0
+    for i, count in enumerate(cfg.stages):
+        first, last = i == 0, i == pp - 1
+        mine = range(start, start + count)
+        start += count
+        in_flight = min(pp - i, cfg.num_micro_batches)
+        params = sum(
+            _layer_params_per_rank(m, kind, w, d, tp)
+            for j, (kind, (w, d)) in enumerate(zip(m.layer_kinds(), m.layer_sizes(), strict=True))
+            if j in mine
+        )
+        params += (vocab * m.hidden_size if first else 0) + (
+            vocab * m.hidden_size + m.hidden_size if last else 0
+        )
+        dp_shard = cfg.data_parallel_size if cfg.distributed_optimizer else 1
+        static = {
+            "student weights": params * prof.param_bytes,
+            "gradients (fp32 buffer)": params * 4,
+            "optimizer state": params * prof.optimizer_bytes / dp_shard,
+            "teacher weights": params * prof.param_bytes if cfg.teacher else 0.0,
+            "router (fp32 + grads + Adam)": 16 * cfg.router_params,
+        }
+        # megatron keeps one persistent "mpu" buffer per dtype (parallel_state's
+        # GlobalMemoryBuffer), as large as its largest request: the teacher's local attention
+        # multiplies into a (b*heads, s, s) score buffer; under SP, megatron's linears all-gather
+        # their inputs (s, b, h) into it.
+        buffer = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
+        buffer = buffer * m.hidden_size * a if p.sequence_parallel_active else 0.0
+        # (Under CP the teacher's attention is our all-gather-KV SDPA: no score matrix.)
+        scores = prof.teacher_attention_scores and p.context_parallel_size == 1
+        if (
+            cfg.teacher
+            and scores
+            and any(k == "attention" for k in m.layer_kinds()[mine.start : mine.stop])
+        ):
+            s_local = cfg.seq_length / p.context_parallel_size
+            buffer = max(buffer, 4 * cfg.micro_batch_size * m.num_attention_heads / tp * s_local**2)
+        if buffer:
+            static["megatron global buffer (scores / SP gather)"] = buffer
+        per_kind: dict[str, float] = {"mamba": 0.0, "attention": 0.0, "mlp": 0.0}
+        counts = {"mamba": 0, "attention": 0, "mlp": 0}
+        for j in mine:
+            layer = layers[j]
+            per_kind[layer.kind] += _stored_bytes(cfg, layer, hidden)
+            counts[layer.kind] += int(layer.active)
+        acts = {f"{k} layers": v * in_flight for k, v in per_kind.items()}
+        extra = 0.0
+        if first:  # the embedding output (router-weight mul) and the int64 token ids
+            extra += th * m.hidden_size * a + 8 * t  # a view of the full-width output
+        if last:  # final norm (4h+1 on CPU, see layer terms) without the gate
+            extra += (
+                th * (3 * hidden * 4 + 4) if prof.name == "cpu-fp32" else th * (10 * hidden + 4)
+            )
+        if not first:  # the received (s, 2b, h) pair tensor: the teacher half on top
+            extra += th * m.hidden_size * a * (2 if cfg.teacher else 1) / 2
+        if not last:  # the sent (s, 2b, h) output, kept until its backward
+            extra += th * m.hidden_size * a * (2 if cfg.teacher else 1)
+        acts["embedding / final norm / pipeline buffers"] = extra * in_flight
+        stored = sum(acts.values())
+        one_mb = stored / in_flight
+        # Backward of the newest micro-batch runs its layers last to first. At layer j the
+        # layers after j have freed their saved tensors; j's own are freed node by node as its
+        # backward consumes them, so on top of them live the gradients of its output and input
+        # (hidden width) and of its weight (the cut view's gradient and the full-size buffer it
+        # lands in); with recompute, j's forward is first rebuilt in full.
+        weight_grad = 2 * _largest_weight(m, tp, first, last) * prof.param_bytes
+        grads = (th + t) * hidden * a  # under SP the input's gradient is all-gathered width
+        backward, freed = 0.0, 0.0
+        for j in reversed(mine):
+            rebuilt = _layer_bytes(cfg, layers[j], hidden) if cfg.recompute else 0.0
+            backward = max(backward, rebuilt + grads - freed)
+            freed += _stored_bytes(cfg, layers[j], hidden)
+        transients = {"backward working set (net)": backward + weight_grad}
+        teacher_ws = 0.0
+        if cfg.teacher:
+            full = [
+                LayerShape(k, w, d)
+                for k, (w, d) in zip(m.layer_kinds(), m.layer_sizes(), strict=True)
+            ]
+            teacher_ws = max((_layer_bytes(cfg, full[j], m.hidden_size) for j in mine), default=0)
+            if scores and any(full[j].kind == "attention" for j in mine):
+                heads = m.num_attention_heads / tp
+                s = cfg.seq_length / p.context_parallel_size
+                # scores and softmax probabilities (b, heads, s, s), fp32
+                teacher_ws = max(teacher_ws, 2 * 4 * cfg.micro_batch_size * heads * s * s)
+            transients["teacher forward working set"] = teacher_ws
+        peak_phase = stored + transients["backward working set (net)"]
+        peak_phase = max(peak_phase, stored - one_mb + teacher_ws)
+        if last:
+            # Student and teacher logits (b, s, V/TP) in the model dtype, and the KD forward's
+            # fp32 log q, log p, p, (log p - log q), p * (...) at its busiest point.
+            kd = t * vocab * (2 * a + 20)
+            transients["logits + KD temporaries"] = kd
+            peak_phase = max(peak_phase, stored + kd)
+        stages.append(
+            StagePlan(
+                stage=i,
+                layers=counts,
+                in_flight=in_flight,
+                static=static,
+                activations=acts,
+                transients=transients,
+                peak=sum(static.values()) + peak_phase,
+            )
+        )
+    return MemoryPlan(cfg, tuple(stages))
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table (GiB per rank, one column per stage); last line ``peak GiB per GPU``."""
+    cfg, p = plan.config, plan.config.parallel
+    head = (
+        f"memory plan ({cfg.profile}): seq {cfg.seq_length}, micro-batch {cfg.micro_batch_size}"
+        f" x {cfg.num_micro_batches}, TP {p.tensor_parallel_size} PP "
+        f"{p.pipeline_parallel_size} CP {p.context_parallel_size} DP {cfg.data_parallel_size}, "
+        f"SP {'on' if p.sequence_parallel_active else 'off'}, recompute "
+        f"{'on' if cfg.recompute else 'off'}, distributed optimizer "
+        f"{'on' if cfg.distributed_optimizer else 'off'}"
+    )
+    names = [f"stage {s.stage}" for s in plan.stages]
+    rows: list[tuple[str, list[float]]] = []
+    first = plan.stages[0]
+    for group in ("static", "activations", "transients"):
+        keys: list[str] = []
+        for s in plan.stages:
+            keys += [k for k in getattr(s, group) if k not in keys]
+        for key in keys:
+            label = key if group != "activations" else f"activations: {key}"
+            rows.append((label, [getattr(s, group).get(key, 0.0) / GIB for s in plan.stages]))
+    rows.append(("peak", [s.peak / GIB for s in plan.stages]))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [head]
+    lines.append(
+        "layers per stage: "
+        + ", ".join(
+            f"stage {s.stage}: {s.layers['mamba']} M / {s.layers['attention']} * / "
+            f"{s.layers['mlp']} - ({s.in_flight} micro-batch(es) in flight)"
+            for s in plan.stages
+        )
+    )
+    lines.append(f"{'GiB per rank':<{width}}" + "".join(f"{n:>12}" for n in names))
+    for label, values in rows:
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>12.3f}" for v in values))
+    del first
+    lines.append(f"peak GiB per GPU: {plan.peak / GIB:.2f}")
+    return "\n".join(lines)
+
+
+def plan_config_from_recipe(recipe, *, world_size: int, profile: str | None = None):
+    """The :class:`MemoryPlanConfig` of a :class:`~megatron_elastic.training.recipe.TrainRecipe`
+    run on ``world_size`` ranks. ``profile``: default ``cpu-fp32`` for ``train.precision: fp32``,
+    else ``gpu-bf16``. The student is the largest budget's architecture (the router may pick any
+    budget per micro-batch; the largest bounds memory)."""
+    from megatron_elastic.elastic.architectures import budget_specs
+    from megatron_elastic.router import ElasticRouter
+
+    p, train = recipe.parallel, recipe.train
+    if not isinstance(world_size, int) or world_size < 1 or world_size % p.model_parallel_size:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of TP x PP x CP = {p.model_parallel_size}"
+        )
+    dp = world_size // p.model_parallel_size
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size = {train.micro_batch_size} x {dp}"
+        )
+    if profile is None:
+        profile = "cpu-fp32" if train.precision == "fp32" else "gpu-bf16"
+    hidden, layers, router_params = None, None, 0
+    if recipe.mode == "elastic":
+        elastic = recipe.elastic
+        if elastic.mode != "slice":
+            raise ValueError(
+                f"elastic.mode={elastic.mode!r}: the planner models slice mode only (mask mode "
+                "computes at full width with extra mask products it does not itemise)"
+            )
+        name = max(elastic.budgets, key=elastic.budgets.get)
+        spec, _ = budget_specs(recipe.model, elastic)[name]
+        hidden = spec.hidden
+        layers = tuple(LayerShape(c.kind, c.width, c.head_dim, c.active) for c in spec.layers)
+        router = ElasticRouter(recipe.model, elastic, recipe.router)
+        router_params = sum(t.numel() for t in router.parameters())
+    return MemoryPlanConfig(
+        model=recipe.model,
+        parallel=p,
+        seq_length=train.seq_length,
+        micro_batch_size=train.micro_batch_size,
+        num_micro_batches=train.global_batch_size // per_step,
+        data_parallel_size=dp,
+        recompute=train.recompute_activations,
+        distributed_optimizer=recipe.optim.use_distributed_optimizer,
+        teacher=recipe.distill.teacher == "parent",
+        profile=profile,
+        student_hidden=hidden,
+        student_layers=layers,
+        router_params=router_params,
+    )
