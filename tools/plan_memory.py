@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         help="numerics and kernels [gpu-bf16, or cpu-fp32 for train.precision: fp32]",
     )
     args = parser.parse_args(argv)
+    from megatron_elastic import platform
+
+    platform.quiet_expected_warnings()  # before the recipe imports megatron-core
     try:
         from megatron_elastic.training.recipe import load_train_recipe
 
