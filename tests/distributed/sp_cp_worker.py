@@ -17,12 +17,14 @@ and the micro-batches, which every layout then loads and shards.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from torch import nn
+from tp_pp_worker import elastic_spec  # (torchrun puts this directory on sys.path)
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
@@ -39,32 +41,25 @@ ELASTIC = ElasticConfig(budgets={"full": 1.0, "small": 0.5}, ffn_nesting_blocks=
 
 
 def specs(cfg: ModelConfig, cp: int) -> dict[str, SubnetSpec]:
-    """The sub-networks of the tests (hybrid_small.yaml, pattern M-*M-*). Mamba heads 2 of 4 are
-    1 per TP rank at TP 2, which CP 2 cannot split: that case runs without CP only."""
+    """The sub-networks of the tests (hybrid_small.yaml, pattern M-*M-*): tp_pp_worker's
+    heterogeneous spec (every axis per layer, a skipped layer), the same with all 4 Mamba heads
+    (its 2-head layer is 1 head per TP rank at TP 2, which CP 2 cannot split: that one runs
+    without CP only), and a homogeneous budget with a skipped layer."""
+    heads = elastic_spec(cfg)
+    full_mamba_heads = SubnetSpec(
+        heads.hidden,
+        tuple(
+            replace(c, width=cfg.mamba_num_heads) if c.kind == "mamba" else c for c in heads.layers
+        ),
+    )
     out = {
         "homogeneous": SubnetSpec.homogeneous(
             cfg, hidden=48, attention_heads=2, mamba_heads=4, mamba_head_dim=12, ffn=64, depth=5
         ),
-        "heterogeneous": SubnetSpec.heterogeneous(
-            cfg,
-            hidden=52,
-            attention_heads=[4, 4, 2, 4, 4, 4],
-            mamba_heads=[4, 4, 4, 4, 4, 4],
-            mamba_head_dim=[16, 16, 16, 11, 16, 16],
-            ffn=[128, 64, 128, 128, 96, 128],
-            active=[True, True, True, True, False, True],
-        ),
+        "heterogeneous": full_mamba_heads,
     }
     if cp == 1:
-        out["heterogeneous_heads"] = SubnetSpec.heterogeneous(
-            cfg,
-            hidden=52,
-            attention_heads=[4, 4, 2, 4, 4, 4],
-            mamba_heads=[2, 4, 4, 4, 4, 4],
-            mamba_head_dim=[16, 16, 16, 11, 16, 16],
-            ffn=[128, 64, 128, 128, 96, 128],
-            active=[True, True, True, True, False, True],
-        )
+        out["heterogeneous_heads"] = heads
     return out
 
 

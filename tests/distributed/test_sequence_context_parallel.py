@@ -7,38 +7,21 @@ one launch per layout); and the CPU context-parallel attention equals full causa
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 WORKER = Path(__file__).with_name("sp_cp_worker.py")
-MODEL = Path(__file__).parents[1] / "fixtures" / "hybrid_small.yaml"
 TOL = 1e-5
 
 pytestmark = pytest.mark.distributed
 
 
-def _torchrun(workdir: Path, nproc: int, *args: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(WORKER),
-        "--model",
-        str(MODEL),
-        "--workdir",
-        str(workdir),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+@pytest.fixture(scope="module")
+def launch(torchrun):
+    return partial(torchrun, WORKER)
 
 
 def _collect(run_dir: Path) -> dict:
@@ -60,9 +43,9 @@ def _collect(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def reference(tmp_path_factory: pytest.TempPathFactory, launch) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("sp_cp")
-    _torchrun(work, 1, "--init")
+    launch(work, 1, "--init")
     ref = _collect(work / "tp1_pp1_cp1")
     losses = {case: r["loss"].item() for case, r in ref.items()}
     # the sub-networks really differ from the parent and from each other
@@ -93,20 +76,22 @@ def _assert_same(got: dict, ref: dict) -> None:
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)])
-def test_sequence_parallel_matches_single_process(reference, tp: int, pp: int) -> None:
+def test_sequence_parallel_matches_single_process(reference, launch, tp: int, pp: int) -> None:
     work, ref = reference
-    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--sp")
+    launch(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--sp")
     got = _collect(work / f"tp{tp}_pp{pp}_cp1_sp")
     assert {case[0] for case in got} >= {"parent", "homogeneous", "heterogeneous_heads"}
     _assert_same(got, ref)
 
 
 @pytest.mark.parametrize("tp,sp,dp", [(1, False, 1), (2, True, 1), (1, False, 2)])
-def test_context_parallel_matches_single_process(reference, tp: int, sp: bool, dp: int) -> None:
+def test_context_parallel_matches_single_process(
+    reference, launch, tp: int, sp: bool, dp: int
+) -> None:
     """CP 2, CP 2 x TP 2 with SP, and CP 2 x DP 2 (gradients averaged over DP x CP by megatron's
     DDP and by the router's reduction)."""
     work, ref = reference
-    _torchrun(work, 2 * tp * dp, "--cp", "2", "--tp", str(tp), *(["--sp"] if sp else []))
+    launch(work, 2 * tp * dp, "--cp", "2", "--tp", str(tp), *(["--sp"] if sp else []))
     tag = f"tp{tp}_pp1_cp2" + ("_sp" if sp else "") + (f"_dp{dp}" if dp > 1 else "")
     got = _collect(work / tag)
     attention = got.pop("attention")

@@ -3,37 +3,20 @@ parent and for the elastic model running a heterogeneous sub-network (slice and 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 WORKER = Path(__file__).with_name("tp_pp_worker.py")
-MODEL = Path(__file__).parents[1] / "fixtures" / "hybrid_small.yaml"
 
 pytestmark = pytest.mark.distributed
 
 
-def _torchrun(workdir: Path, nproc: int, *args: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(WORKER),
-        "--model",
-        str(MODEL),
-        "--workdir",
-        str(workdir),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+@pytest.fixture(scope="module")
+def launch(torchrun):
+    return partial(torchrun, WORKER)
 
 
 def _collect(run_dir: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -47,9 +30,9 @@ def _collect(run_dir: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor, dict]:
+def reference(tmp_path_factory: pytest.TempPathFactory, launch) -> tuple[Path, torch.Tensor, dict]:
     work = tmp_path_factory.mktemp("tp_pp")
-    _torchrun(work, 1, "--init")
+    launch(work, 1, "--init")
     loss, grads = _collect(work / "tp1_pp1")
     return work, loss, grads
 
@@ -68,16 +51,16 @@ def _assert_same(loss, grads, ref_loss, ref_grads, kinds=("mixer", "self_attenti
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_parallel_matches_single_process(reference, tp: int, pp: int) -> None:
+def test_parallel_matches_single_process(reference, launch, tp: int, pp: int) -> None:
     work, ref_loss, ref_grads = reference
-    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp))
+    launch(work, tp * pp, "--tp", str(tp), "--pp", str(pp))
     _assert_same(*_collect(work / f"tp{tp}_pp{pp}"), ref_loss, ref_grads)
 
 
 @pytest.fixture(scope="module")
-def elastic_reference(reference) -> tuple[Path, torch.Tensor, dict]:
+def elastic_reference(reference, launch) -> tuple[Path, torch.Tensor, dict]:
     work, parent_loss, _ = reference
-    _torchrun(work, 1, "--elastic", "slice")
+    launch(work, 1, "--elastic", "slice")
     loss, grads = _collect(work / "tp1_pp1_slice")
     assert abs(loss.item() - parent_loss.item()) > 1e-3  # the sub-network is not the parent
     assert not any(n.startswith("decoder.layers.4.") for n in grads)  # the skipped layer
@@ -87,25 +70,25 @@ def elastic_reference(reference) -> tuple[Path, torch.Tensor, dict]:
 @pytest.mark.parametrize(
     "tp,pp,mode", [(2, 1, "slice"), (1, 2, "slice"), (2, 2, "slice"), (2, 2, "mask")]
 )
-def test_elastic_parallel_matches_single_process(elastic_reference, tp, pp, mode) -> None:
+def test_elastic_parallel_matches_single_process(elastic_reference, launch, tp, pp, mode) -> None:
     work, ref_loss, ref_grads = elastic_reference
-    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--elastic", mode)
+    launch(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--elastic", mode)
     _assert_same(*_collect(work / f"tp{tp}_pp{pp}_{mode}"), ref_loss, ref_grads)
 
 
 @pytest.fixture(scope="module")
-def ranked_reference(reference):
+def ranked_reference(reference, launch):
     work, parent_loss, _ = reference
-    _torchrun(work, 1, "--importance")
+    launch(work, 1, "--importance")
     data = torch.load(work / "tp1_pp1_ranked" / "stage0.pt")
     # ranking permutes weights but keeps the function: the parent's loss, unchanged
     assert abs(data["loss"].item() - parent_loss.item()) <= 1e-5
     return work, data
 
 
-def test_importance_under_tp_matches_single_process(ranked_reference) -> None:
+def test_importance_under_tp_matches_single_process(ranked_reference, launch) -> None:
     work, ref = ranked_reference
-    _torchrun(work, 2, "--tp", "2", "--importance")
+    launch(work, 2, "--tp", "2", "--importance")
     data = torch.load(work / "tp2_pp1_ranked" / "stage0.pt")
     assert abs(data["loss"].item() - ref["loss"].item()) <= 1e-5
     ours, theirs = data["ranking"], ref["ranking"]
@@ -123,18 +106,18 @@ def test_importance_under_tp_matches_single_process(ranked_reference) -> None:
 
 
 @pytest.fixture(scope="module")
-def router_reference(reference):
+def router_reference(reference, launch):
     work, _, _ = reference
-    _torchrun(work, 1, "--router")
+    launch(work, 1, "--router")
     return work, torch.load(work / "tp1_pp1_router" / "stage0.pt")
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_router_decisions_and_grads_match_single_process(router_reference, tp, pp) -> None:
+def test_router_decisions_and_grads_match_single_process(router_reference, launch, tp, pp) -> None:
     work, ref = router_reference
     assert len(ref["decisions"]) == 3 and ref["router_grads"]
     assert any(g.abs().sum() > 0 for g in ref["router_grads"].values())
-    _torchrun(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--router")
+    launch(work, tp * pp, "--tp", str(tp), "--pp", str(pp), "--router")
     stages = sorted((work / f"tp{tp}_pp{pp}_router").glob("stage*.pt"))
     assert len(stages) == pp
     for stage in stages:  # every stage (after reduction) holds the same, full router gradient
