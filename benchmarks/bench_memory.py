@@ -7,9 +7,10 @@ megatron DDP + optimizer; TP/PP/SP/CP and recompute as the configuration says) o
 dataset and runs ``--steps`` full training steps (the first allocates Adam's state, so later
 steps carry it). The planner (``megatron_elastic/planning/memory.py``) predicts, from the same
 recipe, the peak of every pipeline stage's busiest rank; the worker measures each rank's peak
-(CPU: torch's CPU allocator, from ``torch.profiler`` memory events; CUDA:
-``torch.cuda.max_memory_allocated``). Prints predicted / measured per configuration and stage;
-the last line is ``worst predicted/measured: R`` (the ratio farthest from 1).
+(CPU: the live bytes of torch's CPU allocator on all threads, gloo's included, as its counter
+reads at each ``torch.profiler`` allocation event; CUDA: ``torch.cuda.max_memory_allocated``).
+Prints predicted / measured per configuration and stage; the last line is
+``worst predicted/measured: R`` (the ratio farthest from 1).
 
 A configuration that needs what this checkout's model builder does not do yet (sequence or
 context parallelism) is listed as pending, not run.
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"tiny parent ({MODEL.relative_to(ROOT)}), elastic student at the full budget + frozen "
         f"teacher + router, {args.steps} steps; profile {profile}; measured: "
-        + ("torch.cuda.max_memory_allocated" if cuda else "CPU allocator peak (torch.profiler)")
+        + ("torch.cuda.max_memory_allocated" if cuda else "CPU allocator peak, all threads")
     )
     header = (
         f"{'config':<22} {'seq':>5} {'TP':>3} {'PP':>3} {'SP':>3} {'CP':>3} {'rc':>3} "
@@ -186,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             busiest = max(mine, key=lambda r: r["peak_bytes"])
             if args.verbose and busiest.get("peak_ops"):
                 print(f"    peak at: {' > '.join(busiest['peak_ops'][-6:])}")
+            if args.verbose and "replay_peak_bytes" in busiest:
+                print(
+                    f"    profiler byte-delta replay: peak {busiest['replay_peak_bytes'] / MIB:.1f}"
+                    f" MiB, {busiest['untracked_free_bytes'] / MIB:.1f} MiB of frees it never saw"
+                    " (made on gloo's threads)"
+                )
         if args.verbose:
             print(f"    ({time.time() - t0:.0f} s)", flush=True)
     if not ratios:

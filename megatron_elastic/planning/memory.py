@@ -187,9 +187,13 @@ def layer_activation_terms(
         terms["attn: q (or all qkv), out, weighted"] = t * (q + 2 * nq * d) * a
         terms["attn: k, v per query head (2 nq d)"] = 2 * kv_tokens * nq * d * a
         terms["attn: logsumexp (nq fp32)"] = 4 * t * nq
-        if cp > 1:  # the (local queries x gathered keys) causal mask, bool
+        if cp > 1:
+            # The (local queries x gathered keys) causal mask: SDPA turns our bool mask into an
+            # additive one in the query's dtype and saves that for backward; the bool one is
+            # freed (CPU flash kernel: a (s, CP s) fp32 tensor on its autograd node, measured;
+            # CUDA: the memory-efficient kernel's bf16 attn_bias, from the code).
             b = cfg.micro_batch_size
-            terms["attn: CP mask (s x CP s bool)"] = (t / b) * (kv_tokens / b)
+            terms["attn: CP mask (s x CP s, model dtype)"] = (t / b) * (kv_tokens / b) * a
         return terms
     nh, hd = layer.width / tp, layer.head_dim
     g, n, L, k = m.mamba_num_groups / tp, m.mamba_state_dim, m.mamba_chunk_size, m.mamba_conv_kernel

@@ -1,13 +1,16 @@
 """The memory planner (megatron_elastic/planning/memory.py, tools/plan_memory.py): per-category
 figures equal hand-computed numbers for a small config; its CPU activation terms equal what
 autograd really saves in the student's layers; its 12B stage-2 predictions move the right way;
-the CLI reports user errors as ``error: ...`` with exit status 2. Measured peaks of whole
-training steps: benchmarks/bench_memory.py (docs/benchmarks.md)."""
+the CLI reports user errors as ``error: ...`` with exit status 2; the benchmark's CPU peak
+counts frees made on threads the profiler does not record. Measured peaks of whole training
+steps: benchmarks/bench_memory.py (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -138,6 +141,12 @@ def test_pipeline_in_flight_and_parallel_shards() -> None:
     assert mlp(sp) == 4 * 64 * (4 * 96 + 1) + 4 * 128 * 3 * 80
     cp = plan_memory(_small(parallel=ParallelConfig(context_parallel_size=2))).stages[0]
     assert mlp(cp) == mlp(one) / 2
+    # CP 2 attention, 64 local tokens: 4h + 1, q / SDPA output / weighted ctx (3 * 6 * 24) and
+    # logsumexp (6) per local token; k, v per query head (2 * 144) per gathered token (128);
+    # the (64, 128) causal mask SDPA saves as an fp32 additive mask.
+    assert cp.activations["attention layers"] == (
+        4 * 64 * (4 * 96 + 1 + 3 * 144 + 6) + 4 * 128 * 2 * 144 + 4 * 64 * 128
+    )
 
 
 # --- the CPU terms are what autograd saves ------------------------------------------------------
@@ -300,3 +309,37 @@ def test_cli_user_errors_exit_2(args: list[str], message: str) -> None:
 def test_format_plan_ends_with_the_peak() -> None:
     text = format_plan(plan_memory(_small()))
     assert text.splitlines()[-1] == f"peak GiB per GPU: {plan_memory(_small()).peak / GIB:.2f}"
+
+
+def _bench_worker():
+    path = ROOT / "benchmarks" / "bench_memory_worker.py"
+    spec = importlib.util.spec_from_file_location("bench_memory_worker", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
+    """bench_memory_worker's CPU peak: a tensor whose last reference is dropped on a thread the
+    profiler does not record (as gloo's worker threads drop the tensors of a collective) is
+    freed there; the allocator's all-thread counter sees it, a replay of the profiler's byte
+    deltas does not and keeps counting it."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    worker, mib = _bench_worker(), 1024**2
+    try:
+        worker._track_all_threads()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with record_function("window"):
+                for _ in range(3):
+                    held = [torch.empty(mib // 4)]  # 1 MiB of fp32, allocated here
+                    thread = threading.Thread(target=held.clear)  # ... and freed there
+                    thread.start()
+                    thread.join()
+    finally:
+        worker._track_all_threads(False)
+    result = worker._cpu_peak(prof, "window")
+    assert result["peak_bytes"] == mib
+    assert result["replay_peak_bytes"] == 3 * mib
+    # at the last recorded event (the third allocation) the replay lacks the first two frees
+    assert result["untracked_free_bytes"] == 2 * mib
