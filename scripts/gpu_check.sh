@@ -184,11 +184,11 @@ sp_cp() {
     return 3
   fi
   # One GPU cannot host a 2-rank NCCL run: the ranks run on gloo/CPU (CUDA hidden), as in CI;
-  # one layout of each (TP 2 + SP, CP 2) to stay inside the section's minute.
+  # one layout of each (TP 2 + SP, CP 2 x DP 2) to stay inside the section's minute.
   echo "tests: $file (gloo/CPU processes)"
   CUDA_VISIBLE_DEVICES= "$PY" -m pytest -p no:cacheprovider -q -rA \
     "$file::test_sequence_parallel_matches_single_process[2-1]" \
-    "$file::test_context_parallel_matches_single_process[1-False-1]"
+    "$file::test_context_parallel_matches_single_process[1-False-2]"
 }
 
 export ROOT OUT PY WHEELS SITE gpus
