@@ -154,7 +154,6 @@ def run(
 ) -> dict:
     """The benchmark (``device``/``dtype``/``cfg`` other than CUDA/bf16/12B-shaped: smoke tests)."""
     on_cuda = device == "cuda"
-    from megatron_elastic import platform
     from megatron_elastic.config import ParallelConfig
     from megatron_elastic.distill.pair import DistillationPair
     from megatron_elastic.elastic import (
@@ -171,7 +170,6 @@ def run(
     from megatron_elastic.training.lm_step import distill_forward
     from megatron_elastic.training.optim import OptimConfig, build_optimizer, wrap_ddp
 
-    platform.quiet_expected_warnings()
     cfg = cfg or stack_config(args.pattern, args.vocab)
     bf16 = dtype
     result: dict = {

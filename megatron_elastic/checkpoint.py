@@ -2,8 +2,11 @@
 and load) plus a JSON manifest naming what the directory holds and what produced it.
 
 Writes are atomic: everything goes to a temporary sibling directory that replaces the target only
-once complete, so a crash never leaves a half-written checkpoint under the final name. Loading
-checks the manifest first and refuses a checkpoint of another architecture before touching weights.
+once complete, so a crash never leaves a half-written checkpoint under the final name. The
+manifest, written last, records the size and checksum of every file (:mod:`.integrity`). Loading
+checks the manifest first, refuses a checkpoint of another architecture before touching weights,
+and verifies each file's checksum before reading it: a truncated, altered, missing or foreign
+file is refused with its name.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from megatron.core import dist_checkpointing
 from torch import nn
 
 from megatron_elastic.config import ModelConfig, config_from_dict
+from megatron_elastic.integrity import ALGORITHM, digest_files, list_files, verify_files
 
 __all__ = [
     "MANIFEST",
@@ -38,7 +42,9 @@ _WEIGHTS = "weights"
 _EXTRA = "extra.pt"
 _OPTIMIZER = "optimizer"
 _RANKS = "ranks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added per-file checksums; version 1 checkpoints are still read (unverified)."""
+_READABLE_VERSIONS = (1, 2)
 
 
 def _rank() -> int:
@@ -93,7 +99,10 @@ def save_checkpoint(
     if rank_state is not None:
         (tmp / _RANKS).mkdir(exist_ok=True)
         torch.save(rank_state, tmp / _RANKS / f"rank{_rank()}.pt")
+    if extra is not None and _rank() == 0:
+        torch.save(extra, tmp / _EXTRA)
     _barrier()
+    files = digest_files(tmp, list_files(tmp))  # every rank hashes a share
     if _rank() == 0:
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -104,10 +113,10 @@ def save_checkpoint(
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "versions": _versions(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "checksum": ALGORITHM,
+            "files": files,
         }
-        if extra is not None:
-            torch.save(extra, tmp / _EXTRA)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _write_manifest(tmp, manifest)
         old = path.parent / f".{path.name}.old"
         if path.exists():
             os.replace(path, old)
@@ -116,6 +125,18 @@ def save_checkpoint(
             shutil.rmtree(old)
     _barrier()
     return path
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """The manifest is the last file of a checkpoint written: its presence (after the rename
+    of the whole directory) is what makes the checkpoint complete."""
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _verify(path: str | Path, manifest: dict[str, Any], names: list[str], **kw: Any) -> None:
+    """Checksums of ``names`` against the manifest (version-1 checkpoints carry none)."""
+    if "files" in manifest:
+        verify_files(Path(path), manifest["files"], names, **kw)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -133,10 +154,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"checkpoint {str(path)!r} has a corrupt {MANIFEST}: {exc}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in _READABLE_VERSIONS:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ValueError(
-            f"checkpoint {str(path)!r} has format version {manifest.get('format_version')!r}; "
-            f"this megatron-elastic reads version {FORMAT_VERSION}"
+            f"checkpoint {str(path)!r} has format version {version!r}; this megatron-elastic "
+            f"reads versions {', '.join(map(str, _READABLE_VERSIONS))}"
         )
     return manifest
 
@@ -175,6 +197,7 @@ def load_checkpoint(
         )
     if optimizer is not None and not manifest.get("has_optimizer"):
         raise ValueError(f"checkpoint {str(path)!r} holds no optimizer state")
+    _verify(path, manifest, [], complete_under=_WEIGHTS)
     request = model.sharded_state_dict()
     if optimizer is not None:
         request = {**request, _OPTIMIZER: optimizer.sharded_state_dict(request, is_loading=True)}
@@ -197,16 +220,20 @@ def load_rank_state(path: str | Path) -> dict[str, Any] | None:
     manifest = read_manifest(path)
     world = dist.get_world_size() if dist.is_initialized() else 1
     file = Path(path) / _RANKS / f"rank{_rank()}.pt"
-    if manifest.get("world_size") != world or not file.is_file():
+    name = f"{_RANKS}/{file.name}"
+    recorded = name in manifest.get("files", {})
+    if manifest.get("world_size") != world or not (file.is_file() or recorded):
         return None
+    _verify(path, manifest, [name], collective=False)
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def load_extra(path: str | Path) -> dict[str, Any]:
     """The replicated state saved with ``extra=`` (e.g. the router), with a clear error if the
     checkpoint has none."""
-    read_manifest(path)
+    manifest = read_manifest(path)
     file = Path(path) / _EXTRA
-    if not file.is_file():
+    if not file.is_file() and _EXTRA not in manifest.get("files", {}):
         raise ValueError(f"checkpoint {str(path)!r} holds no extra state (router etc.)")
+    _verify(path, manifest, [_EXTRA], collective=False)
     return torch.load(file, map_location="cpu", weights_only=True)

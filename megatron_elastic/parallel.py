@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_elastic import platform
+from megatron_elastic import console, platform
 from megatron_elastic.config import ParallelConfig
 
 __all__ = ["destroy_process_groups", "init_process_groups"]
@@ -24,6 +24,11 @@ def init_process_groups(parallel: ParallelConfig, *, seed: int = 1234) -> Proces
     Returns the process groups to pass explicitly to every model and helper.
     """
     platform.apply()
+    with console.drop_native_output():  # gloo reports each new group on stdout
+        return _init_process_groups(parallel, seed)
+
+
+def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCollection:
     if not dist.is_initialized():
         backend = "nccl" if platform.cuda_available() else "gloo"
         timeout = datetime.timedelta(minutes=10)

@@ -13,41 +13,22 @@ import importlib
 import importlib.util
 import sys
 import types
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from megatron_elastic import console
+
 __all__ = [
     "apply",
     "cuda_available",
     "default_device",
-    "quiet_expected_warnings",
     "seed_model_parallel_rng",
     "use_torch_nemotron_h_kernels",
 ]
 
 _APPLIED = False
-
-
-# Warnings megatron-core emits at import or construction that say nothing actionable to our users:
-# the TE/Apex fallback (expected without CUDA), and notes about megatron features we do not use.
-_EXPECTED_WARNINGS = (
-    ("Transformer Engine and Apex are not installed", True),
-    ("Apex is not installed", True),
-    ("MimoModelConfig is experimental", False),
-    ("full scope is deprecated", False),
-)
-
-
-def quiet_expected_warnings() -> None:
-    """Filter the warnings above (the TE/Apex ones only where CUDA is absent). Call it before
-    importing megatron-core to catch its import-time warnings; :func:`apply` calls it too."""
-    cpu = not cuda_available()
-    for message, cpu_only in _EXPECTED_WARNINGS:
-        if cpu or not cpu_only:
-            warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def cuda_available() -> bool:
@@ -244,7 +225,7 @@ def apply() -> None:
     if _APPLIED:
         return
     _APPLIED = True
-    quiet_expected_warnings()
+    console.quiet()
     _register_mamba_ssm_without_extension()
     if cuda_available():
         return

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_elastic import cli
 
+
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m megatron_elastic.train",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -25,19 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from megatron_elastic import platform
-
-    platform.quiet_expected_warnings()  # before megatron-core is imported
-
     from megatron_elastic.training.recipe import load_train_recipe
     from megatron_elastic.training.trainer import Trainer
 
-    try:
-        recipe = load_train_recipe(args.config, args.overrides)
-        trainer = Trainer(recipe)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_train_recipe(args.config, args.overrides)
+    trainer = Trainer(recipe)
     try:
         return trainer.run()
     finally:

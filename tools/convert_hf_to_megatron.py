@@ -19,9 +19,12 @@ from pathlib import Path
 
 import yaml
 
+from megatron_elastic import cli
 
+
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -38,13 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         read_hf_config,
     )
 
-    try:
-        cfg = model_config_from_hf(read_hf_config(args.hf))  # refuse before reading weights
-        hf_config, hf_state = load_hf_directory(args.hf)
-        state = from_hf_state_dict(hf_state, cfg)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = model_config_from_hf(read_hf_config(args.hf))  # refuse before reading weights
+    hf_config, hf_state = load_hf_directory(args.hf)
+    state = from_hf_state_dict(hf_state, cfg)
 
     from megatron_elastic.checkpoint import save_checkpoint
     from megatron_elastic.config import ParallelConfig

@@ -16,9 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_elastic import cli
 
+
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="megatron-elastic checkpoint")
@@ -32,17 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.checkpoint import load_checkpoint, manifest_model, read_manifest
     from megatron_elastic.export.hf import hf_config_from_model
 
-    try:
-        manifest = read_manifest(args.checkpoint)
-        cfg = manifest_model(manifest)
-        base = manifest["metadata"].get("hf_config")
-        hf_config_from_model(cfg, base=base)  # refuses what stock NemotronH cannot represent
-        tokenizer = args.tokenizer or manifest["metadata"].get("tokenizer")
-        if tokenizer is not None and not Path(tokenizer).exists():
-            raise ValueError(f"tokenizer {tokenizer!r} does not exist; pass --tokenizer PATH")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = read_manifest(args.checkpoint)
+    cfg = manifest_model(manifest)
+    base = manifest["metadata"].get("hf_config")
+    hf_config_from_model(cfg, base=base)  # refuses what stock NemotronH cannot represent
+    tokenizer = args.tokenizer or manifest["metadata"].get("tokenizer")
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ValueError(f"tokenizer {tokenizer!r} does not exist; pass --tokenizer PATH")
+    if tokenizer is not None:  # a damaged or mismatched one is refused before writing
+        from megatron_elastic.data.tokenizers import load_tokenizer
+
+        load_tokenizer(tokenizer, model_vocab_size=cfg.vocab_size)
 
     from megatron_elastic.config import ParallelConfig
     from megatron_elastic.export.hf import save_hf_directory

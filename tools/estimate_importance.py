@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_elastic import cli
+
 
 def _check_modelopt_backend(tensor_parallel_size: int) -> None:
     """ValueError (before any heavy work) where ``--backend modelopt`` cannot run."""
@@ -44,8 +46,9 @@ def _check_modelopt_backend(tensor_parallel_size: int) -> None:
         raise ValueError(reason)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = parser.add_mutually_exclusive_group(required=True)
@@ -88,33 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.importance.estimate import estimate_importance, rank_model
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 
-    try:
-        if args.elastic_config:
-            model_cfg, elastic = load_elastic_recipe(args.elastic_config)
-            if args.ffn_nesting_blocks is not None:
-                parser.error("--ffn-nesting-blocks comes from --elastic-config; drop the flag")
-        else:
-            model_cfg = load_model_config(args.model_config)
-            elastic = ElasticConfig(
-                budgets={"parent": 1.0}, ffn_nesting_blocks=args.ffn_nesting_blocks or 1
-            )
-        if args.backend == "modelopt":
-            _check_modelopt_backend(args.tensor_parallel_size)
-        check_prefix(args.data)
-        read_manifest(args.checkpoint)
-        parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
-        elastic.validate_for(model_cfg, parallel)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.elastic_config:
+        model_cfg, elastic = load_elastic_recipe(args.elastic_config)
+        if args.ffn_nesting_blocks is not None:
+            parser.error("--ffn-nesting-blocks comes from --elastic-config; drop the flag")
+    else:
+        model_cfg = load_model_config(args.model_config)
+        elastic = ElasticConfig(
+            budgets={"parent": 1.0}, ffn_nesting_blocks=args.ffn_nesting_blocks or 1
+        )
+    if args.backend == "modelopt":
+        _check_modelopt_backend(args.tensor_parallel_size)
+    check_prefix(args.data)
+    read_manifest(args.checkpoint)
+    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
+    elastic.validate_for(model_cfg, parallel)
 
     pgs = init_process_groups(parallel, seed=args.seed)
     model = build_elastic_model(model_cfg, elastic, pgs, parallel)
-    try:
-        source = load_checkpoint(args.checkpoint, model, model_cfg, kinds=("parent",))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    source = load_checkpoint(args.checkpoint, model, model_cfg, kinds=("parent",))
     batches = calibration_batches(
         args.data,
         num_samples=args.num_samples,

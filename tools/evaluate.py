@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_elastic import cli
+
 
 def _problems(args: argparse.Namespace) -> list:
     from megatron_elastic.data.reasoning import DEFAULT_TASKS, generate_records
@@ -38,11 +40,13 @@ def _problems(args: argparse.Namespace) -> list:
     tasks = args.tasks or DEFAULT_TASKS
     if not args.exclude:
         return generate_records(args.num_problems, seed=args.problem_seed, tasks=tasks)
+    from megatron_elastic.files import iter_jsonl
+
     seen = set()
-    with open(args.exclude, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                seen.add(json.loads(line).get("question"))
+    for where, row in iter_jsonl(args.exclude):
+        if not isinstance(row, dict) or "question" not in row:
+            raise ValueError(f"{where}: no 'question' key (--exclude takes a corpus JSONL)")
+        seen.add(row["question"])
     # draw extra problems so that the held-out ones still number --num-problems
     pool = generate_records(2 * args.num_problems + 64, seed=args.problem_seed, tasks=tasks)
     kept = [r for r in pool if r.question not in seen][: args.num_problems]
@@ -66,8 +70,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -119,42 +124,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 
-    try:
-        kind, trained = checkpoint_budgets(args.checkpoint)
-        budgets = parse_budgets(args.budgets, trained, allow_fractions=kind == "elastic")
-        hf_dir = read_hf_directory(args.checkpoint) if is_hf_directory(args.checkpoint) else None
-        if hf_dir is not None:
-            max_length = hf_dir.max_sequence_length
-        else:
-            manifest = read_manifest(args.checkpoint)
-            model_cfg = manifest_model(manifest)
-            max_length = model_cfg.max_sequence_length
-        if max_length is not None and args.seq_length > max_length:
-            raise ValueError(
-                f"--seq-length {args.seq_length} exceeds the model's max_sequence_length "
-                f"{max_length}"
-            )
-        problems = _problems(args)
-        tokenizer = None
-        if (args.data or problems) and hf_dir is not None:
-            tokenizer = load_hf_eval_tokenizer(args.tokenizer, hf_dir)
-        elif args.data or problems:
-            tokenizer = load_eval_tokenizer(args.tokenizer, manifest, model_cfg)
-        pgs = init_process_groups(ParallelConfig())
-        batches = None
-        if args.data:
-            batches = validation_batches(
-                args.data,
-                tokenizer,
-                seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size,
-                split=args.split,
-                max_samples=args.max_samples,
-                cache_dir=args.cache_dir,
-            )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    kind, trained = checkpoint_budgets(args.checkpoint)
+    budgets = parse_budgets(args.budgets, trained, allow_fractions=kind == "elastic")
+    hf_dir = read_hf_directory(args.checkpoint) if is_hf_directory(args.checkpoint) else None
+    if hf_dir is not None:
+        max_length = hf_dir.max_sequence_length
+    else:
+        manifest = read_manifest(args.checkpoint)
+        model_cfg = manifest_model(manifest)
+        max_length = model_cfg.max_sequence_length
+    if max_length is not None and args.seq_length > max_length:
+        raise ValueError(
+            f"--seq-length {args.seq_length} exceeds the model's max_sequence_length {max_length}"
+        )
+    problems = _problems(args)
+    tokenizer = None
+    if (args.data or problems) and hf_dir is not None:
+        tokenizer = load_hf_eval_tokenizer(args.tokenizer, hf_dir)
+    elif args.data or problems:
+        tokenizer = load_eval_tokenizer(args.tokenizer, manifest, model_cfg)
+    pgs = init_process_groups(ParallelConfig())
+    batches = None
+    if args.data:
+        batches = validation_batches(
+            args.data,
+            tokenizer,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            split=args.split,
+            max_samples=args.max_samples,
+            cache_dir=args.cache_dir,
+        )
 
     ckpt = open_checkpoint(args.checkpoint, pgs)
     rows = []

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from megatron_elastic import cli
+
 
 def _budget_value(text: str) -> str | float:
     try:
@@ -32,14 +34,21 @@ def _budget_value(text: str) -> str | float:
 
 
 def _tokenizer(args: argparse.Namespace, manifest: dict) -> Path | None:
-    """--tokenizer, else the checkpoint's recorded tokenizer when it still exists."""
+    """--tokenizer, else the checkpoint's recorded tokenizer when it still exists; read once
+    here, so that a damaged one is refused before any export is written."""
+    from megatron_elastic.data.tokenizers import load_tokenizer
+
+    path = None
     if args.tokenizer is not None:
         if not Path(args.tokenizer).exists():
             raise ValueError(f"--tokenizer {args.tokenizer!r} does not exist")
-        return Path(args.tokenizer)
+        path = Path(args.tokenizer)
     recorded = manifest.get("metadata", {}).get("tokenizer")
-    if recorded and Path(recorded).exists():
-        return Path(recorded)
+    if path is None and recorded and Path(recorded).exists():
+        path = Path(recorded)
+    if path is not None:
+        load_tokenizer(path, model_vocab_size=manifest["model"]["vocab_size"])
+        return path
     if recorded:
         print(f"note: the checkpoint's tokenizer {recorded!r} no longer exists")
     print("note: no tokenizer (pass --tokenizer PATH): exporting weights only")
@@ -80,8 +89,9 @@ def _export_hf(
         )
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="elastic checkpoint (with its router)")
@@ -118,30 +128,26 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
     from megatron_elastic.router import router_from_state
 
-    try:
-        manifest = read_manifest(args.checkpoint)
-        model_cfg = manifest_model(manifest)
-        router = router_from_state(model_cfg, load_extra(args.checkpoint))
-        trained = router.elastic_config.budgets
-        if args.all:
-            budgets: list[str | float] = list(trained)
-        else:
-            budget = _budget_value(args.budget)
-            if isinstance(budget, str) and budget not in trained:
-                raise ValueError(f"unknown budget {budget!r}; trained budgets: {sorted(trained)}")
-            if isinstance(budget, float) and not args.interpolate:
-                raise ValueError(
-                    f"{budget} is not a trained budget ({sorted(trained)}); pass --interpolate "
-                    "to export it through router interpolation (untrained)"
-                )
-            budgets = [budget]
-        specs = {b: router.decide(b, 0, None, deterministic=True).spec for b in budgets}
-        if args.format == "megatron":
-            configs = {b: standalone_config(model_cfg, s) for b, s in specs.items()}
-        tokenizer = _tokenizer(args, manifest) if args.format == "hf" else None
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = read_manifest(args.checkpoint)
+    model_cfg = manifest_model(manifest)
+    router = router_from_state(model_cfg, load_extra(args.checkpoint))
+    trained = router.elastic_config.budgets
+    if args.all:
+        budgets: list[str | float] = list(trained)
+    else:
+        budget = _budget_value(args.budget)
+        if isinstance(budget, str) and budget not in trained:
+            raise ValueError(f"unknown budget {budget!r}; trained budgets: {sorted(trained)}")
+        if isinstance(budget, float) and not args.interpolate:
+            raise ValueError(
+                f"{budget} is not a trained budget ({sorted(trained)}); pass --interpolate "
+                "to export it through router interpolation (untrained)"
+            )
+        budgets = [budget]
+    specs = {b: router.decide(b, 0, None, deterministic=True).spec for b in budgets}
+    if args.format == "megatron":
+        configs = {b: standalone_config(model_cfg, s) for b, s in specs.items()}
+    tokenizer = _tokenizer(args, manifest) if args.format == "hf" else None
 
     pgs = init_process_groups(ParallelConfig())
     elastic = build_elastic_model(model_cfg, router.elastic_config, pgs)

@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_elastic import cli
 
+
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="elastic (or exported) checkpoint")
@@ -46,35 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 
     prompts = [p.replace("\\n", "\n") for p in args.prompt]  # shells pass newlines awkwardly
-    try:
-        kind, trained = checkpoint_budgets(args.checkpoint)
-        budgets = parse_budgets(args.budget or "all", trained, allow_fractions=kind == "elastic")
-        manifest = read_manifest(args.checkpoint)
-        model_cfg = manifest_model(manifest)
-        tokenizer = load_eval_tokenizer(args.tokenizer, manifest, model_cfg)
-        ids = [tokenizer.encode(p) for p in prompts]
-        if any(not i for i in ids):
-            raise ValueError("a prompt is empty; give each --prompt some text")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    kind, trained = checkpoint_budgets(args.checkpoint)
+    budgets = parse_budgets(args.budget or "all", trained, allow_fractions=kind == "elastic")
+    manifest = read_manifest(args.checkpoint)
+    model_cfg = manifest_model(manifest)
+    tokenizer = load_eval_tokenizer(args.tokenizer, manifest, model_cfg)
+    ids = [tokenizer.encode(p) for p in prompts]
+    if any(not i for i in ids):
+        raise ValueError("a prompt is empty; give each --prompt some text")
 
     pgs = init_process_groups(ParallelConfig())
     ckpt = open_checkpoint(args.checkpoint, pgs)
     for budget in budgets:
         ckpt.set_budget(budget)
-        try:
-            out = greedy_generate(
-                ckpt.model,
-                ids,
-                max_new_tokens=args.max_new_tokens,
-                eos_id=tokenizer.eod,
-                max_sequence_length=model_cfg.max_sequence_length,
-                vocab_size=tokenizer.vocab_size,
-            )
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        out = greedy_generate(
+            ckpt.model,
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            eos_id=tokenizer.eod,
+            max_sequence_length=model_cfg.max_sequence_length,
+            vocab_size=tokenizer.vocab_size,
+        )
         interpolated = "" if isinstance(budget, str) else " (router interpolation: untrained)"
         print(f"=== budget {budget}: {ckpt.params(budget):,} params{interpolated} ===")
         for i, (prompt, tokens, stopped) in enumerate(

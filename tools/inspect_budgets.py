@@ -11,21 +11,16 @@ reads ``budget <name> params <integer>``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from megatron_elastic.checkpoint import load_extra, manifest_model, read_manifest
-from megatron_elastic.elastic.architectures import budget_specs
-from megatron_elastic.elastic.budget import subnet_memory, subnet_param_count, target_param_count
-from megatron_elastic.elastic.config import load_elastic_recipe
-from megatron_elastic.model import count_parameters
-from megatron_elastic.router import router_from_state
+from megatron_elastic import cli
 
 MIB = 2**20
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="elastic recipe YAML (examples/*/elastic.yaml)")
     source.add_argument("--checkpoint", help="elastic checkpoint with a trained router")
@@ -36,21 +31,29 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", type=int, default=1, help="sequences for the memory estimate"
     )
     args = parser.parse_args(argv)
-    try:
-        if args.config:
-            model, elastic = load_elastic_recipe(args.config)
-            specs = budget_specs(model, elastic)
-        else:
-            model = manifest_model(read_manifest(args.checkpoint))
-            router = router_from_state(model, load_extra(args.checkpoint))
-            elastic = router.elastic_config
-            specs = {
-                name: (router.decide(name, 0, None, deterministic=True).spec, "router")
-                for name in elastic.budgets
-            }
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    from megatron_elastic.checkpoint import load_extra, manifest_model, read_manifest
+    from megatron_elastic.elastic.architectures import budget_specs
+    from megatron_elastic.elastic.budget import (
+        subnet_memory,
+        subnet_param_count,
+        target_param_count,
+    )
+    from megatron_elastic.elastic.config import load_elastic_recipe
+    from megatron_elastic.model import count_parameters
+    from megatron_elastic.router import router_from_state
+
+    if args.config:
+        model, elastic = load_elastic_recipe(args.config)
+        specs = budget_specs(model, elastic)
+    else:
+        model = manifest_model(read_manifest(args.checkpoint))
+        router = router_from_state(model, load_extra(args.checkpoint))
+        elastic = router.elastic_config
+        specs = {
+            name: (router.decide(name, 0, None, deterministic=True).spec, "router")
+            for name in elastic.budgets
+        }
     parent = count_parameters(model)
     print(
         f"parent: {parent:,} params; mode {elastic.mode}; "

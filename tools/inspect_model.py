@@ -9,26 +9,25 @@ The last line is ``params: <integer>``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from megatron_elastic.config import load_model_config
-from megatron_elastic.model.param_count import (
-    count_parameters,
-    embedding_params,
-    layer_parameter_counts,
-)
+from megatron_elastic import cli
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="model recipe YAML (examples/*/model.yaml)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_model_config(args.config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    from megatron_elastic.config import load_model_config
+    from megatron_elastic.model.param_count import (
+        count_parameters,
+        embedding_params,
+        layer_parameter_counts,
+    )
+
+    cfg = load_model_config(args.config)
 
     kinds = cfg.layer_kinds()
     print(f"model: {args.config}")

@@ -19,11 +19,14 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_elastic import cli
 
+
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.data.reasoning import DEFAULT_TASKS
 
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output", required=True, help="directory for train.jsonl/valid.jsonl")
@@ -46,13 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_elastic.data.reasoning import generate_records
 
-    try:
-        records = generate_records(
-            args.num_train + args.num_valid, seed=args.seed, tasks=args.tasks, long=args.long
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    records = generate_records(
+        args.num_train + args.num_valid, seed=args.seed, tasks=args.tasks, long=args.long
+    )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     for name, part in (

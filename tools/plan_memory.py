@@ -16,19 +16,15 @@ formulas are in ``megatron_elastic/planning/memory.py`` and measured by
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from megatron_elastic.planning import (
-    PROFILES,
-    format_plan,
-    plan_config_from_recipe,
-    plan_memory,
-)
+from megatron_elastic import cli
+from megatron_elastic.planning import PROFILES
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2]
     )
     parser.add_argument("--recipe", required=True, help="a stage recipe (examples/*/stage*.yaml)")
@@ -47,18 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         help="numerics and kernels [gpu-bf16, or cpu-fp32 for train.precision: fp32]",
     )
     args = parser.parse_args(argv)
-    from megatron_elastic import platform
 
-    platform.quiet_expected_warnings()  # before the recipe imports megatron-core
-    try:
-        from megatron_elastic.training.recipe import load_train_recipe
+    from megatron_elastic.planning import (
+        format_plan,
+        plan_config_from_recipe,
+        plan_memory,
+    )
+    from megatron_elastic.training.recipe import load_train_recipe
 
-        recipe = load_train_recipe(args.recipe, args.overrides)
-        cfg = plan_config_from_recipe(recipe, world_size=args.world_size, profile=args.profile)
-        print(format_plan(plan_memory(cfg)))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = load_train_recipe(args.recipe, args.overrides)
+    cfg = plan_config_from_recipe(recipe, world_size=args.world_size, profile=args.profile)
+    print(format_plan(plan_memory(cfg)))
     return 0
 
 

@@ -25,6 +25,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from megatron_elastic import cli
+
 
 def input_files(path: Path) -> list[Path]:
     if path.is_dir():
@@ -39,22 +41,16 @@ def input_files(path: Path) -> list[Path]:
 
 def iter_texts(files: Sequence[Path], text_key: str) -> Iterator[str]:
     """The ``text_key`` string of every non-blank line; ``ValueError`` naming file:line else."""
+    from megatron_elastic.files import iter_jsonl
+
     for file in files:
-        with file.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict) or text_key not in row:
-                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise ValueError(f"{where}: no {text_key!r} key (found {keys})")
-                if not isinstance(row[text_key], str):
-                    raise ValueError(f"{where}: {text_key!r} is not a string")
-                yield row[text_key]
+        for where, row in iter_jsonl(file):
+            if not isinstance(row, dict) or text_key not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{where}: no {text_key!r} key (found {keys})")
+            if not isinstance(row[text_key], str):
+                raise ValueError(f"{where}: {text_key!r} is not a string")
+            yield row[text_key]
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -113,8 +109,9 @@ def prepare(args: argparse.Namespace) -> dict:
     return manifest
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", required=True, help="a .jsonl file or a directory of them")
@@ -134,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "--append-eod", action="store_true", help="end every document with the EOD token"
     )
     args = parser.parse_args(argv)
-    try:
-        manifest = prepare(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = prepare(args)
     print(
         f"wrote {manifest['documents']} documents, {manifest['tokens']} tokens to "
         f"{args.output}.bin/.idx (vocab {manifest['vocab_size']})"

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_elastic import cli
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny"
 
@@ -74,8 +76,9 @@ def _latest(save: Path) -> Path:
     return save / json.loads((save / "latest.json").read_text())["checkpoint"]
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output", default="runs/quickstart", help="directory for everything")

@@ -3,6 +3,7 @@ writing token documents, and reading fixed-length calibration batches from them.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,14 +36,48 @@ def write_indexed_dataset(
     return prefix
 
 
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+# megatron's DType codes -> bytes per token (indexed_dataset.DType)
+_ITEM_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+
+
 def check_prefix(prefix: str | Path) -> None:
-    """Clear error for a dataset prefix whose files are missing."""
+    """Clear errors for a dataset prefix whose files are missing or damaged: the ``.idx``
+    header, its length for the sequence and document counts it declares, and the ``.bin``
+    length its last sequence pointer implies (what megatron's reader would otherwise meet as an
+    assertion or a short ``numpy.frombuffer``)."""
     missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
     if missing:
         raise ValueError(
             f"dataset prefix {str(prefix)!r} is missing {missing}; give the path without the "
             ".bin/.idx extension (tools/prepare_data.py writes both)"
         )
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    fix = "write the dataset again with tools/prepare_data.py"
+    with idx.open("rb") as f:
+        header = f.read(34)
+        if len(header) < 34 or header[:9] != _IDX_MAGIC:
+            raise ValueError(f"{idx} is not a megatron indexed-dataset index (bad header); {fix}")
+        version, code, sequences, documents = struct.unpack("<QBQQ", header[9:])
+        if version != 1 or code not in _ITEM_BYTES:
+            raise ValueError(f"{idx} has version {version}, token type {code}: unknown; {fix}")
+        expected = 34 + 12 * sequences + 8 * documents
+        if idx.stat().st_size != expected:
+            raise ValueError(
+                f"{idx} has {idx.stat().st_size:,} bytes, its header declares {expected:,} "
+                f"(truncated or damaged); {fix}"
+            )
+        if sequences:
+            f.seek(34 + 4 * (sequences - 1))
+            (length,) = struct.unpack("<i", f.read(4))
+            f.seek(34 + 4 * sequences + 8 * (sequences - 1))
+            (pointer,) = struct.unpack("<q", f.read(8))
+            need = pointer + length * _ITEM_BYTES[code]
+            if bin_.stat().st_size != need:
+                raise ValueError(
+                    f"{bin_} has {bin_.stat().st_size:,} bytes, its index {idx.name} says "
+                    f"{need:,} (truncated, damaged, or from another dataset); {fix}"
+                )
 
 
 def calibration_batches(

@@ -15,7 +15,6 @@ decoded tokens are those of the elastic model's evaluation, not of a second impl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,12 @@ from torch import nn
 
 from megatron_elastic.checkpoint import MANIFEST
 from megatron_elastic.data.tokenizers import Tokenizer, load_tokenizer
-from megatron_elastic.export.hf import EXPORT_MANIFEST, use_torch_nemotron_h_kernels
+from megatron_elastic.export.hf import (
+    EXPORT_MANIFEST,
+    hf_weight_files,
+    use_torch_nemotron_h_kernels,
+)
+from megatron_elastic.files import read_json
 from megatron_elastic.platform import default_device
 
 __all__ = [
@@ -52,13 +56,6 @@ def is_hf_directory(path: str | Path) -> bool:
     ``export_manifest.json``) rather than a megatron checkpoint (``manifest.json``)."""
     path = Path(path)
     return (path / _CONFIG).is_file() and not (path / MANIFEST).is_file()
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(file)!r} is not valid JSON: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -103,11 +100,11 @@ def read_hf_directory(path: str | Path) -> HFDirectory:
     path = Path(path)
     if not (path / _CONFIG).is_file():
         raise ValueError(f"{str(path)!r} is not a Hugging Face model directory (no {_CONFIG})")
-    config = _read_json(path / _CONFIG)
+    config = read_json(path / _CONFIG)
     if "vocab_size" not in config:
         raise ValueError(f"{str(path / _CONFIG)!r} has no vocab_size; not a language model")
     manifest_file = path / EXPORT_MANIFEST
-    manifest = _read_json(manifest_file) if manifest_file.is_file() else {}
+    manifest = read_json(manifest_file) if manifest_file.is_file() else {}
     return HFDirectory(path, config, manifest)
 
 
@@ -206,6 +203,7 @@ def open_hf_checkpoint(path: str | Path) -> HFEvalCheckpoint:
     from transformers import AutoModelForCausalLM
 
     directory = read_hf_directory(path)
+    hf_weight_files(directory.path)  # whole files, or a one-line error naming the damaged one
     use_torch_nemotron_h_kernels()  # before transformers imports NemotronH (see its docstring)
     hf_model = AutoModelForCausalLM.from_pretrained(
         directory.path, dtype=torch.float32, trust_remote_code=directory.remote_code

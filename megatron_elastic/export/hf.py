@@ -32,6 +32,7 @@ from megatron_elastic.elastic.model import ElasticHybridModel
 from megatron_elastic.elastic.subnet import LayerChoice, SubnetSpec
 from megatron_elastic.export import remote_code
 from megatron_elastic.export.hf_mapping import from_hf_state_dict, to_hf_state_dict
+from megatron_elastic.files import check_safetensors, read_json
 from megatron_elastic.platform import use_torch_nemotron_h_kernels
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "from_hf_state_dict",
     "hf_config_from_model",
     "hf_pattern",
+    "hf_weight_files",
     "load_hf_directory",
     "model_config_from_hf",
     "read_hf_config",
@@ -384,10 +386,31 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{str(directory)!r} is not a Hugging Face model directory (no config.json)"
         )
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(file)!r} is not valid JSON: {exc}") from exc
+    return read_json(file)
+
+
+def hf_weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of an HF model directory (one file or the shards of its index),
+    each checked to be whole (:func:`check_safetensors`)."""
+    directory = Path(directory)
+    index = directory / f"{_WEIGHTS}.index.json"
+    if (directory / _WEIGHTS).is_file():
+        files = [directory / _WEIGHTS]
+    elif index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{str(index)!r} has no weight_map")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise ValueError(
+            f"{str(directory)!r} has no {_WEIGHTS} (or sharded index); re-save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"{str(file)!r} (named by {index.name}) is missing")
+        check_safetensors(file)
+    return files
 
 
 def load_hf_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -396,20 +419,8 @@ def load_hf_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, 
     from safetensors.torch import load_file
 
     config = read_hf_config(directory)
-    directory = Path(directory)
-    index = directory / f"{_WEIGHTS}.index.json"
-    if (directory / _WEIGHTS).is_file():
-        files = [directory / _WEIGHTS]
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [directory / name for name in shards]
-    else:
-        raise ValueError(
-            f"{str(directory)!r} has no {_WEIGHTS} (or sharded index); re-save the model with "
-            "save_pretrained(..., safe_serialization=True)"
-        )
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in hf_weight_files(directory):
         state.update(load_file(str(file)))
     return config, state
 

@@ -34,6 +34,7 @@ from megatron_elastic.data import build_gpt_datasets, check_prefix, load_tokeniz
 from megatron_elastic.distill.pair import DistillationPair
 from megatron_elastic.elastic import build_elastic_model
 from megatron_elastic.elastic.budget import subnet_param_count
+from megatron_elastic.integrity import CheckpointDamaged
 from megatron_elastic.model import build_hybrid_model, count_parameters
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 from megatron_elastic.router import (
@@ -53,6 +54,7 @@ from megatron_elastic.training.state import (
     capture_rng,
     is_rank0,
     latest_checkpoint,
+    previous_checkpoint_advice,
     prune_checkpoints,
     resolve_init,
     restore_rng,
@@ -256,8 +258,13 @@ class Trainer:
         r, paths = self.recipe, self.paths
         if paths["resume"] is not None:
             path = paths["resume"]
-            manifest = load_checkpoint(path, self.model, r.model, optimizer=self.optimizer)
-            extra = load_extra(path)
+            try:
+                manifest = load_checkpoint(path, self.model, r.model, optimizer=self.optimizer)
+                extra = load_extra(path)
+                rank_state = load_rank_state(path)
+            except CheckpointDamaged as exc:
+                advice = previous_checkpoint_advice(r.checkpoint.save, path)
+                raise CheckpointDamaged(exc.path, exc.file, exc.problem, advice) from exc
             self.scheduler.load_state_dict(extra["scheduler"])
             if self.router is not None:
                 self.router.load_state_dict(extra["state_dict"])
@@ -270,7 +277,7 @@ class Trainer:
                     f"train.steps is now {r.train.steps}; the LR schedule keeps the horizon of "
                     f"{horizon} steps it was saved with"
                 )
-            exact = restore_rng(load_rank_state(path))
+            exact = restore_rng(rank_state)
             _log(
                 f"resumed from {path} at step {self.progress.step}"
                 + ("" if exact else " (RNG not restored: saved at another world size)")
@@ -543,8 +550,8 @@ class Trainer:
         )
         self._saved_step = p.step
         if is_rank0():
-            write_latest(r.checkpoint.save, path, p.step)
-            prune_checkpoints(r.checkpoint.save, r.checkpoint.keep_last)
+            write_latest(r.checkpoint.save, path, p.step, r.checkpoint.keep_last)
+            prune_checkpoints(r.checkpoint.save)
         if dist.is_initialized():
             dist.barrier()
         _log(f"saved {path}")

@@ -294,7 +294,7 @@ def run_inputs(tmp_path_factory, pgs, tiny_config, small_config) -> dict[str, Pa
     tiny = build_hybrid_model(tiny_config, pgs)
     save_checkpoint(work / "tiny_parent", tiny, tiny_config, kind="parent")
     save_checkpoint(work / "stage1" / "step_0000003", tiny, tiny_config, kind="parent")
-    write_latest(work / "stage1", work / "stage1" / "step_0000003", 3)
+    write_latest(work / "stage1", work / "stage1" / "step_0000003", 3, keep_last=2)
     small = build_hybrid_model(small_config, pgs)
     save_checkpoint(work / "small_parent", small, small_config, kind="parent")
     return {

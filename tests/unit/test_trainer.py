@@ -122,13 +122,22 @@ def _wait_for_step(save: Path, step: int, proc: subprocess.Popen) -> None:
     raise AssertionError(f"step {step} never logged")
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(workspace, tmp_path) -> None:
-    steps = "train.steps=12"
-    whole = tmp_path / "whole"
-    done = _train(workspace, whole, steps)
+@pytest.fixture(scope="module")
+def uninterrupted(workspace, tmp_path_factory) -> tuple[Path, dict[int, dict[str, float]]]:
+    """12 steps without interruption (checkpoints every 2): the save directory and its losses."""
+    whole = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    done = _train(workspace, whole, "train.steps=12")
     assert done.returncode == 0, done.stderr[-3000:]
     reference = _losses(whole)
     assert sorted(reference) == list(range(1, 13))
+    return whole, reference
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(
+    workspace, uninterrupted, tmp_path
+) -> None:
+    steps = "train.steps=12"
+    whole, reference = uninterrupted
 
     killed = tmp_path / "killed"
     proc = _start(workspace, killed, tmp_path / "killed.log", steps)
@@ -147,6 +156,69 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(workspace, tmp_pa
     final, ref_final = load_extra(killed / "step_0000012"), load_extra(whole / "step_0000012")
     for name, tensor in ref_final["state_dict"].items():  # the router too, bit for bit
         assert (final["state_dict"][name] == tensor).all(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_tensors", "before_manifest", "before_latest"])
+def test_kill_inside_save_resumes_from_the_last_complete_checkpoint(
+    workspace, uninterrupted, tmp_path, point
+) -> None:
+    """SIGKILL at several points inside the second save (step 4): ``latest.json`` still names
+    step 2, complete and verified; the resumed run logs the uninterrupted run's losses (it stops
+    at step 6; the LR schedule keeps the 12-step horizon it was saved with)."""
+    _, reference = uninterrupted
+    save = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "tests/unit/kill_in_save.py"), point, "2"]
+    proc = subprocess.run(
+        [*cmd, *_args(workspace, save, "train.steps=12")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_env(),
+        start_new_session=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    latest = json.loads((save / "latest.json").read_text())
+    assert (latest["checkpoint"], latest["history"]) == ("step_0000002", ["step_0000002"])
+    assert (save / "step_0000004").is_dir() == (point == "before_latest")
+    assert list(save.glob(".step_0000004*")) or point == "before_latest"  # the partial save
+
+    resumed = _train(workspace, save, "train.steps=6")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {save / 'step_0000002'}" in resumed.stdout
+    got = _losses(save)
+    for step in range(3, 7):
+        assert got[step] == reference[step], (step, got[step], reference[step])
+    latest = json.loads((save / "latest.json").read_text())
+    assert latest["history"] == ["step_0000006", "step_0000004"]  # keep_last 2
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith((".step", "step"))) == [
+        "step_0000004",
+        "step_0000006",
+    ]  # older checkpoints and the interrupted save's leftovers are gone
+
+
+def test_damaged_latest_checkpoint_names_the_file_and_the_previous_one(
+    workspace, uninterrupted, tmp_path
+) -> None:
+    """A flipped byte in the newest checkpoint's shard stops the resume before training with
+    the file named and the way back: delete it, and the run resumes from the previous one."""
+    whole, _ = uninterrupted
+    save = tmp_path / "run"
+    shutil.copytree(whole, save)
+    shard = sorted((save / "step_0000012" / "weights").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    done = _train(workspace, save, "train.steps=12")
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: "), done.stderr[-2000:]
+    assert f"weights/{shard.name}" in error[0] and "checksum" in error[0]
+    assert f"training resumes from {save / 'step_0000010'}" in error[0]
+    shutil.rmtree(save / "step_0000012")
+    resumed = _train(workspace, save, "train.steps=11")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {save / 'step_0000010'}" in resumed.stdout
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_0(workspace, tmp_path) -> None:

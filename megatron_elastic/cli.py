@@ -1,0 +1,84 @@
+"""What every command-line tool shares (``tools/*.py``, ``python -m megatron_elastic.train``):
+one-line errors and the console's verbosity.
+
+    @cli.entry_point
+    def main(argv=None) -> int:
+        parser = cli.ArgumentParser(description=...)
+        ...
+        args = parser.parse_args(argv)   # also: --verbose, and the console quieted otherwise
+
+A user error, raised anywhere below ``main`` as ``ValueError`` (the project's convention: every
+reader of checkpoints, safetensors, tokenizers, datasets, YAML and JSON turns a damaged file into
+one naming the file) or as an ``OSError`` about a path, ends the tool with ``error: ...`` on
+stderr and exit status 2, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from megatron_elastic import console
+
+__all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "ArgumentParser", "entry_point", "one_line"]
+
+EXIT_USER_ERROR = 2
+"""Exit status of a tool stopped by bad input (argparse's own status for bad arguments)."""
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+"""What a tool reports as ``error: ...`` (exit 2) instead of a traceback."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (multi-line messages of third-party libraries are
+    joined), or its type's name when it has none."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with the options every tool has (``--verbose``); parsing
+    also configures the console (quiet unless verbose) before the tool imports torch or
+    megatron-core."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--verbose",
+            action="store_true",
+            help=f"show third-party warnings and native-library output ({console.VERBOSE_ENV}=1 "
+            "does the same, also for child processes)",
+        )
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        console.set_verbose(parsed.verbose or console.verbose())
+        return parsed
+
+
+def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a tool's ``main(argv) -> exit status``: user errors become one line and exit 2."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except USER_ERRORS as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+            return 130
+
+    return run
