@@ -5,7 +5,7 @@ one-line errors and the console's verbosity.
     def main(argv=None) -> int:
         parser = cli.ArgumentParser(description=...)
         ...
-        args = parser.parse_args(argv)   # also: --verbose, and the console quieted otherwise
+        args = parser.parse_args(argv)   # also: --verbose
 
 A user error, raised anywhere below ``main`` as ``ValueError`` (the project's convention: every
 reader of checkpoints, safetensors, tokenizers, datasets, YAML and JSON turns a damaged file into
@@ -24,6 +24,13 @@ from typing import Any
 from megatron_elastic import console
 
 __all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "ArgumentParser", "entry_point", "one_line"]
+
+# Tools import this module first, so the console is configured before any of them imports
+# torch, megatron-core or transformers (some do, to build their parsers). ``--verbose`` is
+# looked for here because import-time output comes before the parser runs.
+if "--verbose" in sys.argv[1:]:
+    console.set_verbose(True)
+console.quiet()
 
 EXIT_USER_ERROR = 2
 """Exit status of a tool stopped by bad input (argparse's own status for bad arguments)."""
@@ -47,9 +54,8 @@ def one_line(exc: BaseException) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with the options every tool has (``--verbose``); parsing
-    also configures the console (quiet unless verbose) before the tool imports torch or
-    megatron-core."""
+    """``argparse.ArgumentParser`` with the options every tool has (``--verbose``, passed on
+    to the tool's child processes)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -63,7 +69,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
-        console.set_verbose(parsed.verbose or console.verbose())
+        if parsed.verbose:
+            console.set_verbose(True)
         return parsed
 
 

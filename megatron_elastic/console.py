@@ -3,10 +3,8 @@
 Each entry below is a message a dependency prints on every run that says nothing actionable to
 our users; each is matched by its text and its category (warnings) or logger (log records),
 never by a blanket filter. ``MEGATRON_ELASTIC_VERBOSE=1`` (every tool's ``--verbose`` sets it,
-and child processes inherit it) turns all of it back on.
-
-Import-light on purpose (no torch, no megatron): tools configure the console before importing
-either.
+and child processes inherit it) turns all of it back on. :mod:`.cli` applies it when a tool
+starts; :func:`.platform.apply` for library use.
 """
 
 from __future__ import annotations
@@ -72,12 +70,8 @@ def verbose() -> bool:
 
 
 def set_verbose(on: bool) -> None:
-    """Record the user's choice for this process and its children; quiet the console unless
-    ``on``."""
-    if on:
-        os.environ[VERBOSE_ENV] = "1"
-    else:
-        quiet()
+    """Record the user's choice for this process (before :func:`quiet`) and its children."""
+    os.environ[VERBOSE_ENV] = "1" if on else "0"
 
 
 def _cuda_absent() -> bool:

@@ -242,6 +242,7 @@ def _collect(out: Path, exported: list[Path]) -> dict:
             }
             for b in budgets
         },
+        "environment": _environment(),
         "pretrain": _metrics_tail(out / "pretrain"),
         "stage1": _metrics_tail(out / "stage1"),
         "stage2": _metrics_tail(out / "stage2"),
@@ -258,9 +259,39 @@ def _collect(out: Path, exported: list[Path]) -> dict:
             f"| {b} | {r['params']:,} | {_fmt(e['val_loss'])} | {_fmt(h['val_loss'])} | "
             f"{_fmt(e['accuracy'])} | {_fmt(h['accuracy'])} |"
         )
+    env = results["environment"]
+    lines += [
+        "",
+        f"({env['cpu']}, {env['cpu_capability']} kernels, {env['threads']} threads, "
+        f"torch {env['torch']}: identical on a rerun here; other CPUs or thread counts round "
+        "differently, see the README)",
+    ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(out / "results.png", results)
     return results
+
+
+def _environment() -> dict:
+    """What the figures depend on besides the code: on a CPU, the kernels torch picks for the
+    instruction set and the thread count change float rounding (README, "Reproducibility")."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _fmt(value) -> str:

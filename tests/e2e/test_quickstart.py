@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,14 @@ def test_reduced_quickstart_pipeline(tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for step in ("(1/", "stage 1:", "stage 2:", "export every budget", "finished in"):
         assert step in done.stdout, step
+    # A quiet console: none of the expected third-party lines the console module filters.
+    from megatron_elastic import console
+
+    patterns = [m for m, _, _ in console._EXPECTED_WARNINGS]
+    patterns += [m for _, m, _ in console._EXPECTED_LOG_RECORDS]
+    patterns += [r"\[Gloo\] Rank", "Loading weights"]
+    for line in (done.stdout + done.stderr).splitlines():
+        assert not any(re.search(p, line) for p in patterns), line
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["budgets"]) == {"full", "75%", "50%"}

@@ -339,3 +339,9 @@ def test_verbose_flag_reaches_child_processes(monkeypatch) -> None:
     parser = cli.ArgumentParser()
     assert not parser.parse_args([]).verbose and not console.verbose()
     assert parser.parse_args(["--verbose"]).verbose and console.verbose()
+    child = subprocess.run(
+        [sys.executable, "-c", "from megatron_elastic import console; print(console.verbose())"],
+        capture_output=True,
+        text=True,
+    )
+    assert child.stdout.strip() == "True"
