@@ -68,6 +68,33 @@ def tiny_elastic_checkpoint(tmp_path_factory, pgs):
     return path, model, router
 
 
+def _run_cli(workdir: Path, cases: list[tuple[str, list[str]]]) -> list[dict]:
+    """Run CLI invocations ``(tool, argv)`` (``tools/x.py`` or a module with ``main``) one
+    after the other in one fresh process (megatron-core imported once, not per invocation):
+    per invocation ``{"rc", "stdout", "stderr", "traceback"}`` (``traceback``: what escaped
+    ``main``, None if nothing did)."""
+    import json
+    import subprocess
+    import sys
+
+    spec, out = workdir / "cases.json", workdir / "results.json"
+    spec.write_text(json.dumps([{"tool": t, "argv": a} for t, a in cases]))
+    battery = ROOT / "tests" / "unit" / "cli_battery.py"
+    done = subprocess.run(
+        [sys.executable, str(battery), str(spec), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture
+def run_cli(tmp_path_factory):
+    return lambda cases: _run_cli(tmp_path_factory.mktemp("cli"), cases)
+
+
 def _check_exported_budgets(out_dir, budgets, model, router, pgs) -> dict:
     """Every budget exported by ``tools/export_budget.py --all --format megatron`` under
     ``out_dir/<budget>`` loads into a plain ``HybridModel`` with the manifest's parameter count

@@ -84,27 +84,23 @@ def test_ranked_checkpoint_keeps_function(parent, pgs, small_config) -> None:
     )  # permuted, not copied
 
 
-def test_bad_inputs_fail_clearly_before_compute(parent, tmp_path) -> None:
+def test_bad_inputs_fail_clearly_before_compute(parent, tmp_path, run_cli) -> None:
     work, _ = parent
     base = ["--model-config", str(MODEL_YAML), "--output", str(tmp_path / "out")]
-    done = _run(*base, "--checkpoint", str(work / "parent"), "--data", str(work / "nope"))
-    assert done.returncode == 2 and "missing" in done.stderr and "nope.bin" in done.stderr
-    done = _run(
-        *base, "--checkpoint", str(tmp_path / "absent"), "--data", str(work / "data" / "calib")
-    )
-    assert done.returncode == 2 and "does not exist" in done.stderr
     tiny = ROOT / "examples" / "tiny" / "model.yaml"
-    done = _run(
-        "--model-config",
-        str(tiny),
-        "--output",
-        str(tmp_path / "out"),
-        "--checkpoint",
-        str(work / "parent"),
-        "--data",
-        str(work / "data" / "calib"),
+    tool, calib = "tools/estimate_importance.py", str(work / "data" / "calib")
+    tiny_base = ["--model-config", str(tiny), "--output", str(tmp_path / "out")]
+    missing_data, absent, other_arch = run_cli(
+        [
+            (tool, [*base, "--checkpoint", str(work / "parent"), "--data", str(work / "nope")]),
+            (tool, [*base, "--checkpoint", str(tmp_path / "absent"), "--data", calib]),
+            (tool, [*tiny_base, "--checkpoint", str(work / "parent"), "--data", calib]),
+        ]
     )
-    assert done.returncode == 2 and "different architecture" in done.stderr
+    done = missing_data
+    assert done["rc"] == 2 and "missing" in done["stderr"] and "nope.bin" in done["stderr"]
+    assert absent["rc"] == 2 and "does not exist" in absent["stderr"]
+    assert other_arch["rc"] == 2 and "different architecture" in other_arch["stderr"]
     assert not (tmp_path / "out").exists()
 
 

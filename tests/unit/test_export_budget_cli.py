@@ -39,22 +39,22 @@ def test_all_budgets_export_and_match_the_elastic_model(
         assert manifest["metadata"]["budget"] == budget
 
 
-def test_unknown_and_untrained_budgets(checkpoint, tmp_path) -> None:
+def test_unknown_and_untrained_budgets(checkpoint, tmp_path, run_cli) -> None:
     path, _, _ = checkpoint
-    done = _run("--checkpoint", str(path), "--budget", "7B", "--output", str(tmp_path / "a"))
-    assert done.returncode == 2 and "trained budgets: ['50%', '75%', 'full']" in done.stderr
-    done = _run("--checkpoint", str(path), "--budget", "0.6", "--output", str(tmp_path / "b"))
-    assert done.returncode == 2 and "--interpolate" in done.stderr
-    assert not (tmp_path / "b").exists()
-    done = _run(
-        "--checkpoint",
-        str(path),
-        "--budget",
-        "0.6",
-        "--interpolate",
-        "--output",
-        str(tmp_path / "c"),
+    tool, ckpt = "tools/export_budget.py", ["--checkpoint", str(path), "--budget"]
+    unknown, untrained, interpolated = run_cli(
+        [
+            (tool, [*ckpt, "7B", "--output", str(tmp_path / "a")]),
+            (tool, [*ckpt, "0.6", "--output", str(tmp_path / "b")]),
+            (tool, [*ckpt, "0.6", "--interpolate", "--output", str(tmp_path / "c")]),
+        ]
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "untrained" in done.stdout
+    done = unknown
+    assert done["rc"] == 2 and "trained budgets: ['50%', '75%', 'full']" in done["stderr"]
+    done = untrained
+    assert done["rc"] == 2 and "--interpolate" in done["stderr"]
+    assert not (tmp_path / "b").exists()
+    done = interpolated
+    assert done["rc"] == 0, done["stderr"][-3000:] + str(done["traceback"])
+    assert "untrained" in done["stdout"]
     assert read_manifest(tmp_path / "c")["metadata"]["interpolated"] is True

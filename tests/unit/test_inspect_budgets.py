@@ -43,21 +43,21 @@ def test_prints_one_line_per_budget_with_exact_params(recipe) -> None:
         assert abs(params / parent - elastic.budgets[name]) < 0.02
 
 
-def test_bad_recipes_give_clear_errors(tmp_path) -> None:
+def test_bad_recipes_give_clear_errors(tmp_path, run_cli) -> None:
     data = yaml.safe_load((ROOT / "examples/tiny/elastic.yaml").read_text())
     data["model"] = str(ROOT / "examples/tiny/model.yaml")
-    data["elastic"]["budget_choices"] = {"50%": {"hiden": 192}}
-    bad = tmp_path / "elastic.yaml"
-    bad.write_text(yaml.safe_dump(data))
-    done = _run(bad)
-    assert done.returncode == 2 and "unknown axes ['hiden']" in done.stderr
-    data["elastic"]["budget_choices"] = {"50%": {"hidden": 200}}
-    bad.write_text(yaml.safe_dump(data))
-    done = _run(bad)
-    assert done.returncode == 2 and "not among its candidates" in done.stderr
-    data["elastic"]["budget_choices"] = {"40%": {"hidden": 192}}
-    bad.write_text(yaml.safe_dump(data))
-    assert "unknown budgets ['40%']" in _run(bad).stderr
+    cases = []
+    for i, choices in enumerate(
+        [{"50%": {"hiden": 192}}, {"50%": {"hidden": 200}}, {"40%": {"hidden": 192}}]
+    ):
+        data["elastic"]["budget_choices"] = choices
+        bad = tmp_path / f"elastic{i}.yaml"
+        bad.write_text(yaml.safe_dump(data))
+        cases.append(("tools/inspect_budgets.py", ["--config", str(bad)]))
+    unknown_axis, not_candidate, unknown_budget = run_cli(cases)
+    assert unknown_axis["rc"] == 2 and "unknown axes ['hiden']" in unknown_axis["stderr"]
+    assert not_candidate["rc"] == 2 and "not among its candidates" in not_candidate["stderr"]
+    assert "unknown budgets ['40%']" in unknown_budget["stderr"]
 
 
 def test_heterogeneous_choices(small_config) -> None:
