@@ -262,9 +262,9 @@ def _collect(out: Path, exported: list[Path]) -> dict:
     env = results["environment"]
     lines += [
         "",
-        f"({env['cpu']}, {env['cpu_capability']} kernels, {env['threads']} threads, "
-        f"torch {env['torch']}: identical on a rerun here; other CPUs or thread counts round "
-        "differently, see the README)",
+        f"(measured on {env['cpu']}, {env['cpu_capability']} kernels, {env['threads']} threads, "
+        f"torch {env['torch']}; other CPUs or thread counts round differently: README, "
+        '"Reproducibility")',
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(out / "results.png", results)
