@@ -110,6 +110,12 @@ def inputs(tmp_path_factory, pgs, tiny_elastic_checkpoint) -> dict[str, Path]:
         p[name] = d / name
     p["file"] = d / "a_file"
     p["file"].write_text("not a directory\n")
+    # JSON the tools read besides HF configs: a checkpoint manifest and a save's latest.json
+    (_copy(elastic, d / "elastic_bad_manifest") / "manifest.json").write_text('{"kind": ')
+    p["elastic_bad_manifest"] = d / "elastic_bad_manifest"
+    p["save_bad_latest"] = d / "save_bad_latest"
+    p["save_bad_latest"].mkdir()
+    (p["save_bad_latest"] / "latest.json").write_text("{oops")
     p["out"] = d / "out"  # never written: every case fails first
     return p
 
@@ -274,6 +280,12 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("megatron_elastic.train", [*train, f"data.tokenizer={s['tok_bad']}"], "tokenizer.json"),
         ("megatron_elastic.train", [*train, f"data.blend={s['data_bad_idx']}"], "data_bad_idx.idx"),
         ("megatron_elastic.train", [*train, f"checkpoint.init={s['train_bad']}"], ".distcp"),
+        ("megatron_elastic.train", [*train, f"checkpoint.save={s['save_bad_latest']}"], "latest"),
+        (
+            "tools/generate.py",
+            ["--checkpoint", s["elastic_bad_manifest"], "--prompt", "x"],
+            "corrupt manifest.json",
+        ),
     ]
 
 
