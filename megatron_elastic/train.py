@@ -8,7 +8,6 @@ Exit status: 0 done or preempted-and-saved, 2 bad input (before any compute), 3 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from megatron_elastic import cli
@@ -19,7 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(
         prog="python -m megatron_elastic.train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("--config", required=True, help="stage recipe YAML")

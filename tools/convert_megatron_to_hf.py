@@ -12,7 +12,6 @@ files. Load with ``AutoModelForCausalLM.from_pretrained(OUTPUT)``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,9 +20,7 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="megatron-elastic checkpoint")
     parser.add_argument("--output", required=True, help="HF directory to write")
     parser.add_argument(

@@ -19,7 +19,6 @@ process with TP=1 (ModelOpt's limits); see docs/benchmarks.md for how the two ba
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -48,9 +47,7 @@ def _check_modelopt_backend(tensor_parallel_size: int) -> None:
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--elastic-config", help="elastic recipe (model + FFN nesting blocks)")
     src.add_argument("--model-config", help="model YAML (FFN nesting blocks from the flag)")

@@ -72,9 +72,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint", required=True, help="elastic or exported checkpoint, or an HF directory"
     )

@@ -91,9 +91,7 @@ def _export_hf(
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="elastic checkpoint (with its router)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--budget", help="a trained budget name, or a fraction (see --interpolate)")

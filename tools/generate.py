@@ -14,7 +14,6 @@ or a missing tokenizer stop with exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from megatron_elastic import cli
@@ -22,9 +21,7 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="elastic (or exported) checkpoint")
     parser.add_argument(
         "--budget",

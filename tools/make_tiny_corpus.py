@@ -14,7 +14,6 @@ same arguments write the same files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,9 +25,7 @@ from megatron_elastic import cli
 def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.data.reasoning import DEFAULT_TASKS
 
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory for train.jsonl/valid.jsonl")
     parser.add_argument("--num-train", type=int, required=True, help="training problems")
     parser.add_argument("--num-valid", type=int, required=True, help="validation problems")

@@ -111,9 +111,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="a .jsonl file or a directory of them")
     tok = parser.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="tokenizer.json (HF) or .model (SentencePiece)")

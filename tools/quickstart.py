@@ -14,7 +14,6 @@ the end-to-end test.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -78,9 +77,7 @@ def _latest(save: Path) -> Path:
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="runs/quickstart", help="directory for everything")
     parser.add_argument("--reduced", action="store_true", help="tiny sizes (end-to-end test)")
     args = parser.parse_args(argv)

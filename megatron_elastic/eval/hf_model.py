@@ -28,6 +28,7 @@ from megatron_elastic.data.tokenizers import Tokenizer, load_tokenizer
 from megatron_elastic.export.hf import (
     EXPORT_MANIFEST,
     hf_weight_files,
+    read_hf_config,
     use_torch_nemotron_h_kernels,
 )
 from megatron_elastic.files import read_json
@@ -98,9 +99,7 @@ def read_hf_directory(path: str | Path) -> HFDirectory:
     """``config.json`` and ``export_manifest.json`` (if any) of an HF directory; ``ValueError``
     for a directory without ``config.json`` or with a config without ``vocab_size``."""
     path = Path(path)
-    if not (path / _CONFIG).is_file():
-        raise ValueError(f"{str(path)!r} is not a Hugging Face model directory (no {_CONFIG})")
-    config = read_json(path / _CONFIG)
+    config = read_hf_config(path)
     if "vocab_size" not in config:
         raise ValueError(f"{str(path / _CONFIG)!r} has no vocab_size; not a language model")
     manifest_file = path / EXPORT_MANIFEST
