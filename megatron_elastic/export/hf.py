@@ -386,7 +386,10 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{str(directory)!r} is not a Hugging Face model directory (no config.json)"
         )
-    return read_json(file)
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(file)!r} does not hold a JSON object")
+    return config
 
 
 def hf_weight_files(directory: str | Path) -> list[Path]:
@@ -397,7 +400,8 @@ def hf_weight_files(directory: str | Path) -> list[Path]:
     if (directory / _WEIGHTS).is_file():
         files = [directory / _WEIGHTS]
     elif index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{str(index)!r} has no weight_map")
         files = [directory / name for name in sorted(set(weight_map.values()))]
