@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.config import ParallelConfig
     from megatron_elastic.elastic import build_elastic_model
     from megatron_elastic.elastic.budget import subnet_param_count
-    from megatron_elastic.export import standalone_config, standalone_state_dict
+    from megatron_elastic.export.standalone import standalone_config, standalone_state_dict
     from megatron_elastic.model import build_hybrid_model
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
     from megatron_elastic.router import router_from_state

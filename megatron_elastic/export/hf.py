@@ -50,6 +50,7 @@ __all__ = [
     "save_hf_directory",
     "save_remote_code_directory",
     "copy_tokenizer_files",
+    "write_tokenizer_directory",
     "to_hf_state_dict",
     "use_torch_nemotron_h_kernels",
 ]
@@ -261,7 +262,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 _TOKENIZER_FILES += ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
-def _copy_tokenizer(tokenizer_path: str | Path, directory: Path, max_length: int) -> int:
+def write_tokenizer_directory(tokenizer_path: str | Path, directory: Path, max_length: int) -> int:
     """Copy the tokenizer into ``directory``; a bare ``tokenizer.json`` / ``.model`` file gets a
     minimal ``tokenizer_config.json``. Return its end-of-document id."""
     from megatron_elastic.data.tokenizers import load_tokenizer
@@ -319,7 +320,7 @@ def _write_directory(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if tokenizer_path is not None:
-        eos = _copy_tokenizer(tokenizer_path, directory, max_length)
+        eos = write_tokenizer_directory(tokenizer_path, directory, max_length)
         for key in ("eos_token_id", "pad_token_id"):  # pad: generate() fills finished rows
             if config.get(key) is None:
                 config[key] = eos

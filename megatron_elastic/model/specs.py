@@ -3,7 +3,8 @@
 megatron-core 0.19 ships only Transformer-Engine specs for the hybrid model. The local spec here
 uses megatron-core's own tensor-parallel linears and core attention, our RMSNorm and the
 :class:`TorchScanMambaMixer`; it runs on CPU and GPU. Local parameter names map to the TE names in
-distributed checkpoints (``sharded_state_dict_keys_map``), as megatron's local GPT spec does.
+distributed checkpoints (``sharded_state_dict_keys_map``, from the table of
+:mod:`megatron_elastic.export.te_mapping`), as megatron's local GPT spec does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import make_viewless_tensor
 from torch.utils.checkpoint import checkpoint
 
+from megatron_elastic.export.te_mapping import FUSED_NORMS
 from megatron_elastic.model.attention import ContextParallelDotProductAttention
 from megatron_elastic.model.mamba import TorchScanMambaMixer
 from megatron_elastic.model.norm import RMSNorm
@@ -207,7 +209,7 @@ def local_hybrid_stack_spec(
                         ),
                     ),
                     mamba_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+                    sharded_state_dict_keys_map=dict(FUSED_NORMS["mamba"]),
                 ),
             ),
             attention_layer=ModuleSpec(
@@ -224,9 +226,7 @@ def local_hybrid_stack_spec(
                         ),
                     ),
                     self_attn_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map={
-                        "input_layernorm.": "self_attention.linear_qkv.layer_norm_"
-                    },
+                    sharded_state_dict_keys_map=dict(FUSED_NORMS["attention"]),
                 ),
             ),
             mlp_layer=ModuleSpec(
@@ -240,9 +240,7 @@ def local_hybrid_stack_spec(
                         ),
                     ),
                     mlp_bda=get_bias_dropout_add,
-                    sharded_state_dict_keys_map={
-                        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"
-                    },
+                    sharded_state_dict_keys_map=dict(FUSED_NORMS["mlp"]),
                 ),
             ),
         ),

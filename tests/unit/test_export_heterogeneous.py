@@ -19,7 +19,7 @@ from megatron_elastic.checkpoint import (
 from megatron_elastic.config import load_model_config
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
 from megatron_elastic.elastic.budget import subnet_param_count
-from megatron_elastic.export import standalone_config, standalone_state_dict
+from megatron_elastic.export.standalone import standalone_config, standalone_state_dict
 from megatron_elastic.model import build_hybrid_model, count_parameters
 from megatron_elastic.training.lm_step import position_ids_like
 
