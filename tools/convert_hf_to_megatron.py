@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face NemotronH directory into a megatron-elastic parent checkpoint.
+"""Convert a Hugging Face NemotronH directory into a megatron-elastic parent checkpoint (or, with
+``--format megatron-lm``, a Megatron-LM / Megatron-Bridge checkpoint).
 
 Writes a checkpoint of kind ``parent`` (megatron dist checkpoint + manifest) and its
 ``model.yaml``, ready for importance estimation and elastic training. The manifest keeps the
@@ -7,7 +8,12 @@ source ``config.json`` (so tools/convert_megatron_to_hf.py writes the same keys 
 the HF directory has tokenizer files, the path of their copy under ``OUTPUT/tokenizer``.
 Mixture-of-experts layers, tied embeddings, biases and MTP layers are refused with the reason.
 
+``--format megatron-lm`` writes what ``tools/convert_megatron_lm.py export`` writes (the layout
+Megatron-LM's ``pretrain_hybrid.py`` and Megatron-Bridge load), with the HF tokenizer.
+
     python tools/convert_hf_to_megatron.py --hf /models/nemotron-nano-12b-v2 --output runs/parent
+    python tools/convert_hf_to_megatron.py --hf /models/nemotron-h --output runs/mlm \\
+        --format megatron-lm
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         "--hf", required=True, help="HF model directory (config.json + safetensors)"
     )
     parser.add_argument("--output", required=True, help="checkpoint directory to write")
+    parser.add_argument(
+        "--format",
+        choices=("megatron", "megatron-lm"),
+        default="megatron",
+        help="megatron-elastic's parent checkpoint (default) or Megatron-LM / Megatron-Bridge",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace a non-empty --output (megatron-lm)"
+    )
     args = parser.parse_args(argv)
 
     from megatron_elastic.export.hf import (
@@ -56,6 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     has_tokenizer = any(
         (Path(args.hf) / n).is_file() for n in ("tokenizer.json", "tokenizer.model")
     )
+    if args.format == "megatron-lm":
+        from megatron_elastic.export.megatron_lm import save_megatron_lm
+
+        info = save_megatron_lm(
+            out,
+            model,
+            cfg,
+            tokenizer_path=args.hf if has_tokenizer else None,
+            metadata={"source_hf": str(Path(args.hf).resolve())},
+            force=args.force,
+        )
+        print(
+            f"converted {args.hf}: {info['params']:,} params, pattern {cfg.hybrid_pattern} -> "
+            f"{out} (Megatron-LM / Megatron-Bridge)"
+        )
+        destroy_process_groups()
+        return 0
     metadata = {
         "source_hf": str(Path(args.hf).resolve()),
         "hf_config": hf_config,

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.run(
         "export every budget to Hugging Face NemotronH (zero-shot slicing)",
         "tools/export_budget.py",
-        *("--checkpoint", str(elastic), "--all", "--format", "hf"),
+        *("--checkpoint", str(elastic), "--all", "--format", "hf", "--force"),
         *("--output", str(out / "export"), "--tokenizer", str(tok)),
     )
     evaluation = [

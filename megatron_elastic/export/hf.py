@@ -43,6 +43,7 @@ __all__ = [
     "hf_config_from_model",
     "hf_pattern",
     "hf_weight_files",
+    "nemotron_h_defaults",
     "load_hf_directory",
     "model_config_from_hf",
     "read_hf_config",
@@ -159,6 +160,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
 def _common_keys(cfg: ModelConfig, pattern: str) -> dict[str, Any]:
     return {
         "hybrid_override_pattern": pattern,
+        "num_hidden_layers": len(pattern),  # NVIDIA's configs carry it; llama.cpp reads it
         "hidden_size": cfg.hidden_size,
         "num_key_value_heads": cfg.num_query_groups,
         "head_dim": cfg.head_dim,
@@ -172,6 +174,32 @@ def _common_keys(cfg: ModelConfig, pattern: str) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_sequence_length,
         "initializer_range": cfg.init_method_std,
         "tie_word_embeddings": False,
+    }
+
+
+_NOT_DEFAULTED = ("layers_block_type", "mtp_layers_block_type")
+"""Keys of transformers' NemotronH config not written: the layout is ``hybrid_override_pattern``
+(loads in every transformers version, FACTS §4)."""
+_MOE_KEY_PARTS = ("moe", "expert", "routed", "router", "topk", "mtp")
+"""Mixture-of-experts and MTP keys (NVIDIA's dense NemotronH configs do not carry them)."""
+
+
+def nemotron_h_defaults() -> dict[str, Any]:
+    """Every architecture key of transformers' ``NemotronHConfig`` with its default value, as
+    NVIDIA's own dense NemotronH configs carry them (``expand``, ``time_step_*``,
+    ``rescale_prenorm_residual``, ``use_mamba_kernels``, dropouts...), so that tools reading
+    ``config.json`` directly (llama.cpp's converter, Megatron-Bridge) find what they expect.
+    Generic ``PretrainedConfig`` keys and mixture-of-experts keys are left out."""
+    from transformers import NemotronHConfig, PretrainedConfig
+
+    generic = set(PretrainedConfig().to_dict())
+    return {
+        key: value
+        for key, value in NemotronHConfig().to_dict().items()
+        if key not in generic
+        and key not in _NOT_DEFAULTED
+        and key != "n_group"  # expert groups (``n_groups`` is Mamba's)
+        and not any(part in key for part in _MOE_KEY_PARTS)
     }
 
 
@@ -191,7 +219,7 @@ def hf_config_from_model(
             f"its Mamba gated norm would use it while megatron's uses {MAMBA_NORM_EPSILON}; "
             "export through the remote-code model instead"
         )
-    out: dict[str, Any] = dict(base or {})
+    out: dict[str, Any] = dict(base) if base else nemotron_h_defaults()
     if use_cache is None:
         use_cache = "*" in cfg.hybrid_pattern and out.get("use_cache", True)
     if not base:
@@ -223,8 +251,6 @@ def hf_config_from_model(
     )
     if "layers_block_type" in out:  # newer configs: keep the list, consistent with the pattern
         out["layers_block_type"] = [_BLOCK_OF_SYMBOL[s] for s in cfg.hybrid_pattern]
-    if "num_hidden_layers" in out:
-        out["num_hidden_layers"] = cfg.num_layers
     out.pop("attention_head_dim", None)  # legacy key, ignored by transformers: head_dim rules
     return out
 

@@ -90,7 +90,7 @@ def _run_cli(workdir: Path, cases: list[tuple[str, list[str]]]) -> list[dict]:
     return json.loads(out.read_text())
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli(tmp_path_factory):
     return lambda cases: _run_cli(tmp_path_factory.mktemp("cli"), cases)
 

@@ -1,0 +1,266 @@
+"""Megatron-LM / Megatron-Bridge checkpoints (``tools/export_budget.py --format megatron-lm``,
+``tools/convert_megatron_lm.py``), verified against megatron-core itself: its TE hybrid spec
+(``te_reference``: TE modules stood in for, everything else megatron's) must find exactly its
+keys, shapes and sharding in the files, load them strictly, and compute the elastic model's
+function; the ``args`` load the way Megatron-LM loads them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from te_reference import build_te_reference_model, sharding_signature
+
+from megatron_elastic.checkpoint import load_checkpoint, read_manifest
+from megatron_elastic.config import load_model_config
+from megatron_elastic.export.megatron_lm import (
+    BRIDGE_PROVIDER,
+    BRIDGE_PROVIDER_FIELDS,
+    _model_config_from_args,
+    bridge_run_config,
+    load_megatron_lm_weights,
+    megatron_lm_args,
+    read_megatron_lm,
+    save_megatron_lm,
+    te_sharded_state_dict,
+)
+from megatron_elastic.export.standalone import standalone_config
+from megatron_elastic.model import build_hybrid_model
+from megatron_elastic.training.lm_step import position_ids_like
+
+ROOT = Path(__file__).parents[2]
+EXPORT = "tools/export_budget.py"
+CONVERT = "tools/convert_megatron_lm.py"
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_elastic_checkpoint, tmp_path_factory, run_cli):
+    """Every trained budget of the tiny elastic checkpoint exported as Megatron-LM, and the
+    whole elastic parent (with its router) converted: (root, results)."""
+    from megatron_elastic.data.tokenizers import train_bpe_tokenizer
+
+    path, _, _ = tiny_elastic_checkpoint
+    root = tmp_path_factory.mktemp("mlm")
+    texts = [f"Question: what is {a} + {b}? Answer: {a + b}" for a in range(40) for b in range(9)]
+    train_bpe_tokenizer(texts, 300, root / "tokenizer.json")
+    tokenizer = ["--tokenizer", str(root / "tokenizer.json")]
+    results = run_cli(
+        [
+            (EXPORT, ["--checkpoint", str(path), "--all", "--format", "megatron-lm",
+                      "--output", str(root / "budgets"), *tokenizer]),
+            (CONVERT, ["export", "--checkpoint", str(path), "--output", str(root / "whole")]),
+        ]
+    )  # fmt: skip
+    for done in results:
+        assert done["rc"] == 0, done["stderr"][-3000:] + str(done["traceback"])
+    return root, results
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, position_ids_like(tokens), None)
+
+
+def test_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
+    exported, tiny_elastic_checkpoint, pgs
+) -> None:
+    root, _ = exported
+    _, model, router = tiny_elastic_checkpoint
+    tokens = torch.randint(0, model.model_config.vocab_size, (2, 24))
+    for budget in router.elastic_config.budgets:
+        ckpt_dir = root / "budgets" / budget
+        # Megatron-LM reads the common state with weights_only=True and its safe globals only.
+        common = dist_checkpointing.load_common_state_dict(str(ckpt_dir / "iter_0000000"))
+        assert common["checkpoint_version"] == 3.0 and common["iteration"] == 0
+        assert (ckpt_dir / "latest_checkpointed_iteration.txt").read_text() == "0"
+        # The reference is built from what --use-checkpoint-args reads: the args alone.
+        cfg = _model_config_from_args(common["args"], "args")
+        spec = router.decide(budget, 0, None, deterministic=True).spec
+        expected = standalone_config(model.model_config, spec)
+        assert cfg == dataclasses.replace(expected, mamba_chunk_size=cfg.mamba_chunk_size)
+        reference = build_te_reference_model(cfg, pgs)
+        request = reference.sharded_state_dict()
+        # Files == megatron's TE spec: every tensor's key and global shape, nothing else.
+        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir / "iter_0000000"))
+        ref_tensors = {k: v[3] for k, v in sharding_signature(request).items() if v[0] == "tensor"}
+        assert {k: tuple(t.global_shape) for k, t in metadata.items()} == ref_tensors
+        state = dist_checkpointing.load(
+            request, str(ckpt_dir / "iter_0000000"), strict=StrictHandling.RAISE_ALL
+        )
+        reference.load_state_dict({k: state[k] for k in reference.state_dict()}, strict=True)
+        model.set_subnet(spec, mode="slice")
+        try:
+            want = _logits(model, tokens)
+        finally:
+            model.set_subnet(None)
+        got = _logits(reference, tokens)
+        assert (want - got).abs().max().item() <= 1e-5, budget
+
+
+@pytest.mark.parametrize("recipe", ["examples/tiny/model.yaml", "tests/fixtures/hybrid_small.yaml"])
+def test_sharding_metadata_equals_megatrons_te_spec(recipe, pgs) -> None:
+    cfg = load_model_config(ROOT / recipe)
+    ours = te_sharded_state_dict(build_hybrid_model(cfg, pgs), cfg)
+    reference = build_te_reference_model(cfg, pgs).sharded_state_dict()
+    assert sharding_signature(ours) == sharding_signature(reference)
+
+
+def test_args_carry_what_megatron_lm_reads(exported) -> None:
+    from transformers import AutoTokenizer
+
+    root, _ = exported
+    budget = next(p for p in (root / "budgets").iterdir())
+    common = dist_checkpointing.load_common_state_dict(str(budget / "iter_0000000"))
+    args = common["args"]
+    # Megatron-LM's HuggingFaceTokenizer: AutoTokenizer.from_pretrained(args.tokenizer_model)
+    assert args.tokenizer_type == "HuggingFaceTokenizer"
+    hf_tok = AutoTokenizer.from_pretrained(args.tokenizer_model)
+    assert hf_tok.decode(hf_tok.encode("what is 3 + 4?")) == "what is 3 + 4?"
+    cfg = read_megatron_lm(budget).model_config
+    assert args.hybrid_layer_pattern == cfg.hybrid_pattern and args.num_layers == cfg.num_layers
+    assert (args.squared_relu, args.swiglu, args.position_embedding_type) == (True, False, "none")
+    assert args.untie_embeddings_and_output_weights and args.normalization == "RMSNorm"
+    assert args.padded_vocab_size % args.make_vocab_size_divisible_by == 0
+    # check_checkpoint_args and load_args_from_checkpoint read these without defaults
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+        assert getattr(args, name) is not None
+
+
+def test_bridge_run_config_builds_megatrons_transformer_config(exported) -> None:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.model.builder import transformer_config
+
+    root, _ = exported
+    budget = next(p for p in (root / "budgets").iterdir())
+    run_config = yaml.safe_load((budget / "iter_0000000" / "run_config.yaml").read_text())
+    model = dict(run_config["model"])
+    assert model.pop("_target_") == BRIDGE_PROVIDER
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert set(model) - fields == set(BRIDGE_PROVIDER_FIELDS)
+    resolved = {k: v for k, v in model.items() if k in fields}
+    assert resolved.pop("activation_func")["_target_"] == "megatron.core.activations.squared_relu"
+    resolved["params_dtype"] = getattr(torch, resolved["params_dtype"]["_target_"][6:])
+    built = TransformerConfig(**resolved)
+    cfg = read_megatron_lm(budget).model_config
+    ours = transformer_config(cfg, ParallelConfig())
+    assert built.is_hybrid_model  # Megatron-LM / Bridge set it; it only scales initialisation
+    for name in set(resolved) - {"is_hybrid_model"}:
+        assert getattr(built, name) == getattr(ours, name), name
+
+
+def test_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(exported, run_cli, pgs) -> None:
+    root, _ = exported
+    first = next(p for p in (root / "budgets").iterdir())
+    parent, again = root / "parent", root / "again"
+    for done in run_cli(
+        [
+            (CONVERT, ["import", "--load", str(first), "--output", str(parent)]),
+            (CONVERT, ["export", "--checkpoint", str(parent), "--output", str(again)]),
+        ]
+    ):
+        assert done["rc"] == 0, done["stderr"][-3000:] + str(done["traceback"])
+    assert read_manifest(parent)["kind"] == "parent"
+    a, b = read_megatron_lm(first), read_megatron_lm(again)
+    assert a.model_config == b.model_config
+    models = []
+    for ckpt in (a, b):
+        model = build_hybrid_model(ckpt.model_config, pgs)
+        load_megatron_lm_weights(ckpt, model)
+        models.append(model.state_dict())
+    for name, tensor in models[0].items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(tensor, models[1][name]), name
+    args = [dist_checkpointing.load_common_state_dict(str(c.weights))["args"] for c in (a, b)]
+    paths = [Path(vars(a).pop("tokenizer_model")) for a in args]  # each its own copy
+    assert paths == [a.weights / "tokenizer", b.weights / "tokenizer"]
+    assert vars(args[0]) == vars(args[1])
+
+
+def test_whole_elastic_parent_keeps_its_router(exported, tiny_elastic_checkpoint, run_cli, pgs):
+    from megatron_elastic.router import router_from_state
+
+    root, _ = exported
+    _, model, router = tiny_elastic_checkpoint
+    whole = read_megatron_lm(root / "whole")
+    assert whole.model_config == model.model_config
+    restored = router_from_state(whole.model_config, whole.elastic["router"])
+    for budget in router.elastic_config.budgets:
+        assert (
+            restored.decide(budget, 0, None, deterministic=True).spec
+            == router.decide(budget, 0, None, deterministic=True).spec
+        )
+    reference = build_te_reference_model(whole.model_config, pgs)
+    dist_checkpointing.load(
+        reference.sharded_state_dict(), str(whole.weights), strict=StrictHandling.RAISE_ALL
+    )
+    (done,) = run_cli(
+        [(CONVERT, ["import", "--load", str(root / "whole"), "--output", str(root / "back")])]
+    )
+    assert done["rc"] == 0 and "with its router" in done["stdout"], done["stderr"][-2000:]
+    assert read_manifest(root / "back")["kind"] == "elastic"
+    plain = build_hybrid_model(model.model_config, pgs)
+    load_checkpoint(root / "back", plain, model.model_config)
+    for name, tensor in plain.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_heterogeneous_budget_is_refused_before_writing(
+    tiny_config, tiny_heterogeneous_spec, pgs, tmp_path
+) -> None:
+    cfg = standalone_config(tiny_config, tiny_heterogeneous_spec(tiny_config))
+    assert cfg.is_heterogeneous
+    with pytest.raises(ValueError, match="heterogeneous budget"):
+        megatron_lm_args(cfg)
+    with pytest.raises(ValueError, match="per-layer widths"):
+        bridge_run_config(cfg)
+    model = build_hybrid_model(cfg, pgs)
+    with pytest.raises(ValueError, match="--format megatron"):
+        save_megatron_lm(tmp_path / "out", model, cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(exported, tiny_elastic_checkpoint, run_cli):
+    root, _ = exported
+    path, _, _ = tiny_elastic_checkpoint
+    occupied = root / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    damaged = root / "damaged"
+    import shutil
+
+    shutil.copytree(root / "whole", damaged)
+    shard = next((damaged / "iter_0000000").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ckpt = ["--checkpoint", str(path), "--budget", "full"]
+    results = run_cli(
+        [
+            (EXPORT, [*ckpt, "--format", "nemo", "--output", str(root / "x")]),
+            (EXPORT, [*ckpt, "--format", "megatron-lm", "--output", str(occupied)]),
+            (EXPORT, [*ckpt, "--format", "hf", "--output", str(occupied)]),
+            (CONVERT, ["import", "--load", str(damaged), "--output", str(root / "y")]),
+            (CONVERT, ["import", "--load", str(path), "--output", str(root / "z")]),
+        ]
+    )
+    fmt, occupied_mlm, occupied_hf, corrupt, not_mlm = results
+    assert fmt["rc"] == 2 and "invalid choice: 'nemo'" in fmt["stderr"]
+    for done in (occupied_mlm, occupied_hf):
+        assert done["rc"] == 2 and "--force" in done["stderr"] and done["traceback"] is None
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    assert corrupt["rc"] == 2 and shard.name in corrupt["stderr"] and "sha256" in corrupt["stderr"]
+    assert not_mlm["rc"] == 2 and "latest_checkpointed_iteration.txt" in not_mlm["stderr"]
+    for done in results[1:]:  # argparse prints its usage before the error line
+        assert done["stderr"].strip().count("\n") == 0 and done["stderr"].startswith("error: ")
+    assert not (root / "x").exists() and not (root / "y").exists()
+    manifest = json.loads((root / "whole" / "export_manifest.json").read_text())
+    assert manifest["format"] == "megatron-lm" and manifest["has_router"] is True
