@@ -18,6 +18,7 @@ from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.export.hf import (
     EXPORT_MANIFEST,
     export_subnet_to_hf,
+    nemotron_h_defaults,
     use_torch_nemotron_h_kernels,
 )
 from megatron_elastic.training.lm_step import position_ids_like
@@ -103,6 +104,13 @@ def test_every_budget_loads_in_stock_transformers_and_matches(checkpoint, tmp_pa
         assert config["model_type"] == "nemotron_h" and "auto_map" not in config
         assert "hybrid_override_pattern" in config and "head_dim" in config
         assert "attention_head_dim" not in config and config["mlp_hidden_act"] == "relu2"
+        # Every architecture key of transformers' NemotronH config, as NVIDIA's configs carry
+        # them (llama.cpp's converter reads num_hidden_layers from config.json).
+        defaults = nemotron_h_defaults()
+        assert set(defaults) <= set(config) and "num_experts_per_tok" not in config
+        assert config["num_hidden_layers"] == len(config["hybrid_override_pattern"])
+        for key in ("expand", "time_step_floor", "time_step_max", "rescale_prenorm_residual"):
+            assert config[key] == defaults[key], key
         _check_equivalent(_load(tmp_path / budget), model, spec, f"budget {budget}")
 
 

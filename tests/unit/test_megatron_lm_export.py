@@ -264,3 +264,33 @@ def test_bad_input_is_one_line_and_writes_nothing(exported, tiny_elastic_checkpo
     assert not (root / "x").exists() and not (root / "y").exists()
     manifest = json.loads((root / "whole" / "export_manifest.json").read_text())
     assert manifest["format"] == "megatron-lm" and manifest["has_router"] is True
+
+
+@pytest.mark.gpu
+def test_real_te_spec_loads_export_on_gpu_and_matches(exported, tiny_elastic_checkpoint, pgs):
+    """On a GPU with Transformer Engine: megatron-core's real TE hybrid model (what
+    ``build_hybrid_model`` builds there) loads every exported budget strictly and computes the
+    elastic model's logits (fp32 parameters: <= 1e-3 of the logit scale)."""
+    from megatron_elastic.model.builder import use_te
+
+    if not use_te():
+        pytest.skip("needs transformer_engine (the TE spec)")
+    root, _ = exported
+    _, model, router = tiny_elastic_checkpoint
+    tokens = torch.randint(0, model.model_config.vocab_size, (2, 24), device="cuda")
+    for budget in router.elastic_config.budgets:
+        ckpt = read_megatron_lm(root / "budgets" / budget)
+        te_model = build_hybrid_model(ckpt.model_config, pgs)
+        request = te_model.sharded_state_dict()
+        state = dist_checkpointing.load(request, str(ckpt.weights), strict=StrictHandling.RAISE_ALL)
+        te_model.load_state_dict(state, strict=False)
+        spec = router.decide(budget, 0, None, deterministic=True).spec
+        model.set_subnet(spec, mode="slice")
+        try:
+            want = _logits(model, tokens)
+        finally:
+            model.set_subnet(None)
+        got = _logits(te_model, tokens)
+        scale = want.abs().max().item()
+        print(f"budget {budget}: max |TE - elastic| = {(got - want).abs().max().item():.3e}")
+        assert (got - want).abs().max().item() <= 1e-3 * scale, budget
