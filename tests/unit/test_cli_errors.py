@@ -161,6 +161,18 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             "tokenizer.json",
         ),
         ("tools/convert_megatron_to_hf.py", ["--checkpoint", s["file"], "--output", out], "a_file"),
+        # Megatron-LM: a flipped shard byte, a damaged tokenizer, not a Megatron-LM checkpoint
+        (
+            "tools/convert_megatron_lm.py",
+            ["export", "--checkpoint", s["parent_flipped"], "--output", out],
+            ".distcp",
+        ),
+        (
+            "tools/convert_megatron_lm.py",
+            ["export", "--checkpoint", s["parent"], "--tokenizer", s["tok_bad"], "--output", out],
+            "tokenizer.json",
+        ),
+        ("tools/convert_megatron_lm.py", ["import", "--load", s["file"], "--output", out], "a_file"),
         # importance: YAML, checkpoint, dataset
         (
             "tools/estimate_importance.py",
