@@ -14,6 +14,14 @@ What llama.cpp's NemotronH can hold, read from its loader (``src/models/nemotron
   uses 1e-5 whatever ``layernorm_epsilon`` is, so only a parent with epsilon 1e-5 exports.
 - The Mamba step size is ``softplus(dt + dt_bias)`` without clamping, as in megatron.
 - Attention has no positional embedding and scales by ``1/sqrt(head_dim)``, as megatron's.
+- llama.cpp's hybrid memory needs at least one attention layer: with none it aborts the
+  process on the first decode (``GGML_ASSERT(buffer)`` in ``ggml_backend_buffer_is_host``,
+  called from ``llama_kv_cache::set_input_k_idxs``: ``llm_graph_input_mem_hybrid::set_input``
+  fills the attention inputs whether or not a layer reads them, and unread inputs get no
+  buffer; seen with llama-cpp-python 0.3.36). A budget without attention layers therefore gets
+  one *placeholder* attention block in front (one query and one key/value head, every
+  projection zero, so it adds exactly 0 to the residual stream: the function is unchanged);
+  the manifest says so (``placeholder_attention_layer``) and counts its zero parameters apart.
 - ``head_count`` of layer 0 decides whether llama.cpp reads ``key_length`` at all, so every
   non-attention layer carries the largest attention head count (unused there).
 
@@ -203,10 +211,44 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
 # ---- the export ---------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One GGUF layer: its kind, width (FFN neurons / query heads / Mamba heads), KV heads."""
+
+    kind: str
+    width: int
+    kv_heads: int = 0
+
+
+def _placeholder_attention(hidden: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """GGUF tensors of a block 0 that adds exactly 0: one query/key/value head, zero weights."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+    def name(t: MODEL_TENSOR) -> str:
+        return TENSOR_NAMES[t].format(bid=0) + ".weight"
+
+    zeros = torch.zeros(head_dim, hidden)
+    return {
+        name(MODEL_TENSOR.ATTN_NORM): torch.ones(hidden),
+        name(MODEL_TENSOR.ATTN_Q): zeros,
+        name(MODEL_TENSOR.ATTN_K): zeros.clone(),
+        name(MODEL_TENSOR.ATTN_V): zeros.clone(),
+        name(MODEL_TENSOR.ATTN_OUT): torch.zeros(hidden, head_dim),
+    }
+
+
+def _shift_blocks(tensors: Mapping[str, torch.Tensor], by: int) -> dict[str, torch.Tensor]:
+    def renamed(n: str) -> str:
+        head, bid, rest = n.split(".", 2)
+        return f"{head}.{int(bid) + by}.{rest}"
+
+    return {renamed(n) if n.startswith("blk.") else n: t for n, t in tensors.items()}
+
+
 def _write_gguf(
     file: Path,
     cfg: ModelConfig,
-    spec: SubnetSpec,
+    blocks: list[_Block],
     tensors: Mapping[str, torch.Tensor],
     vocab: dict[str, Any] | None,
     dtype: str,
@@ -214,19 +256,15 @@ def _write_gguf(
 ) -> dict[str, int]:
     from gguf import GGUFWriter, LlamaFileType
 
-    active = [c for c in spec.layers if c.active]
-    attn_heads = [c.width for c in active if c.kind == "attention"]
-    fill_heads = max(attn_heads, default=cfg.num_attention_heads)
+    fill_heads = max((b.width for b in blocks if b.kind == "attention"), default=1)
     writer = GGUFWriter(str(file), GGUF_ARCH)
     writer.add_name(name)
     writer.add_context_length(cfg.max_sequence_length)
     writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(len(active))
-    writer.add_feed_forward_length([c.width if c.kind == "mlp" else 0 for c in active])
-    writer.add_head_count([c.width if c.kind == "attention" else fill_heads for c in active])
-    writer.add_head_count_kv(
-        [cfg.num_query_groups if c.kind == "attention" else 0 for c in active]
-    )
+    writer.add_block_count(len(blocks))
+    writer.add_feed_forward_length([b.width if b.kind == "mlp" else 0 for b in blocks])
+    writer.add_head_count([b.width if b.kind == "attention" else fill_heads for b in blocks])
+    writer.add_head_count_kv([b.kv_heads for b in blocks])
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_eps(cfg.layernorm_epsilon)
@@ -281,12 +319,24 @@ def export_subnet_to_gguf(
     cfg = standalone_config(parent, spec)
     active = [c for c in spec.layers if c.active]
     layout = GGUFLayout(cfg.num_query_groups, cfg.head_dim, cfg.mamba_num_groups)
-    tensors = to_gguf_tensors(standalone_state_dict(model, spec), cfg.layer_kinds(), layout)
+    state = standalone_state_dict(model, spec)
+
+    blocks = [
+        _Block(c.kind, c.width, cfg.num_query_groups if c.kind == "attention" else 0)
+        for c in active
+    ]
+    placeholder = not any(b.kind == "attention" for b in blocks)
+    if placeholder:  # llama.cpp aborts without an attention layer (see the module docstring)
+        blocks.insert(0, _Block("attention", 1, 1))
+        tensors = {**_placeholder_attention(cfg.hidden_size, cfg.head_dim)}
+        tensors.update(_shift_blocks(to_gguf_tensors(state, cfg.layer_kinds(), layout), 1))
+    else:
+        tensors = to_gguf_tensors(state, cfg.layer_kinds(), layout)
 
     directory = Path(target)
     directory.mkdir(parents=True, exist_ok=True)
     name = str((metadata or {}).get("budget", "budget"))
-    types = _write_gguf(directory / GGUF_FILE, cfg, spec, tensors, vocab, dtype, name)
+    types = _write_gguf(directory / GGUF_FILE, cfg, blocks, tensors, vocab, dtype, name)
     manifest = {
         **(metadata or {}),
         "format": "gguf",
@@ -296,6 +346,10 @@ def export_subnet_to_gguf(
         "tensor_types": types,
         "params": subnet_param_count(parent, spec),
         "has_attention": any(c.kind == "attention" for c in active),
+        "placeholder_attention_layer": placeholder,
+        "placeholder_params": 4 * cfg.head_dim * cfg.hidden_size + cfg.hidden_size
+        if placeholder
+        else 0,
         "tokenizer": {
             "source": None if tokenizer_path is None else str(Path(tokenizer_path).resolve()),
             "in_gguf": vocab is not None,
