@@ -165,7 +165,8 @@ def _compare(result: dict, model, spec, inputs, label: str) -> tuple[float, floa
     ref = _elastic_logits(model, spec, sequences).numpy()
     diff = float(np.abs(result["logits"] - ref).max())
     rel = diff / float(np.abs(ref).max())
-    print(f"{label}: max |diff| = {diff:.3g}, max rel = {rel:.3g} (max |logit| {np.abs(ref).max():.3g})")
+    scale = float(np.abs(ref).max())
+    print(f"{label}: max |diff| = {diff:.3g}, max rel = {rel:.3g} (max |logit| {scale:.3g})")
     return diff, rel
 
 
@@ -287,13 +288,19 @@ def test_unsupported_type_and_epsilon_are_refused(model, budgets, tmp_path) -> N
         check_gguf_exportable(cfg, SubnetSpec.full(cfg))
 
 
+TOLERANCE = {"f16": 5e-3, "q8_0": 5e-2}
+"""Max relative logit difference allowed for reduced-precision files (measured ~1e-3 for f16 and
+~2.5e-2 for q8_0 on this random-weight model)."""
+
+
 @pytest.mark.parametrize("dtype", [t for t in GGUF_TYPES if t != "f32"])
 def test_reduced_precision_loads_and_runs(model, budgets, inputs, dtype, tmp_path) -> None:
-    spec = budgets["75%"]
-    manifest = export_subnet_to_gguf(model, spec, tmp_path, dtype=dtype)
-    types = manifest["tensor_types"]
-    assert types["F32"] > 0 and types.get(dtype.upper(), 0) > 0, types
-    result = _run_llama_cpp(tmp_path / GGUF_FILE, *inputs)
-    diff, rel = _compare(result, model, spec, inputs, f"{dtype} 75%")
-    assert np.isfinite(result["logits"]).all()
-    assert rel <= {"f16": 2e-2, "q8_0": 5e-2}[dtype]
+    for budget, spec in budgets.items():
+        manifest = export_subnet_to_gguf(model, spec, tmp_path / budget, dtype=dtype)
+        types = manifest["tensor_types"]
+        print(f"{dtype} {budget}: tensor types {types}")
+        assert types["F32"] > 0 and types.get(dtype.upper(), 0) > 0, types
+        result = _run_llama_cpp(tmp_path / budget / GGUF_FILE, *inputs)
+        assert np.isfinite(result["logits"]).all()
+        _, rel = _compare(result, model, spec, inputs, f"{dtype} {budget}")
+        assert rel <= TOLERANCE[dtype], budget
