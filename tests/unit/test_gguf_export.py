@@ -262,6 +262,7 @@ def test_heterogeneous_ffn_and_attention_budget_matches(model, inputs, tmp_path)
     assert manifest["params"] == subnet_param_count(cfg, spec)
     assert manifest["tokenizer"]["in_gguf"] is False  # no tokenizer given: token ids only
     result = _run_llama_cpp(tmp_path / GGUF_FILE, *inputs)
+    assert result["n_vocab"] == cfg.vocab_size  # llama.cpp's vocab type "none": ids only
     _, rel = _compare(result, model, spec, inputs, "heterogeneous FFN/attention")
     assert rel <= 1e-3
     _greedy_matches(result, model, spec, inputs, "heterogeneous FFN/attention")
@@ -304,3 +305,38 @@ def test_reduced_precision_loads_and_runs(model, budgets, inputs, dtype, tmp_pat
         assert np.isfinite(result["logits"]).all()
         _, rel = _compare(result, model, spec, inputs, f"{dtype} {budget}")
         assert rel <= TOLERANCE[dtype], budget
+
+
+def test_tokenizers_llama_cpp_cannot_reproduce_are_left_out(tokenizer, tmp_path) -> None:
+    """A tokenizer llama.cpp's gpt2 tokenizer would not reproduce gives a token-ids-only GGUF
+    and the reason; one larger than the model's vocabulary is an error."""
+    import sentencepiece as spm
+
+    from megatron_elastic.export.gguf import gguf_tokenizer_vocab
+
+    fields, note = gguf_tokenizer_vocab(tokenizer[0], 4096)
+    assert fields is not None and len(fields["tokens"]) == 4096 and fields["eos"] == 0
+    assert note.startswith("gpt2 byte-level BPE")
+    content = json.loads(tokenizer[0].read_text())
+    content["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "prefix").mkdir()
+    (tmp_path / "prefix" / "tokenizer.json").write_text(json.dumps(content))
+    assert gguf_tokenizer_vocab(tmp_path / "prefix", 4096) == (
+        None,
+        "llama.cpp's gpt2 tokenizer would not reproduce it: its ByteLevel pre-tokenizer adds a "
+        "prefix space or skips the GPT-2 split regex",
+    )
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 50),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    fields, note = gguf_tokenizer_vocab(tmp_path / "sp.model", 4096)
+    assert fields is None and "sentencepiece" in note
+    with pytest.raises(ValueError, match="more than the model's vocab_size 300"):
+        gguf_tokenizer_vocab(tokenizer[0], 300)
