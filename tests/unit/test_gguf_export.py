@@ -28,8 +28,6 @@ from megatron_elastic.export.gguf import (
 )
 from megatron_elastic.training.lm_step import position_ids_like
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by requirements/dev.txt")
-
 ROOT = Path(__file__).parents[2]
 SEQ_LEN, PROMPT_LEN, NEW_TOKENS = 37, 12, 32
 TEXTS = [
@@ -49,7 +47,7 @@ import llama_cpp
 
 job = json.loads(sys.argv[1])
 llm = llama_cpp.Llama(model_path=job["model"], n_ctx=job["n_ctx"], n_batch=job["n_ctx"],
-                      logits_all=True, verbose=False, n_threads=2, seed=0)
+                      logits_all=True, verbose=False, n_threads=1, n_threads_batch=1, seed=0)
 logits = []
 for seq in job["sequences"]:
     llm.reset()
