@@ -25,6 +25,13 @@ What llama.cpp's NemotronH can hold, read from its loader (``src/models/nemotron
 - ``head_count`` of layer 0 decides whether llama.cpp reads ``key_length`` at all, so every
   non-attention layer carries the largest attention head count (unused there).
 
+Tokenizer: a byte-level BPE ``tokenizer.json`` (GPT-2 split regex, no prefix space, no
+normalizer: what :func:`~megatron_elastic.data.tokenizers.train_bpe_tokenizer` makes) is written
+as llama.cpp's ``gpt2`` tokenizer with pre-tokenizer ``gpt-2``, padded with unused ``[PADi]``
+tokens to the model's vocabulary as llama.cpp's converter pads. Any other tokenizer is left out:
+the file is token-ids only (``tokenizer.ggml.model = none`` plus ``vocab_size``, llama.cpp's own
+vocabulary-less mode) and the manifest says why.
+
 Tensor types follow llama.cpp's converter: 1-D tensors, norms, the conv kernel, ``A``/``D`` and
 biases stay f32; matrices take the requested type; a matrix whose row length is not a multiple
 of a q8_0 block (32) falls back to f16, as the converter does.
@@ -141,16 +148,16 @@ def gguf_tokenizer_vocab(
     if any(m.count(" ") != 1 for m in merges):
         return None, "a BPE merge holds a space, which GGUF's 'a b' merge strings cannot carry"
     vocab: dict[int, str] = {i: t for t, i in content["model"]["vocab"].items()}
-    special = set()
+    added_type = {}  # special -> CONTROL, other added tokens -> USER_DEFINED (as the converter)
     for added in content.get("added_tokens", []):
         vocab[added["id"]] = added["content"]
-        if added.get("special", False):
-            special.add(added["id"])
+        special = added.get("special", False)
+        added_type[added["id"]] = TokenType.CONTROL if special else TokenType.USER_DEFINED
     tokens, types = [], []
     for i in range(vocab_size):
         if i in vocab:
             tokens.append(vocab[i])
-            types.append(TokenType.CONTROL if i in special else TokenType.NORMAL)
+            types.append(added_type.get(i, TokenType.NORMAL))
         else:  # the model's rows beyond the tokenizer, as llama.cpp's converter pads them
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.UNUSED)

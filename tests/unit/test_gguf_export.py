@@ -245,9 +245,9 @@ def test_llama_cpp_aborts_on_a_gguf_without_attention_layer(model, tmp_path) -> 
         _run_llama_cpp(tmp_path / GGUF_FILE, ids, ids[:, :0])
 
 
-def test_heterogeneous_ffn_and_attention_budget_matches(model, inputs, tmp_path) -> None:
-    cfg = model.model_config
-    spec = SubnetSpec.heterogeneous(
+def _heterogeneous_ffn_attention(cfg) -> SubnetSpec:
+    """Per-layer FFN widths and attention heads, one Mamba shape (6 heads x 24), MLP 6 skipped."""
+    return SubnetSpec.heterogeneous(
         cfg,
         hidden=224,
         attention_heads=[0, 0, 0, 6, 0, 0, 0, 0, 4, 0],
@@ -256,6 +256,11 @@ def test_heterogeneous_ffn_and_attention_budget_matches(model, inputs, tmp_path)
         ffn=[0, 768, 0, 0, 384, 0, 512, 0, 0, 640],
         active=[i != 6 for i in range(cfg.num_layers)],
     )
+
+
+def test_heterogeneous_ffn_and_attention_budget_matches(model, inputs, tmp_path) -> None:
+    cfg = model.model_config
+    spec = _heterogeneous_ffn_attention(cfg)
     manifest = export_subnet_to_gguf(model, spec, tmp_path)
     assert manifest["params"] == subnet_param_count(cfg, spec)
     assert manifest["tokenizer"]["in_gguf"] is False  # no tokenizer given: token ids only
@@ -294,11 +299,16 @@ TOLERANCE = {"f16": 5e-3, "q8_0": 5e-2}
 
 @pytest.mark.parametrize("dtype", [t for t in GGUF_TYPES if t != "f32"])
 def test_reduced_precision_loads_and_runs(model, budgets, inputs, dtype, tmp_path) -> None:
-    for budget, spec in budgets.items():
+    """Every budget, and the heterogeneous one whose Mamba out_proj rows (6 x 24 = 144) are not
+    whole q8_0 blocks of 32: that matrix falls back to f16, as llama.cpp's converter does."""
+    cases = {**budgets, "heterogeneous": _heterogeneous_ffn_attention(model.model_config)}
+    for budget, spec in cases.items():
         manifest = export_subnet_to_gguf(model, spec, tmp_path / budget, dtype=dtype)
         types = manifest["tensor_types"]
         print(f"{dtype} {budget}: tensor types {types}")
         assert types["F32"] > 0 and types.get(dtype.upper(), 0) > 0, types
+        if dtype == "q8_0" and budget == "heterogeneous":
+            assert types["F16"] == 4, types  # the 4 Mamba out_proj matrices
         result = _run_llama_cpp(tmp_path / budget / GGUF_FILE, *inputs)
         assert np.isfinite(result["logits"]).all()
         _, rel = _compare(result, model, spec, inputs, f"{dtype} {budget}")
