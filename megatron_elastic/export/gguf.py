@@ -204,7 +204,7 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
     from gguf import QuantError, quants
 
     qtype = _tensor_type(name, tensor, dtype)
-    data = tensor.numpy().astype(np.float32)
+    data = tensor.numpy()  # float32 (to_gguf_tensors)
     if qtype == Q.Q8_0:
         try:
             writer.add_tensor(name, quants.quantize(data, Q.Q8_0), raw_dtype=Q.Q8_0)

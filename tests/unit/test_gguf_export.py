@@ -198,9 +198,10 @@ def test_every_budget_runs_in_llama_cpp_and_matches(model, budgets, inputs, f32_
         assert manifest["params"] == subnet_param_count(model.model_config, spec)
         assert manifest["has_attention"] and not manifest["placeholder_attention_layer"]
         assert result["n_vocab"] == model.model_config.vocab_size
-        _, rel = _compare(result, model, spec, inputs, f"f32 {budget}")
+        label = f"f32 {budget} ({manifest['dims']['pattern']}, hidden {spec.hidden})"
+        _, rel = _compare(result, model, spec, inputs, label)
         assert rel <= 1e-3, budget
-        _greedy_matches(result, model, spec, inputs, f"f32 {budget}")
+        _greedy_matches(result, model, spec, inputs, label)
 
 
 def test_llama_cpp_tokenizes_like_our_tokenizer(tokenizer, f32_exports) -> None:
