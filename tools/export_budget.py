@@ -167,9 +167,16 @@ def _export_gguf(
     note = " (router interpolation: untrained budget)" if interpolated else ""
     print(
         f"exported budget {budget}: {info['params']:,} params, pattern "
-        f"{info['dims']['hybrid_pattern']}, {info['dtype']} -> {target / info['file']} "
+        f"{info['dims']['pattern']}, {info['dtype']} -> {target / info['file']} "
         f"(GGUF for llama.cpp){note}"
     )
+    if info["placeholder_attention_layer"]:
+        print(
+            f"note: budget {budget} keeps no attention layer: the file has one zero placeholder "
+            "attention block (llama.cpp aborts without one; it adds exactly 0)"
+        )
+    if not info["tokenizer"]["in_gguf"]:
+        print(f"note: token ids only: {info['tokenizer']['note']}")
 
 
 @cli.entry_point

@@ -172,7 +172,11 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             ["export", "--checkpoint", s["parent"], "--tokenizer", s["tok_bad"], "--output", out],
             "tokenizer.json",
         ),
-        ("tools/convert_megatron_lm.py", ["import", "--load", s["file"], "--output", out], "a_file"),
+        (
+            "tools/convert_megatron_lm.py",
+            ["import", "--load", s["file"], "--output", out],
+            "a_file",
+        ),
         # importance: YAML, checkpoint, dataset
         (
             "tools/estimate_importance.py",

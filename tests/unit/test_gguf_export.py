@@ -349,3 +349,37 @@ def test_tokenizers_llama_cpp_cannot_reproduce_are_left_out(tokenizer, tmp_path)
     assert fields is None and "sentencepiece" in note
     with pytest.raises(ValueError, match="more than the model's vocab_size 300"):
         gguf_tokenizer_vocab(tokenizer[0], 300)
+
+
+def test_export_budget_cli_writes_gguf_that_llama_cpp_runs(
+    tiny_elastic_checkpoint, tokenizer, run_cli, tmp_path
+) -> None:
+    """``tools/export_budget.py --format gguf``: one budget end to end through the CLI (the
+    checkpoint's own weights, llama.cpp's logits == the elastic model's), and its bad input."""
+    path, elastic_model, router = tiny_elastic_checkpoint
+    ckpt = ["--checkpoint", str(path), "--budget", "50%"]
+    ok, bad_type, type_without_gguf = run_cli(
+        [
+            ("tools/export_budget.py", [*ckpt, "--format", "gguf", "--gguf-type", "f32",
+                                        "--tokenizer", str(tokenizer[0]),
+                                        "--output", str(tmp_path / "ok")]),
+            ("tools/export_budget.py", [*ckpt, "--format", "gguf", "--gguf-type", "q4_0",
+                                        "--output", str(tmp_path / "q4")]),
+            ("tools/export_budget.py", [*ckpt, "--gguf-type", "f16",
+                                        "--output", str(tmp_path / "f16")]),
+        ]
+    )  # fmt: skip
+    assert ok["rc"] == 0, ok["stderr"][-3000:] + str(ok["traceback"])
+    assert "GGUF for llama.cpp" in ok["stdout"]
+    assert bad_type["rc"] == 2 and "f32, f16, q8_0" in bad_type["stderr"]
+    assert type_without_gguf["rc"] == 2 and "--format gguf" in type_without_gguf["stderr"]
+    assert not (tmp_path / "q4").exists() and not (tmp_path / "f16").exists()
+    manifest = json.loads((tmp_path / "ok" / "export_manifest.json").read_text())
+    assert manifest["budget"] == "50%" and manifest["tokenizer"]["in_gguf"]
+    gen = torch.Generator().manual_seed(3)
+    sequences = torch.randint(0, elastic_model.model_config.vocab_size, (1, 16), generator=gen)
+    no_prompts = torch.zeros(0, 0, dtype=torch.long)
+    result = _run_llama_cpp(tmp_path / "ok" / GGUF_FILE, sequences, no_prompts)
+    spec = router.decide("50%", 0, None, deterministic=True).spec
+    _, rel = _compare(result, elastic_model, spec, (sequences, None), "CLI 50%")
+    assert rel <= 1e-3
