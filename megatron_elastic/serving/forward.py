@@ -119,21 +119,29 @@ def _mamba(
 
 
 def _recurrence(x, dt, A, B, C, D, state):
-    """``s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T``, ``y_t = s_t C_t + D x_t``, in float32.
-    Returns y (b, s, h, p) and the state after each token (b, s, h, p, n)."""
-    heads = x.size(2)
+    """``s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T``, ``y_t = s_t C_t + D x_t`` for a short
+    chunk, in float32, in closed form (``s_t = sum_u exp(a_u+1 + .. + a_t) dt_u x_u B_u^T +
+    exp(a_1 + .. + a_t) s_0``: no loop over tokens). Returns y (b, s, h, p) and the state after
+    each token (b, s, h, p, n)."""
+    heads, s = x.size(2), x.size(1)
     Bh = B.float().repeat_interleave(heads // B.size(2), dim=2)  # (b, s, h, n)
     Ch = C.float().repeat_interleave(heads // C.size(2), dim=2)
     x32 = x.float()
-    decay = torch.exp(dt * A)  # (b, s, h)
-    inputs = (dt[..., None] * x32)[..., None] * Bh[:, :, :, None, :]  # (b, s, h, p, n)
-    states, ys = [], []
-    for t in range(x.size(1)):
-        state = decay[:, t, :, None, None] * state + inputs[:, t]
-        states.append(state)
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
-    y = torch.stack(ys, dim=1) + x32 * D[:, None]
-    return y, torch.stack(states, dim=1)
+    cum = torch.cumsum(dt * A, dim=1)  # (b, s, h)
+    if s == 1:
+        states = (torch.exp(cum)[..., None, None] * state[:, None]) + (
+            (dt[..., None] * x32)[..., None] * Bh[:, :, :, None, :]
+        )
+    else:
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        decay = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(
+            ~causal[None, :, :, None], float("-inf")
+        )  # (b, t, u, h): sum of a over (u, t]
+        states = torch.einsum(
+            "btuh,buhp,buhn->bthpn", torch.exp(decay), dt[..., None] * x32, Bh
+        ) + torch.exp(cum)[..., None, None] * state[:, None]
+    y = torch.einsum("bthpn,bthn->bthp", states, Ch) + x32 * D[:, None]
+    return y, states
 
 
 def scan_with_state(x, dt, A, B, C, D, initial, chunk_size):
