@@ -137,9 +137,10 @@ def _recurrence(x, dt, A, B, C, D, state):
         decay = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(
             ~causal[None, :, :, None], float("-inf")
         )  # (b, t, u, h): sum of a over (u, t]
-        states = torch.einsum(
-            "btuh,buhp,buhn->bthpn", torch.exp(decay), dt[..., None] * x32, Bh
-        ) + torch.exp(cum)[..., None, None] * state[:, None]
+        states = (
+            torch.einsum("btuh,buhp,buhn->bthpn", torch.exp(decay), dt[..., None] * x32, Bh)
+            + torch.exp(cum)[..., None, None] * state[:, None]
+        )
     y = torch.einsum("bthpn,bthn->bthp", states, Ch) + x32 * D[:, None]
     return y, states
 

@@ -169,7 +169,9 @@ def _result(out: torch.Tensor, eos_id: int | None) -> Generation:
     if eos_id is not None:
         is_eos = out == eos_id
         stopped = is_eos.any(1)
-        keep = torch.where(stopped, is_eos.int().argmax(1), torch.full_like(stopped, steps, dtype=torch.long))
+        keep = torch.where(
+            stopped, is_eos.int().argmax(1), torch.full_like(stopped, steps, dtype=torch.long)
+        )
     else:
         stopped = torch.zeros(out.size(0), dtype=torch.bool, device=out.device)
         keep = torch.full((out.size(0),), steps, dtype=torch.long, device=out.device)
