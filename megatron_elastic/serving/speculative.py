@@ -121,8 +121,8 @@ def _one(verifier, draft, prompt, k_max, max_new, eos_id, vocab_size, propose):
         m = 0
         while m < k and guess[m] == verdict[m]:
             m += 1
-        new = guess[:m] + [verdict[m]]
-        v_state.rollback(len(committed) - 1 + 1 + m)  # all committed + d1..dm
+        new = [*guess[:m], verdict[m]]
+        v_state.rollback(len(committed) + m)  # all committed tokens + d1..dm
         if k > 0:
             d_state.rollback(len(committed) + min(m, k - 1))
         committed += new
