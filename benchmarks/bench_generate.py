@@ -84,9 +84,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     vocab = tokenizer.vocab_size
-    print(
-        "\n| budget | context | cached tok/s | cached decode tok/s | uncached tok/s | cached/uncached |"
-    )
+    print("\n| budget | context | cached tok/s | cached decode tok/s | uncached tok/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|")
     for context in (int(c) for c in args.contexts.split(",")):
         for budget in budgets:
@@ -94,14 +92,16 @@ def main() -> None:
             new, new_u = args.new_tokens, args.uncached_new_tokens
             prompt = torch.randint(1, vocab, (context - new,), generator=g).tolist()
             t_c, out_c = best_time(
-                lambda: cached_generate(net, [prompt], max_new_tokens=new, vocab_size=vocab),
+                lambda net=net, prompt=prompt, new=new: cached_generate(
+                    net, [prompt], max_new_tokens=new, vocab_size=vocab
+                ),
                 args.repeats,
             )
             decode = decode_rate(net, prompt, new, args.repeats)
             ckpt.set_budget(budget)
             prompt_u = prompt + out_c.tokens[0][: new - new_u]  # same context at the end
             t_u, out_u = best_time(
-                lambda: greedy_generate(
+                lambda prompt_u=prompt_u, new_u=new_u: greedy_generate(
                     ckpt.model, [prompt_u], max_new_tokens=new_u, vocab_size=vocab
                 ),
                 1,
