@@ -20,7 +20,7 @@ from megatron_elastic.model.ssd_scan import ssd_chunked_scan
 from megatron_elastic.serving.net import ServingLayer, ServingNet
 from megatron_elastic.serving.state import AttentionCache, InferenceState, MambaCache
 
-__all__ = ["RECURRENCE_MAX_TOKENS", "forward", "scan_with_state"]
+__all__ = ["RECURRENCE_MAX_TOKENS", "forward", "layer_forward", "scan_with_state"]
 
 RECURRENCE_MAX_TOKENS = 16
 """Chunks up to this many tokens use the token-by-token recurrence; longer ones the chunked scan."""
@@ -41,19 +41,27 @@ def forward(
         raise ValueError(f"{max(state.lengths) + s} tokens exceed the state's {state.capacity}")
     x = F.embedding(tokens, net.embedding)  # (b, s, h)
     for layer in net.layers:
-        normed = rms_norm(x, layer.weights["norm"], net.eps)
-        cache = state.layers.get(layer.index)
-        if layer.kind == "mamba":
-            out = _mamba(normed, layer, cache, net, state.recording)
-        elif layer.kind == "attention":
-            out = _attention(normed, layer, cache, state.lengths)
-        else:
-            out = net.activation(normed @ layer.weights["fc1"].T) @ layer.weights["fc2"].T
-        x = x + out
+        x = layer_forward(net, layer, x, state)
     state.lengths = [n + s for n in state.lengths]
     if last_only:
         x = x[:, -1:]
     return rms_norm(x, net.final_norm, net.eps) @ net.output.T
+
+
+def layer_forward(
+    net: ServingNet, layer: ServingLayer, x: torch.Tensor, state: InferenceState
+) -> torch.Tensor:
+    """One layer with its residual: (b, s, h) -> (b, s, h); extends the layer's cache (the
+    caller advances ``state.lengths``)."""
+    normed = rms_norm(x, layer.weights["norm"], net.eps)
+    cache = state.layers.get(layer.index)
+    if layer.kind == "mamba":
+        out = _mamba(normed, layer, cache, net, state.recording)
+    elif layer.kind == "attention":
+        out = _attention(normed, layer, cache, state.lengths)
+    else:
+        out = net.activation(normed @ layer.weights["fc1"].T) @ layer.weights["fc2"].T
+    return x + out
 
 
 def _attention(
