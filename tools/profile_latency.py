@@ -28,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="JSON file to write")
     parser.add_argument("--context", type=int, default=1024, help="cached tokens for decode")
     parser.add_argument("--prefill-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20, help="timings per point (the fastest counts)")
+    parser.add_argument("--repeats", type=int, default=20, help="timings per point (fastest)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
-    for name in ("context", "prefill_tokens", "repeats"):
-        if getattr(args, name) < 1:
+    for name in ("context", "prefill_tokens", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     output = Path(args.output)
     if output.is_dir():
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.serving.profile import profile_latency
 
     model, elastic = load_elastic_recipe(args.config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here")
     table = profile_latency(
