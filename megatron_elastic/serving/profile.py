@@ -5,12 +5,14 @@ Each grid point builds one layer of that shape (random weights: timing does not 
 values) and times :func:`~megatron_elastic.serving.forward.layer_forward`, the code cached
 generation runs: ``decode`` = one token with ``context`` tokens in the layer's cache (attention
 reads them all; Mamba's state is constant-size), ``prefill`` = a ``prefill_tokens`` prompt,
-divided by its length. ``base`` = embedding lookup, final norm and output layer. Each figure is
-the fastest of ``repeats`` timings after a warm-up (other work on the machine only adds time).
+divided by its length. ``base`` = a whole forward step without layers (embedding, final norm,
+output layer, the step's bookkeeping). Each figure is the fastest of ``repeats`` timings after a
+warm-up (other work on the machine only adds time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 
@@ -20,8 +22,7 @@ import torch.nn.functional as F
 from megatron_elastic.config import ModelConfig
 from megatron_elastic.elastic.config import ElasticConfig
 from megatron_elastic.elastic.latency import PHASES, LatencyTable
-from megatron_elastic.model.norm import rms_norm
-from megatron_elastic.serving.forward import layer_forward
+from megatron_elastic.serving.forward import forward, layer_forward
 from megatron_elastic.serving.net import ServingLayer, ServingNet
 from megatron_elastic.serving.state import InferenceState
 
@@ -115,18 +116,22 @@ def _point(model, kind, h, width, head_dim, budget, gen, kw) -> tuple[float, flo
 
 
 def _base(model, h, budget, gen, kw) -> tuple[float, float]:
-    """(decode, prefill) seconds per token of embedding + final norm + output layer."""
-    _, prefill, repeats = budget
-    net = _net(model, _layer(model, "mlp", h, 1, 0, gen, **kw), h, gen, **kw)
-
-    def head(tokens: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(tokens, net.embedding)
-        return rms_norm(x, net.final_norm, net.eps) @ net.output.T
-
+    """(decode, prefill) seconds per token of a whole :func:`forward` without layers: embedding,
+    final norm, output layer and the step's own bookkeeping."""
+    context, prefill, repeats = budget
+    net = dataclasses.replace(
+        _net(model, _layer(model, "mlp", h, 1, 0, gen, **kw), h, gen, **kw), layers=()
+    )
+    state = InferenceState(net, 1, max(context + 1, prefill))
     one = torch.zeros(1, 1, dtype=torch.long, device=net.device)
     many = torch.zeros(1, prefill, dtype=torch.long, device=net.device)
-    decode = _best_seconds(lambda: head(one), repeats)
-    return decode, _best_seconds(lambda: head(many), max(3, repeats // 4)) / prefill
+
+    def step(tokens: torch.Tensor, length: int) -> torch.Tensor:
+        state.lengths = [length]
+        return forward(net, tokens, state, last_only=True)
+
+    decode = _best_seconds(lambda: step(one, context), repeats)
+    return decode, _best_seconds(lambda: step(many, 0), max(3, repeats // 4)) / prefill
 
 
 @torch.no_grad()
