@@ -1,8 +1,10 @@
 """Measure a :class:`~megatron_elastic.elastic.latency.LatencyTable` on this device: the serving
 path's time per token for every layer kind at every candidate size of an elastic recipe.
 
-Each grid point builds one layer of that shape (random weights: timing does not depend on the
-values) and times :func:`~megatron_elastic.serving.forward.layer_forward`, the code cached
+Each grid point builds :data:`COPIES` layers of that shape (random weights: timing does not
+depend on the values; distinct tensors, so each call finds its weights out of the CPU caches as
+in a whole model, which a single layer timed in a loop would not) and times
+:func:`~megatron_elastic.serving.forward.layer_forward`, the code cached
 generation runs: ``decode`` = one token with ``context`` tokens in the layer's cache (attention
 reads them all; Mamba's state is constant-size), ``prefill`` = a ``prefill_tokens`` prompt,
 divided by its length. ``base`` = a whole forward step without layers (embedding, final norm,
@@ -26,7 +28,10 @@ from megatron_elastic.serving.forward import forward, layer_forward
 from megatron_elastic.serving.net import ServingLayer, ServingNet
 from megatron_elastic.serving.state import InferenceState
 
-__all__ = ["profile_latency"]
+__all__ = ["COPIES", "profile_latency"]
+
+COPIES = 6
+"""Layers of one shape timed in a row per grid point (their weights differ)."""
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -90,29 +95,42 @@ def _net(model: ModelConfig, layer: ServingLayer, hidden: int, gen, **kw) -> Ser
 
 
 @torch.no_grad()
-def _time_layer(
+def _time_layers(
     net: ServingNet, context: int, prefill: int, repeats: int, gen
 ) -> tuple[float, float]:
-    layer, kw = net.layers[0], {"dtype": net.dtype, "device": net.device}
+    """(decode, prefill) seconds per token and per layer of ``net``'s layers run one after the
+    other (copies of one shape with their own weights, so that, as in a real model, a layer's
+    weights are not still in the CPU caches from its previous call)."""
+    kw = {"dtype": net.dtype, "device": net.device}
     state = InferenceState(net, 1, max(context + 1, prefill))
     for cache in state.layers.values():  # a filled cache (values do not change the timing)
         for name in ("key", "value"):
             if hasattr(cache, name):
                 getattr(cache, name).normal_(generator=gen)
+
+    def run(x: torch.Tensor) -> None:
+        for layer in net.layers:
+            layer_forward(net, layer, x, state)
+
     one = torch.randn(1, 1, net.hidden, generator=gen, **kw)
     state.lengths = [context]
-    decode = _best_seconds(lambda: layer_forward(net, layer, one, state), repeats)
+    decode = _best_seconds(lambda: run(one), repeats)
     prompt = torch.randn(1, prefill, net.hidden, generator=gen, **kw)
     state.lengths = [0]
-    whole = _best_seconds(lambda: layer_forward(net, layer, prompt, state), max(3, repeats // 4))
-    return decode, whole / prefill
+    whole = _best_seconds(lambda: run(prompt), max(3, repeats // 4))
+    copies = len(net.layers)
+    return decode / copies, whole / prefill / copies
 
 
 def _point(model, kind, h, width, head_dim, budget, gen, kw) -> tuple[float, float]:
     """(decode, prefill) seconds per token of one layer of this shape."""
     context, prefill, repeats = budget
-    layer = _layer(model, kind, h, width, head_dim, gen, **kw)
-    return _time_layer(_net(model, layer, h, gen, **kw), context, prefill, repeats, gen)
+    layers = tuple(
+        dataclasses.replace(_layer(model, kind, h, width, head_dim, gen, **kw), index=i)
+        for i in range(COPIES)
+    )
+    net = dataclasses.replace(_net(model, layers[0], h, gen, **kw), layers=layers)
+    return _time_layers(net, context, prefill, repeats, gen)
 
 
 def _base(model, h, budget, gen, kw) -> tuple[float, float]:
