@@ -212,18 +212,22 @@ def tokenizer_path(tmp_path_factory) -> Path:
     return path
 
 
-def test_generate_cli_speculative_equals_plain(
-    tiny_elastic_checkpoint, tokenizer_path, capsys
-) -> None:
-    generate = _tool("generate")
+def test_generate_cli_speculative_equals_plain(tiny_elastic_checkpoint, tokenizer_path, run_cli):
+    # a fresh process: the tool creates and destroys its own process groups
     args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
     args += ["--prompt", "Question: What is 2 + 3?\\nAnswer:", "--max-new-tokens", "10"]
-    assert generate.main([*args, "--budget", "full"]) == 0
-    plain = capsys.readouterr().out
-    assert generate.main([*args, "--budget", "full", "--draft", "50%", "--draft-tokens", "3"]) == 0
-    spec = capsys.readouterr().out
-    assert "draft 50%, k=3: acceptance" in spec
-    assert plain.split("===")[2] == spec.split("===")[2]  # the same text after the header
+    plain, spec = run_cli(
+        [
+            ("tools/generate.py", [*args, "--budget", "full"]),
+            (
+                "tools/generate.py",
+                [*args, "--budget", "full", "--draft", "50%", "--draft-tokens", "3"],
+            ),
+        ]
+    )
+    assert plain["rc"] == spec["rc"] == 0, (plain["stderr"], spec["stderr"])
+    assert "draft 50%, k=3: acceptance" in spec["stdout"]
+    assert plain["stdout"].split("===")[2] == spec["stdout"].split("===")[2]  # same text
 
 
 def test_generate_cli_bad_input(tiny_elastic_checkpoint, tokenizer_path, capsys) -> None:
