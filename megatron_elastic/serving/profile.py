@@ -9,7 +9,10 @@ generation runs: ``decode`` = one token with ``context`` tokens in the layer's c
 reads them all; Mamba's state is constant-size), ``prefill`` = a ``prefill_tokens`` prompt,
 divided by its length. ``base`` = a whole forward step without layers (embedding, final norm,
 output layer, the step's bookkeeping). Each figure is the fastest of ``repeats`` timings after a
-warm-up (other work on the machine only adds time).
+warm-up (other work on the machine only adds time), each timing starting with cold CPU caches
+(:data:`FLUSH_BYTES` written first): in a decode step every layer's weights have been pushed out
+by the other layers' since its last use, and a table timed with warm caches undershoots a whole
+step by ~40% (measured on the tiny model).
 """
 
 from __future__ import annotations
@@ -28,16 +31,21 @@ from megatron_elastic.serving.forward import forward, layer_forward
 from megatron_elastic.serving.net import ServingLayer, ServingNet
 from megatron_elastic.serving.state import InferenceState
 
-__all__ = ["COPIES", "profile_latency"]
+__all__ = ["COPIES", "FLUSH_BYTES", "profile_latency"]
 
 COPIES = 6
 """Layers of one shape timed in a row per grid point (their weights differ)."""
+FLUSH_BYTES = 64 * 2**20
+"""Bytes written before every timing to evict the CPU caches."""
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def _best_seconds(fn, repeats: int, flush: torch.Tensor) -> float:
+    """Fastest of ``repeats`` calls of ``fn``, each after writing ``flush`` (a buffer larger than
+    the CPU's caches, so the call reads its weights from memory as in a whole model's step)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        flush.fill_(1.0)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -96,7 +104,7 @@ def _net(model: ModelConfig, layer: ServingLayer, hidden: int, gen, **kw) -> Ser
 
 @torch.no_grad()
 def _time_layers(
-    net: ServingNet, context: int, prefill: int, repeats: int, gen
+    net: ServingNet, context: int, prefill: int, repeats: int, gen, flush: torch.Tensor
 ) -> tuple[float, float]:
     """(decode, prefill) seconds per token and per layer of ``net``'s layers run one after the
     other (copies of one shape with their own weights, so that, as in a real model, a layer's
@@ -114,29 +122,29 @@ def _time_layers(
 
     one = torch.randn(1, 1, net.hidden, generator=gen, **kw)
     state.lengths = [context]
-    decode = _best_seconds(lambda: run(one), repeats)
+    decode = _best_seconds(lambda: run(one), repeats, flush)
     prompt = torch.randn(1, prefill, net.hidden, generator=gen, **kw)
     state.lengths = [0]
-    whole = _best_seconds(lambda: run(prompt), max(3, repeats // 4))
+    whole = _best_seconds(lambda: run(prompt), max(3, repeats // 4), flush)
     copies = len(net.layers)
     return decode / copies, whole / prefill / copies
 
 
 def _point(model, kind, h, width, head_dim, budget, gen, kw) -> tuple[float, float]:
     """(decode, prefill) seconds per token of one layer of this shape."""
-    context, prefill, repeats = budget
+    context, prefill, repeats, flush = budget
     layers = tuple(
         dataclasses.replace(_layer(model, kind, h, width, head_dim, gen, **kw), index=i)
         for i in range(COPIES)
     )
     net = dataclasses.replace(_net(model, layers[0], h, gen, **kw), layers=layers)
-    return _time_layers(net, context, prefill, repeats, gen)
+    return _time_layers(net, context, prefill, repeats, gen, flush)
 
 
 def _base(model, h, budget, gen, kw) -> tuple[float, float]:
     """(decode, prefill) seconds per token of a whole :func:`forward` without layers: embedding,
     final norm, output layer and the step's own bookkeeping."""
-    context, prefill, repeats = budget
+    context, prefill, repeats, flush = budget
     net = dataclasses.replace(
         _net(model, _layer(model, "mlp", h, 1, 0, gen, **kw), h, gen, **kw), layers=()
     )
@@ -148,8 +156,9 @@ def _base(model, h, budget, gen, kw) -> tuple[float, float]:
         state.lengths = [length]
         return forward(net, tokens, state, last_only=True)
 
-    decode = _best_seconds(lambda: step(one, context), repeats)
-    return decode, _best_seconds(lambda: step(many, 0), max(3, repeats // 4)) / prefill
+    decode = _best_seconds(lambda: step(one, context), repeats, flush)
+    whole = _best_seconds(lambda: step(many, 0), max(3, repeats // 4), flush)
+    return decode, whole / prefill
 
 
 @torch.no_grad()
@@ -177,7 +186,7 @@ def profile_latency(
     grids = {a: choices[a] for a in axes}
     gen = torch.Generator(device=device).manual_seed(0)
     kw = {"dtype": dtype, "device": device}
-    budget = (context, prefill_tokens, repeats)
+    budget = (context, prefill_tokens, repeats, torch.empty(FLUSH_BYTES // 4))
     kinds = set(model.layer_kinds())
 
     def point(kind: str, h: int, width: int, head_dim: int = 0) -> tuple[float, float]:
