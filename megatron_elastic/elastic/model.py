@@ -200,9 +200,11 @@ class ElasticHybridModel(HybridModel):
         return ActiveWidth(mode, spec.hidden, idx, weight)
 
     @torch.no_grad()
-    def sliced_state_dict(self, spec: SubnetSpec) -> dict[str, torch.Tensor]:
+    def sliced_state_dict(self, spec: SubnetSpec, copy: bool = True) -> dict[str, torch.Tensor]:
         """This rank's parameters physically cut to ``spec``: exactly the tensors slice mode
-        computes with (copies). Skipped layers are left out; names are the parent's."""
+        computes with (copies; ``copy=False``: views of the parameters wherever the active part
+        is a contiguous prefix, copies only where it is not). Skipped layers are left out; names
+        are the parent's."""
         spec.validate(self.model_config, self.elastic_config)
         h, out = spec.hidden, {}
         hidden_only = ActiveWidth("slice", h)
@@ -222,7 +224,7 @@ class ElasticHybridModel(HybridModel):
             for child, norm in layer.named_children():
                 if isinstance(norm, ElasticRMSNorm):
                     out[f"decoder.layers.{j}.{child}.weight"] = norm.sliced(hidden_only)["weight"]
-        return {k: v.detach().clone() for k, v in out.items()}
+        return {k: v.detach().clone() if copy else v.detach() for k, v in out.items()}
 
     def _clear(self) -> None:
         self.subnet, self._hidden_weight = None, None

@@ -39,6 +39,7 @@ from megatron_elastic.router import ElasticRouter, router_from_state
 __all__ = [
     "KINDS",
     "EvalCheckpoint",
+    "budget_params",
     "checkpoint_budgets",
     "open_checkpoint",
     "load_eval_tokenizer",
@@ -185,6 +186,19 @@ def checkpoint_budgets(path: str | Path) -> tuple[str, list[str]]:
         return kind, [str(manifest.get("metadata", {}).get("budget", "exported"))]
     router = router_from_state(manifest_model(manifest), load_extra(path))
     return kind, list(router.elastic_config.budgets)
+
+
+def budget_params(path: str | Path, budgets: list[str | float]) -> dict[str | float, int]:
+    """Parameters each budget of an elastic checkpoint runs, from its manifest and router alone
+    (no weights loaded): tools compare budgets (a speculative draft must be smaller than its
+    verifier) before the slow part."""
+    manifest = _read_evaluable(path)
+    model_config = manifest_model(manifest)
+    router = router_from_state(model_config, load_extra(path))
+    return {
+        b: subnet_param_count(model_config, router.decide(b, 0, None, deterministic=True).spec)
+        for b in budgets
+    }
 
 
 def parse_budgets(

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BUDGET_TARGETS", "SAMPLING_MODES", "RouterConfig"]
+__all__ = ["BUDGET_TARGETS", "LATENCY_PHASES", "SAMPLING_MODES", "RouterConfig"]
 
-BUDGET_TARGETS = ("params", "memory")
+BUDGET_TARGETS = ("params", "memory", "latency")
+LATENCY_PHASES = ("decode", "prefill")
 SAMPLING_MODES = ("hard", "soft")
 
 _SEED_MIX = 1_000_003  # a prime: (step, micro-batch) pairs map to distinct seeds
@@ -44,8 +45,15 @@ class RouterConfig:
     """Factor on the logits from ``anneal_steps`` on (grows linearly); a large scale makes the
     Gumbel noise negligible, so late samples agree with the deterministic argmax."""
     budget_target: str = "params"
-    """What a budget fraction constrains: ``params`` (parameter count) or ``memory`` (bf16 weights
-    + KV cache + Mamba state at ``memory_seq_length``)."""
+    """What a budget fraction constrains: ``params`` (parameter count), ``memory`` (bf16 weights
+    + KV cache + Mamba state at ``memory_seq_length``) or ``latency`` (seconds per token from the
+    measured table ``latency_table``: a budget of 0.5 runs at twice the parent's tokens/s)."""
+    latency_table: str = ""
+    """Per-layer latency table (JSON by ``tools/profile_latency.py``) for ``budget_target:
+    latency``, measured on the device the budgets are for."""
+    latency_phase: str = "decode"
+    """Which timings of ``latency_table`` the latency target uses: ``decode`` (one token with the
+    table's context cached) or ``prefill`` (per prompt token)."""
     budget_loss_weight: float = 1.0
     """lambda: total loss = task loss + lambda * budget loss."""
     memory_seq_length: int = 8192
@@ -82,6 +90,15 @@ class RouterConfig:
         if self.budget_target not in BUDGET_TARGETS:
             raise ValueError(
                 f"RouterConfig.budget_target={self.budget_target!r}; choose one of {BUDGET_TARGETS}"
+            )
+        if self.budget_target == "latency" and not self.latency_table:
+            raise ValueError(
+                "RouterConfig.budget_target='latency' needs latency_table: a JSON file written by "
+                "tools/profile_latency.py --config RECIPE --output lut.json"
+            )
+        if self.latency_phase not in LATENCY_PHASES:
+            raise ValueError(
+                f"RouterConfig.latency_phase={self.latency_phase!r}; choose one of {LATENCY_PHASES}"
             )
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(

@@ -15,6 +15,7 @@ from torch.nn.utils import skip_init
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
 from megatron_elastic.elastic.budget import expected_memory_bytes, expected_param_count
 from megatron_elastic.elastic.config import AXES, ElasticConfig
+from megatron_elastic.elastic.latency import expected_latency, load_latency_table
 from megatron_elastic.elastic.model import SubnetWeights
 from megatron_elastic.elastic.subnet import SubnetSpec
 from megatron_elastic.router.config import RouterConfig
@@ -85,6 +86,9 @@ class ElasticRouter(nn.Module):
         keeps = [[float(d > p) for d in self.choices["depth"]] for p in self._position]
         self.register_buffer("depth_keeps", torch.tensor(keeps), persistent=False)  # (L, K)
         self._init_parameters(config.seed)
+        self.latency_table = None
+        if config.budget_target == "latency":
+            self.latency_table = load_latency_table(config.latency_table)
         # C(parent): the parameters or memory bytes every budget fraction is a fraction of.
         self.parent_cost = float(
             self._cost(
@@ -124,12 +128,16 @@ class ElasticRouter(nn.Module):
         model, cfg = self.model_config, self.config
         if cfg.budget_target == "params":
             return expected_param_count(model, hidden, widths, head_dims, keep)
+        if cfg.budget_target == "latency":
+            return expected_latency(
+                model, self.latency_table, hidden, widths, head_dims, keep, cfg.latency_phase
+            ).float()
         return expected_memory_bytes(
             model, hidden, widths, head_dims, keep, seq_length=cfg.memory_seq_length
         )
 
     def expected_cost(self, decision: RouterDecision) -> torch.Tensor:
-        """C(expected sizes): parameters or memory bytes (differentiable)."""
+        """C(expected sizes): parameters, memory bytes or seconds per token (differentiable)."""
         return self._cost(decision.hidden, decision.widths, decision.head_dims, decision.keep)
 
     def budget_loss(self, decision: RouterDecision) -> torch.Tensor:

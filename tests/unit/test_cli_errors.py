@@ -258,6 +258,8 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             ["--checkpoint", s["elastic"], "--tokenizer", s["tok_bad"], "--prompt", "x"],
             "tokenizer.json",
         ),
+        # latency profiling: the recipe YAML (malformed, unknown key)
+        ("tools/profile_latency.py", ["--config", s["yaml_bad"], "--output", out], "bad.yaml"),
         # inspection: YAML (malformed, unknown key), router state
         ("tools/inspect_budgets.py", ["--config", s["yaml_bad"]], "bad.yaml"),
         ("tools/inspect_budgets.py", ["--checkpoint", s["elastic_bad_extra"]], "extra.pt"),

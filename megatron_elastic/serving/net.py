@@ -1,0 +1,152 @@
+"""The weights one budget decodes with: a :class:`ServingNet` (per-layer tensors and sizes).
+
+For an elastic checkpoint the tensors are exactly those slice mode computes with
+(:meth:`ElasticHybridModel.sliced_state_dict` with ``copy=False``): views of the loaded
+parameters wherever the active part is a contiguous prefix (the hidden width, whole layers at
+their full size), copies only where the active rows are not contiguous (Mamba and attention heads
+trimmed within groups, FFN neurons within nesting blocks). So the full budget costs no extra
+memory and a smaller budget at most a copy of its own (smaller) weights, held while it is the
+active budget. A plain (exported) model serves its parameters as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic.model import ElasticHybridModel
+from megatron_elastic.elastic.subnet import SubnetSpec
+
+__all__ = ["ServingLayer", "ServingNet", "build_serving_net"]
+
+
+@dataclass(frozen=True)
+class ServingLayer:
+    """One layer that runs, with its (sliced) tensors under short names."""
+
+    index: int
+    """Layer number in the model that holds the weights (0-based)."""
+    kind: str
+    """``mamba``, ``attention`` or ``mlp``."""
+    weights: dict[str, torch.Tensor]
+    """``norm`` and the mixer's tensors: Mamba ``in_proj, conv_weight (C, 1, K), conv_bias,
+    dt_bias, A_log, D, norm_weight, out_proj``; attention ``qkv, proj``; MLP ``fc1, fc2``."""
+    num_heads: int = 0
+    """Active Mamba heads, or active attention query heads."""
+    head_dim: int = 0
+    """Mamba channels per head, or attention head dim."""
+    num_groups: int = 0
+    """Mamba groups (B/C), or attention key/value groups."""
+    state_dim: int = 0
+    """Mamba state size (0 for other kinds)."""
+
+
+@dataclass(frozen=True)
+class ServingNet:
+    """A decodable network: embedding, the layers that run, final norm, output layer."""
+
+    hidden: int
+    """Active embedding width."""
+    embedding: torch.Tensor
+    """(vocab, hidden) (a view of the parent's when sliced)."""
+    layers: tuple[ServingLayer, ...]
+    final_norm: torch.Tensor
+    output: torch.Tensor
+    """(vocab, hidden)."""
+    eps: float
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    """The MLP's activation (squared ReLU for NemotronH)."""
+    chunk_size: int
+    """Mamba scan chunk for prefills."""
+    conv_kernel: int
+    max_sequence_length: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.output.size(0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.dtype
+
+
+_MAMBA = {
+    "norm.weight": "norm",
+    "mixer.in_proj.weight": "in_proj",
+    "mixer.conv1d_weight": "conv_weight",
+    "mixer.conv1d_bias": "conv_bias",
+    "mixer.dt_bias": "dt_bias",
+    "mixer.A_log": "A_log",
+    "mixer.D": "D",
+    "mixer.norm.weight": "norm_weight",
+    "mixer.out_proj.weight": "out_proj",
+}
+_ATTENTION = {
+    "input_layernorm.weight": "norm",
+    "self_attention.linear_qkv.weight": "qkv",
+    "self_attention.linear_proj.weight": "proj",
+}
+_MLP = {
+    "pre_mlp_layernorm.weight": "norm",
+    "mlp.linear_fc1.weight": "fc1",
+    "mlp.linear_fc2.weight": "fc2",
+}
+
+
+def _layer(j: int, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> ServingLayer:
+    prefix = f"decoder.layers.{j}."
+    if prefix + "mixer.in_proj.weight" in sd:
+        w = {short: sd[prefix + name] for name, short in _MAMBA.items()}
+        groups, state = cfg.mamba_num_groups, cfg.mamba_state_dim
+        inner = w["conv_weight"].size(0) - 2 * groups * state
+        heads = w["dt_bias"].numel()
+        return ServingLayer(j, "mamba", w, heads, inner // heads, groups, state)
+    if prefix + "self_attention.linear_qkv.weight" in sd:
+        w = {short: sd[prefix + name] for name, short in _ATTENTION.items()}
+        groups, d = cfg.num_query_groups, cfg.head_dim
+        per_group = w["qkv"].size(0) // (groups * d) - 2
+        return ServingLayer(j, "attention", w, per_group * groups, d, groups)
+    w = {short: sd[prefix + name] for name, short in _MLP.items()}
+    return ServingLayer(j, "mlp", w)
+
+
+@torch.no_grad()
+def build_serving_net(
+    model: nn.Module, model_config: ModelConfig, spec: SubnetSpec | None = None
+) -> ServingNet:
+    """The decodable network of ``model`` at ``spec`` (an elastic model's sub-network; ``None``:
+    the model's own parameters, e.g. an exported budget or the elastic parent). The model must
+    be whole on this rank (TP = PP = 1)."""
+    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
+        raise ValueError("cached generation needs the whole model on this rank (PP = 1)")
+    tp = getattr(model, "pg_collection", None)
+    if tp is not None and tp.tp.size() > 1:
+        raise ValueError("cached generation runs unsplit (tensor parallel size 1)")
+    if spec is not None:
+        if not isinstance(model, ElasticHybridModel):
+            raise ValueError("a sub-network spec needs an elastic model")
+        sd = model.sliced_state_dict(spec, copy=False)
+    else:
+        sd = {k: v.detach() for k, v in model.named_parameters()}
+    indices = sorted({int(k.split(".")[2]) for k in sd if k.startswith("decoder.layers.")})
+    embedding = sd["embedding.word_embeddings.weight"]
+    return ServingNet(
+        hidden=embedding.size(1),
+        embedding=embedding,
+        layers=tuple(_layer(j, sd, model_config) for j in indices),
+        final_norm=sd["decoder.final_norm.weight"],
+        output=sd["output_layer.weight"],
+        eps=model_config.layernorm_epsilon,
+        activation=model.config.activation_func,
+        chunk_size=model_config.mamba_chunk_size,
+        conv_kernel=model_config.mamba_conv_kernel,
+        max_sequence_length=model_config.max_sequence_length,
+    )
