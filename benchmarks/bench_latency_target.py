@@ -3,8 +3,12 @@
 on the latency target alone, and time the chosen sub-networks' real cached decoding.
 
 1. ``profile_latency`` measures the recipe's table (as ``tools/profile_latency.py`` does).
-2. A router with ``budget_target: latency`` and the recipe's budgets as fractions of the parent's
-   decode time per token is trained on its budget loss alone (the model plays no part in it).
+2. A router with ``budget_target: latency`` and ``--budgets`` (fractions of the parent's decode
+   time per token; default full / 85% / 70%) is trained on its budget loss alone (the model plays
+   no part in it). A budget below the cost of the smallest sub-network the recipe's choices allow
+   on this table is refused before training (``ElasticRouter.check_reachable``): on the 2-core
+   CPU the tiny recipe's smallest sub-network decodes at ~0.67 of the parent's time (per-step
+   costs that do not shrink with width), so its parameter budget 50% is no latency budget there.
 3. For each budget the router's architecture is cut from a parent with random weights (the
    weights' values do not change the time) and its cached decode is timed at ``--context``
    tokens (fastest of ``--repeats`` runs of ``--new-tokens`` steps), as is the parent's.
@@ -17,11 +21,13 @@ measured / target. The last line is
 ``latency target: worst |measured/target - 1| = X``.
 
     python benchmarks/bench_latency_target.py --config examples/tiny/elastic.yaml --threads 1
+    python benchmarks/bench_latency_target.py --budgets full=1.0,80%=0.8 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -63,11 +69,21 @@ def main() -> None:
     parser.add_argument("--profile-repeats", type=int, default=30)
     parser.add_argument("--router-steps", type=int, default=400)
     parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--budgets",
+        default="full=1.0,85%=0.85,70%=0.7",
+        help="name=fraction,... as fractions of the parent's decode time per token",
+    )
     args = parser.parse_args()
+    try:
+        budgets = {n: float(f) for n, f in (item.split("=") for item in args.budgets.split(","))}
+    except ValueError:
+        parser.error(f"--budgets {args.budgets!r}: expected name=fraction,...")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     model, elastic = load_elastic_recipe(args.config)
+    elastic = dataclasses.replace(elastic, budgets=budgets)
     table = profile_latency(model, elastic, context=args.context, repeats=args.profile_repeats)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lut.json"
@@ -81,6 +97,10 @@ def main() -> None:
             latency_table=str(path),
         )
         router = ElasticRouter(model, elastic, config)
+        try:
+            router.check_reachable()
+        except ValueError as exc:
+            parser.error(f"{exc} (this device's table; choose --budgets above it)")
         optimizer, scheduler = build_router_optimizer(router, config)
         with torch.enable_grad():
             for step in range(steps):

@@ -29,6 +29,7 @@ __all__ = [
     "LatencyTable",
     "expected_latency",
     "interpolate",
+    "latency_table_from_json",
     "load_latency_table",
     "subnet_latency",
 ]
@@ -88,24 +89,32 @@ class LatencyTable:
         }
 
 
-def load_latency_table(path: str | Path) -> LatencyTable:
-    """A table written by ``tools/profile_latency.py``; ``ValueError`` naming the file if it is
-    missing or malformed."""
-    path = Path(path)
+def latency_table_from_json(data: Any, where: str = "latency table") -> LatencyTable:
+    """The table of :meth:`LatencyTable.to_json`'s dict; ``ValueError`` naming ``where``."""
     try:
-        data = json.loads(path.read_text())
         grids = {k: tuple(int(x) for x in v) for k, v in data["grids"].items()}
         for axes in _GRIDS.values():
             for axis in axes:
                 if axis not in grids:
                     raise KeyError(axis)
         return LatencyTable(grids, data["seconds"], int(data["context"]), str(data["device"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{where} is malformed ({exc})") from None
+
+
+def load_latency_table(path: str | Path) -> LatencyTable:
+    """A table written by ``tools/profile_latency.py``; ``ValueError`` naming the file if it is
+    missing or malformed."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(
             f"latency table {str(path)!r} not found; write it with tools/profile_latency.py"
         ) from None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
         raise ValueError(f"latency table {str(path)!r} is malformed ({exc})") from None
+    return latency_table_from_json(data, f"latency table {str(path)!r}")
 
 
 def interpolate(values: torch.Tensor, grids: Sequence[Sequence[int]], point: Sequence[Number]):

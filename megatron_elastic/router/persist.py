@@ -7,6 +7,7 @@ from typing import Any
 
 from megatron_elastic.config import ModelConfig, config_from_dict
 from megatron_elastic.elastic.config import elastic_from_dict
+from megatron_elastic.elastic.latency import latency_table_from_json
 from megatron_elastic.router.config import RouterConfig
 from megatron_elastic.router.router import ElasticRouter
 
@@ -15,11 +16,14 @@ __all__ = ["router_state", "router_from_state"]
 
 def router_state(router: ElasticRouter) -> dict[str, Any]:
     """Everything needed to rebuild ``router``: its configs (plain data) and weights."""
-    return {
+    state = {
         "router_config": dataclasses.asdict(router.config),
         "elastic_config": dataclasses.asdict(router.elastic_config),
         "state_dict": {k: v.detach().cpu() for k, v in router.state_dict().items()},
     }
+    if router.latency_table is not None:  # the table itself: the file may not travel along
+        state["latency_table"] = router.latency_table.to_json()
+    return state
 
 
 def router_from_state(model: ModelConfig, state: dict[str, Any]) -> ElasticRouter:
@@ -28,6 +32,9 @@ def router_from_state(model: ModelConfig, state: dict[str, Any]) -> ElasticRoute
         raise ValueError("this checkpoint's extra state holds no router")
     rcfg = config_from_dict(RouterConfig, dict(state["router_config"]), where="saved router")
     elastic = elastic_from_dict(state["elastic_config"], where="saved elastic config")
-    router = ElasticRouter(model, elastic, rcfg)
+    table = state.get("latency_table")
+    if table is not None:
+        table = latency_table_from_json(table, "the saved router's latency table")
+    router = ElasticRouter(model, elastic, rcfg, latency_table=table)
     router.load_state_dict(state["state_dict"])
     return router

@@ -15,7 +15,7 @@ from torch.nn.utils import skip_init
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
 from megatron_elastic.elastic.budget import expected_memory_bytes, expected_param_count
 from megatron_elastic.elastic.config import AXES, ElasticConfig
-from megatron_elastic.elastic.latency import expected_latency, load_latency_table
+from megatron_elastic.elastic.latency import LatencyTable, expected_latency, load_latency_table
 from megatron_elastic.elastic.model import SubnetWeights
 from megatron_elastic.elastic.subnet import SubnetSpec
 from megatron_elastic.router.config import RouterConfig
@@ -59,7 +59,14 @@ class ElasticRouter(nn.Module):
     layers start at zero, so every budget starts from uniform choices.
     """
 
-    def __init__(self, model: ModelConfig, elastic: ElasticConfig, config: RouterConfig) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        elastic: ElasticConfig,
+        config: RouterConfig,
+        *,
+        latency_table: LatencyTable | None = None,
+    ) -> None:
         super().__init__()
         elastic.validate_for(model)
         self.model_config, self.elastic_config, self.config = model, elastic, config
@@ -87,8 +94,8 @@ class ElasticRouter(nn.Module):
         self.register_buffer("depth_keeps", torch.tensor(keeps), persistent=False)  # (L, K)
         self._init_parameters(config.seed)
         self.latency_table = None
-        if config.budget_target == "latency":
-            self.latency_table = load_latency_table(config.latency_table)
+        if config.budget_target == "latency":  # a saved router carries its own copy
+            self.latency_table = latency_table or load_latency_table(config.latency_table)
         # C(parent): the parameters or memory bytes every budget fraction is a fraction of.
         self.parent_cost = float(
             self._cost(
@@ -98,6 +105,30 @@ class ElasticRouter(nn.Module):
                 [1] * model.num_layers,
             )
         )
+
+    def check_reachable(self) -> None:
+        """``ValueError`` unless every trained budget is reachable: at least the cost of the
+        smallest sub-network the choices allow (smallest size on every axis, the shallowest
+        depth); below it the router can only miss its target. Checked before training (a saved
+        router loads whatever it was trained for)."""
+        kinds = self.model_config.layer_kinds()
+        smallest = float(
+            self._cost(
+                self.choices["hidden"][0],
+                [self.choices[_WIDTH_AXIS[k]][0] for k in kinds],
+                [self.choices["mamba_head_dim"][0] if k == "mamba" else 0 for k in kinds],
+                self.depth_keeps[:, 0].tolist(),
+            )
+        )
+        floor = smallest / self.parent_cost
+        for name, fraction in self.elastic_config.budgets.items():
+            if fraction < floor * (1 - 1e-6):
+                raise ValueError(
+                    f"budget {name!r} asks for {fraction:g} of the parent's "
+                    f"{self.config.budget_target}, but the smallest sub-network the elastic "
+                    f"choices allow costs {floor:.3f} of it: raise the budget to >= {floor:.3f} "
+                    "or add smaller choices"
+                )
 
     def num_decisions(self, axis: str) -> int:
         """Independent choices of ``axis``: one per layer of its kind when heterogeneous."""

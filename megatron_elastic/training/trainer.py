@@ -168,6 +168,7 @@ class Trainer:
         self.router = self.router_optimizer = self.router_scheduler = None
         if r.mode == "elastic":
             self.router = ElasticRouter(r.model, self.elastic, r.router).to(self.device)
+            self.router.check_reachable()
             self.router_optimizer, self.router_scheduler = build_router_optimizer(
                 self.router, r.router
             )

@@ -141,3 +141,36 @@ def test_profile_latency_cli(tmp_path, capsys) -> None:
     assert "--repeats must be >= 1" in capsys.readouterr().err
     assert tool.main(["--config", str(RECIPE), "--output", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_saved_router_carries_its_table_and_unreachable_budgets_are_refused(
+    recipe, tmp_path
+) -> None:
+    from megatron_elastic.router import router_from_state, router_state
+
+    model, elastic = recipe
+    table = _flop_table(model, elastic)
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps(table.to_json()))
+    config = RouterConfig(anneal_steps=10, budget_target="latency", latency_table=str(path))
+    router = ElasticRouter(model, elastic, config)
+    state = router_state(router)
+    path.unlink()  # the file does not travel with the checkpoint; the router does not need it
+    restored = router_from_state(model, state)
+    assert restored.latency_table == table and restored.parent_cost == router.parent_cost
+    # the smallest sub-network the choices allow bounds what a budget may ask for
+    smallest = SubnetSpec.heterogeneous(
+        model,
+        hidden=min(elastic.hidden_choices),
+        attention_heads=[min(elastic.attention_head_choices)] * model.num_layers,
+        mamba_heads=[min(elastic.mamba_head_choices)] * model.num_layers,
+        mamba_head_dim=[min(elastic.mamba_head_dim_choices)] * model.num_layers,
+        ffn=[min(elastic.ffn_choices)] * model.num_layers,
+        active=[p < min(elastic.depth_choices) for p in restored._position],
+    )
+    floor = subnet_latency(model, table, smallest) / router.parent_cost
+    reachable = dataclasses.replace(elastic, budgets={"low": floor * 1.001})
+    ElasticRouter(model, reachable, config, latency_table=table).check_reachable()
+    unreachable = dataclasses.replace(elastic, budgets={"low": floor * 0.9})
+    with pytest.raises(ValueError, match=f"costs {floor:.3f} of it"):
+        ElasticRouter(model, unreachable, config, latency_table=table).check_reachable()
