@@ -35,6 +35,7 @@ __all__ = [
     "load_rank_state",
     "read_manifest",
     "manifest_model",
+    "replace_directory",
 ]
 
 MANIFEST = "manifest.json"
@@ -117,14 +118,20 @@ def save_checkpoint(
             "files": files,
         }
         _write_manifest(tmp, manifest)
-        old = path.parent / f".{path.name}.old"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_directory(tmp, path)
     _barrier()
     return path
+
+
+def replace_directory(complete: Path, target: Path) -> None:
+    """Put the finished directory ``complete`` (a hidden sibling of ``target``) in place of
+    ``target``: renames only, so ``target`` is always either the old or the new directory."""
+    old = target.parent / f".{target.name}.old"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(complete, target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch import nn
 
+from megatron_elastic.checkpoint import replace_directory
 from megatron_elastic.config import ModelConfig, config_from_dict
 from megatron_elastic.export.te_mapping import te_empty_extra_state, te_extra_state_keys
 from megatron_elastic.integrity import ALGORITHM, digest_files, list_files, verify_files
@@ -468,10 +468,5 @@ def save_megatron_lm(
         "files": digest_files(tmp, list_files(tmp)),
     }
     (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    old = out.parent / f".{out.name}.old"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_directory(tmp, out)
     return manifest

@@ -133,6 +133,26 @@ def check_exported_budgets():
 
 
 @pytest.fixture(scope="session")
+def perturbed_tiny_model(pgs):
+    """A tiny elastic model whose norms, D, dt_bias and conv biases are not their init values,
+    so a mis-mapped tensor shows in an export's logits."""
+    import torch
+
+    from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
+
+    model_cfg, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
+    torch.manual_seed(5)
+    model = build_elastic_model(model_cfg, elastic, pgs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", ".D")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("dt_bias", "conv1d_bias")):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_heterogeneous_spec():
     """A per-layer sub-network of the tiny recipe within its elastic choices (pattern
     ``M-M*-M-M*-``): every axis differs between layers of its kind, MLP layer 6 is skipped."""

@@ -91,21 +91,8 @@ def _run_llama_cpp(gguf: Path, sequences, prompts, texts=()) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model(pgs):
-    """A tiny elastic model whose norms, D, dt_bias and conv biases are not their init values,
-    so a mis-mapped tensor shows in the logits."""
-    from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
-
-    model_cfg, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
-    torch.manual_seed(5)
-    model = build_elastic_model(model_cfg, elastic, pgs)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", ".D")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("dt_bias", "conv1d_bias")):
-                p.add_(torch.randn_like(p) * 0.5)
-    return model
+def model(perturbed_tiny_model):
+    return perturbed_tiny_model
 
 
 @pytest.fixture(scope="module")

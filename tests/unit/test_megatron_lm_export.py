@@ -62,6 +62,18 @@ def exported(tiny_elastic_checkpoint, tmp_path_factory, run_cli):
     return root, results
 
 
+def _assert_same_weights(a, b, pgs) -> None:
+    """Two Megatron-LM checkpoints hold the same weights, bit for bit."""
+    states = []
+    for ckpt in (a, b):
+        model = build_hybrid_model(ckpt.model_config, pgs)
+        load_megatron_lm_weights(ckpt, model)
+        states.append(model.state_dict())
+    for name, tensor in states[0].items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(tensor, states[1][name]), name
+
+
 def _logits(model, tokens):
     with torch.no_grad():
         return model(tokens, position_ids_like(tokens), None)
@@ -170,14 +182,7 @@ def test_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(exported, run_cl
     assert read_manifest(parent)["kind"] == "parent"
     a, b = read_megatron_lm(first), read_megatron_lm(again)
     assert a.model_config == b.model_config
-    models = []
-    for ckpt in (a, b):
-        model = build_hybrid_model(ckpt.model_config, pgs)
-        load_megatron_lm_weights(ckpt, model)
-        models.append(model.state_dict())
-    for name, tensor in models[0].items():
-        if isinstance(tensor, torch.Tensor):
-            assert torch.equal(tensor, models[1][name]), name
+    _assert_same_weights(a, b, pgs)
     args = [dist_checkpointing.load_common_state_dict(str(c.weights))["args"] for c in (a, b)]
     paths = [Path(vars(a).pop("tokenizer_model")) for a in args]  # each its own copy
     assert paths == [a.weights / "tokenizer", b.weights / "tokenizer"]
@@ -313,11 +318,4 @@ def test_hf_converters_read_and_write_megatron_lm(exported, run_cli, pgs) -> Non
     assert (hf / "tokenizer.json").is_file() and (hf / "config.json").is_file()
     a, b = read_megatron_lm(source), read_megatron_lm(back)
     assert a.model_config == b.model_config and b.tokenizer is not None
-    states = []
-    for ckpt in (a, b):
-        model = build_hybrid_model(ckpt.model_config, pgs)
-        load_megatron_lm_weights(ckpt, model)
-        states.append(model.state_dict())
-    for name, tensor in states[0].items():
-        if isinstance(tensor, torch.Tensor):
-            assert torch.equal(tensor, states[1][name]), name
+    _assert_same_weights(a, b, pgs)
