@@ -166,7 +166,8 @@ def main() -> None:
         if speedup > best[0]:
             best = (speedup, draft, k)
     destroy_process_groups()
-    print(f"speculative speedup: {best[0]:.2f} (draft {best[1]}, k={best[2]}, verifier {verifier})")
+    print(f"best speculative pair: draft {best[1]}, k={best[2]}, verifier {verifier}")
+    print(f"speculative speedup: {best[0]:.2f}")
 
 
 if __name__ == "__main__":
