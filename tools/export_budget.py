@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--tokenizer",
-        help="tokenizer.json / .model (or a directory) shipped with --format hf; default: the "
+        help="tokenizer.json / .model (or a directory) shipped with --format hf, megatron-lm and "
+        "gguf; default: the "
         "checkpoint manifest's metadata['tokenizer']",
     )
     parser.add_argument(
