@@ -319,3 +319,19 @@ def test_hf_converters_read_and_write_megatron_lm(exported, run_cli, pgs) -> Non
     a, b = read_megatron_lm(source), read_megatron_lm(back)
     assert a.model_config == b.model_config and b.tokenizer is not None
     _assert_same_weights(a, b, pgs)
+
+
+def test_bf16_checkpoint_imports_exactly(tiny_config, pgs, tmp_path) -> None:
+    """Megatron-LM trains and saves bf16 parameters: they import into our fp32 parent exactly,
+    and the args record the dtype."""
+    model = build_hybrid_model(tiny_config, pgs, params_dtype=torch.bfloat16)
+    save_megatron_lm(tmp_path / "bf16", model, tiny_config)
+    ckpt = read_megatron_lm(tmp_path / "bf16")
+    args = dist_checkpointing.load_common_state_dict(str(ckpt.weights))["args"]
+    assert args.bf16 and args.params_dtype == torch.bfloat16
+    parent = build_hybrid_model(ckpt.model_config, pgs)
+    load_megatron_lm_weights(ckpt, parent)
+    loaded = parent.state_dict()
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            assert loaded[name].dtype == torch.float32 and torch.equal(tensor.float(), loaded[name])
