@@ -74,9 +74,16 @@ def _assert_same_weights(a, b, pgs) -> None:
             assert torch.equal(tensor, states[1][name]), name
 
 
-def _logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens, position_ids_like(tokens), None)
+def _logits(model, tokens, spec=None):
+    """Logits of a plain model, or of the elastic ``model`` at sub-network ``spec``."""
+    if spec is not None:
+        model.set_subnet(spec, mode="slice")
+    try:
+        with torch.no_grad():
+            return model(tokens, position_ids_like(tokens), None)
+    finally:
+        if spec is not None:
+            model.set_subnet(None)
 
 
 def test_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
@@ -106,11 +113,7 @@ def test_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
             request, str(ckpt_dir / "iter_0000000"), strict=StrictHandling.RAISE_ALL
         )
         reference.load_state_dict({k: state[k] for k in reference.state_dict()}, strict=True)
-        model.set_subnet(spec, mode="slice")
-        try:
-            want = _logits(model, tokens)
-        finally:
-            model.set_subnet(None)
+        want = _logits(model, tokens, spec)
         got = _logits(reference, tokens)
         assert (want - got).abs().max().item() <= 1e-5, budget
 
@@ -290,11 +293,7 @@ def test_real_te_spec_loads_export_on_gpu_and_matches(exported, tiny_elastic_che
         state = dist_checkpointing.load(request, str(ckpt.weights), strict=StrictHandling.RAISE_ALL)
         te_model.load_state_dict(state, strict=False)
         spec = router.decide(budget, 0, None, deterministic=True).spec
-        model.set_subnet(spec, mode="slice")
-        try:
-            want = _logits(model, tokens)
-        finally:
-            model.set_subnet(None)
+        want = _logits(model, tokens, spec)
         got = _logits(te_model, tokens)
         scale = want.abs().max().item()
         print(f"budget {budget}: max |TE - elastic| = {(got - want).abs().max().item():.3e}")
