@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.data import calibration_batches, check_prefix
     from megatron_elastic.elastic import ElasticConfig, build_elastic_model, load_elastic_recipe
     from megatron_elastic.importance.estimate import estimate_importance, rank_model
+    from megatron_elastic.importance.scores import keep_attention_first
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 
     if args.elastic_config:
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         ranking = run_minitron_importance(model_cfg, model, batches, pgs)
         if args.no_layer_ranking:
             ranking.layers = None
+        elif ranking.layers is not None:  # ModelOpt's one-shot order knows no layer kinds
+            ranking.layers = keep_attention_first(
+                ranking.layers, model_cfg.layer_kinds(), elastic.min_attention_layers
+            )
     else:
         ranking = estimate_importance(model, batches, pgs, rank_layers=not args.no_layer_ranking)
     rank_model(model, ranking, pgs)
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": args.backend,
         "ffn_nesting_blocks": elastic.ffn_nesting_blocks,
         "layer_ranking": ranking.layers,
+        "min_attention_layers": elastic.min_attention_layers,
     }
     save_checkpoint(out, model, model_cfg, kind="ranked", metadata=meta)
     if pgs.tp.rank() == 0 and pgs.dp.rank() == 0:

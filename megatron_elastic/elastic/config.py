@@ -55,6 +55,11 @@ class ElasticConfig:
     layer_ranking: tuple[int, ...] | None = None
     """Layers from most to least important (importance estimation writes it); depth ``d`` keeps
     the first ``d``. ``None``: keep the first ``d`` layers of the stack."""
+    min_attention_layers: int = 1
+    """Every sub-network keeps at least this many attention layers: the layer ranking keeps them
+    (importance estimation ranks the most important ones first), so no depth choice drops them.
+    An attention-free model cannot be served by transformers' NemotronH cache or llama.cpp's
+    hybrid cache; 0 allows it."""
     budget_choices: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Optional explicit architecture per budget (axis -> choice, or a per-layer list for Mamba,
     attention and FFN axes when heterogeneous); used before a router is trained."""
@@ -82,6 +87,11 @@ class ElasticConfig:
             if any(not isinstance(v, int) or v <= 0 for v in values):
                 raise ValueError(f"ElasticConfig.{name} must hold positive integers, got {values}")
             object.__setattr__(self, name, tuple(sorted(set(values))))
+        k = self.min_attention_layers
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(
+                f"ElasticConfig.min_attention_layers must be an integer >= 0, got {k!r}"
+            )
         if self.ffn_nesting_blocks <= 0:
             raise ValueError("ElasticConfig.ffn_nesting_blocks must be positive")
         if self.layer_ranking is not None:
@@ -187,6 +197,28 @@ class ElasticConfig:
             raise ValueError(
                 f"ElasticConfig.layer_ranking must be a permutation of 0..{model.num_layers - 1}"
             )
+        self._check_attention_kept(model, choices["depth"])
+
+    def _check_attention_kept(self, model: ModelConfig, depths: tuple[int, ...]) -> None:
+        """Every depth choice keeps ``min_attention_layers`` attention layers."""
+        kinds, k = model.layer_kinds(), self.min_attention_layers
+        available = kinds.count("attention")
+        if k > available:
+            raise ValueError(
+                f"ElasticConfig.min_attention_layers={k}, but the parent has {available} attention "
+                f"layers; use min_attention_layers <= {available}"
+            )
+        order = self.layer_ranking or tuple(range(model.num_layers))
+        for depth in depths:
+            kept = [j for j in order[:depth] if kinds[j] == "attention"]
+            if len(kept) < k:
+                where = "layer_ranking" if self.layer_ranking else "the first layers of the stack"
+                raise ValueError(
+                    f"ElasticConfig depth choice {depth} keeps {len(kept)} attention layer(s) "
+                    f"({where}: {list(order[:depth])}), fewer than min_attention_layers={k}; "
+                    "rank the layers with tools/estimate_importance.py (its ranking keeps them), "
+                    "drop that depth choice, or set min_attention_layers=0"
+                )
 
 
 def elastic_from_dict(data: dict[str, Any], where: str) -> ElasticConfig:

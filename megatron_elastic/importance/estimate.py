@@ -79,7 +79,10 @@ def estimate_importance(
     ranking = rank_from_stats(model.model_config, stats, mamba_top_channels=top)
     if rank_layers:
         order, errors = iterative_layer_ranking(
-            model.model_config.num_layers, logits_error_fn(model, batches, pgs)
+            model.model_config.num_layers,
+            logits_error_fn(model, batches, pgs),
+            kinds=model.model_config.layer_kinds(),
+            min_attention_layers=elastic.min_attention_layers,
         )
         ranking.layers = order
         dropped = order[::-1][: len(errors)]

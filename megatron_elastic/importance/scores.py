@@ -11,7 +11,13 @@ import torch
 from megatron_elastic.config import ModelConfig
 from megatron_elastic.importance.calibration import ActivationStats
 
-__all__ = ["Ranking", "rank_from_stats", "rank_within_groups", "iterative_layer_ranking"]
+__all__ = [
+    "Ranking",
+    "iterative_layer_ranking",
+    "keep_attention_first",
+    "rank_from_stats",
+    "rank_within_groups",
+]
 
 
 def rank_within_groups(scores: torch.Tensor, num_groups: int) -> list[list[int]]:
@@ -95,7 +101,11 @@ def rank_from_stats(
 
 
 def iterative_layer_ranking(
-    num_layers: int, logits_error: Callable[[Sequence[int]], float]
+    num_layers: int,
+    logits_error: Callable[[Sequence[int]], float],
+    *,
+    kinds: Sequence[str] | None = None,
+    min_attention_layers: int = 0,
 ) -> tuple[list[int], list[float]]:
     """Rank layers by normalised MSE of the logits, removing them one at a time.
 
@@ -104,15 +114,44 @@ def iterative_layer_ranking(
     removal (on top of those already dropped) hurts least, then re-scores the rest (FACTS.md §1:
     iterative, not one-shot). Returns the layers most-important-first and, per dropped layer, the
     error at the moment it was dropped.
+
+    ``min_attention_layers`` (with the layer ``kinds``): an attention layer is not dropped while
+    it is one of the last ``min_attention_layers`` attention layers and other layers remain, so
+    every prefix of the ranking at least that long keeps that many attention layers
+    (``ElasticConfig.min_attention_layers``).
     """
+    if min_attention_layers and kinds is None:
+        raise ValueError("iterative_layer_ranking: min_attention_layers needs the layer kinds")
     removed: list[int] = []
     errors: list[float] = []
     remaining = list(range(num_layers))
     while len(remaining) > 1:
-        trial = {j: logits_error([*removed, j]) for j in remaining}
-        j = min(remaining, key=lambda k: (trial[k], k))
+        candidates = _removable(remaining, kinds, min_attention_layers)
+        trial = {j: logits_error([*removed, j]) for j in candidates}
+        j = min(candidates, key=lambda k: (trial[k], k))
         removed.append(j)
         errors.append(trial[j])
         remaining.remove(j)
     order = remaining + removed[::-1]
     return order, errors
+
+
+def _removable(remaining: list[int], kinds: Sequence[str] | None, keep: int) -> list[int]:
+    """Layers the next round may drop: not the last ``keep`` attention layers while other
+    layers remain."""
+    if not keep or kinds is None:
+        return remaining
+    attention = [j for j in remaining if kinds[j] == "attention"]
+    others = [j for j in remaining if kinds[j] != "attention"]
+    if len(attention) <= keep and others:
+        return others
+    return remaining
+
+
+def keep_attention_first(order: Sequence[int], kinds: Sequence[str], count: int) -> list[int]:
+    """``order`` (most important first) with its first ``count`` attention layers moved to the
+    front, the rest in their order: every prefix at least ``count`` long then keeps ``count``
+    attention layers (for one-shot rankings, e.g. ModelOpt's; the iterative ranking honours the
+    constraint while it removes layers)."""
+    attention = [j for j in order if kinds[j] == "attention"][:count]
+    return attention + [j for j in order if j not in attention]

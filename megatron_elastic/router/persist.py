@@ -31,7 +31,9 @@ def router_from_state(model: ModelConfig, state: dict[str, Any]) -> ElasticRoute
     if "router_config" not in state or "state_dict" not in state:
         raise ValueError("this checkpoint's extra state holds no router")
     rcfg = config_from_dict(RouterConfig, dict(state["router_config"]), where="saved router")
-    elastic = elastic_from_dict(state["elastic_config"], where="saved elastic config")
+    # Saved before min_attention_layers existed: trained without the constraint.
+    saved = {"min_attention_layers": 0, **state["elastic_config"]}
+    elastic = elastic_from_dict(saved, where="saved elastic config")
     table = state.get("latency_table")
     if table is not None:
         table = latency_table_from_json(table, "the saved router's latency table")
