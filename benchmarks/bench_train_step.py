@@ -67,7 +67,7 @@ def elastic_config() -> ElasticConfig:
 
 
 def train_router_on_budget(router: ElasticRouter, steps: int) -> None:
-    optimizer, _ = build_router_optimizer(router, router.config)
+    optimizer, scheduler = build_router_optimizer(router, router.config)
     for step in range(steps):
         loss = sum(
             router.budget_loss(router.decide(b, step, router.config.generator(step, i)))
@@ -76,6 +76,7 @@ def train_router_on_budget(router: ElasticRouter, steps: int) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        scheduler.step()  # without it the LR stays at warmup's first value (1/60 of the peak)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in BUDGETS:
         spec = router.decide(name, 0, None, deterministic=True).spec
         active, params = sum(c.active for c in spec.layers), subnet_param_count(cfg, spec)
-        print(f"  router at {name}: hidden {spec.hidden}, {active} layers, {params:,} params")
+        print(
+            f"  router at {name}: hidden {spec.hidden}, {active} layers, {params:,} params "
+            f"({router.target_ratio(name):.3f} of its target)"
+        )
     print(f"{'mix':>8} {'plain ms':>10} {'elastic ms':>11} {'elastic/plain':>14}")
     ratios = {}
     for mix, probs in MIXES.items():

@@ -69,6 +69,12 @@ class RouterConfig:
     soft_min_weight: float = 1e-3
     """Soft mode runs each axis up to the largest candidate whose extra units still weigh at least
     this much; lighter units are dropped (saves compute, changes the mix negligibly)."""
+    target_tolerance: float = 0.03
+    """At inference (deterministic decisions: evaluation, export, serving) the router runs its
+    argmax architecture when that costs within this fraction of the budget's target; otherwise
+    the most probable architecture within it (``router/calibrate.py``: a greedy search from the
+    argmax, one choice at a time). The budget loss alone leaves the argmax a few percent off,
+    with no bound. 0: always the plain argmax (the paper's)."""
     seed: int = 0
     """Base of the per-(step, micro-batch) sampling seeds; the same on every rank."""
 
@@ -107,6 +113,10 @@ class RouterConfig:
         if not self.budget_loss_weight >= 0:
             raise ValueError(
                 f"RouterConfig.budget_loss_weight must be >= 0, got {self.budget_loss_weight}"
+            )
+        if not 0 <= self.target_tolerance < 1:
+            raise ValueError(
+                f"RouterConfig.target_tolerance must be in [0, 1), got {self.target_tolerance}"
             )
         if not 0 <= self.soft_min_weight < 1:
             raise ValueError(

@@ -18,6 +18,7 @@ from megatron_elastic.elastic.config import AXES, ElasticConfig
 from megatron_elastic.elastic.latency import LatencyTable, expected_latency, load_latency_table
 from megatron_elastic.elastic.model import SubnetWeights
 from megatron_elastic.elastic.subnet import SubnetSpec
+from megatron_elastic.router.calibrate import Indices, meet_target
 from megatron_elastic.router.config import RouterConfig
 from megatron_elastic.router.decision import RouterDecision, weights_to
 from megatron_elastic.router.sampling import (
@@ -171,6 +172,20 @@ class ElasticRouter(nn.Module):
         """C(expected sizes): parameters, memory bytes or seconds per token (differentiable)."""
         return self._cost(decision.hidden, decision.widths, decision.head_dims, decision.keep)
 
+    @torch.no_grad()
+    def target_ratio(self, budget: str | float, *, raw_argmax: bool = False) -> float:
+        """Cost of the architecture the router runs at inference over the budget's target, in
+        the router's own units (``budget_target``): 1.0 is on target. ``raw_argmax``: of the
+        plain argmax of the logits, before :attr:`RouterConfig.target_tolerance` applies."""
+        fraction = self.encoding.fraction(budget)
+        if raw_argmax:
+            logits = self(self.encoding.encode(budget, device=self.sizes_hidden.device))
+            indices = {a: tuple(logits[a].argmax(-1).tolist()) for a in self.axes}
+            spec = self._spec(indices)
+        else:
+            spec = self.decide(budget, 0, None, deterministic=True).spec
+        return self.spec_cost(spec) / (fraction * self.parent_cost)
+
     def budget_loss(self, decision: RouterDecision) -> torch.Tensor:
         """lambda * |C(expected) - C_target| / C_target, with C_target = fraction * C(parent)."""
         target = decision.fraction * self.parent_cost
@@ -213,6 +228,11 @@ class ElasticRouter(nn.Module):
         for axis in self.axes:
             n = self.num_decisions(axis)
             indices[axis], start = tuple(flat[start : start + n]), start + n
+        if deterministic and self.config.target_tolerance > 0:
+            indices = self._meet_target(logits, indices, self.encoding.fraction(budget))
+            for axis in self.axes:
+                chosen = torch.tensor(indices[axis], device=logits[axis].device)
+                probs[axis] = F.one_hot(chosen, logits[axis].size(-1)).to(logits[axis].dtype)
         spec = self._spec(indices)
         expect = {a: probs[a] @ getattr(self, f"sizes_{a}") for a in self.axes}  # (D,) each
         kinds = self.model_config.layer_kinds()
@@ -241,6 +261,29 @@ class ElasticRouter(nn.Module):
             keep=tuple(keep.unbind(0)),
             indices=indices,
             probs=probs,
+        )
+
+    def _meet_target(self, logits, argmax: Indices, fraction: float) -> Indices:
+        """The argmax, or if it misses the target by more than ``target_tolerance`` the most
+        probable architecture within it that :func:`meet_target` finds."""
+        log_probs = {a: F.log_softmax(logits[a].float(), -1) for a in self.axes}
+        return meet_target(
+            log_probs,
+            argmax,
+            lambda indices: float(self.spec_cost(self._spec(indices))),
+            fraction * self.parent_cost,
+            self.config.target_tolerance,
+        )
+
+    def spec_cost(self, spec: SubnetSpec) -> float:
+        """Exact cost of ``spec`` in the router's units (parameters, bytes or seconds)."""
+        return float(
+            self._cost(
+                spec.hidden,
+                [c.width for c in spec.layers],
+                [c.head_dim if c.kind == "mamba" else 0 for c in spec.layers],
+                [int(c.active) for c in spec.layers],
+            )
         )
 
     def _decision(self, axis: str, layer: int) -> int:

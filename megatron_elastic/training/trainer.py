@@ -470,7 +470,14 @@ class Trainer:
                 spec = self.router.decide(name, 0, None, deterministic=True).spec
                 fraction = subnet_param_count(r.model, spec) / count_parameters(r.model)
                 scalars[f"router/params_fraction/{name}"] = fraction
-                choices.append(f"{name}->{fraction:.0%}")
+                # The inference architecture's cost against its target (params, memory or
+                # latency): what "the router meets its budget" means.
+                ratio = self.router.target_ratio(name)
+                scalars[f"router/target_ratio/{name}"] = ratio
+                scalars[f"router/argmax_ratio/{name}"] = self.router.target_ratio(
+                    name, raw_argmax=True
+                )
+                choices.append(f"{name}->{fraction:.0%} ({ratio:.3f}x)")
             parts.append(f"tau {tau:.3f} router [{' '.join(choices)}]")
         self.metrics.log(
             step,
