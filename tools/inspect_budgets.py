@@ -2,8 +2,9 @@
 """Show what each named budget runs: active dims per layer, parameters and deployment memory.
 With ``--config`` (an elastic recipe), budgets with explicit choices in the recipe use them and the
 others the homogeneous candidate combination closest to their target; with ``--checkpoint`` (an
-elastic checkpoint), what its trained router chooses (argmax, no noise). One line per budget
-reads ``budget <name> params <integer>``.
+elastic checkpoint), what its trained router runs at inference (argmax, no noise; or the most
+probable architecture within ``router.target_tolerance`` of the target when the argmax misses).
+One line per budget reads ``budget <name> params <integer>``.
 
     python tools/inspect_budgets.py --config examples/tiny/elastic.yaml
     python tools/inspect_budgets.py --checkpoint runs/quickstart/stage2
@@ -50,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         model = manifest_model(read_manifest(args.checkpoint))
         router = router_from_state(model, load_extra(args.checkpoint))
         elastic = router.elastic_config
-        specs = {
-            name: (router.decide(name, 0, None, deterministic=True).spec, "router")
-            for name in elastic.budgets
-        }
+        specs = {}
+        for name in elastic.budgets:
+            spec = router.decide(name, 0, None, deterministic=True).spec
+            raw = router.target_ratio(name, raw_argmax=True)
+            source = "router"
+            if raw != router.target_ratio(name):
+                source += f"; its plain argmax, {raw - 1:+.2%} off target, was calibrated"
+            specs[name] = (spec, source)
     parent = count_parameters(model)
     print(
         f"parent: {parent:,} params; mode {elastic.mode}; "
