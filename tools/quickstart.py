@@ -3,13 +3,18 @@
 
     reasoning corpus + BPE tokenizer -> pretrain the parent -> importance ranking -> stage 1
     (short context, uniform budgets) -> stage 2 (long context, weighted to the largest) -> export
-    every budget to Hugging Face -> evaluate the elastic checkpoint and every exported model
+    every budget to Hugging Face -> evaluate the elastic checkpoint, every exported model and the
+    baseline
+
+The baseline is what you get without the method: the ranked parent (before any elastic training)
+pruned to the same architecture the elastic model runs at each budget (its router's choice),
+evaluated by the same code (``evaluate.py --architectures-from``).
 
 Each step is one of the project's CLIs run as its own process (what a user would type), so a
 failure names the command to rerun. Results: ``<output>/results.json`` (per budget: params,
-validation loss and reasoning accuracy of the elastic model and of the exported HF model),
-``results.md`` (the table) and ``results.png`` (the plot). ``--reduced`` shrinks every step for
-the end-to-end test.
+validation loss and reasoning accuracy of the elastic model, of the exported HF model and of the
+baseline), ``results.md`` (the table) and ``results.png`` (the plot). ``--reduced`` shrinks every
+step for the end-to-end test.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class Pipeline:
     def __init__(self, output: Path, reduced: bool, python: str) -> None:
         self.out, self.python = output, python
         self.size = {k: v[1] if reduced else v[0] for k, v in SIZES.items()}
-        self.step, self.total, self.t0 = 0, 9, time.time()
+        self.step, self.total, self.t0 = 0, 10, time.time()
 
     def run(self, title: str, *args: str) -> None:
         self.step += 1
@@ -196,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         *("--checkpoint", str(elastic), "--output", str(out / "eval" / "elastic.json")),
         *evaluation,
     )
+    p.run(
+        "baseline: the ranked parent pruned to the same architectures, no elastic training",
+        "tools/evaluate.py",
+        *("--checkpoint", str(out / "ranked"), "--architectures-from", str(elastic)),
+        *("--output", str(out / "eval" / "baseline.json")),
+        *evaluation,
+    )
     exported = sorted(d for d in (out / "export").iterdir() if (d / "config.json").is_file())
     p.total += len(exported) - 1
     for directory in exported:
@@ -218,9 +230,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _collect(out: Path, exported: list[Path]) -> dict:
     """results.json / results.md / results.png from the evaluation files."""
-    elastic = {
-        r["budget"]: r for r in json.loads((out / "eval" / "elastic.json").read_text())["results"]
-    }
+
+    def rows(name: str) -> dict[str, dict]:
+        return {r["budget"]: r for r in json.loads((out / "eval" / name).read_text())["results"]}
+
+    elastic, baseline = rows("elastic.json"), rows("baseline.json")
+    for b, row in baseline.items():  # evaluate.py ran the ranked weights at the elastic specs
+        assert (row["spec"], row["params"]) == (elastic[b]["spec"], elastic[b]["params"]), b
     hf = {}
     for directory in exported:
         rows = json.loads((out / "eval" / f"hf_{directory.name}.json").read_text())["results"]
@@ -230,12 +246,9 @@ def _collect(out: Path, exported: list[Path]) -> dict:
         "budgets": {
             b: {
                 "params": elastic[b]["params"],
-                "elastic": {"val_loss": elastic[b]["val_loss"], "accuracy": elastic[b]["accuracy"]},
-                "exported_hf": {
-                    "params": hf.get(b, {}).get("params"),
-                    "val_loss": hf.get(b, {}).get("val_loss"),
-                    "accuracy": hf.get(b, {}).get("accuracy"),
-                },
+                "elastic": _scores(elastic[b]),
+                "baseline": {"params": baseline[b]["params"], **_scores(baseline[b])},
+                "exported_hf": {"params": hf.get(b, {}).get("params"), **_scores(hf.get(b, {}))},
             }
             for b in budgets
         },
@@ -246,18 +259,25 @@ def _collect(out: Path, exported: list[Path]) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
-        "| budget | params | val loss (elastic) | val loss (HF export) | accuracy (elastic) "
+        "| budget | model | params | val loss | accuracy | val loss (HF export) "
         "| accuracy (HF export) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for b, r in results["budgets"].items():
-        e, h = r["elastic"], r["exported_hf"]
-        lines.append(
-            f"| {b} | {r['params']:,} | {_fmt(e['val_loss'])} | {_fmt(h['val_loss'])} | "
-            f"{_fmt(e['accuracy'])} | {_fmt(h['accuracy'])} |"
-        )
+        e, h, base = r["elastic"], r["exported_hf"], r["baseline"]
+        lines += [
+            f"| {b} | elastic | {r['params']:,} | {_fmt(e['val_loss'])} | {_acc(e)} | "
+            f"{_fmt(h['val_loss'])} | {_acc(h)} |",
+            f"| {b} | baseline | {base['params']:,} | {_fmt(base['val_loss'])} | {_acc(base)} "
+            "| - | - |",
+        ]
     env = results["environment"]
+    problems = json.loads((out / "eval" / "elastic.json").read_text())["num_problems"]
     lines += [
+        "",
+        "elastic: the trained elastic checkpoint at the budget's router-chosen sub-network. "
+        "baseline: the ranked parent (before elastic training) pruned to the same sub-network. "
+        f"accuracy: exact final answers on {problems} held-out problems.",
         "",
         f"(measured on {env['cpu']}, {env['cpu_capability']} kernels, {env['threads']} threads, "
         f"torch {env['torch']}; other CPUs or thread counts round differently: README, "
@@ -291,8 +311,20 @@ def _environment() -> dict:
     }
 
 
-def _fmt(value) -> str:
+def _scores(row: dict) -> dict:
+    keys = ("val_loss", "accuracy", "correct", "total")
+    return {k: row.get(k) for k in keys}
+
+
+def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _acc(scores: dict) -> str:
+    """``0.3400 (68/200)``: the fraction and the counts it comes from."""
+    if scores.get("accuracy") is None:
+        return "-"
+    return f"{scores['accuracy']:.4f} ({scores['correct']}/{scores['total']})"
 
 
 def _metrics_tail(save: Path) -> dict:
@@ -316,7 +348,7 @@ def _plot(path: Path, results: dict) -> None:
         ("val_loss", axes[0], "validation loss"),
         ("accuracy", axes[1], "accuracy"),
     ):
-        for source, marker in (("elastic", "o-"), ("exported_hf", "x--")):
+        for source, marker in (("elastic", "o-"), ("exported_hf", "x--"), ("baseline", "s:")):
             values = [results["budgets"][b][source][key] for b in budgets]
             if all(v is not None for v in values):
                 ax.plot(params, values, marker, label=source.replace("_", " "))
@@ -325,7 +357,11 @@ def _plot(path: Path, results: dict) -> None:
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle("tiny elastic family: every budget from one checkpoint")
+    fig.suptitle(
+        "tiny elastic family: every budget from one checkpoint "
+        "(baseline: ranked parent pruned alike, no elastic training)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -131,7 +131,7 @@ def test_reasoning_records_deterministic_and_distinct() -> None:
         assert text.startswith(render_prompt(r) + " ")
         assert text.endswith(f"\n#### {r.answer}") and r.solution.strip()
         assert ReasoningRecord.from_json(json.loads(json.dumps(r.to_json()))) == r
-    long = generate_records(60, seed=3, long=True)
+    long = generate_records(60, seed=3, size="long")
     mean_lines = lambda rs: sum(r.solution.count("\n") + 1 for r in rs) / len(rs)
     assert mean_lines(long) > mean_lines(records)
 
@@ -154,7 +154,7 @@ def test_worked_steps_reach_the_answer() -> None:
     r = ReasoningRecord("chain_sum", "q", "", "0")
     assert score_answer(r, "0") == 1.0
     by_task = {}
-    for rec in generate_records(200, seed=0, long=True):
+    for rec in generate_records(200, seed=0, size="long"):
         by_task.setdefault(rec.task, rec)
     eq = by_task["simple_equations"]
     assert "Check:" in eq.solution and eq.solution.endswith(f"= {eq.answer}.")
