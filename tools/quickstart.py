@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from megatron_elastic import cli
+from megatron_elastic.data.reasoning import QUICKSTART_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny"
@@ -37,12 +38,12 @@ SIZES = {
     "num_train": (12000, 600),
     "num_train_long": (3000, 200),
     "num_valid": (200, 40),
-    "pretrain_steps": (250, 6),
+    "pretrain_steps": (400, 6),
     "stage1_steps": (100, 4),
     "stage2_steps": (40, 4),
     "calibration_samples": (32, 8),
-    "num_problems": (40, 4),
-    "max_new_tokens": (80, 16),
+    "num_problems": (150, 4),
+    "max_new_tokens": (72, 16),  # the longest short solution is 70 tokens, then EOD
     "seq_stage1": (256, 64),
     "seq_stage2": (512, 128),
 }
@@ -98,27 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     data, tok = out / "data", out / "data" / "tokenizer.json"
     common = [f"data.tokenizer={tok}", f"data.blend={data / 'train'}"]
 
+    tasks = ["--tasks", *QUICKSTART_TASKS]
     p.run(
-        "reasoning corpus (reasoning-gym, worked solutions; long chains for stage 2)",
+        "reasoning corpus (reasoning-gym, worked solutions; longer chains for stage 2)",
         "tools/make_tiny_corpus.py",
         *("--output", str(out / "corpus"), "--num-train", str(s["num_train"])),
-        *("--num-valid", str(s["num_valid"])),
+        *("--num-valid", str(s["num_valid"]), *tasks, "--problem-size", "short"),
     )
-    subprocess.run(  # the long-chain corpus for stage 2 (part of the same step)
+    subprocess.run(  # the longer-chain corpus for stage 2 (part of the same step)
         [
             sys.executable,
             "tools/make_tiny_corpus.py",
             *("--output", str(out / "corpus_long"), "--num-train", str(s["num_train_long"])),
-            *("--num-valid", "0", "--long", "--seed", "1"),
+            *("--num-valid", "0", *tasks, "--problem-size", "standard", "--seed", "1"),
         ],
         cwd=REPO,
         check=True,
     )
     p.run(
-        "tokenizer (byte-level BPE, 4096) + megatron indexed datasets",
+        "tokenizer (byte-level BPE, 4096, one token per digit) + megatron indexed datasets",
         "tools/prepare_data.py",
         *("--input", str(out / "corpus" / "train.jsonl"), "--train-tokenizer", "4096"),
-        *("--output", str(data / "train"), "--append-eod"),
+        *("--split-digits", "--output", str(data / "train"), "--append-eod"),
     )
     for name, source in (
         ("train_long", "corpus_long/train.jsonl"),
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         *("--budgets", "all", "--data", str(data / "valid"), "--split", "0,1,0"),
         *("--seq-length", str(s["seq_stage1"]), "--num-problems", str(s["num_problems"])),
         *("--max-new-tokens", str(s["max_new_tokens"]), "--tokenizer", str(tok)),
-        *("--exclude", str(out / "corpus" / "train.jsonl")),
+        *("--exclude", str(out / "corpus" / "train.jsonl"), *tasks, "--problem-size", "short"),
+        *("--batch-size", "75"),
     ]
     p.run(
         "evaluate the elastic checkpoint at every budget (one copy of the weights)",

@@ -282,7 +282,7 @@ _TASKS: dict[str, _TaskSpec] = {
         },
         _equation_solution,
     ),
-    "gsm_symbolic": _TaskSpec(dict.fromkeys(PROBLEM_SIZES, {}), _gsm_solution),
+    "gsm_symbolic": _TaskSpec({size: {} for size in PROBLEM_SIZES}, _gsm_solution),
 }
 DEFAULT_TASKS: tuple[str, ...] = tuple(_TASKS)
 QUICKSTART_TASKS: tuple[str, ...] = ("chain_sum", "simple_equations")
