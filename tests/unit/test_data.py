@@ -78,18 +78,16 @@ def test_bpe_tokenizer_round_trip_and_deterministic(bpe, tmp_path) -> None:
     assert loaded.encode(SAMPLE) == bpe.encode(SAMPLE) and loaded.eod == bpe.eod
 
 
-def test_bpe_tokenizer_split_digits(bpe, tmp_path) -> None:
-    split = train_bpe_tokenizer(_texts(400), 320, tmp_path / "digits.json", split_digits=True)
+def test_bpe_tokenizer_split_digits(tmp_path) -> None:
+    split = train_bpe_tokenizer(_texts(400), 600, tmp_path / "digits.json", split_digits=True)
     assert split.decode(split.encode(SAMPLE)) == SAMPLE
     assert load_tokenizer(tmp_path / "digits.json").encode(SAMPLE) == split.encode(SAMPLE)
     pieces = [split.decode([i]) for i in split.encode(SAMPLE)]
     digits = [p for p in pieces if any(c.isdigit() for c in p)]
     assert digits == list("1230123042" + "42")  # one token per digit, nothing merged with it
-    # without the option the trained merges keep whole numbers (" 42") as one token
-    assert any(
-        len(bpe.decode([i]).strip()) > 1 and bpe.decode([i]).strip().isdigit()
-        for i in bpe.encode(SAMPLE)
-    )
+    # without the option the same training merges whole numbers (" 12") into one token
+    plain = train_bpe_tokenizer(_texts(400), 600, tmp_path / "plain.json")
+    assert " 12" in [plain.decode([i]) for i in plain.encode(SAMPLE)]
 
 
 def test_sentencepiece_tokenizer_round_trip(tmp_path) -> None:
