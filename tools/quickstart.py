@@ -2,7 +2,7 @@
 """The main job (``make quickstart``): the whole Nemotron Elastic pipeline on the tiny recipe.
 
     reasoning corpus + BPE tokenizer -> pretrain the parent -> importance ranking -> stage 1
-    (short context, uniform budgets) -> stage 2 (long context, weighted to the largest) -> export
+    (short context, uniform budgets) -> stage 2 (longer context, weighted to the largest) -> export
     every budget to Hugging Face -> evaluate the elastic checkpoint, every exported model and the
     baseline
 
@@ -36,13 +36,12 @@ TINY = REPO / "examples" / "tiny"
 # (full, reduced) sizes of each step.
 SIZES = {
     "num_train": (12000, 600),
-    "num_train_long": (3000, 200),
     "num_valid": (200, 40),
     "pretrain_steps": (400, 6),
     "stage1_steps": (100, 4),
     "stage2_steps": (40, 4),
     "calibration_samples": (32, 8),
-    "num_problems": (150, 4),
+    "num_problems": (100, 4),
     "max_new_tokens": (72, 16),  # the longest short solution is 70 tokens, then EOD
     "seq_stage1": (256, 64),
     "seq_stage2": (512, 128),
@@ -100,21 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.tokenizer={tok}", f"data.blend={data / 'train'}"]
 
     tasks = ["--tasks", *QUICKSTART_TASKS]
+    # One corpus for every stage: the evaluation drops its training questions (--exclude), so no
+    # stage may train on problems drawn elsewhere (a second corpus could hold evaluation ones).
     p.run(
-        "reasoning corpus (reasoning-gym, worked solutions; longer chains for stage 2)",
+        "reasoning corpus (reasoning-gym, worked solutions, short problems)",
         "tools/make_tiny_corpus.py",
         *("--output", str(out / "corpus"), "--num-train", str(s["num_train"])),
         *("--num-valid", str(s["num_valid"]), *tasks, "--problem-size", "short"),
-    )
-    subprocess.run(  # the longer-chain corpus for stage 2 (part of the same step)
-        [
-            sys.executable,
-            "tools/make_tiny_corpus.py",
-            *("--output", str(out / "corpus_long"), "--num-train", str(s["num_train_long"])),
-            *("--num-valid", "0", *tasks, "--problem-size", "standard", "--seed", "1"),
-        ],
-        cwd=REPO,
-        check=True,
     )
     p.run(
         "tokenizer (byte-level BPE, 4096, one token per digit) + megatron indexed datasets",
@@ -122,21 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         *("--input", str(out / "corpus" / "train.jsonl"), "--train-tokenizer", "4096"),
         *("--split-digits", "--output", str(data / "train"), "--append-eod"),
     )
-    for name, source in (
-        ("train_long", "corpus_long/train.jsonl"),
-        ("valid", "corpus/valid.jsonl"),
-    ):
-        subprocess.run(
-            [
-                sys.executable,
-                "tools/prepare_data.py",
-                *("--input", str(out / source), "--tokenizer", str(tok)),
-                *("--output", str(data / name), "--append-eod"),
-            ],
-            cwd=REPO,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/prepare_data.py",
+            *("--input", str(out / "corpus" / "valid.jsonl"), "--tokenizer", str(tok)),
+            *("--output", str(data / "valid"), "--append-eod"),
+        ],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     steps = s["pretrain_steps"]
     p.train(
         "pretrain the tiny parent (plain megatron training)",
@@ -171,10 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     steps = s["stage2_steps"]
     p.train(
-        "stage 2: long context, budgets weighted to the largest (0.5/0.3/0.2)",
+        "stage 2: longer context (512), budgets weighted to the largest (0.5/0.3/0.2)",
         "stage2.yaml",
-        f"data.tokenizer={tok}",
-        f"data.blend={data / 'train_long'}",
+        *common,
         *ranked,
         f"checkpoint.init={out / 'stage1'}",
         f"checkpoint.save={out / 'stage2'}",
@@ -196,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         *("--seq-length", str(s["seq_stage1"]), "--num-problems", str(s["num_problems"])),
         *("--max-new-tokens", str(s["max_new_tokens"]), "--tokenizer", str(tok)),
         *("--exclude", str(out / "corpus" / "train.jsonl"), *tasks, "--problem-size", "short"),
-        *("--batch-size", "75"),
+        *("--batch-size", "50"),
     ]
     p.run(
         "evaluate the elastic checkpoint at every budget (one copy of the weights)",
