@@ -19,7 +19,7 @@ exactly the elastic model's architectures and parameter counts.
 
     python tools/evaluate.py --checkpoint runs/elastic --budgets all \\
         --data runs/data/valid --num-problems 200 --output runs/eval.json
-    python tools/evaluate.py --checkpoint runs/ranked --architectures-from runs/elastic \
+    python tools/evaluate.py --checkpoint runs/ranked --architectures-from runs/elastic \\
         --budgets all --data runs/data/valid --tokenizer runs/data/tokenizer.json
     python tools/evaluate.py --checkpoint runs/export/50% --data runs/data/train --split 98,2,0
     python tools/evaluate.py --checkpoint runs/export_hf/50% --data runs/data/valid

@@ -287,7 +287,7 @@ _TASKS: dict[str, _TaskSpec] = {
 DEFAULT_TASKS: tuple[str, ...] = tuple(_TASKS)
 QUICKSTART_TASKS: tuple[str, ...] = ("chain_sum", "simple_equations")
 """The tasks ``make quickstart`` trains and evaluates (short size): ones whose answers the
-4.9M-parameter tiny model learns within its CPU budget (README, "Quickstart")."""
+4.9M-parameter tiny model learns within its CPU budget (README, "Two commands")."""
 
 
 def _solution_answer_matches(reached: str, answer: str) -> bool:
