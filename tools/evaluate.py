@@ -12,8 +12,15 @@ drop any question training saw). Prints a table and writes --output as JSON.
 loss and greedy-decoding code, with its own tokenizer file unless --tokenizer is given; its
 budget name comes from export_manifest.json.
 
+--architectures-from ELASTIC evaluates --checkpoint (the ranked parent written by
+estimate_importance.py, or a parent) at the sub-network ELASTIC's trained router picks for each
+budget, with the same code as the elastic rows: the baseline "pruned, no elastic training" at
+exactly the elastic model's architectures and parameter counts.
+
     python tools/evaluate.py --checkpoint runs/elastic --budgets all \\
         --data runs/data/valid --num-problems 200 --output runs/eval.json
+    python tools/evaluate.py --checkpoint runs/ranked --architectures-from runs/elastic \\
+        --budgets all --data runs/data/valid --tokenizer runs/data/tokenizer.json
     python tools/evaluate.py --checkpoint runs/export/50% --data runs/data/train --split 98,2,0
     python tools/evaluate.py --checkpoint runs/export_hf/50% --data runs/data/valid
 
@@ -24,6 +31,7 @@ with exit code 2 and a message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -39,7 +47,9 @@ def _problems(args: argparse.Namespace) -> list:
         return []
     tasks = args.tasks or DEFAULT_TASKS
     if not args.exclude:
-        return generate_records(args.num_problems, seed=args.problem_seed, tasks=tasks)
+        return generate_records(
+            args.num_problems, seed=args.problem_seed, tasks=tasks, size=args.problem_size
+        )
     from megatron_elastic.files import iter_jsonl
 
     seen = set()
@@ -48,7 +58,9 @@ def _problems(args: argparse.Namespace) -> list:
             raise ValueError(f"{where}: no 'question' key (--exclude takes a corpus JSONL)")
         seen.add(row["question"])
     # draw extra problems so that the held-out ones still number --num-problems
-    pool = generate_records(2 * args.num_problems + 64, seed=args.problem_seed, tasks=tasks)
+    pool = generate_records(
+        2 * args.num_problems + 64, seed=args.problem_seed, tasks=tasks, size=args.problem_size
+    )
     kept = [r for r in pool if r.question not in seen][: args.num_problems]
     if len(kept) < args.num_problems:
         raise ValueError(
@@ -81,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="'all', trained names (comma-separated), or fractions between them (untrained)",
     )
+    parser.add_argument(
+        "--architectures-from",
+        metavar="ELASTIC",
+        help="run --checkpoint (ranked or parent) at this elastic checkpoint's router choices",
+    )
     parser.add_argument("--data", help="indexed dataset prefix for the loss (omit to skip)")
     parser.add_argument(
         "--split",
@@ -95,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-problems", type=int, default=100, help="0 skips accuracy")
     parser.add_argument("--problem-seed", type=int, default=20250)
     parser.add_argument("--tasks", nargs="+", help="reasoning-gym tasks (default: all four)")
+    parser.add_argument(
+        "--problem-size",
+        default="standard",
+        choices=("short", "standard", "long"),
+        help="problem size, as make_tiny_corpus.py --problem-size (the training corpus's)",
+    )
     parser.add_argument("--exclude", help="training corpus jsonl whose questions are dropped")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
@@ -122,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 
-    kind, trained = checkpoint_budgets(args.checkpoint)
-    budgets = parse_budgets(args.budgets, trained, allow_fractions=kind == "elastic")
+    pruned = args.architectures_from
+    kind, trained = checkpoint_budgets(args.checkpoint, architectures_from=pruned)
+    budgets = parse_budgets(args.budgets, trained, allow_fractions=kind == "elastic" or pruned)
     hf_dir = read_hf_directory(args.checkpoint) if is_hf_directory(args.checkpoint) else None
     if hf_dir is not None:
         max_length = hf_dir.max_sequence_length
@@ -154,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
         )
 
-    ckpt = open_checkpoint(args.checkpoint, pgs)
+    ckpt = open_checkpoint(args.checkpoint, pgs, architectures_from=pruned)
     rows = []
     for budget in budgets:
         ckpt.set_budget(budget)
         row: dict[str, Any] = {"budget": budget, "params": ckpt.params(budget)}
+        spec = ckpt.spec(budget)  # the router's sub-network; None for a plain model
+        row["spec"] = None if spec is None else dataclasses.asdict(spec)
         row["val_loss"] = row["perplexity"] = row["val_tokens"] = None
         if batches is not None:
             loss = validation_loss(ckpt.model, batches)
@@ -190,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "checkpoint": str(Path(args.checkpoint).resolve()),
             "kind": kind,
+            "architectures_from": str(Path(pruned).resolve()) if pruned else None,
             "data": args.data,
             "split": args.split if args.data else None,
             "seq_length": args.seq_length,

@@ -9,7 +9,9 @@ same arguments write the same files.
 
     python tools/make_tiny_corpus.py --output runs/corpus --num-train 20000 --num-valid 500
     python tools/make_tiny_corpus.py --output runs/corpus_long --num-train 20000 \\
-        --num-valid 500 --long       # stage 2: longer problems, more verbose steps
+        --num-valid 500 --problem-size long   # stage 2: longer problems, more verbose steps
+    python tools/make_tiny_corpus.py --output runs/corpus --num-train 12000 --num-valid 200 \\
+        --tasks chain_sum simple_equations --problem-size short   # what make quickstart writes
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    from megatron_elastic.data.reasoning import DEFAULT_TASKS
+    from megatron_elastic.data.reasoning import DEFAULT_TASKS, PROBLEM_SIZES
 
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory for train.jsonl/valid.jsonl")
@@ -31,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-valid", type=int, required=True, help="validation problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--long", action="store_true", help="longer problems and step-by-step rewrites (stage 2)"
+        "--problem-size",
+        choices=PROBLEM_SIZES,
+        default="standard",
+        help="short: few small operands; long: longer problems, step-by-step rewrites (stage 2)",
     )
     parser.add_argument(
         "--tasks",
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_elastic.data.reasoning import generate_records
 
     records = generate_records(
-        args.num_train + args.num_valid, seed=args.seed, tasks=args.tasks, long=args.long
+        args.num_train + args.num_valid, seed=args.seed, tasks=args.tasks, size=args.problem_size
     )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

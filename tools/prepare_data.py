@@ -67,7 +67,10 @@ def prepare(args: argparse.Namespace) -> dict:
     else:
         tokenizer_path = prefix.parent / "tokenizer.json"
         tokenizer = train_bpe_tokenizer(
-            iter_texts(files, args.text_key), args.train_tokenizer, tokenizer_path
+            iter_texts(files, args.text_key),
+            args.train_tokenizer,
+            tokenizer_path,
+            split_digits=args.split_digits,
         )
         print(f"trained a {tokenizer.vocab_size}-token BPE tokenizer: {tokenizer_path}")
 
@@ -120,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         metavar="VOCAB",
         help="train a byte-level BPE tokenizer of this vocabulary size on the input first",
+    )
+    parser.add_argument(
+        "--split-digits",
+        action="store_true",
+        help="with --train-tokenizer: one token per digit (numbers never merged; for arithmetic)",
     )
     parser.add_argument(
         "--output", required=True, help="dataset prefix: writes PREFIX.bin, .idx and .json"

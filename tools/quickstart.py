@@ -2,14 +2,19 @@
 """The main job (``make quickstart``): the whole Nemotron Elastic pipeline on the tiny recipe.
 
     reasoning corpus + BPE tokenizer -> pretrain the parent -> importance ranking -> stage 1
-    (short context, uniform budgets) -> stage 2 (long context, weighted to the largest) -> export
-    every budget to Hugging Face -> evaluate the elastic checkpoint and every exported model
+    (short context, uniform budgets) -> stage 2 (longer context, weighted to the largest) -> export
+    every budget to Hugging Face -> evaluate the elastic checkpoint, every exported model and the
+    baseline
+
+The baseline is what you get without the method: the ranked parent (before any elastic training)
+pruned to the same architecture the elastic model runs at each budget (its router's choice),
+evaluated by the same code (``evaluate.py --architectures-from``).
 
 Each step is one of the project's CLIs run as its own process (what a user would type), so a
 failure names the command to rerun. Results: ``<output>/results.json`` (per budget: params,
-validation loss and reasoning accuracy of the elastic model and of the exported HF model),
-``results.md`` (the table) and ``results.png`` (the plot). ``--reduced`` shrinks every step for
-the end-to-end test.
+validation loss and reasoning accuracy of the elastic model, of the exported HF model and of the
+baseline), ``results.md`` (the table) and ``results.png`` (the plot). ``--reduced`` shrinks every
+step for the end-to-end test.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 from megatron_elastic import cli
+from megatron_elastic.data.reasoning import QUICKSTART_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny"
@@ -30,14 +36,13 @@ TINY = REPO / "examples" / "tiny"
 # (full, reduced) sizes of each step.
 SIZES = {
     "num_train": (12000, 600),
-    "num_train_long": (3000, 200),
     "num_valid": (200, 40),
-    "pretrain_steps": (250, 6),
+    "pretrain_steps": (400, 6),
     "stage1_steps": (100, 4),
     "stage2_steps": (40, 4),
     "calibration_samples": (32, 8),
-    "num_problems": (40, 4),
-    "max_new_tokens": (80, 16),
+    "num_problems": (100, 4),
+    "max_new_tokens": (72, 16),  # the longest short solution is 70 tokens, then EOD
     "seq_stage1": (256, 64),
     "seq_stage2": (512, 128),
 }
@@ -47,7 +52,7 @@ class Pipeline:
     def __init__(self, output: Path, reduced: bool, python: str) -> None:
         self.out, self.python = output, python
         self.size = {k: v[1] if reduced else v[0] for k, v in SIZES.items()}
-        self.step, self.total, self.t0 = 0, 9, time.time()
+        self.step, self.total, self.t0 = 0, 10, time.time()
 
     def run(self, title: str, *args: str) -> None:
         self.step += 1
@@ -93,43 +98,32 @@ def main(argv: list[str] | None = None) -> int:
     data, tok = out / "data", out / "data" / "tokenizer.json"
     common = [f"data.tokenizer={tok}", f"data.blend={data / 'train'}"]
 
+    tasks = ["--tasks", *QUICKSTART_TASKS]
+    # One corpus for every stage: the evaluation drops its training questions (--exclude), so no
+    # stage may train on problems drawn elsewhere (a second corpus could hold evaluation ones).
     p.run(
-        "reasoning corpus (reasoning-gym, worked solutions; long chains for stage 2)",
+        "reasoning corpus (reasoning-gym, worked solutions, short problems)",
         "tools/make_tiny_corpus.py",
         *("--output", str(out / "corpus"), "--num-train", str(s["num_train"])),
-        *("--num-valid", str(s["num_valid"])),
+        *("--num-valid", str(s["num_valid"]), *tasks, "--problem-size", "short"),
     )
-    subprocess.run(  # the long-chain corpus for stage 2 (part of the same step)
+    p.run(
+        "tokenizer (byte-level BPE, 4096, one token per digit) + megatron indexed datasets",
+        "tools/prepare_data.py",
+        *("--input", str(out / "corpus" / "train.jsonl"), "--train-tokenizer", "4096"),
+        *("--split-digits", "--output", str(data / "train"), "--append-eod"),
+    )
+    subprocess.run(
         [
             sys.executable,
-            "tools/make_tiny_corpus.py",
-            *("--output", str(out / "corpus_long"), "--num-train", str(s["num_train_long"])),
-            *("--num-valid", "0", "--long", "--seed", "1"),
+            "tools/prepare_data.py",
+            *("--input", str(out / "corpus" / "valid.jsonl"), "--tokenizer", str(tok)),
+            *("--output", str(data / "valid"), "--append-eod"),
         ],
         cwd=REPO,
         check=True,
+        stdout=subprocess.DEVNULL,
     )
-    p.run(
-        "tokenizer (byte-level BPE, 4096) + megatron indexed datasets",
-        "tools/prepare_data.py",
-        *("--input", str(out / "corpus" / "train.jsonl"), "--train-tokenizer", "4096"),
-        *("--output", str(data / "train"), "--append-eod"),
-    )
-    for name, source in (
-        ("train_long", "corpus_long/train.jsonl"),
-        ("valid", "corpus/valid.jsonl"),
-    ):
-        subprocess.run(
-            [
-                sys.executable,
-                "tools/prepare_data.py",
-                *("--input", str(out / source), "--tokenizer", str(tok)),
-                *("--output", str(data / name), "--append-eod"),
-            ],
-            cwd=REPO,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
     steps = s["pretrain_steps"]
     p.train(
         "pretrain the tiny parent (plain megatron training)",
@@ -164,10 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     steps = s["stage2_steps"]
     p.train(
-        "stage 2: long context, budgets weighted to the largest (0.5/0.3/0.2)",
+        "stage 2: longer context (512), budgets weighted to the largest (0.5/0.3/0.2)",
         "stage2.yaml",
-        f"data.tokenizer={tok}",
-        f"data.blend={data / 'train_long'}",
+        *common,
         *ranked,
         f"checkpoint.init={out / 'stage1'}",
         f"checkpoint.save={out / 'stage2'}",
@@ -188,12 +181,20 @@ def main(argv: list[str] | None = None) -> int:
         *("--budgets", "all", "--data", str(data / "valid"), "--split", "0,1,0"),
         *("--seq-length", str(s["seq_stage1"]), "--num-problems", str(s["num_problems"])),
         *("--max-new-tokens", str(s["max_new_tokens"]), "--tokenizer", str(tok)),
-        *("--exclude", str(out / "corpus" / "train.jsonl")),
+        *("--exclude", str(out / "corpus" / "train.jsonl"), *tasks, "--problem-size", "short"),
+        *("--batch-size", "50"),
     ]
     p.run(
         "evaluate the elastic checkpoint at every budget (one copy of the weights)",
         "tools/evaluate.py",
         *("--checkpoint", str(elastic), "--output", str(out / "eval" / "elastic.json")),
+        *evaluation,
+    )
+    p.run(
+        "baseline: the ranked parent pruned to the same architectures, no elastic training",
+        "tools/evaluate.py",
+        *("--checkpoint", str(out / "ranked"), "--architectures-from", str(elastic)),
+        *("--output", str(out / "eval" / "baseline.json")),
         *evaluation,
     )
     exported = sorted(d for d in (out / "export").iterdir() if (d / "config.json").is_file())
@@ -218,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _collect(out: Path, exported: list[Path]) -> dict:
     """results.json / results.md / results.png from the evaluation files."""
-    elastic = {
-        r["budget"]: r for r in json.loads((out / "eval" / "elastic.json").read_text())["results"]
-    }
+
+    def rows(name: str) -> dict[str, dict]:
+        return {r["budget"]: r for r in json.loads((out / "eval" / name).read_text())["results"]}
+
+    elastic, baseline = rows("elastic.json"), rows("baseline.json")
+    for b, row in baseline.items():  # evaluate.py ran the ranked weights at the elastic specs
+        assert (row["spec"], row["params"]) == (elastic[b]["spec"], elastic[b]["params"]), b
     hf = {}
     for directory in exported:
         rows = json.loads((out / "eval" / f"hf_{directory.name}.json").read_text())["results"]
@@ -230,12 +235,9 @@ def _collect(out: Path, exported: list[Path]) -> dict:
         "budgets": {
             b: {
                 "params": elastic[b]["params"],
-                "elastic": {"val_loss": elastic[b]["val_loss"], "accuracy": elastic[b]["accuracy"]},
-                "exported_hf": {
-                    "params": hf.get(b, {}).get("params"),
-                    "val_loss": hf.get(b, {}).get("val_loss"),
-                    "accuracy": hf.get(b, {}).get("accuracy"),
-                },
+                "elastic": _scores(elastic[b]),
+                "baseline": {"params": baseline[b]["params"], **_scores(baseline[b])},
+                "exported_hf": {"params": hf.get(b, {}).get("params"), **_scores(hf.get(b, {}))},
             }
             for b in budgets
         },
@@ -246,18 +248,25 @@ def _collect(out: Path, exported: list[Path]) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
-        "| budget | params | val loss (elastic) | val loss (HF export) | accuracy (elastic) "
+        "| budget | model | params | val loss | accuracy | val loss (HF export) "
         "| accuracy (HF export) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for b, r in results["budgets"].items():
-        e, h = r["elastic"], r["exported_hf"]
-        lines.append(
-            f"| {b} | {r['params']:,} | {_fmt(e['val_loss'])} | {_fmt(h['val_loss'])} | "
-            f"{_fmt(e['accuracy'])} | {_fmt(h['accuracy'])} |"
-        )
+        e, h, base = r["elastic"], r["exported_hf"], r["baseline"]
+        lines += [
+            f"| {b} | elastic | {r['params']:,} | {_fmt(e['val_loss'])} | {_acc(e)} | "
+            f"{_fmt(h['val_loss'])} | {_acc(h)} |",
+            f"| {b} | baseline | {base['params']:,} | {_fmt(base['val_loss'])} | {_acc(base)} "
+            "| - | - |",
+        ]
     env = results["environment"]
+    problems = json.loads((out / "eval" / "elastic.json").read_text())["num_problems"]
     lines += [
+        "",
+        "elastic: the trained elastic checkpoint at the budget's router-chosen sub-network. "
+        "baseline: the ranked parent (before elastic training) pruned to the same sub-network. "
+        f"accuracy: exact final answers on {problems} held-out problems.",
         "",
         f"(measured on {env['cpu']}, {env['cpu_capability']} kernels, {env['threads']} threads, "
         f"torch {env['torch']}; other CPUs or thread counts round differently: README, "
@@ -291,8 +300,20 @@ def _environment() -> dict:
     }
 
 
-def _fmt(value) -> str:
+def _scores(row: dict) -> dict:
+    keys = ("val_loss", "accuracy", "correct", "total")
+    return {k: row.get(k) for k in keys}
+
+
+def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _acc(scores: dict) -> str:
+    """``0.3400 (68/200)``: the fraction and the counts it comes from."""
+    if scores.get("accuracy") is None:
+        return "-"
+    return f"{scores['accuracy']:.4f} ({scores['correct']}/{scores['total']})"
 
 
 def _metrics_tail(save: Path) -> dict:
@@ -316,7 +337,7 @@ def _plot(path: Path, results: dict) -> None:
         ("val_loss", axes[0], "validation loss"),
         ("accuracy", axes[1], "accuracy"),
     ):
-        for source, marker in (("elastic", "o-"), ("exported_hf", "x--")):
+        for source, marker in (("elastic", "o-"), ("exported_hf", "x--"), ("baseline", "s:")):
             values = [results["budgets"][b][source][key] for b in budgets]
             if all(v is not None for v in values):
                 ax.plot(params, values, marker, label=source.replace("_", " "))
@@ -325,7 +346,11 @@ def _plot(path: Path, results: dict) -> None:
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle("tiny elastic family: every budget from one checkpoint")
+    fig.suptitle(
+        "tiny elastic family: every budget from one checkpoint "
+        "(baseline: ranked parent pruned alike, no elastic training)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -28,6 +28,8 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_TASKS",
+    "PROBLEM_SIZES",
+    "QUICKSTART_TASKS",
     "ReasoningRecord",
     "extract_answer",
     "generate_records",
@@ -174,12 +176,12 @@ def _reduce_once(node: ast.expr) -> tuple[ast.expr, str] | None:
     raise ValueError(f"unsupported arithmetic node {ast.dump(node)}")
 
 
-def _arithmetic_solution(metadata: Mapping[str, Any], long: bool) -> tuple[str, str] | None:
+def _arithmetic_solution(metadata: Mapping[str, Any], verbose: bool) -> tuple[str, str] | None:
     tree = _fold_literals(ast.parse(metadata["expression"], mode="eval").body)
     lines = []
     while (reduced := _reduce_once(tree)) is not None:
         tree, step = reduced
-        if long and not isinstance(tree, ast.Constant):
+        if verbose and not isinstance(tree, ast.Constant):
             step = f"{step}, so the expression becomes {_format(tree)}"
         lines.append(step)
     if not lines:
@@ -204,7 +206,7 @@ def _term(coefficient: int, name: str) -> str:
     return {1: name, -1: f"-{name}"}.get(coefficient, f"{coefficient}*{name}")
 
 
-def _equation_solution(metadata: Mapping[str, Any], long: bool) -> tuple[str, str] | None:
+def _equation_solution(metadata: Mapping[str, Any], verbose: bool) -> tuple[str, str] | None:
     """The left side is linear in the variable, ``a*x + b`` (sympy already multiplied it out when
     reasoning-gym printed it); None for a degenerate equation (it now and then emits ``0 = 0``)."""
     name = metadata["variable"]
@@ -226,14 +228,14 @@ def _equation_solution(metadata: Mapping[str, Any], long: bool) -> tuple[str, st
     assert remainder == 0, metadata["equation"]
     if a != 1:
         lines.append(f"Divide both sides by {a}: {name} = {rest} / {_operand(a)} = {solution}")
-    if long:
+    if verbose:
         substituted = re.sub(rf"\b{name}\b", f"({solution})", left_text)
         lines.append(f"Check: {substituted} = {_evaluate(left, {name: solution})}")
     lines.append(f"So {name} = {solution}.")
     return "\n".join(lines), str(solution)
 
 
-def _gsm_solution(metadata: Mapping[str, Any], long: bool) -> tuple[str, str]:
+def _gsm_solution(metadata: Mapping[str, Any], verbose: bool) -> tuple[str, str]:
     """reasoning-gym's worked solution minus its last line (``#### <answer>``, sometimes written
     as a float such as ``16.0``: the record keeps the task's answer string instead)."""
     cot = metadata["answer_cot"].strip()
@@ -242,33 +244,50 @@ def _gsm_solution(metadata: Mapping[str, Any], long: bool) -> tuple[str, str]:
     return body.strip(), last[len(ANSWER_MARK) :].strip()
 
 
+PROBLEM_SIZES = ("short", "standard", "long")
+"""Problem sizes of :func:`generate_records`: ``short`` (few, small operands: what a tiny model
+learns in minutes), ``standard``, ``long`` (long chains, verbose steps: the second stage)."""
+
+
 @dataclass(frozen=True)
 class _TaskSpec:
-    config: dict[str, Any]
-    long_config: dict[str, Any]
+    configs: dict[str, dict[str, Any]]
+    """reasoning-gym configuration per problem size (:data:`PROBLEM_SIZES`)."""
     solve: Callable[[Mapping[str, Any], bool], tuple[str, str] | None]
-    """metadata, long -> (solution text, the answer it reaches), or None to skip the problem."""
+    """metadata, verbose -> (solution text, the answer it reaches), or None to skip the problem."""
 
 
 _TASKS: dict[str, _TaskSpec] = {
     "basic_arithmetic": _TaskSpec(
-        dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
-        dict(min_terms=4, max_terms=8, min_digits=1, max_digits=3),
+        {
+            "short": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
+            "standard": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
+            "long": dict(min_terms=4, max_terms=8, min_digits=1, max_digits=3),
+        },
         _arithmetic_solution,
     ),
     "chain_sum": _TaskSpec(
-        dict(min_terms=2, max_terms=5, min_digits=1, max_digits=2),
-        dict(min_terms=6, max_terms=12, min_digits=1, max_digits=3),
+        {
+            "short": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+            "standard": dict(min_terms=2, max_terms=5, min_digits=1, max_digits=2),
+            "long": dict(min_terms=6, max_terms=12, min_digits=1, max_digits=3),
+        },
         _arithmetic_solution,
     ),
     "simple_equations": _TaskSpec(
-        dict(min_terms=2, max_terms=3, min_value=1, max_value=20),
-        dict(min_terms=3, max_terms=5, min_value=1, max_value=50),
+        {
+            "short": dict(min_terms=2, max_terms=2, min_value=1, max_value=9),
+            "standard": dict(min_terms=2, max_terms=3, min_value=1, max_value=20),
+            "long": dict(min_terms=3, max_terms=5, min_value=1, max_value=50),
+        },
         _equation_solution,
     ),
-    "gsm_symbolic": _TaskSpec({}, {}, _gsm_solution),
+    "gsm_symbolic": _TaskSpec({size: {} for size in PROBLEM_SIZES}, _gsm_solution),
 }
 DEFAULT_TASKS: tuple[str, ...] = tuple(_TASKS)
+QUICKSTART_TASKS: tuple[str, ...] = ("chain_sum", "simple_equations")
+"""The tasks ``make quickstart`` trains and evaluates (short size): ones whose answers the
+4.9M-parameter tiny model learns within its CPU budget (README, "Two commands")."""
 
 
 def _solution_answer_matches(reached: str, answer: str) -> bool:
@@ -279,11 +298,16 @@ def _solution_answer_matches(reached: str, answer: str) -> bool:
 
 
 def generate_records(
-    num_records: int, *, seed: int, tasks: Sequence[str] = DEFAULT_TASKS, long: bool = False
+    num_records: int,
+    *,
+    seed: int,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    size: str = "standard",
 ) -> list[ReasoningRecord]:
     """``num_records`` records with distinct questions, tasks drawn uniformly from ``tasks``.
-    ``long`` makes longer problems and more verbose steps (the second training stage's long
-    chains). Deterministic for ``(num_records, seed, tasks, long)``."""
+    ``size`` (:data:`PROBLEM_SIZES`): ``long`` makes longer problems and more verbose steps (the
+    second training stage's long chains), ``short`` fewer and smaller operands. Deterministic
+    for ``(num_records, seed, tasks, size)``."""
     import reasoning_gym
 
     unknown = [t for t in tasks if t not in _TASKS]
@@ -291,12 +315,14 @@ def generate_records(
         raise ValueError(f"tasks must be a non-empty subset of {list(_TASKS)}, got {list(tasks)}")
     if num_records < 0:
         raise ValueError(f"num_records must be >= 0, got {num_records}")
+    if size not in PROBLEM_SIZES:
+        raise ValueError(f"size must be one of {PROBLEM_SIZES}, got {size!r}")
     master = random.Random(seed)
     max_draws = 4 * num_records + 64  # per task; only small problem spaces come near it
     datasets = {}
     for task in tasks:
         spec = _TASKS[task]
-        config = spec.long_config if long else spec.config
+        config = spec.configs[size]
         task_seed = master.randrange(2**31)
         datasets[task] = reasoning_gym.create_dataset(
             task, seed=task_seed, size=max_draws, **config
@@ -309,14 +335,14 @@ def generate_records(
         if next_index[task] >= max_draws:
             raise ValueError(
                 f"task {task!r} repeats its questions too often to give {num_records} distinct "
-                "records; add tasks or use --long"
+                "records; add tasks or use a larger --problem-size"
             )
         entry = datasets[task][next_index[task]]
         next_index[task] += 1
         if entry["question"] in seen:
             continue
         seen.add(entry["question"])
-        solved = _TASKS[task].solve(entry["metadata"], long)
+        solved = _TASKS[task].solve(entry["metadata"], size == "long")
         if solved is None:
             continue
         solution, reached = solved

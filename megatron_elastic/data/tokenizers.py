@@ -183,12 +183,14 @@ def _load(path: Path) -> Tokenizer:
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, output_path: str | Path
+    texts: Iterable[str], vocab_size: int, output_path: str | Path, *, split_digits: bool = False
 ) -> HFTokenizer:
     """Train a byte-level BPE tokenizer (every byte is in the alphabet, so any text round-trips)
     with the special token ``<|endoftext|>`` (id 0), save it to ``output_path`` (a
     ``tokenizer.json``) and return it. The vocabulary has ``vocab_size`` tokens, or fewer when the
-    texts allow no more merges. The same texts in the same order give the same file."""
+    texts allow no more merges. The same texts in the same order give the same file.
+    ``split_digits``: every digit is a token of its own (numbers are never merged), so a small
+    model sees arithmetic digit by digit."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -196,6 +198,10 @@ def train_bpe_tokenizer(
         raise ValueError(f"vocab_size must be >= 257 (256 bytes + {EOD_TOKEN}), got {vocab_size}")
     tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -6,10 +6,16 @@ exported Hugging Face directory (see :mod:`.hf_model`).
     for name in ckpt.budgets():
         ckpt.set_budget(name)   # switches the sub-network; no weight is copied or reloaded
         ... ckpt.model(tokens, position_ids, None) ...
+
+The baseline of the method: ``open_checkpoint("runs/ranked", pgs, architectures_from=
+"runs/elastic")`` serves the ranked parent's weights (no elastic training) at the sub-network the
+elastic checkpoint's trained router picks for each budget: the same architectures, parameter
+counts and forward code as the elastic model, only the weights differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ from megatron_elastic.model import build_hybrid_model, count_parameters
 from megatron_elastic.router import ElasticRouter, router_from_state
 
 __all__ = [
+    "BASELINE_KINDS",
     "KINDS",
     "EvalCheckpoint",
     "budget_params",
@@ -49,6 +56,8 @@ __all__ = [
 
 KINDS = ("elastic", "exported")
 """Checkpoint kinds :func:`open_checkpoint` reads."""
+BASELINE_KINDS = ("ranked", "parent")
+"""Kinds whose weights ``architectures_from`` evaluates at an elastic checkpoint's sub-networks."""
 
 
 class EvalCheckpoint:
@@ -149,13 +158,65 @@ def _read_evaluable(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _architectures_router(
+    path: str | Path, architectures_from: str | Path
+) -> tuple[dict[str, Any], ModelConfig, ElasticRouter]:
+    """The manifest and model config of ``path`` (a ranked or parent checkpoint) and the trained
+    router of ``architectures_from`` (an elastic checkpoint of the same parent), checked before
+    any weight is read."""
+    if is_hf_directory(path) or is_hf_directory(architectures_from):
+        raise ValueError(
+            "--architectures-from reads megatron-elastic checkpoints: a ranked (or parent) "
+            "checkpoint's weights at an elastic checkpoint's architectures, not HF directories"
+        )
+    manifest = read_manifest(path)
+    if manifest["kind"] not in BASELINE_KINDS:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is of kind {manifest['kind']!r}; --architectures-from "
+            f"evaluates the weights of one of kinds {BASELINE_KINDS} (e.g. the ranked parent)"
+        )
+    source = read_manifest(architectures_from)
+    if source["kind"] != "elastic":
+        raise ValueError(
+            f"--architectures-from {str(architectures_from)!r} is of kind {source['kind']!r}; "
+            "pass an elastic checkpoint (its trained router picks the architectures)"
+        )
+    model_config, parent = manifest_model(manifest), manifest_model(source)
+    if model_config != parent:
+        diffs = [
+            f"{name}: {value!r} vs {getattr(parent, name)!r}"
+            for name, value in dataclasses.asdict(model_config).items()
+            if value != getattr(parent, name)
+        ]
+        raise ValueError(
+            f"checkpoint {str(path)!r} and --architectures-from {str(architectures_from)!r} have "
+            f"different parents ({'; '.join(diffs)}); pass the ranked checkpoint the elastic "
+            "one was trained from"
+        )
+    return manifest, model_config, router_from_state(model_config, load_extra(architectures_from))
+
+
 def open_checkpoint(
-    path: str | Path, pgs: ProcessGroupCollection, parallel: ParallelConfig | None = None
+    path: str | Path,
+    pgs: ProcessGroupCollection,
+    parallel: ParallelConfig | None = None,
+    *,
+    architectures_from: str | Path | None = None,
 ) -> EvalCheckpoint | HFEvalCheckpoint:
     """Load an ``elastic`` or ``exported`` checkpoint for evaluation, split as ``parallel``
     (default: unsplit; must match ``pgs``), or an HF directory (unsplit only). ``ValueError``
-    for another kind, before any weight is read."""
+    for another kind, before any weight is read.
+
+    ``architectures_from`` (an elastic checkpoint): ``path`` is a ranked or parent checkpoint of
+    the same parent, loaded into the elastic model and run at the sub-networks that checkpoint's
+    router picks (the baseline: pruning without elastic training)."""
     path = Path(path)
+    if architectures_from is not None:
+        manifest, model_config, router = _architectures_router(path, architectures_from)
+        model = build_elastic_model(model_config, router.elastic_config, pgs, parallel)
+        load_checkpoint(path, model, model_config, kinds=BASELINE_KINDS)
+        model.eval()
+        return EvalCheckpoint(path, manifest, model, model_config, router)
     if is_hf_directory(path):
         if parallel is not None and parallel != ParallelConfig():
             raise ValueError(f"a Hugging Face directory ({str(path)!r}) is evaluated unsplit")
@@ -173,10 +234,17 @@ def open_checkpoint(
     return EvalCheckpoint(path, manifest, model, model_config, router)
 
 
-def checkpoint_budgets(path: str | Path) -> tuple[str, list[str]]:
+def checkpoint_budgets(
+    path: str | Path, *, architectures_from: str | Path | None = None
+) -> tuple[str, list[str]]:
     """(kind, budget names) of a checkpoint, read from its manifest and router without loading
     weights: tools check the budgets they are asked for before the slow part. An HF directory
-    gives its kind (``hf``, ``hf-remote-code``) and its export manifest's budget."""
+    gives its kind (``hf``, ``hf-remote-code``) and its export manifest's budget. With
+    ``architectures_from`` (see :func:`open_checkpoint`): ``path``'s kind and the elastic
+    checkpoint's budgets."""
+    if architectures_from is not None:
+        manifest, _, router = _architectures_router(path, architectures_from)
+        return manifest["kind"], list(router.elastic_config.budgets)
     if is_hf_directory(path):
         directory = read_hf_directory(path)
         return directory.kind, [directory.budget]

@@ -1,5 +1,6 @@
 """The main job end to end at reduced size: corpus + tokenizer -> pretrain -> importance ->
-stage 1 -> stage 2 -> HF export of every budget -> evaluation, as ``make quickstart`` runs it."""
+stage 1 -> stage 2 -> HF export of every budget -> evaluation of the elastic model, the exports
+and the baseline (the ranked parent pruned alike), as ``make quickstart`` runs it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_reduced_quickstart_pipeline(tmp_path) -> None:
         timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for step in ("(1/", "stage 1:", "stage 2:", "export every budget", "finished in"):
+    for step in ("(1/", "stage 1:", "stage 2:", "export every budget", "baseline:", "finished in"):
         assert step in done.stdout, step
     # A quiet console: none of the expected third-party lines the console module filters.
     from megatron_elastic import console
@@ -47,6 +48,10 @@ def test_reduced_quickstart_pipeline(tmp_path) -> None:
         assert math.isfinite(elastic["val_loss"])
         assert math.isclose(hf["val_loss"], elastic["val_loss"], rel_tol=1e-4), budget
         assert hf["accuracy"] == elastic["accuracy"], budget
+        # The baseline runs the ranked parent's weights at the elastic child's architecture.
+        base = row["baseline"]
+        assert base["params"] == row["params"], budget
+        assert math.isfinite(base["val_loss"]) and base["total"] == elastic["total"] == 4
     # Every stage trained: the loss fell from its first to its last logged step.
     for stage in ("pretrain", "stage1", "stage2"):
         first, last = results[stage]["first"], results[stage]["last"]
@@ -54,6 +59,18 @@ def test_reduced_quickstart_pipeline(tmp_path) -> None:
     pretrain = results["pretrain"]
     assert pretrain["last"]["loss/parent"] < pretrain["first"]["loss/parent"]
     assert (out / "results.png").stat().st_size > 1000
-    assert "| budget | params |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| budget | model | params |" in table
+    for budget in ("full", "75%", "50%"):
+        assert f"| {budget} | elastic |" in table and f"| {budget} | baseline |" in table
+    evaluated = {
+        name: {r["budget"]: r for r in json.loads((out / "eval" / name).read_text())["results"]}
+        for name in ("elastic.json", "baseline.json")
+    }
+    for budget, row in evaluated["baseline.json"].items():
+        assert row["spec"] == evaluated["elastic.json"][budget]["spec"], budget
+    baseline_run = json.loads((out / "eval" / "baseline.json").read_text())
+    assert baseline_run["kind"] == "ranked"
+    assert baseline_run["checkpoint"] == str((out / "ranked").resolve())
     for budget in ("full", "75%", "50%"):
         assert (out / "export" / budget / "config.json").is_file()

@@ -64,7 +64,7 @@ PREPARE = textwrap.dedent(
         tool(repo, "make_tiny_corpus", "--output", work / "corpus", "--num-train", 160,
              "--num-valid", 8)
         tool(repo, "make_tiny_corpus", "--output", work / "corpus_long", "--num-train", 60,
-             "--num-valid", 4, "--long")
+             "--num-valid", 4, "--problem-size", "long")
         tool(repo, "prepare_data", "--input", work / "corpus" / "train.jsonl",
              "--train-tokenizer", 512, "--append-eod", "--output", data / "train")
         tool(repo, "prepare_data", "--input", work / "corpus_long" / "train.jsonl",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from megatron_elastic.data import (
     train_bpe_tokenizer,
     write_indexed_dataset,
 )
-from megatron_elastic.data.reasoning import DEFAULT_TASKS
+from megatron_elastic.data.reasoning import DEFAULT_TASKS, QUICKSTART_TASKS
 
 ROOT = Path(__file__).parents[2]
 SAMPLE = "Question: 12 + 30 = ?\nAnswer:  12 + 30 = 42\n#### 42 (ü, 東京, tab\there)"
@@ -75,6 +76,18 @@ def test_bpe_tokenizer_round_trip_and_deterministic(bpe, tmp_path) -> None:
     assert again.encode(SAMPLE) == bpe.encode(SAMPLE)
     loaded = load_tokenizer(bpe.save(tmp_path / "saved" / "tokenizer.json").parent)
     assert loaded.encode(SAMPLE) == bpe.encode(SAMPLE) and loaded.eod == bpe.eod
+
+
+def test_bpe_tokenizer_split_digits(tmp_path) -> None:
+    split = train_bpe_tokenizer(_texts(400), 600, tmp_path / "digits.json", split_digits=True)
+    assert split.decode(split.encode(SAMPLE)) == SAMPLE
+    assert load_tokenizer(tmp_path / "digits.json").encode(SAMPLE) == split.encode(SAMPLE)
+    pieces = [split.decode([i]) for i in split.encode(SAMPLE)]
+    digits = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert digits == list("1230123042" + "42")  # one token per digit, nothing merged with it
+    # without the option the same training merges whole numbers (" 12") into one token
+    plain = train_bpe_tokenizer(_texts(400), 600, tmp_path / "plain.json")
+    assert " 12" in [plain.decode([i]) for i in plain.encode(SAMPLE)]
 
 
 def test_sentencepiece_tokenizer_round_trip(tmp_path) -> None:
@@ -131,9 +144,21 @@ def test_reasoning_records_deterministic_and_distinct() -> None:
         assert text.startswith(render_prompt(r) + " ")
         assert text.endswith(f"\n#### {r.answer}") and r.solution.strip()
         assert ReasoningRecord.from_json(json.loads(json.dumps(r.to_json()))) == r
-    long = generate_records(60, seed=3, long=True)
+    long = generate_records(60, seed=3, size="long")
     mean_lines = lambda rs: sum(r.solution.count("\n") + 1 for r in rs) / len(rs)
     assert mean_lines(long) > mean_lines(records)
+    # the quickstart's short problems: at most 3 terms of at most 2 digits, x = 1..9
+    short = generate_records(60, seed=3, tasks=QUICKSTART_TASKS, size="short")
+    assert {r.task for r in short} == set(QUICKSTART_TASKS)
+    assert short == generate_records(60, seed=3, tasks=QUICKSTART_TASKS, size="short")
+    for r in short:
+        numbers = re.findall(r"\d+", r.question.split(":")[-1])
+        if r.task == "chain_sum":
+            assert 2 <= len(numbers) <= 3 and all(len(n) <= 2 for n in numbers), r.question
+        else:
+            assert 1 <= int(r.answer) <= 9, r
+    with pytest.raises(ValueError, match=r"size must be one of \('short', 'standard', 'long'\)"):
+        generate_records(1, seed=0, size="huge")
 
 
 def test_score_answer_uses_task_scorer() -> None:
@@ -154,7 +179,7 @@ def test_worked_steps_reach_the_answer() -> None:
     r = ReasoningRecord("chain_sum", "q", "", "0")
     assert score_answer(r, "0") == 1.0
     by_task = {}
-    for rec in generate_records(200, seed=0, long=True):
+    for rec in generate_records(200, seed=0, size="long"):
         by_task.setdefault(rec.task, rec)
     eq = by_task["simple_equations"]
     assert "Check:" in eq.solution and eq.solution.endswith(f"= {eq.answer}.")
