@@ -204,7 +204,9 @@ class ElasticRouter(nn.Module):
         """The sub-network for ``budget`` (a trained name, or a fraction between trained ones).
 
         ``generator`` (e.g. :meth:`RouterConfig.generator`) is the only source of randomness;
-        ``deterministic``: argmax of the logits, no noise (inference; ``generator`` unused).
+        ``deterministic``: argmax of the logits, no noise (inference; ``generator`` unused), or,
+        when that misses the target by more than ``target_tolerance``, the most probable
+        architecture within it (``router/calibrate.py``; a few host-side cost evaluations).
         Weights are moved to ``device`` (the model's); the router may stay on the CPU. Costs one
         host sync (the chosen indices), once per decision, never inside the model's forward.
         """
