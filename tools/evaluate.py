@@ -3,9 +3,10 @@
 perplexity on a megatron indexed dataset, and accuracy on generated reasoning problems.
 
 The elastic checkpoint is loaded once; each budget runs the router's architecture (argmax, no
-noise) on slices of the same weights. Reasoning problems come from reasoning-gym with a fixed seed
-(--problem-seed; use one other than the training corpus's, and --exclude the training jsonl to
-drop any question training saw). Prints a table and writes --output as JSON.
+noise, calibrated to within router.target_tolerance of the target) on slices of the same
+weights. Reasoning problems come from reasoning-gym with a fixed seed (--problem-seed; use one
+other than the training corpus's, and --exclude the training jsonl to drop any question training
+saw). Prints a table and writes --output as JSON.
 
 --checkpoint may also be a Hugging Face directory (``export_budget.py --format hf``, or any
 ``config.json`` causal LM): it is loaded with transformers in float32 and measured by the same

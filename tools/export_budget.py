@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Export trained budgets of an elastic checkpoint as standalone models (zero-shot: no training).
 
-The trained router picks each budget's architecture (argmax, no noise) and the weights are
-physically sliced. Formats (the README's format table says what loads each and how it is tested):
+The trained router picks each budget's architecture (argmax, no noise, calibrated to within
+router.target_tolerance of the target) and the weights are physically sliced. Formats (the
+README's format table says what loads each and how it is tested):
 
 - ``megatron`` (default): megatron-elastic's checkpoint + ``model.yaml``, loading into a plain
   megatron-core HybridModel of the exported dims (a heterogeneous budget lists its per-layer

@@ -104,8 +104,9 @@ class EvalCheckpoint:
             )
 
     def spec(self, budget: str | float) -> SubnetSpec | None:
-        """The sub-network the trained router picks for ``budget`` (argmax, no noise); None for an
-        exported checkpoint. A float is a fraction between trained budgets (interpolation)."""
+        """The sub-network the trained router picks for ``budget`` (its deterministic decision);
+        None for an exported checkpoint. A float is a fraction between trained budgets
+        (interpolation)."""
         self._check(budget)
         if self.router is None:
             return None
