@@ -28,46 +28,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_elastic_step import parent_config  # noqa: E402
+from bench_train_step import elastic_config  # noqa: E402
 
 from megatron_elastic.elastic.config import load_elastic_recipe  # noqa: E402
-from megatron_elastic.router import (  # noqa: E402
-    ElasticRouter,
-    RouterConfig,
-    build_router_optimizer,
-)
+from megatron_elastic.router import ElasticRouter, RouterConfig, fit_to_budgets  # noqa: E402
 
 
 def parents():
     tiny, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
-    wide = dataclasses.replace(
-        tiny,
-        hidden_size=512,
-        ffn_hidden_size=2048,
-        head_dim=64,
-        mamba_num_heads=16,
-        mamba_head_dim=64,
-    )
-    wide_elastic = dataclasses.replace(
-        elastic,
-        hidden_choices=(384, 448, 512),
-        mamba_head_choices=(8, 12, 16),
-        mamba_head_dim_choices=(32, 48, 64),
-        ffn_choices=(1024, 1536, 2048),
-    )
-    return {"tiny 4.9M": (tiny, elastic), "wide 20M": (wide, wide_elastic)}
-
-
-def train(router: ElasticRouter, steps: int) -> None:
-    optimizer, scheduler = build_router_optimizer(router, router.config)
-    for step in range(steps):
-        loss = sum(
-            router.budget_loss(router.decide(name, step, router.config.generator(step, i)))
-            for i, name in enumerate(router.encoding.names)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+    return {"tiny 4.9M": (tiny, elastic), "wide 20M": (parent_config(), elastic_config())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     het = dataclasses.replace(elastic, heterogeneous=heterogeneous)
                     router = ElasticRouter(model, het, config)
-                    train(router, args.steps)
+                    fit_to_budgets(router, args.steps)
                     for budget in (*router.encoding.names, 0.6):
                         pair = (
                             router.target_ratio(budget, raw_argmax=True),

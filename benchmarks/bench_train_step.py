@@ -40,6 +40,7 @@ from megatron_elastic.router import (
     RouterConfig,
     build_router_optimizer,
     finalize_router_grads,
+    fit_to_budgets,
 )
 from megatron_elastic.training import BudgetSampler, forward_backward
 from megatron_elastic.training.lm_step import distill_forward
@@ -64,19 +65,6 @@ def elastic_config() -> ElasticConfig:
         depth_choices=(8, 9, 10),
         ffn_nesting_blocks=2,
     )
-
-
-def train_router_on_budget(router: ElasticRouter, steps: int) -> None:
-    optimizer, scheduler = build_router_optimizer(router, router.config)
-    for step in range(steps):
-        loss = sum(
-            router.budget_loss(router.decide(b, step, router.config.generator(step, i)))
-            for i, b in enumerate(BUDGETS)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()  # without it the LR stays at warmup's first value (1/60 of the peak)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     pair = DistillationPair(student_ddp, teacher, temperature=1.0, ce_weight=0.0, tp_group=pgs.tp)
     rcfg = RouterConfig(anneal_steps=400, lr=1e-3)
     router = ElasticRouter(cfg, elastic, rcfg)
-    train_router_on_budget(router, 400)
+    fit_to_budgets(router, 400)
     router_opt, _ = build_router_optimizer(router, rcfg)
 
     g = torch.Generator().manual_seed(1)

@@ -6,6 +6,7 @@ from megatron_elastic.router.decision import RouterDecision
 from megatron_elastic.router.optim import (
     build_router_optimizer,
     finalize_router_grads,
+    fit_to_budgets,
     reduce_router_grads,
 )
 from megatron_elastic.router.persist import router_from_state, router_state
@@ -25,6 +26,7 @@ __all__ = [
     "RouterDecision",
     "build_router_optimizer",
     "finalize_router_grads",
+    "fit_to_budgets",
     "gumbel_softmax",
     "logit_scale",
     "prefix_weights",

@@ -9,7 +9,12 @@ from torch import nn
 
 from megatron_elastic.router.config import RouterConfig
 
-__all__ = ["build_router_optimizer", "reduce_router_grads", "finalize_router_grads"]
+__all__ = [
+    "build_router_optimizer",
+    "finalize_router_grads",
+    "fit_to_budgets",
+    "reduce_router_grads",
+]
 
 
 def build_router_optimizer(
@@ -26,6 +31,24 @@ def build_router_optimizer(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
     return optimizer, scheduler
+
+
+def fit_to_budgets(router: nn.Module, steps: int) -> None:
+    """Train ``router`` (an :class:`~megatron_elastic.router.ElasticRouter`) on its budget loss
+    alone, the model frozen: every trained budget each step, with the router's optimizer, warmup
+    and annealing schedules. What benchmarks and tests use to give each budget its own
+    architecture without a training run (``benchmarks/bench_router_targets.py`` measures how
+    close to its target each one lands)."""
+    optimizer, scheduler = build_router_optimizer(router, router.config)
+    for step in range(steps):
+        loss = sum(
+            router.budget_loss(router.decide(name, step, router.config.generator(step, i)))
+            for i, name in enumerate(router.encoding.names)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
 
 
 def reduce_router_grads(

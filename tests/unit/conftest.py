@@ -27,25 +27,12 @@ def small_config():
     return load_model_config(ROOT / "tests" / "fixtures" / "hybrid_small.yaml")
 
 
-def _train_on_budget_loss(router, steps: int) -> None:
-    """Train ``router`` with its budget loss alone (model frozen), every budget each step."""
-    from megatron_elastic.router import build_router_optimizer
-
-    optimizer, scheduler = build_router_optimizer(router, router.config)
-    for step in range(steps):
-        loss = sum(
-            router.budget_loss(router.decide(name, step, router.config.generator(step, i)))
-            for i, name in enumerate(router.encoding.names)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-
-
 @pytest.fixture(scope="session")
 def train_on_budget_loss():
-    return _train_on_budget_loss
+    """Train a router on its budget loss alone (model frozen), every budget each step."""
+    from megatron_elastic.router import fit_to_budgets
+
+    return fit_to_budgets
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +43,11 @@ def tiny_elastic_checkpoint(tmp_path_factory, pgs):
 
     from megatron_elastic.checkpoint import save_checkpoint
     from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
-    from megatron_elastic.router import ElasticRouter, RouterConfig, router_state
+    from megatron_elastic.router import ElasticRouter, RouterConfig, fit_to_budgets, router_state
 
     model_cfg, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
     router = ElasticRouter(model_cfg, elastic, RouterConfig(anneal_steps=150, lr=1e-3))
-    _train_on_budget_loss(router, 150)
+    fit_to_budgets(router, 150)
     torch.manual_seed(2)
     model = build_elastic_model(model_cfg, elastic, pgs)
     path = tmp_path_factory.mktemp("elastic_ckpt") / "elastic"
