@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = router.decide(name, 0, None, deterministic=True).spec
             raw = router.target_ratio(name, raw_argmax=True)
             source = "router"
-            if raw != router.target_ratio(name):
+            if raw != router.cost_ratio(spec, name):
                 source += f"; its plain argmax, {raw - 1:+.2%} off target, was calibrated"
             specs[name] = (spec, source)
     parent = count_parameters(model)

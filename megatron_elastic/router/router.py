@@ -177,14 +177,17 @@ class ElasticRouter(nn.Module):
         """Cost of the architecture the router runs at inference over the budget's target, in
         the router's own units (``budget_target``): 1.0 is on target. ``raw_argmax``: of the
         plain argmax of the logits, before :attr:`RouterConfig.target_tolerance` applies."""
-        fraction = self.encoding.fraction(budget)
         if raw_argmax:
             logits = self(self.encoding.encode(budget, device=self.sizes_hidden.device))
             indices = {a: tuple(logits[a].argmax(-1).tolist()) for a in self.axes}
             spec = self._spec(indices)
         else:
             spec = self.decide(budget, 0, None, deterministic=True).spec
-        return self.spec_cost(spec) / (fraction * self.parent_cost)
+        return self.cost_ratio(spec, budget)
+
+    def cost_ratio(self, spec: SubnetSpec, budget: str | float) -> float:
+        """Exact cost of ``spec`` over ``budget``'s target (1.0: on target)."""
+        return self.spec_cost(spec) / (self.encoding.fraction(budget) * self.parent_cost)
 
     def budget_loss(self, decision: RouterDecision) -> torch.Tensor:
         """lambda * |C(expected) - C_target| / C_target, with C_target = fraction * C(parent)."""

@@ -472,7 +472,7 @@ class Trainer:
                 scalars[f"router/params_fraction/{name}"] = fraction
                 # The inference architecture's cost against its target (params, memory or
                 # latency): what "the router meets its budget" means.
-                ratio = self.router.target_ratio(name)
+                ratio = self.router.cost_ratio(spec, name)  # spec: the deployed decision
                 scalars[f"router/target_ratio/{name}"] = ratio
                 scalars[f"router/argmax_ratio/{name}"] = self.router.target_ratio(
                     name, raw_argmax=True
