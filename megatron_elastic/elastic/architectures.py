@@ -4,14 +4,15 @@ choices from the recipe, or the homogeneous candidate combination closest to the
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from megatron_elastic.config import ModelConfig
-from megatron_elastic.elastic.budget import subnet_param_count, target_param_count
+from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.elastic.config import AXES, ElasticConfig
 from megatron_elastic.elastic.subnet import SubnetSpec
 
-__all__ = ["spec_from_choices", "closest_homogeneous_spec", "budget_specs"]
+__all__ = ["spec_from_choices", "choices_of", "closest_homogeneous_spec", "budget_specs"]
 
 _PER_LAYER = ("attention_heads", "mamba_heads", "mamba_head_dim", "ffn")
 
@@ -55,13 +56,64 @@ def spec_from_choices(
     return spec
 
 
-def closest_homogeneous_spec(
-    model: ModelConfig, elastic: ElasticConfig, fraction: float
-) -> SubnetSpec:
-    """The homogeneous candidate combination whose parameter count is closest to ``fraction`` of
-    the parent's (ties: the larger combination)."""
-    target = target_param_count(model, fraction)
+def choices_of(model: ModelConfig, elastic: ElasticConfig, spec: SubnetSpec) -> dict[str, Any]:
+    """``axis -> choice`` that :func:`spec_from_choices` turns back into ``spec`` (per-layer lists
+    when the config is heterogeneous), e.g. to train a fixed architecture a router picked."""
+    kinds = model.layer_kinds()
+    per_layer: dict[str, list[int]] = {a: [] for a in _PER_LAYER}
+    full = SubnetSpec.full(model)
+    for c, parent in zip(spec.layers, full.layers, strict=True):
+        per_layer["attention_heads"].append(c.width if c.kind == "attention" else 0)
+        per_layer["mamba_heads"].append(c.width if c.kind == "mamba" else 0)
+        per_layer["mamba_head_dim"].append(c.head_dim if c.kind == "mamba" else 0)
+        per_layer["ffn"].append(c.width if c.kind == "mlp" else 0)
+        assert c.kind == parent.kind
+    kind_of = {"attention_heads": "attention", "mamba_heads": "mamba", "mamba_head_dim": "mamba"}
     candidates = elastic.axis_choices(model)
+    choices: dict[str, Any] = {"hidden": spec.hidden, "depth": spec.depth}
+    for axis, values in per_layer.items():
+        mine = [v for v, k in zip(values, kinds, strict=True) if k == kind_of.get(axis, "mlp")]
+        if not mine:
+            choices[axis] = candidates[axis][-1]
+        elif elastic.heterogeneous:
+            full_value = candidates[axis][-1]
+            choices[axis] = [
+                v if k == kind_of.get(axis, "mlp") else full_value
+                for v, k in zip(values, kinds, strict=True)
+            ]
+        elif len(set(mine)) == 1:
+            choices[axis] = mine[0]
+        else:
+            raise ValueError(
+                f"axis {axis!r} differs between layers ({mine}); a homogeneous elastic config "
+                "takes one value per axis"
+            )
+    if spec_from_choices(model, elastic, choices) != spec:
+        raise ValueError(
+            "the spec's active layers are not the first ones of the elastic config's layer "
+            "ranking; it has no budget_choices form"
+        )
+    return choices
+
+
+def closest_homogeneous_spec(
+    model: ModelConfig,
+    elastic: ElasticConfig,
+    fraction: float,
+    *,
+    cost: Callable[[SubnetSpec], float] | None = None,
+    depth: int | None = None,
+) -> SubnetSpec:
+    """The homogeneous candidate combination whose cost is closest to ``fraction`` of the
+    parent's (ties: the larger combination). ``cost``: a spec's cost (default: its parameter
+    count); ``depth``: only combinations of this depth (the parent's: width-only pruning)."""
+    cost = cost or (lambda spec: float(subnet_param_count(model, spec)))
+    target = fraction * cost(SubnetSpec.full(model))
+    candidates = elastic.axis_choices(model)
+    if depth is not None:
+        if depth not in candidates["depth"]:
+            raise ValueError(f"depth {depth} is not among {candidates['depth']}")
+        candidates = {**candidates, "depth": [depth]}
     best, best_key = None, None
     for combo in itertools.product(*(candidates[a] for a in AXES)):
         choice = dict(zip(AXES, combo, strict=True))
@@ -75,16 +127,22 @@ def closest_homogeneous_spec(
             depth=choice["depth"],
             layer_ranking=elastic.layer_ranking,
         )
-        params = subnet_param_count(model, spec)
-        key = (abs(params - target), -params)
+        value = cost(spec)
+        key = (abs(value - target), -value)
         if best_key is None or key < best_key:
             best, best_key = spec, key
     assert best is not None
     return best
 
 
-def budget_specs(model: ModelConfig, elastic: ElasticConfig) -> dict[str, tuple[SubnetSpec, str]]:
-    """Each budget's architecture and where it came from (``explicit`` or ``closest``)."""
+def budget_specs(
+    model: ModelConfig,
+    elastic: ElasticConfig,
+    *,
+    cost: Callable[[SubnetSpec], float] | None = None,
+) -> dict[str, tuple[SubnetSpec, str]]:
+    """Each budget's architecture and where it came from (``explicit``, ``parent`` or
+    ``closest``: by ``cost``, default the parameter count)."""
     out = {}
     for name, fraction in elastic.budgets.items():
         if name in elastic.budget_choices:
@@ -95,5 +153,8 @@ def budget_specs(model: ModelConfig, elastic: ElasticConfig) -> dict[str, tuple[
         elif fraction == 1.0:
             out[name] = (SubnetSpec.full(model), "parent")
         else:
-            out[name] = (closest_homogeneous_spec(model, elastic, fraction), "closest")
+            out[name] = (
+                closest_homogeneous_spec(model, elastic, fraction, cost=cost),
+                "closest",
+            )
     return out

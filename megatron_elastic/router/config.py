@@ -77,6 +77,12 @@ class RouterConfig:
     with no bound. 0: always the plain argmax (the paper's)."""
     seed: int = 0
     """Base of the per-(step, micro-batch) sampling seeds; the same on every rank."""
+    fixed: bool = False
+    """No learned routing: every budget runs one fixed architecture, the elastic config's
+    ``budget_choices`` for it, else the homogeneous candidate combination closest to its target
+    cost (``elastic/architectures.py``); a fraction between trained budgets runs the closest
+    combination too. The router's parameters are frozen and its budget loss is zero. For
+    Minitron-style distillation of one pruned size and fixed-architecture baselines."""
 
     def __post_init__(self) -> None:
         _count("anneal_steps", self.anneal_steps, 1)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
+from megatron_elastic.elastic.architectures import budget_specs, closest_homogeneous_spec
 from megatron_elastic.elastic.budget import expected_memory_bytes, expected_param_count
 from megatron_elastic.elastic.config import AXES, ElasticConfig
 from megatron_elastic.elastic.latency import LatencyTable, expected_latency, load_latency_table
@@ -57,7 +58,8 @@ class ElasticRouter(nn.Module):
     """Routers for every elastic axis of ``model`` under ``elastic``'s candidates and budgets.
 
     Parameters are initialised from ``config.seed`` alone (identical on every rank). The output
-    layers start at zero, so every budget starts from uniform choices.
+    layers start at zero, so every budget starts from uniform choices. With ``config.fixed`` the
+    parameters are frozen and every decision is the budget's fixed architecture.
     """
 
     def __init__(
@@ -106,6 +108,16 @@ class ElasticRouter(nn.Module):
                 [1] * model.num_layers,
             )
         )
+        self._fixed: dict[str | float, Indices] = {}
+        if config.fixed:
+            self.requires_grad_(False)
+            for name, (spec, _) in budget_specs(model, elastic, cost=self.spec_cost).items():
+                self._fixed[name] = self._indices_of(spec)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the router learns (False for fixed architectures: no optimizer needed)."""
+        return not self.config.fixed
 
     def check_reachable(self) -> None:
         """``ValueError`` unless every trained budget is reachable: at least the cost of the
@@ -177,7 +189,7 @@ class ElasticRouter(nn.Module):
         """Cost of the architecture the router runs at inference over the budget's target, in
         the router's own units (``budget_target``): 1.0 is on target. ``raw_argmax``: of the
         plain argmax of the logits, before :attr:`RouterConfig.target_tolerance` applies."""
-        if raw_argmax:
+        if raw_argmax and not self.config.fixed:
             logits = self(self.encoding.encode(budget, device=self.sizes_hidden.device))
             indices = {a: tuple(logits[a].argmax(-1).tolist()) for a in self.axes}
             spec = self._spec(indices)
@@ -190,7 +202,10 @@ class ElasticRouter(nn.Module):
         return self.spec_cost(spec) / (self.encoding.fraction(budget) * self.parent_cost)
 
     def budget_loss(self, decision: RouterDecision) -> torch.Tensor:
-        """lambda * |C(expected) - C_target| / C_target, with C_target = fraction * C(parent)."""
+        """lambda * |C(expected) - C_target| / C_target, with C_target = fraction * C(parent);
+        zero for fixed architectures (nothing to learn)."""
+        if self.config.fixed:
+            return decision.hidden.new_zeros(())
         target = decision.fraction * self.parent_cost
         deviation = (self.expected_cost(decision) - target).abs() / target
         return self.config.budget_loss_weight * deviation
@@ -216,6 +231,8 @@ class ElasticRouter(nn.Module):
         if generator is None and not deterministic:
             raise ValueError("decide() needs a torch.Generator unless deterministic=True")
         logits = self(self.encoding.encode(budget, device=self.sizes_hidden.device))
+        if self.config.fixed:
+            return self._fixed_decision(budget, logits)
         tau, scale = temperature(self.config, step), logit_scale(self.config, step)
         hard = deterministic or self.config.sampling == "hard"
         samples, probs, picks = {}, {}, {}
@@ -239,34 +256,62 @@ class ElasticRouter(nn.Module):
                 chosen = torch.tensor(indices[axis], device=logits[axis].device)
                 probs[axis] = F.one_hot(chosen, logits[axis].size(-1)).to(logits[axis].dtype)
         spec = self._spec(indices)
-        expect = {a: probs[a] @ getattr(self, f"sizes_{a}") for a in self.axes}  # (D,) each
-        kinds = self.model_config.layer_kinds()
-        keep = self.depth_keeps @ probs["depth"][0]  # (L,)
         if deterministic:
             weights = None
         elif hard:
             weights = self._hard_weights(spec, samples, picks)
         else:
-            weights = self._soft_weights(spec, probs, keep)
+            weights = self._soft_weights(spec, probs, self._keep(probs))
         if weights is not None and device is not None:
             weights = weights_to(weights, device)
+        return self._decision(budget, spec, weights, indices, probs)
+
+    def _keep(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(L,) probability that each layer is kept under the depth distribution."""
+        return self.depth_keeps @ probs["depth"][0]
+
+    def _decision(self, budget, spec, weights, indices, probs) -> RouterDecision:
+        """The decision with the expected sizes of ``probs`` (what the budget loss reads)."""
+        expect = {a: probs[a] @ getattr(self, f"sizes_{a}") for a in self.axes}  # (D,) each
+        kinds = self.model_config.layer_kinds()
+        keep = self._keep(probs)
         return RouterDecision(
             spec=spec,
             weights=weights,
             fraction=self.encoding.fraction(budget),
             hidden=expect["hidden"][0],
             widths=tuple(
-                expect[_WIDTH_AXIS[k]][self._decision(_WIDTH_AXIS[k], j)]
+                expect[_WIDTH_AXIS[k]][self._decision_of(_WIDTH_AXIS[k], j)]
                 for j, k in enumerate(kinds)
             ),
             head_dims=tuple(
-                expect["mamba_head_dim"][self._decision("mamba_head_dim", j)] if k == "mamba" else 0
+                expect["mamba_head_dim"][self._decision_of("mamba_head_dim", j)]
+                if k == "mamba"
+                else 0
                 for j, k in enumerate(kinds)
             ),
             keep=tuple(keep.unbind(0)),
             indices=indices,
             probs=probs,
         )
+
+    def _fixed_decision(self, budget: str | float, logits) -> RouterDecision:
+        """``config.fixed``: the budget's fixed architecture (a fraction between trained budgets:
+        the closest homogeneous combination), one-hot probabilities, no weights."""
+        if budget not in self._fixed:
+            fraction = self.encoding.fraction(budget)
+            spec = closest_homogeneous_spec(
+                self.model_config, self.elastic_config, fraction, cost=self.spec_cost
+            )
+            self._fixed[budget] = self._indices_of(spec)
+        indices = self._fixed[budget]
+        probs = {
+            a: F.one_hot(torch.tensor(indices[a], device=logits[a].device), logits[a].size(-1)).to(
+                logits[a].dtype
+            )
+            for a in self.axes
+        }
+        return self._decision(budget, self._spec(indices), None, indices, probs)
 
     def _meet_target(self, logits, argmax: Indices, fraction: float) -> Indices:
         """The argmax, or if it misses the target by more than ``target_tolerance`` the most
@@ -291,7 +336,7 @@ class ElasticRouter(nn.Module):
             )
         )
 
-    def _decision(self, axis: str, layer: int) -> int:
+    def _decision_of(self, axis: str, layer: int) -> int:
         """Which of ``axis``'s decisions sizes ``layer``."""
         return self._ordinal[layer] if self.num_decisions(axis) > 1 else 0
 
@@ -312,7 +357,7 @@ class ElasticRouter(nn.Module):
         }
         for axis, values in per_layer.items():
             for j in self._layers_of[_AXIS_KIND[axis]]:
-                values[j] = self.choices[axis][indices[axis][self._decision(axis, j)]]
+                values[j] = self.choices[axis][indices[axis][self._decision_of(axis, j)]]
         depth = self.choices["depth"][indices["depth"][0]]
         return SubnetSpec.heterogeneous(
             model,
@@ -321,14 +366,36 @@ class ElasticRouter(nn.Module):
             **per_layer,
         )
 
+    def _indices_of(self, spec: SubnetSpec) -> Indices:
+        """The candidate indices :meth:`_spec` turns back into ``spec`` (``ValueError`` if there
+        are none: a size that is not a candidate, a depth not of the layer ranking's order)."""
+        indices: dict[str, tuple[int, ...]] = {}
+        for axis in self.axes:
+            if axis in ("hidden", "depth"):
+                values = [spec.hidden if axis == "hidden" else spec.depth]
+            else:
+                kind = _AXIS_KIND[axis]
+                layers = self._layers_of[kind][: self.num_decisions(axis)]
+                field = "head_dim" if axis == "mamba_head_dim" else "width"
+                values = [getattr(spec.layers[j], field) for j in layers]
+            if any(v not in self.choices[axis] for v in values):
+                raise ValueError(f"{axis} sizes {values} are not among {self.choices[axis]}")
+            indices[axis] = tuple(self.choices[axis].index(v) for v in values)
+        if self._spec(indices) != spec:
+            raise ValueError(
+                "the spec is not one of the router's architectures (layers differ within a "
+                "homogeneous axis, or its active layers do not follow the layer ranking)"
+            )
+        return indices
+
     def _hard_weights(self, spec: SubnetSpec, probs, picks) -> SubnetWeights:
         """Straight-through scalars: exactly 1.0, gradient of the chosen candidate's probability."""
         s = {a: probs[a].gather(-1, picks[a][:, None])[:, 0] for a in self.axes}
         layers, gates = [], []
         for j, c in enumerate(spec.layers):
-            w = s[_WIDTH_AXIS[c.kind]][self._decision(_WIDTH_AXIS[c.kind], j)]
+            w = s[_WIDTH_AXIS[c.kind]][self._decision_of(_WIDTH_AXIS[c.kind], j)]
             if c.kind == "mamba":
-                w = w * s["mamba_head_dim"][self._decision("mamba_head_dim", j)]
+                w = w * s["mamba_head_dim"][self._decision_of("mamba_head_dim", j)]
             layers.append(w if c.active else None)
             gates.append(s["depth"][0] if c.active else None)
         return SubnetWeights(hidden=s["hidden"][0], layers=tuple(layers), gates=tuple(gates))
@@ -347,7 +414,7 @@ class ElasticRouter(nn.Module):
         def nested(axis: str, j: int, active: int) -> torch.Tensor:
             g = groups.get(axis, 1)
             sizes = getattr(self, f"sizes_{axis}") / g
-            p = probs[axis][self._decision(axis, j)]
+            p = probs[axis][self._decision_of(axis, j)]
             return prefix_weights(p, sizes, active // g).repeat(g)
 
         layers, gates = [], []

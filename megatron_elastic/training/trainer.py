@@ -169,9 +169,10 @@ class Trainer:
         if r.mode == "elastic":
             self.router = ElasticRouter(r.model, self.elastic, r.router).to(self.device)
             self.router.check_reachable()
-            self.router_optimizer, self.router_scheduler = build_router_optimizer(
-                self.router, r.router
-            )
+            if self.router.trainable:  # fixed architectures: nothing to optimise
+                self.router_optimizer, self.router_scheduler = build_router_optimizer(
+                    self.router, r.router
+                )
             self.sampler = BudgetSampler(r.budget_sampling, self.elastic.budgets, r.train.seed)
         self.runner = self._runner()
         self.progress = Progress()
@@ -269,6 +270,7 @@ class Trainer:
             self.scheduler.load_state_dict(extra["scheduler"])
             if self.router is not None:
                 self.router.load_state_dict(extra["state_dict"])
+            if self.router_optimizer is not None:
                 self.router_optimizer.load_state_dict(extra["router_optimizer"])
                 self.router_scheduler.load_state_dict(extra["router_scheduler"])
             self.progress = Progress(**manifest["metadata"]["progress"])
@@ -347,8 +349,9 @@ class Trainer:
         budgets: list[str] = []
         hook = None
         if self.router is not None:
-            self.router_optimizer.zero_grad(set_to_none=False)
             hook = self._hook(step, budgets)
+        if self.router_optimizer is not None:
+            self.router_optimizer.zero_grad(set_to_none=False)
         is_pair = isinstance(self.runner, DistillationPair)
         if is_pair:
             self.runner.records.clear()
@@ -364,7 +367,7 @@ class Trainer:
             p2p_batch_factor=2 if is_pair else 1,
         )
         finalize_model_grads([self.ddp], pg_collection=self.pgs)
-        if self.router is not None:
+        if self.router_optimizer is not None:
             finalize_router_grads(self.router, self.pgs)
         per_budget: dict[str, list[torch.Tensor]] = {}
         if is_pair:
@@ -397,9 +400,10 @@ class Trainer:
         if not ok or not math.isfinite(grad_norm):
             return stats, math.nan, False
         self.scheduler.step(increment=1)
-        if self.router is not None:
+        if self.router_optimizer is not None:
             self.router_optimizer.step()
             self.router_scheduler.step()
+        if self.router is not None:
             self.progress.router_step += 1
         self.progress.step = step
         self.progress.consumed_samples += r.train.global_batch_size
@@ -536,6 +540,7 @@ class Trainer:
         extra = {"scheduler": self.scheduler.state_dict()}
         if self.router is not None:
             extra.update(router_state(self.router))
+        if self.router_optimizer is not None:
             extra["router_optimizer"] = self.router_optimizer.state_dict()
             extra["router_scheduler"] = self.router_scheduler.state_dict()
         metadata = {

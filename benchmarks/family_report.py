@@ -1,0 +1,474 @@
+"""Measurements and report of ``bench_family.py``: every checkpoint it trained, evaluated in one
+process on the same held-out batches.
+
+Per (checkpoint, budget): parameters, the layers it keeps, validation loss at stage 1's context
+(``short``) and at twice stage 2's (``long``), and a long-context recall probe: a span of held-out
+text repeated at the end of a long sequence; the probe is the drop in loss from its first to its
+second occurrence (nats per token: how much of the span the model copies back from far away).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_elastic.checkpoint import load_checkpoint, manifest_model, read_manifest
+from megatron_elastic.config import LAYER_SYMBOLS, ParallelConfig
+from megatron_elastic.data.tokenizers import load_tokenizer
+from megatron_elastic.elastic.architectures import closest_homogeneous_spec
+from megatron_elastic.elastic.budget import subnet_param_count
+from megatron_elastic.eval.loading import open_checkpoint
+from megatron_elastic.eval.loss import validation_batches, validation_loss
+from megatron_elastic.model import build_hybrid_model, count_parameters
+from megatron_elastic.parallel import init_process_groups
+from megatron_elastic.training.lm_step import position_ids_like
+
+UNTRAINED = (0.6, 0.85)
+SMALLER = ("75%", "50%")
+BUDGETS = ("full", "75%", "50%")
+_SYMBOL = {kind: symbol for symbol, kind in LAYER_SYMBOLS.items()}
+
+
+class Evaluator:
+    """The held-out batches (built once) and the measurements on them."""
+
+    def __init__(self, valid: Path, tokenizer: Path, sizes: dict[str, int]) -> None:
+        tok = load_tokenizer(str(tokenizer))
+        self.short = validation_batches(
+            valid, tok, seq_length=sizes["seq_stage1"], micro_batch_size=8, max_samples=128
+        )
+        self.long = validation_batches(valid, tok, seq_length=sizes["seq_long"], micro_batch_size=4)
+        tokens = torch.cat([b["tokens"] for b in self.long])[:16]
+        self.span = max(8, sizes["seq_long"] // 32)
+        # The span the probe repeats: each sequence's first tokens, copied over its last ones.
+        self.probe = tokens.clone()
+        self.probe[:, -self.span :] = tokens[:, : self.span]
+
+    @torch.no_grad()
+    def recall(self, model) -> float:
+        """Loss on the span's first occurrence minus on its repeat (after its first token)."""
+        tokens = self.probe
+        labels = torch.roll(tokens, -1, dims=1)
+        per_token = model(tokens, position_ids_like(tokens), None, labels=labels).double()
+        s = self.span
+        first = per_token[:, : s - 1].mean()  # predicts span tokens 2..s
+        second = per_token[:, -s:-1].mean()  # predicts the repeat's tokens 2..s
+        return float(first - second)
+
+    def measure(self, model, *, curve_only: bool = False) -> dict[str, float]:
+        out = {"loss_short": validation_loss(model, self.short).loss}
+        if not curve_only:
+            out["loss_long"] = validation_loss(model, self.long).loss
+            out["recall"] = self.recall(model)
+        return out
+
+
+def _pattern(model_config, spec) -> str:
+    """The parent's layer pattern with each layer the budget drops shown as ``.``."""
+    kinds = model_config.layer_kinds()
+    if spec is None:
+        return "".join(_SYMBOL[k] for k in kinds)
+    return "".join(_SYMBOL[k] if c.active else "." for k, c in zip(kinds, spec.layers, strict=True))
+
+
+def elastic_rows(ev: Evaluator, pgs, path: str, budgets, **kw) -> dict[str, dict[str, Any]]:
+    """Every budget of an elastic checkpoint (or, with ``architectures_from``, a ranked one at an
+    elastic checkpoint's architectures)."""
+    ckpt = open_checkpoint(path, pgs, **kw)
+    rows = {}
+    for budget in budgets:
+        ckpt.set_budget(budget)
+        spec = ckpt.spec(budget)
+        rows[str(budget)] = {
+            "params": ckpt.params(budget),
+            "pattern": _pattern(ckpt.model_config, spec),
+            **ev.measure(ckpt.model),
+        }
+    return rows
+
+
+def fixed_rows(ev: Evaluator, pgs, path: str, fractions) -> dict[str, dict[str, Any]]:
+    """The elastic checkpoint's weights at a fixed full-depth width-only architecture of each
+    fraction's parameter cost (what one would serve without a router)."""
+    ckpt = open_checkpoint(path, pgs)
+    rows = {}
+    for fraction in fractions:
+        spec = closest_homogeneous_spec(
+            ckpt.model_config,
+            ckpt.router.elastic_config,
+            fraction,
+            depth=ckpt.model_config.num_layers,
+        )
+        ckpt.model.set_subnet(spec, mode="slice")
+        rows[str(fraction)] = {
+            "params": subnet_param_count(ckpt.model_config, spec),
+            "pattern": _pattern(ckpt.model_config, spec),
+            **ev.measure(ckpt.model),
+        }
+    return rows
+
+
+def _checkpoints(save: str) -> list[Path]:
+    return sorted(p for p in Path(save).iterdir() if p.name.startswith("step_"))
+
+
+def curve(ev: Evaluator, pgs, save: str, budget: str | None) -> list[dict[str, float]]:
+    """Validation loss at every checkpoint of a run: a Minitron (elastic, fixed router) run at
+    ``budget``, or a plain pretraining run (``budget`` None)."""
+    points = []
+    for path in _checkpoints(save):
+        manifest = read_manifest(path)
+        tokens = manifest["metadata"]["progress"]["tokens"]
+        if budget is None:
+            cfg = manifest_model(manifest)
+            model = build_hybrid_model(cfg, pgs)
+            load_checkpoint(path, model, cfg, kinds=("parent",))
+            model.eval()
+            params = count_parameters(cfg)
+        else:
+            ckpt = open_checkpoint(path, pgs)
+            ckpt.set_budget(budget)
+            model, params = ckpt.model, ckpt.params(budget)
+        points.append({"tokens": tokens, "params": params, **ev.measure(model, curve_only=True)})
+    return points
+
+
+def tokens_to_match(points: list[dict[str, float]], target: float) -> tuple[float | None, str]:
+    """Tokens at which the curve's validation loss first reaches ``target`` (linear between
+    checkpoints): (tokens, "") or (the first checkpoint's tokens, "<=") or (None, ">")."""
+    prev = None
+    for p in points:
+        if p["loss_short"] <= target:
+            if prev is None:
+                return p["tokens"], "<="
+            f = (prev["loss_short"] - target) / (prev["loss_short"] - p["loss_short"])
+            return prev["tokens"] + f * (p["tokens"] - prev["tokens"]), ""
+        prev = p
+    return None, ">"
+
+
+def at_tokens(points: list[dict[str, float]], tokens: float) -> dict[str, float]:
+    """The checkpoint closest to ``tokens``."""
+    return min(points, key=lambda p: abs(p["tokens"] - tokens))
+
+
+def measure(runs: dict[str, Any], valid: Path, tokenizer: Path) -> dict[str, Any]:
+    pgs = init_process_groups(ParallelConfig())
+    ev = Evaluator(valid, tokenizer, runs["sizes"])
+    res: dict[str, Any] = {"tokens": runs["tokens"], "seeds": runs["seeds"]}
+    for seed in runs["seeds"]:
+        for st in ("stage1", "stage2"):
+            path = runs[f"elastic_s{seed}"][st]
+            res[f"elastic_s{seed}/{st}"] = elastic_rows(ev, pgs, path, BUDGETS)
+    for arm in ("uniform", "fixed", "heterogeneous", "no_attention_floor"):
+        res[arm] = elastic_rows(ev, pgs, runs[arm], BUDGETS)
+    s0 = runs["elastic_s0"]["stage2"]
+    res["baseline"] = elastic_rows(ev, pgs, runs["ranked"], BUDGETS, architectures_from=s0)
+    res["untrained/router"] = elastic_rows(ev, pgs, s0, UNTRAINED)
+    res["untrained/fixed"] = fixed_rows(ev, pgs, s0, UNTRAINED)
+    res["minitron"] = {
+        key: curve(ev, pgs, save, key.split("/")[1]) for key, save in runs["minitron"].items()
+    }
+    res["scratch"] = {b: curve(ev, pgs, save, None) for b, save in runs["scratch"].items()}
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _spread(values: list[float], digits: int = 4) -> str:
+    """Mean, and the half-range of the seeds when there are several."""
+    if len(values) == 1:
+        return _fmt(values[0], digits)
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def _tok(x: float | None, how: str = "") -> str:
+    return f"{how} {x / 1e3:,.0f}k".strip() if x is not None else how
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def cost_section(res: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    seeds, tokens = res["seeds"], res["tokens"]
+    elastic_t = tokens["elastic"]
+    share = elastic_t / len(SMALLER)
+    summary: dict[str, Any] = {"minitron_ratio": {}, "scratch_ratio": None}
+    rows = []
+    family_match: dict[int, list[tuple[float | None, str]]] = {s: [] for s in seeds}
+    scratch_match = []
+    for budget in SMALLER:
+        child = [res[f"elastic_s{s}/stage2"][budget]["loss_short"] for s in seeds]
+        equal, match_txt = [], []
+        for s in seeds:
+            pts = res["minitron"][f"s{s}/{budget}"]
+            equal.append(at_tokens(pts, share)["loss_short"])
+            t, how = tokens_to_match(pts, child[seeds.index(s)])
+            family_match[s].append((t if t is not None else pts[-1]["tokens"], how))
+            match_txt.append(_tok(t if t is not None else pts[-1]["tokens"], how))
+        spts = res["scratch"][budget]
+        t, how = tokens_to_match(spts, statistics.fmean(child))
+        scratch_match.append((t if t is not None else spts[-1]["tokens"], how))
+        rows.append(
+            [
+                budget,
+                f"{res['elastic_s0/stage2'][budget]['params']:,}",
+                _spread(child),
+                _spread(equal),
+                " / ".join(match_txt),
+                _fmt(spts[-1]["loss_short"]),
+                _tok(*scratch_match[-1]),
+            ]
+        )
+    lines = [
+        "### Cost: one elastic run against compressing or pretraining each size",
+        "",
+        f"Elastic: one run of {_tok(elastic_t)} tokens (stage 1 {_tok(tokens['stage1'])} + "
+        f"stage 2 {_tok(tokens['stage2'])}) trains every budget. Minitron-style: each smaller "
+        f"size pruned from the same ranked parent and distilled alone from the same teacher; "
+        f"'equal tokens' is its checkpoint nearest {_tok(share)} tokens (the elastic run's "
+        f"tokens split over {len(SMALLER)} sizes). Scratch: the size's architecture pretrained "
+        f"with the parent's recipe ({_tok(tokens['pretrain'])} tokens). Validation loss on "
+        "held-out problems at stage 1's context; ± is half the range over seeds "
+        f"{', '.join(map(str, seeds))} (scratch: seed 0's architecture, one seed).",
+        "",
+        *_table(
+            [
+                "budget",
+                "params",
+                "elastic child",
+                "Minitron, equal tokens",
+                "Minitron tokens to match (per seed)",
+                "scratch, final",
+                "scratch tokens to match",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    for s in seeds:
+        total = sum(t for t, _ in family_match[s])
+        bound = any(how == ">" for _, how in family_match[s])
+        summary["minitron_ratio"][s] = (total / elastic_t, bound)
+    total = sum(t for t, _ in scratch_match)
+    summary["scratch_ratio"] = (total / elastic_t, any(h == ">" for _, h in scratch_match))
+    ratios = ", ".join(
+        f"seed {s}: {'> ' if b else ''}{r:.2f}x" for s, (r, b) in summary["minitron_ratio"].items()
+    )
+    r, b = summary["scratch_ratio"]
+    lines += [
+        f"Tokens the family needs to match every elastic child, over the elastic run's: "
+        f"Minitron-style {ratios} (paper: 7x vs Minitron-SSM); from scratch "
+        f"{'> ' if b else ''}{r:.2f}x (paper: 360x vs pretraining; here the parent's own "
+        f"pretraining is only {tokens['pretrain'] / elastic_t:.1f}x the elastic run). '>' marks "
+        "a size that never matched within its run (its whole run counted).",
+        "",
+    ]
+    return lines, summary
+
+
+def arm_table(res, arms: list[tuple[str, str]], budgets=BUDGETS, *, recall=False) -> list[str]:
+    header = ["budget", *[f"{label}" for _, label in arms]]
+    rows = []
+    for budget in budgets:
+        cells = [budget]
+        for key, _ in arms:
+            r = res[key][budget]
+            cell = f"{_fmt(r['loss_short'])} / {_fmt(r['loss_long'])}"
+            if recall:
+                cell += f" / {_fmt(r['recall'], 3)}"
+            cells.append(cell)
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    seeds = res["seeds"]
+    lines, summary = cost_section(res)
+    lines += [
+        "### Curriculum: stage 1 only vs stage 1 + stage 2",
+        "",
+        "Cells: validation loss at stage 1's context / at twice stage 2's (long), per seed.",
+        "",
+        *arm_table(
+            res,
+            [
+                (f"elastic_s{s}/{st}", f"seed {s} {'stage 1 only' if st == 'stage1' else '1 + 2'}")
+                for s in seeds
+                for st in ("stage1", "stage2")
+            ],
+        ),
+        "",
+        "### Sampling in stage 2: weighted 0.5/0.3/0.2 vs uniform (seed 0)",
+        "",
+        *arm_table(res, [("elastic_s0/stage2", "weighted"), ("uniform", "uniform")]),
+        "",
+        "### Router: learned homogeneous vs fixed homogeneous vs learned heterogeneous (seed 0)",
+        "",
+        "Fixed: full depth, widths closest to the budget's parameters (no router). Cells: short "
+        "/ long loss. Params and kept layers below.",
+        "",
+        *arm_table(
+            res,
+            [
+                ("elastic_s0/stage2", "router (homogeneous)"),
+                ("fixed", "fixed homogeneous"),
+                ("heterogeneous", "router (heterogeneous)"),
+                ("baseline", "no elastic training"),
+            ],
+        ),
+        "",
+        *_table(
+            ["budget", "router params", "fixed params", "heterogeneous params"],
+            [
+                [b]
+                + [
+                    f"{res[k][b]['params']:,} `{res[k][b]['pattern']}`"
+                    for k in ("elastic_s0/stage2", "fixed", "heterogeneous")
+                ]
+                for b in BUDGETS
+            ],
+        ),
+        "",
+        "### Untrained budgets (seed 0's elastic checkpoint, no training at these fractions)",
+        "",
+    ]
+    rows = []
+    s0 = res["elastic_s0/stage2"]
+    for f in UNTRAINED:
+        lower = max((b for b in BUDGETS if _frac(b) < f), key=_frac)
+        upper = min((b for b in BUDGETS if _frac(b) > f), key=_frac)
+        for label, r in (
+            ("router interpolation", res["untrained/router"][str(f)]),
+            ("fixed width-only, same cost", res["untrained/fixed"][str(f)]),
+            (f"nearest trained below ({lower})", s0[lower]),
+            (f"nearest trained above ({upper})", s0[upper]),
+        ):
+            rows.append(
+                [str(f), label, f"{r['params']:,}", _fmt(r["loss_short"]), _fmt(r["loss_long"])]
+            )
+    lines += [
+        *_table(["fraction", "architecture", "params", "short loss", "long loss"], rows),
+        "",
+        "### Depth: which layers each budget drops, and long-context recall",
+        "",
+        "Pattern: `M` Mamba, `*` attention, `-` MLP, `.` dropped. Recall: loss drop (nats/token)"
+        " on a span repeated at the end of a long sequence; higher copies more.",
+        "",
+    ]
+    rows = []
+    for key, label in (
+        ("elastic_s0/stage2", "min_attention_layers 1"),
+        ("no_attention_floor", "min_attention_layers 0"),
+    ):
+        for b in BUDGETS:
+            r = res[key][b]
+            rows.append(
+                [
+                    label,
+                    b,
+                    f"`{r['pattern']}`",
+                    f"{r['params']:,}",
+                    _fmt(r["loss_short"]),
+                    _fmt(r["loss_long"]),
+                    _fmt(r["recall"], 3),
+                ]
+            )
+    lines += _table(
+        ["constraint", "budget", "layers", "params", "short loss", "long loss", "recall"], rows
+    )
+    return "\n".join(lines) + "\n", summary
+
+
+def _frac(budget: str) -> float:
+    return 1.0 if budget == "full" else float(budget.rstrip("%")) / 100
+
+
+def plots(res: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, len(SMALLER), figsize=(11, 4), squeeze=False)
+    for ax, budget in zip(axes[0], SMALLER, strict=True):
+        for s in res["seeds"]:
+            pts = res["minitron"][f"s{s}/{budget}"]
+            ax.plot(
+                [p["tokens"] / 1e3 for p in pts],
+                [p["loss_short"] for p in pts],
+                "o-",
+                label=f"Minitron-style, seed {s}",
+            )
+            child = res[f"elastic_s{s}/stage2"][budget]["loss_short"]
+            ax.axhline(child, ls="--", color=f"C{s}", label=f"elastic child, seed {s}")
+        pts = res["scratch"][budget]
+        ax.plot(
+            [p["tokens"] / 1e3 for p in pts],
+            [p["loss_short"] for p in pts],
+            "s-",
+            color="C3",
+            label="from scratch",
+        )
+        ax.axvline(res["tokens"]["elastic"] / 1e3, color="gray", ls=":", label="elastic run")
+        ax.set_title(f"{budget} budget")
+        ax.set_xlabel("tokens (thousands)")
+        ax.set_ylabel("validation loss")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 3.0))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "family_cost.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    arms = [
+        ("elastic_s0/stage1", "stage 1 only"),
+        ("elastic_s0/stage2", "elastic (1 + 2)"),
+        ("uniform", "uniform stage 2"),
+        ("fixed", "fixed homogeneous"),
+        ("heterogeneous", "heterogeneous"),
+        ("no_attention_floor", "no attention floor"),
+        ("baseline", "no elastic training"),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(arms)
+    for ax, metric, title in (
+        (axes[0], "loss_short", "validation loss, stage 1 context"),
+        (axes[1], "loss_long", "validation loss, long context"),
+    ):
+        for i, (key, label) in enumerate(arms):
+            values = [res[key][b][metric] for b in BUDGETS]
+            ax.bar([j + i * width for j in range(len(BUDGETS))], values, width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(BUDGETS))], list(BUDGETS))
+        ax.set_title(title)
+        top = max(res[k][b][metric] for k, _ in arms[:-1] for b in BUDGETS)
+        ax.set_ylim(0, top * 1.25)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "family_arms.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def measure_and_report(runs: dict[str, Any], out: Path, valid: Path, tokenizer: Path) -> str:
+    res = measure(runs, valid, tokenizer)
+    text, summary = report(res)
+    figures = plots(res, out)
+    (out / "report.json").write_text(
+        json.dumps({"runs": runs, "results": res, "summary": summary}, indent=1, default=str)
+    )
+    (out / "report.md").write_text(text + "\n" + "\n".join(f"![]({p.name})" for p in figures))
+    return text
