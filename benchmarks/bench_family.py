@@ -20,8 +20,8 @@ Arms (every training run is the project's own trainer, ``python -m megatron_elas
 * ``fixed``: stage 1 + 2 with fixed homogeneous architectures of the same parameter cost (full
   depth, widths only: what one would pick by hand), no router.
 * ``heterogeneous``: stage 1 + 2 with per-layer routers.
-* ``no_attention_floor``: ranking and stage 1 + 2 with ``min_attention_layers: 0`` (the project's
-  default keeps one attention layer).
+* ``depth_floor`` / ``depth_no_floor``: stage 1 + 2 with deeper depth choices (6-10 of 10 layers),
+  with the project's default ``min_attention_layers: 1`` and with 0 (ranking and training).
 
 Results: ``<output>/report.md`` (tables, printed at the end), ``report.json`` and
 ``family_cost.png`` / ``family_arms.png``. Logs of every step in ``<output>/logs``.
@@ -29,7 +29,6 @@ Results: ``<output>/report.md`` (tables, printed at the end), ``report.json`` an
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from megatron_elastic import cli  # first: quiets the console before torch is imported
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,6 +62,8 @@ SIZES = {
     "curve_points": (10, 2),
 }
 SEEDS = (0, 1)
+DEPTH_MIN = 6
+"""The depth arm's shallowest choice (the tiny parent has 10 layers, 2 of them attention)."""
 STAGE1_BATCH, STAGE2_BATCH, PRETRAIN_BATCH = 12, 6, 8  # examples/tiny global batch sizes
 
 
@@ -94,12 +97,16 @@ class Plan:
 class Steps:
     """Runs each step as its own process (what a user would type), output to a log file."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan, self.t0, self.count = plan, time.time(), 0
+    def __init__(self, plan: Plan, resume: bool) -> None:
+        self.plan, self.t0, self.count, self.resume = plan, time.time(), 0, resume
         (plan.out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def run(self, title: str, log: str, *args: str) -> None:
+    def run(self, title: str, log: str, *args: str, done_if: Path | None = None) -> None:
+        """``done_if``: with ``--resume``, skip the step when this file exists."""
         self.count += 1
+        if self.resume and done_if is not None and done_if.exists():
+            print(f"[bench_family] ({self.count}) {title}: done already", flush=True)
+            return
         started = time.time()
         print(
             f"[bench_family] ({self.count}) {title}  [{started - self.t0:,.0f}s elapsed]",
@@ -144,9 +151,20 @@ class Steps:
                 f"{tail}\n[bench_family] training failed (exit {status}, log {path}); rerun "
                 "it with:\n  python -m megatron_elastic.train " + " ".join(argv)
             )
+        save = Path(_override(overrides, "checkpoint.save"))
+        reached = json.loads((save / "latest.json").read_text())["step"]
+        if reached != int(_override(overrides, "train.steps")):
+            # SIGTERM/SIGUSR1 (preemption) saved the stage and ended it early.
+            raise SystemExit(
+                f"[bench_family] {title}: stopped at step {reached} (a preemption signal); "
+                f"continue with: python benchmarks/bench_family.py --output {p.out} --resume"
+            )
         print(f"[bench_family]     done in {time.time() - started:,.0f}s", flush=True)
-        save = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint.save=")]
-        return Path(save[0])
+        return save
+
+
+def _override(overrides: tuple[str, ...], key: str) -> str:
+    return [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")][-1]
 
 
 def latest(save: Path) -> Path:
@@ -178,6 +196,7 @@ def prepare(steps: Steps) -> None:
         "tools/make_tiny_corpus.py",
         *("--output", str(p.out / "corpus"), "--num-train", str(s["num_train"])),
         *("--num-valid", str(s["num_valid"]), *tasks, "--problem-size", "short"),
+        done_if=p.out / "corpus" / "valid.jsonl",
     )
     steps.run(
         "tokenizer + indexed training data",
@@ -185,6 +204,7 @@ def prepare(steps: Steps) -> None:
         "tools/prepare_data.py",
         *("--input", str(p.out / "corpus" / "train.jsonl"), "--train-tokenizer", "4096"),
         *("--split-digits", "--output", str(p.data / "train"), "--append-eod"),
+        done_if=p.data / "train.idx",
     )
     steps.run(
         "indexed validation data (held-out problems)",
@@ -192,6 +212,7 @@ def prepare(steps: Steps) -> None:
         "tools/prepare_data.py",
         *("--input", str(p.out / "corpus" / "valid.jsonl"), "--tokenizer", str(p.tokenizer)),
         *("--output", str(p.data / "valid"), "--append-eod"),
+        done_if=p.data / "valid.idx",
     )
 
 
@@ -222,6 +243,7 @@ def rank(steps: Steps, name: str, recipe: Path, parent: Path) -> Path:
         *("--elastic-config", str(recipe), "--checkpoint", str(latest(parent))),
         *("--data", str(p.data / "train"), "--output", str(p.out / name)),
         *("--num-samples", str(s["calibration_samples"]), "--seq-length", str(s["seq_stage1"])),
+        done_if=p.out / name / "manifest.json",
     )
     return p.out / name
 
@@ -308,17 +330,31 @@ def router_specs(checkpoint: Path) -> dict[str, Any]:
     }
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="runs/bench_family", help="directory for everything")
     parser.add_argument("--reduced", action="store_true", help="tiny sizes (CI, a few minutes)")
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="measure and report the runs already in --output again, without training",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output (same sizes): finished steps are skipped, a stopped "
+        "training stage resumes from its last checkpoint",
+    )
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
-    if out.exists() and any(out.iterdir()):
+    if args.measure_only:
+        return measure_only(out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
         shutil.rmtree(out)
         print(f"[bench_family] removed the earlier run in {out}", flush=True)
     plan = Plan(out, {k: v[1] if args.reduced else v[0] for k, v in SIZES.items()})
-    steps = Steps(plan)
+    steps = Steps(plan, args.resume)
     started = time.time()
 
     from megatron_elastic.checkpoint import read_manifest
@@ -367,10 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     hetero = elastic_yaml(plan, "heterogeneous", heterogeneous=True)
     curriculum(steps, "heterogeneous", hetero, ranked)
     runs["heterogeneous"] = str(latest(out / "heterogeneous" / "stage2"))
-    no_floor = elastic_yaml(plan, "no_attention_floor", min_attention_layers=0)
+    # Depth: the tiny recipe's depth choices (8-10 of 10 layers) drop at most two layers, and
+    # both rankings drop the same two; deeper cuts show what the attention floor changes.
+    depths = {"depth_choices": list(range(DEPTH_MIN, model.num_layers + 1))}
+    floor = elastic_yaml(plan, "depth_floor", **depths)
+    curriculum(steps, "depth_floor", floor, ranked)
+    runs["depth_floor"] = str(latest(out / "depth_floor" / "stage2"))
+    no_floor = elastic_yaml(plan, "depth_no_floor", min_attention_layers=0, **depths)
     ranked_nf = rank(steps, "ranked_no_attention_floor", no_floor, parent)
-    curriculum(steps, "no_attention_floor", no_floor, ranked_nf)
-    runs["no_attention_floor"] = str(latest(out / "no_attention_floor" / "stage2"))
+    curriculum(steps, "depth_no_floor", no_floor, ranked_nf)
+    runs["depth_no_floor"] = str(latest(out / "depth_no_floor" / "stage2"))
+    runs["rankings"] = {
+        "min_attention_layers 1": ranking,
+        "min_attention_layers 0": read_manifest(ranked_nf)["metadata"]["layer_ranking"],
+    }
 
     smaller = [name for name, fraction in elastic.budgets.items() if fraction < 1]
     runs["minitron"], runs["scratch"] = {}, {}
@@ -388,15 +434,28 @@ def main(argv: list[str] | None = None) -> int:
                 runs["scratch"][budget] = str(save)
 
     print(f"[bench_family] training done in {time.time() - started:,.0f}s; measuring", flush=True)
-    from family_report import measure_and_report
-
     runs["tokens"] = plan.tokens()
     runs["sizes"] = plan.size
     runs["seeds"] = list(SEEDS)
     runs["train_seconds"] = round(time.time() - started)
-    report = measure_and_report(runs, plan.out, plan.data / "valid", plan.tokenizer)
-    print(report, flush=True)
+    (out / "runs.json").write_text(json.dumps(runs, indent=1))
+    measure_only(out)
     print(f"[bench_family] done in {time.time() - started:,.0f}s: {out / 'report.md'}", flush=True)
+    return 0
+
+
+def measure_only(out: Path) -> int:
+    """Measure the trained runs listed in ``out/runs.json`` and write the report."""
+    from family_report import measure_and_report
+
+    path = out / "runs.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: run bench_family.py --output {out} first")
+    runs = json.loads(path.read_text())
+    started = time.time()
+    report = measure_and_report(runs, out, out / "data" / "valid", out / "data" / "tokenizer.json")
+    print(report, flush=True)
+    print(f"[bench_family] measured in {time.time() - started:,.0f}s", flush=True)
     return 0
 
 

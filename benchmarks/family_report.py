@@ -160,12 +160,16 @@ def at_tokens(points: list[dict[str, float]], tokens: float) -> dict[str, float]
 def measure(runs: dict[str, Any], valid: Path, tokenizer: Path) -> dict[str, Any]:
     pgs = init_process_groups(ParallelConfig())
     ev = Evaluator(valid, tokenizer, runs["sizes"])
-    res: dict[str, Any] = {"tokens": runs["tokens"], "seeds": runs["seeds"]}
+    res: dict[str, Any] = {
+        "tokens": runs["tokens"],
+        "seeds": runs["seeds"],
+        "rankings": runs["rankings"],
+    }
     for seed in runs["seeds"]:
         for st in ("stage1", "stage2"):
             path = runs[f"elastic_s{seed}"][st]
             res[f"elastic_s{seed}/{st}"] = elastic_rows(ev, pgs, path, BUDGETS)
-    for arm in ("uniform", "fixed", "heterogeneous", "no_attention_floor"):
+    for arm in ("uniform", "fixed", "heterogeneous", "depth_floor", "depth_no_floor"):
         res[arm] = elastic_rows(ev, pgs, runs[arm], BUDGETS)
     s0 = runs["elastic_s0"]["stage2"]
     res["baseline"] = elastic_rows(ev, pgs, runs["ranked"], BUDGETS, architectures_from=s0)
@@ -259,23 +263,30 @@ def cost_section(res: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     ]
     for s in seeds:
         total = sum(t for t, _ in family_match[s])
-        bound = any(how == ">" for _, how in family_match[s])
-        summary["minitron_ratio"][s] = (total / elastic_t, bound)
+        summary["minitron_ratio"][s] = (total / elastic_t, _bound(family_match[s]))
     total = sum(t for t, _ in scratch_match)
-    summary["scratch_ratio"] = (total / elastic_t, any(h == ">" for _, h in scratch_match))
+    summary["scratch_ratio"] = (total / elastic_t, _bound(scratch_match))
     ratios = ", ".join(
-        f"seed {s}: {'> ' if b else ''}{r:.2f}x" for s, (r, b) in summary["minitron_ratio"].items()
+        f"seed {s}: {b} {r:.2f}x".replace("  ", " ")
+        for s, (r, b) in summary["minitron_ratio"].items()
     )
     r, b = summary["scratch_ratio"]
     lines += [
         f"Tokens the family needs to match every elastic child, over the elastic run's: "
-        f"Minitron-style {ratios} (paper: 7x vs Minitron-SSM); from scratch "
-        f"{'> ' if b else ''}{r:.2f}x (paper: 360x vs pretraining; here the parent's own "
-        f"pretraining is only {tokens['pretrain'] / elastic_t:.1f}x the elastic run). '>' marks "
-        "a size that never matched within its run (its whole run counted).",
+        f"Minitron-style {ratios} (paper: 7x vs Minitron-SSM); from scratch {b} {r:.2f}x "
+        f"(paper: 360x vs pretraining; here the parent's own pretraining is only "
+        f"{tokens['pretrain'] / elastic_t:.1f}x the elastic run). '>': a size never matched "
+        "within its run (its whole run counted); '<=': it matched at its first checkpoint.",
         "",
     ]
     return lines, summary
+
+
+def _bound(matches: list[tuple[float, str]]) -> str:
+    """How a sum of tokens-to-match bounds the true sum: '>' if any size never matched, '<='
+    if some matched at their first checkpoint, '' if exact."""
+    marks = {how for _, how in matches}
+    return ">" if ">" in marks else "<=" if "<=" in marks else ""
 
 
 def arm_table(res, arms: list[tuple[str, str]], budgets=BUDGETS, *, recall=False) -> list[str]:
@@ -363,14 +374,19 @@ def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "",
         "### Depth: which layers each budget drops, and long-context recall",
         "",
-        "Pattern: `M` Mamba, `*` attention, `-` MLP, `.` dropped. Recall: loss drop (nats/token)"
-        " on a span repeated at the end of a long sequence; higher copies more.",
+        "Depth choices 6-10 of the 10 layers (the tiny recipe's 8-10 let the two rankings drop "
+        "the same layers), trained with the default `min_attention_layers: 1` and with 0, each "
+        "with its own ranking and seed 0. Layer ranking, most important first: "
+        + "; ".join(f"{k}: {v}" for k, v in res.get("rankings", {}).items())
+        + ". Pattern: `M` Mamba, `*` attention, `-` MLP, `.` dropped. Recall: loss drop "
+        "(nats/token) from a span's first occurrence to its repeat at the end of a long sequence"
+        "; higher copies more.",
         "",
     ]
     rows = []
     for key, label in (
-        ("elastic_s0/stage2", "min_attention_layers 1"),
-        ("no_attention_floor", "min_attention_layers 0"),
+        ("depth_floor", "min_attention_layers 1"),
+        ("depth_no_floor", "min_attention_layers 0"),
     ):
         for b in BUDGETS:
             r = res[key][b]
@@ -379,6 +395,7 @@ def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                     label,
                     b,
                     f"`{r['pattern']}`",
+                    str(r["pattern"].count("*")),
                     f"{r['params']:,}",
                     _fmt(r["loss_short"]),
                     _fmt(r["loss_long"]),
@@ -386,7 +403,17 @@ def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 ]
             )
     lines += _table(
-        ["constraint", "budget", "layers", "params", "short loss", "long loss", "recall"], rows
+        [
+            "constraint",
+            "budget",
+            "layers",
+            "attention",
+            "params",
+            "short loss",
+            "long loss",
+            "recall",
+        ],
+        rows,
     )
     return "\n".join(lines) + "\n", summary
 
@@ -439,7 +466,8 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
         ("uniform", "uniform stage 2"),
         ("fixed", "fixed homogeneous"),
         ("heterogeneous", "heterogeneous"),
-        ("no_attention_floor", "no attention floor"),
+        ("depth_floor", "depth 6-10"),
+        ("depth_no_floor", "depth 6-10, no attention floor"),
         ("baseline", "no elastic training"),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))

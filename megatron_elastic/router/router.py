@@ -315,14 +315,15 @@ class ElasticRouter(nn.Module):
 
     def _meet_target(self, logits, argmax: Indices, fraction: float) -> Indices:
         """The argmax, or if it misses the target by more than ``target_tolerance`` the most
-        probable architecture within it that :func:`meet_target` finds."""
+        probable architecture within it that :func:`meet_target` finds. A fraction of 1 (the
+        full budget) takes no tolerance: the parent itself, the only architecture on target."""
         log_probs = {a: F.log_softmax(logits[a].float(), -1) for a in self.axes}
         return meet_target(
             log_probs,
             argmax,
             lambda indices: float(self.spec_cost(self._spec(indices))),
             fraction * self.parent_cost,
-            self.config.target_tolerance,
+            0.0 if fraction >= 1 else self.config.target_tolerance,
         )
 
     def spec_cost(self, spec: SubnetSpec) -> float:

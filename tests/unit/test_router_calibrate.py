@@ -87,3 +87,26 @@ def test_target_tolerance_is_validated_and_zero_keeps_the_plain_argmax() -> None
         assert abs(raw - 1) > 0.01, raw
         assert abs(tight.target_ratio(name) - 1) <= 0.01
         assert tight.target_ratio(name, raw_argmax=True) == raw
+
+
+@pytest.mark.parametrize("target", ["params", "memory"])
+def test_the_full_budget_deploys_the_parent_not_a_near_miss(target) -> None:
+    """A 1-2% smaller architecture passes the tolerance for any other budget; the full budget
+    takes none: at inference it is the parent itself (bench_family's heterogeneous router had
+    settled on 97% of the parent for it)."""
+    from megatron_elastic.elastic.subnet import SubnetSpec
+
+    model, elastic = load_elastic_recipe(RECIPE)
+    elastic = dataclasses.replace(elastic, heterogeneous=True)
+    router = ElasticRouter(model, elastic, RouterConfig(anneal_steps=1, budget_target=target))
+    with torch.no_grad():  # every decision prefers its largest candidate...
+        for axis, mlp in router.routers.items():
+            bias = mlp[2].bias.view(router.num_decisions(axis), -1)
+            bias.zero_()
+            bias[:, -1] = 5.0
+        router.routers["ffn"][2].bias.view(router.num_decisions("ffn"), -1)[0, -2] = 10.0
+    # ...but the first FFN layer's second largest: a near miss within the 3% tolerance.
+    argmax = router.target_ratio("full", raw_argmax=True)
+    assert 0.97 < argmax < 1.0
+    assert router.decide("full", 0, None, deterministic=True).spec == SubnetSpec.full(model)
+    assert router.target_ratio("full") == 1.0

@@ -404,3 +404,46 @@ def test_self_teacher_distils_from_the_full_budget(workspace, pgs, tmp_path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "teacher:" not in done.stdout
     assert all(math.isfinite(v) for r in _losses(save).values() for v in r.values())
+
+
+def test_fixed_architecture_distils_one_size_with_a_frozen_router(workspace, tmp_path) -> None:
+    """``router.fixed`` (Minitron-style: one pruned size distilled alone): every step trains the
+    recipe's fixed architecture, the router stays at its initial weights with no optimizer, and
+    the saved router serves that architecture."""
+    import torch
+
+    from megatron_elastic.checkpoint import manifest_model
+    from megatron_elastic.elastic import load_elastic_recipe
+    from megatron_elastic.elastic.architectures import budget_specs
+    from megatron_elastic.router import ElasticRouter, router_from_state
+
+    save = tmp_path / "fixed"
+    done = _train(
+        workspace,
+        save,
+        "train.steps=10",
+        "router.fixed=true",
+        "budget_sampling={half: 1.0}",
+        "checkpoint.save_interval=100",
+        "optim.warmup_steps=2",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = _losses(save)
+    assert all(set(v) == {"loss/half"} for v in losses.values()), losses
+    half = [losses[s]["loss/half"] for s in sorted(losses)]
+    assert sum(half[-3:]) / 3 < sum(half[:3]) / 3, half
+    path = save / json.loads((save / "latest.json").read_text())["checkpoint"]
+    extra = load_extra(path)
+    assert "router_optimizer" not in extra and extra["router_config"]["fixed"] is True
+    model = manifest_model(read_manifest(path))
+    router = router_from_state(model, extra)
+    _, elastic = load_elastic_recipe(FIXTURE / "elastic.yaml")
+    assert router.elastic_config.budgets == elastic.budgets
+    fresh = ElasticRouter(model, router.elastic_config, router.config)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, router.state_dict()[key]), key  # never stepped
+    spec = budget_specs(model, router.elastic_config)["half"][0]
+    assert router.decide("half", 0, None, deterministic=True).spec == spec
+    metrics = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    ratios = [m["router/target_ratio/half"] for m in metrics if "router/target_ratio/half" in m]
+    assert ratios and len(set(ratios)) == 1  # one architecture all run long
