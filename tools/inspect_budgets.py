@@ -52,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         router = router_from_state(model, load_extra(args.checkpoint))
         elastic = router.elastic_config
         specs = {}
+        fixed = dict(budget_specs(model, elastic)) if router.config.fixed else {}
         for name in elastic.budgets:
             spec = router.decide(name, 0, None, deterministic=True).spec
             raw = router.target_ratio(name, raw_argmax=True)
             source = "router"
-            if raw != router.cost_ratio(spec, name):
+            if name in fixed:  # router.fixed: no learned choice
+                source = f"fixed, {fixed[name][1]}"
+            elif raw != router.cost_ratio(spec, name):
                 source += f"; its plain argmax, {raw - 1:+.2%} off target, was calibrated"
             specs[name] = (spec, source)
     parent = count_parameters(model)
