@@ -2,9 +2,9 @@
 process on the same held-out batches.
 
 Per (checkpoint, budget): parameters, the layers it keeps, validation loss at stage 1's context
-(``short``) and at twice stage 2's (``long``), and a long-context recall probe: a span of held-out
-text repeated at the end of a long sequence; the probe is the drop in loss from its first to its
-second occurrence (nats per token: how much of the span the model copies back from far away).
+(``short``) and at twice stage 2's (``long``), and a long-context recall probe: the loss on a span
+of held-out text at the end of a long sequence, when the sequence began with that same span
+against when it began with another (nats per token: how much the model copies from far back).
 """
 
 from __future__ import annotations
@@ -44,21 +44,26 @@ class Evaluator:
         )
         self.long = validation_batches(valid, tok, seq_length=sizes["seq_long"], micro_batch_size=4)
         tokens = torch.cat([b["tokens"] for b in self.long])[:16]
-        self.span = max(8, sizes["seq_long"] // 32)
-        # The span the probe repeats: each sequence's first tokens, copied over its last ones.
+        self.span = s = max(8, sizes["seq_long"] // 32)
+        # Probe: each sequence's first span copied over its last tokens. Control: the same, but
+        # the first span is another sequence's, so the end span has not been seen before.
         self.probe = tokens.clone()
-        self.probe[:, -self.span :] = tokens[:, : self.span]
+        self.probe[:, -s:] = tokens[:, :s]
+        self.control = self.probe.clone()
+        self.control[:, :s] = torch.roll(tokens[:, :s], 1, dims=0)
 
     @torch.no_grad()
     def recall(self, model) -> float:
-        """Loss on the span's first occurrence minus on its repeat (after its first token)."""
-        tokens = self.probe
-        labels = torch.roll(tokens, -1, dims=1)
-        per_token = model(tokens, position_ids_like(tokens), None, labels=labels).double()
+        """Loss on the end span (after its first token) when it has not been seen, minus when
+        it is a repeat of the sequence's first tokens: what the model copies from far back."""
         s = self.span
-        first = per_token[:, : s - 1].mean()  # predicts span tokens 2..s
-        second = per_token[:, -s:-1].mean()  # predicts the repeat's tokens 2..s
-        return float(first - second)
+
+        def end_loss(tokens: torch.Tensor) -> torch.Tensor:
+            labels = torch.roll(tokens, -1, dims=1)
+            per_token = model(tokens, position_ids_like(tokens), None, labels=labels).double()
+            return per_token[:, -s:-1].mean()  # predicts the end span's tokens 2..s
+
+        return float(end_loss(self.control) - end_loss(self.probe))
 
     def measure(self, model, *, curve_only: bool = False) -> dict[str, float]:
         out = {"loss_short": validation_loss(model, self.short).loss}
@@ -378,9 +383,10 @@ def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "the same layers), trained with the default `min_attention_layers: 1` and with 0, each "
         "with its own ranking and seed 0. Layer ranking, most important first: "
         + "; ".join(f"{k}: {v}" for k, v in res.get("rankings", {}).items())
-        + ". Pattern: `M` Mamba, `*` attention, `-` MLP, `.` dropped. Recall: loss drop "
-        "(nats/token) from a span's first occurrence to its repeat at the end of a long sequence"
-        "; higher copies more.",
+        + ". Pattern: `M` Mamba, `*` attention, `-` MLP, `.` dropped. Recall: how much lower "
+        "the loss (nats/token) on a span at the end of a long sequence is when the sequence "
+        "began with the same span than when it began with another; higher copies more from far "
+        "back, 0 copies nothing.",
         "",
     ]
     rows = []
