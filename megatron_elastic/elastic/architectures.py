@@ -60,27 +60,19 @@ def choices_of(model: ModelConfig, elastic: ElasticConfig, spec: SubnetSpec) -> 
     """``axis -> choice`` that :func:`spec_from_choices` turns back into ``spec`` (per-layer lists
     when the config is heterogeneous), e.g. to train a fixed architecture a router picked."""
     kinds = model.layer_kinds()
-    per_layer: dict[str, list[int]] = {a: [] for a in _PER_LAYER}
-    full = SubnetSpec.full(model)
-    for c, parent in zip(spec.layers, full.layers, strict=True):
-        per_layer["attention_heads"].append(c.width if c.kind == "attention" else 0)
-        per_layer["mamba_heads"].append(c.width if c.kind == "mamba" else 0)
-        per_layer["mamba_head_dim"].append(c.head_dim if c.kind == "mamba" else 0)
-        per_layer["ffn"].append(c.width if c.kind == "mlp" else 0)
-        assert c.kind == parent.kind
     kind_of = {"attention_heads": "attention", "mamba_heads": "mamba", "mamba_head_dim": "mamba"}
     candidates = elastic.axis_choices(model)
     choices: dict[str, Any] = {"hidden": spec.hidden, "depth": spec.depth}
-    for axis, values in per_layer.items():
-        mine = [v for v, k in zip(values, kinds, strict=True) if k == kind_of.get(axis, "mlp")]
+    for axis in _PER_LAYER:
+        kind = kind_of.get(axis, "mlp")
+        field = "head_dim" if axis == "mamba_head_dim" else "width"
+        values = [getattr(c, field) for c in spec.layers]  # per layer; other kinds ignored
+        mine = [v for v, k in zip(values, kinds, strict=True) if k == kind]
         if not mine:
             choices[axis] = candidates[axis][-1]
         elif elastic.heterogeneous:
-            full_value = candidates[axis][-1]
-            choices[axis] = [
-                v if k == kind_of.get(axis, "mlp") else full_value
-                for v, k in zip(values, kinds, strict=True)
-            ]
+            full = candidates[axis][-1]
+            choices[axis] = [v if k == kind else full for v, k in zip(values, kinds, strict=True)]
         elif len(set(mine)) == 1:
             choices[axis] = mine[0]
         else:
