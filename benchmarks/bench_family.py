@@ -101,17 +101,22 @@ class Steps:
         self.plan, self.t0, self.count, self.resume = plan, time.time(), 0, resume
         (plan.out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def run(self, title: str, log: str, *args: str, done_if: Path | None = None) -> None:
-        """``done_if``: with ``--resume``, skip the step when this file exists."""
+    def _start(self, title: str) -> float:
         self.count += 1
-        if self.resume and done_if is not None and done_if.exists():
-            print(f"[bench_family] ({self.count}) {title}: done already", flush=True)
-            return
         started = time.time()
         print(
             f"[bench_family] ({self.count}) {title}  [{started - self.t0:,.0f}s elapsed]",
             flush=True,
         )
+        return started
+
+    def run(self, title: str, log: str, *args: str, done_if: Path | None = None) -> None:
+        """``done_if``: with ``--resume``, skip the step when this file exists."""
+        if self.resume and done_if is not None and done_if.exists():
+            self.count += 1
+            print(f"[bench_family] ({self.count}) {title}: done already", flush=True)
+            return
+        started = self._start(title)
         path = self.plan.out / "logs" / f"{log}.log"
         cmd = [sys.executable, *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -131,12 +136,7 @@ class Steps:
         from megatron_elastic.train import main as train_main
 
         p = self.plan
-        self.count += 1
-        started = time.time()
-        print(
-            f"[bench_family] ({self.count}) {title}  [{started - self.t0:,.0f}s elapsed]",
-            flush=True,
-        )
+        started = self._start(title)
         argv = [
             *("--config", str(TINY / recipe)),
             *(f"data.tokenizer={p.tokenizer}", f"data.blend={p.data / 'train'}"),
@@ -439,9 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     runs["seeds"] = list(SEEDS)
     runs["train_seconds"] = round(time.time() - started)
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
-    measure_only(out)
-    print(f"[bench_family] done in {time.time() - started:,.0f}s: {out / 'report.md'}", flush=True)
-    return 0
+    print(f"[bench_family] trained in {time.time() - started:,.0f}s", flush=True)
+    return measure_only(out)
 
 
 def measure_only(out: Path) -> int:
@@ -453,9 +452,12 @@ def measure_only(out: Path) -> int:
         raise ValueError(f"{path} not found: run bench_family.py --output {out} first")
     runs = json.loads(path.read_text())
     started = time.time()
-    report = measure_and_report(runs, out, out / "data" / "valid", out / "data" / "tokenizer.json")
+    report, headline = measure_and_report(
+        runs, out, out / "data" / "valid", out / "data" / "tokenizer.json"
+    )
     print(report, flush=True)
-    print(f"[bench_family] measured in {time.time() - started:,.0f}s", flush=True)
+    print(f"[bench_family] measured in {time.time() - started:,.0f}s: {out / 'report.md'}")
+    print(headline, flush=True)
     return 0
 
 

@@ -497,7 +497,22 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def measure_and_report(runs: dict[str, Any], out: Path, valid: Path, tokenizer: Path) -> str:
+def headline(summary: dict[str, Any]) -> str:
+    """The cost result in one line (the benchmark's last line)."""
+    minitron = ", ".join(
+        f"{b} {r:.2f}x (seed {s})".strip() for s, (r, b) in summary["minitron_ratio"].items()
+    )
+    r, b = summary["scratch_ratio"]
+    return (
+        f"tokens to reach equal validation loss, family over elastic: Minitron-style {minitron}; "
+        f"from scratch {b} {r:.2f}x (paper: 7x vs Minitron-SSM, 360x vs pretraining)"
+    )
+
+
+def measure_and_report(
+    runs: dict[str, Any], out: Path, valid: Path, tokenizer: Path
+) -> tuple[str, str]:
+    """Measure, write ``report.md``/``report.json``/plots; returns the report and its headline."""
     res = measure(runs, valid, tokenizer)
     text, summary = report(res)
     figures = plots(res, out)
@@ -505,4 +520,4 @@ def measure_and_report(runs: dict[str, Any], out: Path, valid: Path, tokenizer: 
         json.dumps({"runs": runs, "results": res, "summary": summary}, indent=1, default=str)
     )
     (out / "report.md").write_text(text + "\n" + "\n".join(f"![]({p.name})" for p in figures))
-    return text
+    return text, headline(summary)

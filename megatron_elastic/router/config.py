@@ -124,6 +124,8 @@ class RouterConfig:
             raise ValueError(
                 f"RouterConfig.target_tolerance must be in [0, 1), got {self.target_tolerance}"
             )
+        if not isinstance(self.fixed, bool):
+            raise ValueError(f"RouterConfig.fixed must be true or false, got {self.fixed!r}")
         if not 0 <= self.soft_min_weight < 1:
             raise ValueError(
                 f"RouterConfig.soft_min_weight must be in [0, 1), got {self.soft_min_weight}"

@@ -46,6 +46,9 @@ def test_reduced_family_benchmark_reports_every_arm(tmp_path) -> None:
         timeout=1200,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("tokens to reach equal validation loss, family over elastic: "), last
+    assert "(paper: 7x vs Minitron-SSM, 360x vs pretraining)" in last
     report = (out / "report.md").read_text()
     for section in SECTIONS:
         assert section in report, section

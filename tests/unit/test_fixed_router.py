@@ -133,3 +133,8 @@ def test_fixed_router_has_no_gradient_path(recipe) -> None:
     decision = router.decide("50%", 3, torch.Generator().manual_seed(0))
     assert decision.weights is None
     assert not router.budget_loss(decision).requires_grad
+
+
+def test_fixed_must_be_a_boolean() -> None:
+    with pytest.raises(ValueError, match=r"RouterConfig\.fixed must be true or false, got 'yes'"):
+        RouterConfig(anneal_steps=10, fixed="yes")
