@@ -1,6 +1,7 @@
 """Budgets exported as GGUF run in llama.cpp itself (through llama-cpp-python, in a child process
 so that a llama.cpp abort cannot take the test session down) and compute what the elastic model
-computes at that budget: logits within 1e-3 relative (fp32; relative = max |diff| / max |logit|),
+computes at that budget: logits within F32_TOL relative (f32 file and KV cache; relative =
+max |diff| / max |logit|; llama.cpp's default f16 KV cache within F16_CACHE_TOL),
 the same 32 greedy tokens (llama.cpp decoding with its own KV cache and Mamba state), the same
 tokenization as our tokenizer. Also: a budget without attention layers, a heterogeneous
 FFN/attention budget, f16 and q8_0 files, and the refusals (heterogeneous Mamba, unsupported type,
@@ -30,6 +31,12 @@ from megatron_elastic.training.lm_step import position_ids_like
 
 ROOT = Path(__file__).parents[2]
 SEQ_LEN, PROMPT_LEN, NEW_TOKENS = 37, 12, 32
+F32_TOL = 2e-6
+"""f32 file, f32 KV cache: measured worst 7.7e-7 over every budget, the attention-free and the
+heterogeneous one (2026-12-07), the rounding of two fp32 implementations."""
+F16_CACHE_TOL = 1.5e-4
+"""f32 file, llama.cpp's default f16 KV cache (what a user runs): measured 7.2e-5, all of it the
+cache's rounding of K and V (the attention-free budget stays at 7.7e-7 either way)."""
 TEXTS = [
     "the elastic model exports budgets",
     "Hello world! It's 3.14159, isn't it?",
@@ -39,7 +46,8 @@ TEXTS = [
 
 # Runs in a child process: llama.cpp loads one GGUF, returns logits of whole sequences (one
 # llama_decode each), greedy continuations (one token per llama_decode, reusing llama.cpp's
-# cache/state) and the tokenization of TEXTS (when the GGUF has a tokenizer).
+# cache/state) and the tokenization of TEXTS (when the GGUF has a tokenizer). With f32_cache the
+# KV cache is f32 (type 0 = GGML_TYPE_F32), else llama.cpp's default (f16).
 _RUNNER = r"""
 import json, sys
 import numpy as np
@@ -47,7 +55,8 @@ import llama_cpp
 
 job = json.loads(sys.argv[1])
 llm = llama_cpp.Llama(model_path=job["model"], n_ctx=job["n_ctx"], n_batch=job["n_ctx"],
-                      logits_all=True, verbose=False, n_threads=1, n_threads_batch=1, seed=0)
+                      logits_all=True, verbose=False, n_threads=1, n_threads_batch=1, seed=0,
+                      **({"type_k": 0, "type_v": 0} if job["f32_cache"] else {}))
 logits = []
 for seq in job["sequences"]:
     llm.reset()
@@ -68,8 +77,9 @@ print(json.dumps({"greedy": greedy, "tokenized": tokenized, "n_vocab": llm.n_voc
 """
 
 
-def _run_llama_cpp(gguf: Path, sequences, prompts, texts=()) -> dict:
+def _run_llama_cpp(gguf: Path, sequences, prompts, texts=(), *, f32_cache: bool = True) -> dict:
     job = {
+        "f32_cache": f32_cache,
         "model": str(gguf),
         "n_ctx": 64,
         "sequences": sequences.tolist(),
@@ -175,7 +185,9 @@ def f32_exports(model, budgets, tokenizer, inputs, tmp_path_factory):
     return found
 
 
-def test_every_budget_runs_in_llama_cpp_and_matches(model, budgets, inputs, f32_exports) -> None:
+def test_invariant_gguf_every_budget_matches_in_llama_cpp(
+    model, budgets, inputs, f32_exports
+) -> None:
     assert set(f32_exports) == {"full", "75%", "50%"}
     for budget, spec in budgets.items():
         manifest, result = f32_exports[budget]
@@ -187,7 +199,7 @@ def test_every_budget_runs_in_llama_cpp_and_matches(model, budgets, inputs, f32_
         assert result["n_vocab"] == model.model_config.vocab_size
         label = f"f32 {budget} ({manifest['dims']['pattern']}, hidden {spec.hidden})"
         _, rel = _compare(result, model, spec, inputs, label)
-        assert rel <= 1e-3, budget
+        assert rel <= F32_TOL, budget
         _greedy_matches(result, model, spec, inputs, label)
 
 
@@ -198,7 +210,7 @@ def test_llama_cpp_tokenizes_like_our_tokenizer(tokenizer, f32_exports) -> None:
         assert result["tokenized"] == [ours.encode(t) for t in TEXTS], budget
 
 
-def test_budget_without_attention_layers_matches(model, inputs, tmp_path) -> None:
+def test_invariant_gguf_budget_without_attention_layers_matches(model, inputs, tmp_path) -> None:
     cfg = model.model_config  # M-M*-M-M*-: attention at 3 and 8, ranked last so depth 8 drops both
     spec = SubnetSpec.homogeneous(
         cfg, hidden=192, ffn=512, depth=8, layer_ranking=[0, 1, 2, 4, 5, 6, 7, 9, 3, 8]
@@ -209,7 +221,7 @@ def test_budget_without_attention_layers_matches(model, inputs, tmp_path) -> Non
     assert manifest["placeholder_params"] == 4 * cfg.head_dim * 192 + 192
     result = _run_llama_cpp(tmp_path / GGUF_FILE, *inputs)
     _, rel = _compare(result, model, spec, inputs, "no attention")
-    assert rel <= 1e-3
+    assert rel <= F32_TOL
     _greedy_matches(result, model, spec, inputs, "no attention")
 
 
@@ -246,7 +258,9 @@ def _heterogeneous_ffn_attention(cfg) -> SubnetSpec:
     )
 
 
-def test_heterogeneous_ffn_and_attention_budget_matches(model, inputs, tmp_path) -> None:
+def test_invariant_gguf_heterogeneous_ffn_and_attention_budget_matches(
+    model, inputs, tmp_path
+) -> None:
     cfg = model.model_config
     spec = _heterogeneous_ffn_attention(cfg)
     manifest = export_subnet_to_gguf(model, spec, tmp_path)
@@ -255,7 +269,7 @@ def test_heterogeneous_ffn_and_attention_budget_matches(model, inputs, tmp_path)
     result = _run_llama_cpp(tmp_path / GGUF_FILE, *inputs)
     assert result["n_vocab"] == cfg.vocab_size  # llama.cpp's vocab type "none": ids only
     _, rel = _compare(result, model, spec, inputs, "heterogeneous FFN/attention")
-    assert rel <= 1e-3
+    assert rel <= F32_TOL
     _greedy_matches(result, model, spec, inputs, "heterogeneous FFN/attention")
 
 
@@ -280,9 +294,9 @@ def test_unsupported_type_and_epsilon_are_refused(model, budgets, tmp_path) -> N
         check_gguf_exportable(cfg, SubnetSpec.full(cfg))
 
 
-TOLERANCE = {"f16": 5e-3, "q8_0": 5e-2}
-"""Max relative logit difference allowed for reduced-precision files (measured ~1e-3 for f16 and
-~2.5e-2 for q8_0 on this random-weight model)."""
+TOLERANCE = {"f16": 2e-3, "q8_0": 5e-2}
+"""Max relative logit difference allowed for reduced-precision files with llama.cpp's default f16
+KV cache (measured worst 9.7e-4 for f16 and 2.9e-2 for q8_0 on this random-weight model)."""
 
 
 @pytest.mark.parametrize("dtype", [t for t in GGUF_TYPES if t != "f32"])
@@ -297,7 +311,7 @@ def test_reduced_precision_loads_and_runs(model, budgets, inputs, dtype, tmp_pat
         assert types["F32"] > 0 and types.get(dtype.upper(), 0) > 0, types
         if dtype == "q8_0" and budget == "heterogeneous":
             assert types["F16"] == 4, types  # the 4 Mamba out_proj matrices
-        result = _run_llama_cpp(tmp_path / budget / GGUF_FILE, *inputs)
+        result = _run_llama_cpp(tmp_path / budget / GGUF_FILE, *inputs, f32_cache=False)
         assert np.isfinite(result["logits"]).all()
         _, rel = _compare(result, model, spec, inputs, f"{dtype} {budget}")
         assert rel <= TOLERANCE[dtype], budget
@@ -366,7 +380,7 @@ def test_export_budget_cli_writes_gguf_that_llama_cpp_runs(
     gen = torch.Generator().manual_seed(3)
     sequences = torch.randint(0, elastic_model.model_config.vocab_size, (1, 16), generator=gen)
     no_prompts = torch.zeros(0, 0, dtype=torch.long)
-    result = _run_llama_cpp(tmp_path / "ok" / GGUF_FILE, sequences, no_prompts)
+    result = _run_llama_cpp(tmp_path / "ok" / GGUF_FILE, sequences, no_prompts, f32_cache=False)
     spec = router.decide("50%", 0, None, deterministic=True).spec
     _, rel = _compare(result, elastic_model, spec, (sequences, None), "CLI 50%")
-    assert rel <= 1e-3
+    assert rel <= F16_CACHE_TOL
