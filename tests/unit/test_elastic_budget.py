@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_elastic.config import ParallelConfig, load_model_config
+from megatron_elastic.config import ParallelConfig
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
+from megatron_elastic.elastic.architectures import budget_specs
 from megatron_elastic.elastic.budget import (
     expected_memory_bytes,
     expected_param_count,
@@ -17,7 +18,9 @@ from megatron_elastic.elastic.budget import (
     subnet_param_count,
 )
 from megatron_elastic.model import count_parameters
+from megatron_elastic.training.recipe import load_train_recipe
 
+ROOT = Path(__file__).parents[2]
 ELASTIC = ElasticConfig(budgets={"full": 1.0}, ffn_nesting_blocks=2)
 
 
@@ -115,11 +118,25 @@ def test_memory_counts_weights_kv_cache_and_mamba_state(small_config) -> None:
     assert expected == mem.total
 
 
-def test_nano_12b_budgets_of_the_recipe() -> None:
-    cfg = load_model_config(Path(__file__).parents[2] / "examples/nemotron_nano_12b/model.yaml")
-    spec = SubnetSpec.homogeneous(cfg, hidden=4480, ffn=15680, mamba_heads=112)
-    frac = subnet_param_count(cfg, spec) / count_parameters(cfg)
-    assert 0.6 < frac < 0.9
+@pytest.mark.parametrize("stage", ["stage1_8k", "stage2_49k"])
+def test_nano_12b_budgets_of_the_recipe(stage) -> None:
+    """The 12B recipe's starting architectures (``budget_choices``; the parent for 12B) cost
+    their budget within the router's own bound (``router.target_tolerance`` of the stage,
+    counted in its ``budget_target``): 9B 0.748, 6B 0.496 of the parent's 12.31B."""
+    recipe = load_train_recipe(ROOT / "examples" / "nemotron_nano_12b" / f"{stage}.yaml")
+    model, elastic, router = recipe.model, recipe.elastic, recipe.router
+    assert router.budget_target == "params"
+    parent = count_parameters(model)
+    assert parent == pytest.approx(12.31e9, rel=1e-3)  # FACTS.md: Nano V2 12B, ~12.31B
+    specs = budget_specs(model, elastic)
+    assert {name: how for name, (_, how) in specs.items()} == {
+        "12B": "parent",
+        "9B": "explicit",
+        "6B": "explicit",
+    }
+    for name, (spec, _) in specs.items():
+        ratio = subnet_param_count(model, spec) / (elastic.budgets[name] * parent)
+        assert abs(ratio - 1) <= router.target_tolerance, (name, ratio)
 
 
 @pytest.mark.parametrize(
