@@ -22,6 +22,7 @@ from collections.abc import Iterator
 __all__ = [
     "VERBOSE_ENV",
     "drop_native_output",
+    "expected_warnings",
     "quiet",
     "set_verbose",
     "verbose",
@@ -91,15 +92,21 @@ class _DropMessages(logging.Filter):
         return not self.pattern.match(record.getMessage())
 
 
+def expected_warnings() -> list[tuple[str, type[Warning]]]:
+    """The (message regex, category) of the expected third-party warnings on this machine (the
+    CPU-only ones only where CUDA is absent); the test suite filters exactly these."""
+    cpu = _cuda_absent()
+    return [(m, c) for m, c, cpu_only in _EXPECTED_WARNINGS if cpu or not cpu_only]
+
+
 def quiet() -> None:
     """Install the filters above (idempotent; a no-op when verbose). Call it before the
     third-party imports whose import-time output it silences."""
     if verbose():
         return
     cpu = _cuda_absent()
-    for message, category, cpu_only in _EXPECTED_WARNINGS:
-        if cpu or not cpu_only:
-            warnings.filterwarnings("ignore", message=message, category=category)
+    for message, category in expected_warnings():
+        warnings.filterwarnings("ignore", message=message, category=category)
     for name, message, cpu_only in _EXPECTED_LOG_RECORDS:
         logger = logging.getLogger(name)
         if (cpu or not cpu_only) and not any(

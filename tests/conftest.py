@@ -1,9 +1,23 @@
-"""Test-suite wiring: GPU tests skip themselves where there is no CUDA device."""
+"""Test-suite wiring: the expected third-party warnings filtered by name (the console module's
+list, which every tool filters too), and GPU tests skip themselves where there is no CUDA
+device."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+from megatron_elastic import console
+
+# Now, for the imports below and in tests/unit/conftest.py (pytest loads both conftests inside
+# one warnings context) ...
+console.quiet()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # ... and as pytest filters, which it applies anew around collection and every test.
+    for message, category in console.expected_warnings():
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
