@@ -52,12 +52,22 @@ def test_reduced_quickstart_pipeline(tmp_path) -> None:
         base = row["baseline"]
         assert base["params"] == row["params"], budget
         assert math.isfinite(base["val_loss"]) and base["total"] == elastic["total"] == 4
-    # Every stage trained: the loss fell from its first to its last logged step.
+    # Every stage logged from its first to its last step; pretraining lowered the loss.
     for stage in ("pretrain", "stage1", "stage2"):
         first, last = results[stage]["first"], results[stage]["last"]
         assert first["step"] < last["step"]
     pretrain = results["pretrain"]
     assert pretrain["last"]["loss/parent"] < pretrain["first"]["loss/parent"]
+    # The elastic stages lowered the loss of every smaller budget: on the same held-out data and
+    # at the same architecture, the elastic model beats the ranked parent pruned alike (where
+    # stage 1 started from). Not asserted per logged window: a reduced stage's window is one
+    # micro-batch per budget, whose data moves the loss more than 4 steps of training do (one
+    # run: the 50% budget's KD loss went 0.0078 -> 0.0135 over stage 1 while its validation loss
+    # fell below the baseline's). Not asserted for the full budget: it starts as the teacher
+    # (the full quickstart ends it 0.5306 against the ranked parent's 0.5188).
+    for budget in ("75%", "50%"):
+        row = results["budgets"][budget]
+        assert row["elastic"]["val_loss"] < row["baseline"]["val_loss"], (budget, row)
     assert (out / "results.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     assert "| budget | model | params |" in table
