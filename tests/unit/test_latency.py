@@ -1,5 +1,6 @@
 """Budgets by latency: the per-layer table (measured by tools/profile_latency.py), its
-interpolation, and the router trained on a table meeting its latency target on that table."""
+interpolation, sub-network costs against a table written out by hand, and the router trained on
+that table meeting its latency target (its plain argmax by training, the deployed architecture)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import torch
 
 from megatron_elastic.elastic import SubnetSpec, load_elastic_recipe
-from megatron_elastic.elastic.budget import _layer_params
 from megatron_elastic.elastic.latency import (
     LatencyTable,
+    expected_latency,
     interpolate,
     load_latency_table,
     subnet_latency,
@@ -32,26 +33,107 @@ def recipe():
     return load_elastic_recipe(RECIPE)
 
 
-def _flop_table(model, elastic, overhead: float = 2e-5) -> LatencyTable:
-    """A table shaped like a device's: per-token time proportional to a layer's weights (the
-    memory-bound decode of a small model) plus a fixed launch overhead per layer."""
-    c = elastic.axis_choices(model)
-    grids = {a: c[a] for a in ("hidden", "mamba_heads", "mamba_head_dim", "attention_heads", "ffn")}
+# A latency table written out by hand, in microseconds per token. Its costs are not shaped like
+# parameter counts (launch overheads dominate, widening by a third costs a few percent, a step up
+# in FFN width costs more between 512 and 640 than elsewhere), so a cost computed from parameters,
+# or from the wrong cell, cannot match the figures worked out by hand below.
+US = 1e-6
+HAND_GRIDS = {
+    "hidden": (192, 224, 256),
+    "mamba_heads": (4, 6, 8),
+    "mamba_head_dim": (16, 24, 32),
+    "attention_heads": (4, 6, 8),
+    "ffn": (384, 512, 640, 768),
+}
+HAND_BASE = [30, 34, 35]  # by hidden
+HAND_MLP = [[10, 11, 15, 16], [11, 12, 17, 18], [12, 14, 19, 20]]  # hidden x ffn
+HAND_ATTENTION = [[40, 52, 60], [41, 54, 63], [43, 57, 66]]  # hidden x heads
+HAND_MAMBA = [  # hidden x heads x head_dim
+    [[12, 14, 17], [16, 20, 25], [21, 27, 34]],
+    [[13, 15, 19], [18, 23, 28], [24, 31, 39]],
+    [[14, 17, 21], [20, 26, 32], [27, 36, 46]],
+]
 
-    def t(kind, h, w, d=0):
-        return overhead + 1e-9 * float(_layer_params(model, kind, h, w, d))
 
-    hs = grids["hidden"]
-    seconds = {
-        "mamba": [
-            [[t("mamba", h, w, d) for d in grids["mamba_head_dim"]] for w in grids["mamba_heads"]]
-            for h in hs
-        ],
-        "attention": [[t("attention", h, w) for w in grids["attention_heads"]] for h in hs],
-        "mlp": [[t("mlp", h, w) for w in grids["ffn"]] for h in hs],
-        "base": [overhead + 1e-9 * 2 * h * model.vocab_size for h in hs],
+def _times(values, factor: float):
+    if isinstance(values, list):
+        return [_times(v, factor) for v in values]
+    return values * factor
+
+
+def _hand_table() -> LatencyTable:
+    """The table above; prefill costs 3x decode per token for the layers, the same for base."""
+    decode = {
+        "base": _times(HAND_BASE, US),
+        "mlp": _times(HAND_MLP, US),
+        "attention": _times(HAND_ATTENTION, US),
+        "mamba": _times(HAND_MAMBA, US),
     }
-    return LatencyTable(grids, {"decode": seconds, "prefill": seconds}, context=1024)
+    prefill = {k: v if k == "base" else _times(v, 3) for k, v in decode.items()}
+    return LatencyTable(HAND_GRIDS, {"decode": decode, "prefill": prefill}, context=1024)
+
+
+def _write(table: LatencyTable, path: Path) -> Path:
+    path.write_text(json.dumps(table.to_json()))
+    return path
+
+
+# The tiny parent "M-M*-M-M*-": 4 Mamba, 2 attention and 4 MLP layers, hidden 256, 8 Mamba heads
+# of 32 channels, 8 query heads, FFN 768. Its decode latency from the table, in microseconds:
+# base(256) + 4 mamba(256, 8, 32) + 2 attention(256, 8) + 4 mlp(256, 768).
+PARENT_US = 35 + 4 * 46 + 2 * 66 + 4 * 20  # = 431
+# Prefill: base once, the layers at 3x.
+PARENT_PREFILL_US = 35 + 3 * (4 * 46 + 2 * 66 + 4 * 20)  # = 1223
+
+
+def test_latency_of_subnetworks_equals_the_table_by_hand(recipe, tmp_path) -> None:
+    """An independent reference for ``subnet_latency`` / ``expected_latency`` and the router's
+    ``parent_cost`` (what its budget loss divides by): costs added up by hand from the table."""
+    model, elastic = recipe
+    table = _hand_table()
+    full = SubnetSpec.full(model)
+    assert subnet_latency(model, table, full) == pytest.approx(PARENT_US * US, rel=1e-12)
+    assert subnet_latency(model, table, full, "prefill") == pytest.approx(
+        PARENT_PREFILL_US * US, rel=1e-12
+    )
+    path = str(_write(table, tmp_path / "lut.json"))
+    for phase, parent_us in (("decode", PARENT_US), ("prefill", PARENT_PREFILL_US)):
+        config = RouterConfig(
+            anneal_steps=10, budget_target="latency", latency_table=path, latency_phase=phase
+        )
+        cost = ElasticRouter(model, elastic, config).parent_cost  # float32
+        assert cost == pytest.approx(parent_us * US, rel=1e-6), phase
+    # On grid points: hidden 224, 6 Mamba heads of 24 channels, 4 query heads, FFN 512, and the
+    # last MLP layer (index 9) skipped: base(224) + 4 mamba(224, 6, 24) + 2 attention(224, 4)
+    # + 3 mlp(224, 512).
+    spec = SubnetSpec.heterogeneous(
+        model,
+        hidden=224,
+        attention_heads=[4] * 10,
+        mamba_heads=[6] * 10,
+        mamba_head_dim=[24] * 10,
+        ffn=[512] * 10,
+        active=[True] * 9 + [False],
+    )
+    assert subnet_latency(model, table, spec) == pytest.approx(
+        (34 + 4 * 23 + 2 * 41 + 3 * 12) * US, rel=1e-12
+    )
+    # Between grid points, linear: hidden 240 is halfway from 224 to 256; 7 Mamba heads halfway
+    # from 6 to 8, 28 channels halfway from 24 to 32; 5 query heads halfway from 4 to 6; FFN
+    # 576 halfway from 512 to 640. Mamba at hidden 224: (23 + 28 + 31 + 39) / 4 = 30.25, at 256:
+    # (26 + 32 + 36 + 46) / 4 = 35, so 32.625; attention (41 + 54 + 43 + 57) / 4 = 48.75; MLP
+    # (12 + 17 + 14 + 19) / 4 = 15.5; base (34 + 35) / 2 = 34.5.
+    between = expected_latency(
+        model, table, 240, [7, 576, 7, 5, 576, 7, 576, 7, 5, 576], [28] * 10, [1] * 10
+    )
+    assert float(between) == pytest.approx(
+        (34.5 + 4 * 32.625 + 2 * 48.75 + 4 * 15.5) * US, rel=1e-12
+    )
+    # A layer kept with probability 0.25 adds a quarter of its cost (the budget loss's form).
+    quarter = expected_latency(
+        model, table, 256, [8, 768, 8, 8, 768, 8, 768, 8, 8, 768], [32] * 10, [1] * 9 + [0.25]
+    )
+    assert float(quarter) == pytest.approx((PARENT_US - 0.75 * 20) * US, rel=1e-12)
 
 
 def test_interpolation_hits_grid_points_and_is_linear_between() -> None:
@@ -65,14 +147,8 @@ def test_interpolation_hits_grid_points_and_is_linear_between() -> None:
     assert float(x.grad) == pytest.approx(0.2)  # (3 - 1) / 10
 
 
-@pytest.mark.parametrize("fraction", [0.6, 0.8])
-def test_router_meets_its_latency_target_on_the_table(
-    recipe, tmp_path, train_on_budget_loss, fraction
-) -> None:
-    model, elastic = recipe
-    table = _flop_table(model, elastic)
-    path = tmp_path / "lut.json"
-    path.write_text(json.dumps(table.to_json()))
+def _latency_router(model, elastic, path: Path, fraction: float) -> ElasticRouter:
+    """A router with one budget, ``fraction`` of the parent's latency on the table at ``path``."""
     config = RouterConfig(
         anneal_steps=STEPS,
         lr=1e-3,
@@ -80,14 +156,56 @@ def test_router_meets_its_latency_target_on_the_table(
         budget_target="latency",
         latency_table=str(path),
     )
+    budgets = {f"{fraction:.0%}": fraction}
+    return ElasticRouter(model, dataclasses.replace(elastic, budgets=budgets), config)
+
+
+@pytest.fixture(scope="module")
+def trained_latency_router(recipe, tmp_path_factory, train_on_budget_loss):
+    """``get(fraction)``: (router trained on its budget loss alone, the same router untrained),
+    trained once per fraction and shared by the tests below."""
+    model, elastic = recipe
+    path = _write(_hand_table(), tmp_path_factory.mktemp("lut") / "lut.json")
+    cache: dict[float, tuple[ElasticRouter, ElasticRouter]] = {}
+
+    def get(fraction: float) -> tuple[ElasticRouter, ElasticRouter]:
+        if fraction not in cache:
+            router = _latency_router(model, elastic, path, fraction)
+            train_on_budget_loss(router, STEPS)
+            cache[fraction] = router, _latency_router(model, elastic, path, fraction)
+        return cache[fraction]
+
+    return get
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.8])
+def test_router_meets_its_latency_target_on_the_table(
+    recipe, trained_latency_router, fraction
+) -> None:
+    """The deployed architecture (the argmax, calibrated to ``target_tolerance``) is within 5%;
+    an untrained router's is too (calibration): the next test is the one on the training."""
+    model, _ = recipe
+    router, _ = trained_latency_router(fraction)
+    assert router.parent_cost == pytest.approx(PARENT_US * US, rel=1e-6)  # float32
     name = f"{fraction:.0%}"
-    router = ElasticRouter(model, dataclasses.replace(elastic, budgets={name: fraction}), config)
-    parent = subnet_latency(model, table, SubnetSpec.full(model))
-    assert router.parent_cost == pytest.approx(parent)
-    train_on_budget_loss(router, STEPS)
     spec = router.decide(name, STEPS, None, deterministic=True).spec
-    ratio = subnet_latency(model, table, spec) / (fraction * parent)
+    ratio = subnet_latency(model, router.latency_table, spec) / (fraction * PARENT_US * US)
     assert abs(ratio - 1) <= 0.05, (ratio, spec)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.8])
+def test_budget_loss_puts_the_latency_routers_argmax_within_5_percent(
+    trained_latency_router, fraction
+) -> None:
+    """The plain argmax of the logits (before calibration) is within 5% of the latency target
+    after training on the budget loss alone (docs/results.md: 4.7% worst for params and memory);
+    the same router untrained is not (its logits are all zero: the smallest candidates)."""
+    router, untrained = trained_latency_router(fraction)
+    name = f"{fraction:.0%}"
+    raw = router.target_ratio(name, raw_argmax=True)
+    assert abs(raw - 1) <= 0.05, raw
+    before = untrained.target_ratio(name, raw_argmax=True)
+    assert abs(before - 1) > 0.05, before
 
 
 def test_profiled_table_round_trips_and_drives_the_router(recipe, tmp_path) -> None:
@@ -149,9 +267,8 @@ def test_saved_router_carries_its_table_and_unreachable_budgets_are_refused(
     from megatron_elastic.router import router_from_state, router_state
 
     model, elastic = recipe
-    table = _flop_table(model, elastic)
-    path = tmp_path / "lut.json"
-    path.write_text(json.dumps(table.to_json()))
+    table = _hand_table()
+    path = _write(table, tmp_path / "lut.json")
     config = RouterConfig(anneal_steps=10, budget_target="latency", latency_table=str(path))
     router = ElasticRouter(model, elastic, config)
     state = router_state(router)

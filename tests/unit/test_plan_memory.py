@@ -88,36 +88,117 @@ def test_small_config_static_figures_by_hand() -> None:
     assert "megatron global buffer (scores / SP gather)" not in gpu.static  # TE fused attention
 
 
+# SMALL's sizes, for shapes written out below: b samples of s tokens, fp32 (4 bytes).
+B, S, FP32 = 1, 128, 4
+H, FFN = 96, 160
+HEADS, GROUPS, HEAD_DIM = 6, 2, 24
+M_HEADS, M_DIM, M_GROUPS, STATE, CHUNK, CONV = 4, 20, 2, 12, 32, 4
+INNER = M_HEADS * M_DIM  # 80 Mamba channels
+CHUNKS = S // CHUNK  # 4
+
+
+def _norm_and_gate(tokens: int) -> list[int]:
+    """Elements a pre-norm layer saves around its mixer (our RMSNorm and the depth gate)."""
+    return [
+        tokens * B * H,  # norm input x, (s, b, h): x.pow(2)'s input
+        tokens * B * 1,  # rsqrt of its mean square, (s, b, 1)
+        tokens * B * H,  # x * rsqrt, (s, b, h): the norm weight's multiply input
+        tokens * B * H,  # norm output, (s, b, h): the first linear's input
+        tokens * B * H,  # depth gate x + g * (f(x) - x) keeps f(x) - x, (s, b, h)
+    ]
+
+
+# What autograd saves for backward in one layer of each kind (each tensor listed once, with its
+# shape; read off the graph of SMALL's slice-mode layers with router weights and gates, the path
+# test_cpu_terms_equal_what_autograd_saves measures), in fp32 elements.
+MLP_SAVED = [
+    *_norm_and_gate(S),
+    S * B * FFN,  # relu(fc1(x)), (s, b, f): input of its square
+    S * B * FFN,  # relu(.)^2, (s, b, f): input of the router-weight multiply
+    S * B * FFN,  # router-weighted, (s, b, f): fc2's input
+]
+ATTENTION_SAVED = [
+    *_norm_and_gate(S),
+    B * HEADS * S * HEAD_DIM,  # query, (b, heads, s, d), SDPA's
+    B * HEADS * S * HEAD_DIM,  # key expanded to every query head, (b, heads, s, d)
+    B * HEADS * S * HEAD_DIM,  # value expanded to every query head, (b, heads, s, d)
+    B * HEADS * S,  # logsumexp, (b, heads, s)
+    S * B * HEADS * HEAD_DIM,  # attention output, (s, b, heads * d): router-weight mul input
+    S * B * HEADS * HEAD_DIM,  # router-weighted output, (s, b, heads * d): linear_proj's input
+]
+MAMBA_SAVED = [
+    *_norm_and_gate(S),
+    # in_proj output [z, x, B, C, dt], (b, s, 2 * 80 + 2 * 2 * 12 + 4 = 212): silu(z) keeps it
+    B * S * (2 * INNER + 2 * M_GROUPS * STATE + M_HEADS),
+    # causal conv1d output [x, B, C] before trimming its k - 1 padding, (b, s + 3, 80 + 48)
+    B * (S + CONV - 1) * (INNER + 2 * M_GROUPS * STATE),
+    B * S * (INNER + 2 * M_GROUPS * STATE),  # its silu, (b, s, 128)
+    # dt: softplus input (b, s, nh); dt per chunk (b, c, L, nh) and (b, c, L, nh, 1, 1); decay
+    # exponents (b, nh, c, 1, 1, L)
+    B * S * M_HEADS,
+    B * CHUNKS * CHUNK * M_HEADS,
+    B * CHUNKS * CHUNK * M_HEADS,
+    B * M_HEADS * CHUNKS * CHUNK,
+    # x in chunks, (b, c, L, nh, hd, 1), and x * dt as two bmm operands, (b c nh, L, hd), (b c nh,
+    # hd, L)
+    B * CHUNKS * CHUNK * M_HEADS * M_DIM,
+    B * CHUNKS * M_HEADS * CHUNK * M_DIM,
+    B * CHUNKS * M_HEADS * M_DIM * CHUNK,
+    # B and C per head: (b, c, nh, 1, n, L) and four bmm operands (b c nh, L, n) / (b c nh, n, L)
+    B * CHUNKS * M_HEADS * STATE * CHUNK,
+    B * CHUNKS * M_HEADS * CHUNK * STATE,
+    B * CHUNKS * M_HEADS * CHUNK * STATE,
+    B * CHUNKS * M_HEADS * STATE * CHUNK,
+    B * CHUNKS * M_HEADS * CHUNK * STATE,
+    B * CHUNKS * M_HEADS * STATE * M_DIM,  # chunk states, (b c nh, n, hd)
+    B * M_HEADS * (CHUNKS + 1) * STATE * M_DIM,  # states across chunks, (b nh, c + 1, n hd)
+    B * M_HEADS * (CHUNKS + 1) * (CHUNKS + 1),  # decay between chunks, (b nh, c + 1, c + 1)
+    # within-chunk blocks: scores C.B (b, c, nh, L, L), the decay (b, c, nh, L, L), and their
+    # product as a bmm operand (b c nh, L, L)
+    B * CHUNKS * M_HEADS * CHUNK * CHUNK,
+    B * CHUNKS * M_HEADS * CHUNK * CHUNK,
+    B * CHUNKS * M_HEADS * CHUNK * CHUNK,
+    # output side, each (b, s, 80) or (s, b, 80): scan output y, silu(z), y * silu(z) in groups
+    # (s, b, g, 40) with its group rsqrt (s, b, g, 1), the normalised result, its weighted form
+    # (router-weight mul input) and the router-weighted out_proj input
+    B * S * INNER,
+    B * S * INNER,
+    S * B * INNER,
+    S * B * M_GROUPS,
+    S * B * INNER,
+    S * B * INNER,
+    S * B * INNER,
+]
+# Also saved, in bytes: the two (L, L) bool causal masks of the chunked scan. Left out by the
+# planner (and here): two (c + 1, c + 1) bool masks, exp(A_log) and its product (nh each), two
+# 0-dim router weights: 90 bytes in all.
+MAMBA_BOOL_MASK_BYTES = 2 * CHUNK * CHUNK
+
+
 def test_small_config_activation_figures_by_hand() -> None:
-    tokens = 128
     (stage,) = plan_memory(_small()).stages
     assert stage.in_flight == 1  # PP 1: one micro-batch at a time
-    # MLP (4-byte units per token): norm input, normalised x, norm output, gate's f(x)-x (4h),
-    # rsqrt (1), relu result, pow result, router-weighted result (3f).
-    assert stage.activations["mlp layers"] == 4 * tokens * (4 * 96 + 1 + 3 * 160)
-    # Attention: 4h + 1, q / SDPA output / weighted ctx / k, v per query head (5 * 6 * 24),
-    # logsumexp per head (6).
-    assert stage.activations["attention layers"] == 4 * tokens * (4 * 96 + 1 + 5 * 144 + 6)
-    # Mamba: 4h + 1; in_proj output 212; conv output + silu 2 * 128 (+ conv padding 3/128);
-    # x*dt and two copies 3 * 80; six inner-width tensors + group rsqrt 6 * 80 + 2; 4 heads x 4;
-    # B/C per head 5 * 4 * 12; chunk states 4*12*20/32 * (1 + 5/4); L x L blocks 3 * 4 * 32;
-    # plus the two (32, 32) bool masks and the (1, 4, 5, 5) fp32 chunk decay.
-    per_token = 4 * 96 + 1 + 212 + 128 * (2 + 3 / 128) + 240 + 482 + 16 + 240 + 30 * 2.25 + 384
-    assert stage.activations["mamba layers"] == pytest.approx(
-        4 * tokens * per_token + 2 * 32 * 32 + 4 * 4 * 25
+    assert stage.activations["mlp layers"] == FP32 * sum(MLP_SAVED)
+    assert stage.activations["attention layers"] == FP32 * sum(ATTENTION_SAVED)
+    assert stage.activations["mamba layers"] == FP32 * sum(MAMBA_SAVED) + MAMBA_BOOL_MASK_BYTES
+    # First stage: the embedding output (s, b, h) and the int64 token ids (b, s). Last stage: the
+    # final norm without a gate (its input, rsqrt, x * rsqrt and output, as above).
+    embedding = FP32 * S * B * H + 8 * B * S
+    final_norm = FP32 * sum(_norm_and_gate(S)[:4])
+    assert stage.activations["embedding / final norm / pipeline buffers"] == (
+        embedding + final_norm
     )
-    # Embedding output (4h) + token ids (8 B) and the final norm (12h + 4 B).
-    assert stage.activations["embedding / final norm / pipeline buffers"] == tokens * (
-        4 * 96 + 8 + 12 * 96 + 4
-    )
-    # Last stage: student + teacher logits and the KD forward's five fp32 (b, s, V) tensors.
-    assert stage.transients["logits + KD temporaries"] == tokens * 512 * (2 * 4 + 20)
+    # Last stage: student and teacher logits, (b, s, V) fp32 each, and the KD forward's five fp32
+    # (b, s, V) tensors (log q, log p, p, log p - log q, p * (log p - log q)).
+    logits = B * S * SMALL.vocab_size
+    assert stage.transients["logits + KD temporaries"] == FP32 * (2 + 5) * logits
 
 
 def test_recompute_keeps_two_hidden_tensors_per_layer() -> None:
     (stage,) = plan_memory(_small(recompute=True)).stages
-    assert stage.activations["mlp layers"] == 2 * 4 * 128 * 96  # input + gate's f(x) - x
-    assert stage.activations["mamba layers"] == 2 * 4 * 128 * 96
+    # the checkpointed layer's input and the gate's f(x) - x, (s, b, h) each
+    assert stage.activations["mlp layers"] == FP32 * 2 * S * B * H
+    assert stage.activations["mamba layers"] == FP32 * 2 * S * B * H
 
 
 def test_pipeline_in_flight_and_parallel_shards() -> None:
@@ -135,17 +216,22 @@ def test_pipeline_in_flight_and_parallel_shards() -> None:
     sp = plan_memory(
         _small(parallel=ParallelConfig(tensor_parallel_size=2, sequence_parallel=True))
     ).stages[0]
-    # TP shards heads/neurons; SP also shards the hidden-width tensors' tokens.
+    # TP 2: each rank keeps half the FFN neurons, (s, b, f / 2), and the whole hidden-width
+    # tensors; SP also splits the hidden-width tensors' tokens over TP, (s / 2, b, h).
     mlp = lambda s: s.activations["mlp layers"]
-    assert mlp(tp2) == 4 * 128 * (4 * 96 + 1 + 3 * 80)
-    assert mlp(sp) == 4 * 64 * (4 * 96 + 1) + 4 * 128 * 3 * 80
+    assert mlp(tp2) == FP32 * (sum(_norm_and_gate(S)) + 3 * S * B * (FFN // 2))
+    assert mlp(sp) == FP32 * (sum(_norm_and_gate(S // 2)) + 3 * S * B * (FFN // 2))
     cp = plan_memory(_small(parallel=ParallelConfig(context_parallel_size=2))).stages[0]
     assert mlp(cp) == mlp(one) / 2
-    # CP 2 attention, 64 local tokens: 4h + 1, q / SDPA output / weighted ctx (3 * 6 * 24) and
-    # logsumexp (6) per local token; k, v per query head (2 * 144) per gathered token (128);
-    # the (64, 128) causal mask SDPA saves as an fp32 additive mask.
-    assert cp.activations["attention layers"] == (
-        4 * 64 * (4 * 96 + 1 + 3 * 144 + 6) + 4 * 128 * 2 * 144 + 4 * 64 * 128
+    # CP 2 attention: 64 local query tokens, keys and values all-gathered to 128.
+    local = S // 2
+    assert cp.activations["attention layers"] == FP32 * (
+        sum(_norm_and_gate(local))
+        + B * HEADS * local * HEAD_DIM  # query, (b, heads, s / 2, d)
+        + B * HEADS * local  # logsumexp, (b, heads, s / 2)
+        + 2 * local * B * HEADS * HEAD_DIM  # output and its weighted form, (s / 2, b, heads d)
+        + 2 * B * HEADS * S * HEAD_DIM  # gathered key, value per query head, (b, heads, s, d)
+        + local * S  # the causal mask SDPA saves as an fp32 additive one, (s / 2, s)
     )
 
 
