@@ -187,8 +187,8 @@ sp_cp() {
   # one layout of each (TP 2 + SP, CP 2 x DP 2) to stay inside the section's minute.
   echo "tests: $file (gloo/CPU processes)"
   CUDA_VISIBLE_DEVICES= "$PY" -m pytest -p no:cacheprovider -q -rA \
-    "$file::test_sequence_parallel_matches_single_process[2-1]" \
-    "$file::test_context_parallel_matches_single_process[1-False-2]"
+    "$file::test_invariant_sequence_parallel_matches_single_process[2-1]" \
+    "$file::test_invariant_context_parallel_matches_single_process[1-False-2]"
 }
 
 export ROOT OUT PY WHEELS SITE gpus

@@ -7,8 +7,17 @@ router-like weights: leaf tensors on the hidden channels, on every layer's heads
 and on the depth gates), with and without activation recomputation. Every case is one
 forward/backward through megatron's schedule on the model wrapped in megatron's DDP, then
 ``finalize_model_grads`` (DP x CP averaging, SP norm-grad all-reduce) and the router's gradient
-reduction, exactly as the trainer does. It saves the loss, the TP-gathered model gradients keyed
-by global names and the router weights' gradients, one file per pipeline stage.
+reduction, exactly as the trainer does.
+
+Data-parallel replicas see different micro-batches: replica ``r`` of ``DP`` takes micro-batches
+``r, r + DP, ...`` of the saved ones (as the trainer's ``micro_batches`` deals samples), so one
+process that runs them all is the reference, and a gradient that is not averaged over the replicas
+differs from it. The loss each replica returns is reduced over data parallelism as the trainer
+logs it (token-weighted).
+
+Every rank saves its own results (``rank{N}.pt`` with its TP/PP/CP/DP coordinates): the loss on
+the last stage, its stage's TP-gathered model gradients keyed by global names and the router
+weights' gradients, so the tests check every rank.
 
 With ``--init`` (one process) it first builds the model from a seed and saves its full weights
 and the micro-batches, which every layout then loads and shards.
@@ -21,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from torch import nn
@@ -36,7 +46,9 @@ from megatron_elastic.router import finalize_router_grads
 from megatron_elastic.training import forward_backward
 from megatron_elastic.training.optim import OptimConfig, wrap_ddp
 
-MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 3, 2, 48  # SEQ: a multiple of 2 x CP x TP = 8
+# MICRO_BATCHES in all, dealt over the DP replicas (DP 2 at most: 2 each); SEQ: a multiple of
+# 2 x CP x TP = 8
+MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 48
 ELASTIC = ElasticConfig(budgets={"full": 1.0, "small": 0.5}, ffn_nesting_blocks=2)
 
 
@@ -92,9 +104,9 @@ class RouterWeights(nn.Module):
         )
 
 
-def attention_check(cp_group) -> dict[str, float]:
+def attention_check(cp_group) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The CPU context-parallel attention against full causal attention: outputs and q/k/v
-    gradients of this rank's load-balanced tokens (max abs differences)."""
+    gradients of this rank's load-balanced tokens, each as (context-parallel, full)."""
     g = torch.Generator().manual_seed(5)
     length, b, heads, groups, d = 16 * cp_group.size(), 2, 4, 2, 8
     q = torch.randn(length, b, heads, d, generator=g, requires_grad=True)
@@ -108,10 +120,10 @@ def attention_check(cp_group) -> dict[str, float]:
     local = [t.detach()[pos].clone().requires_grad_(True) for t in (q, k, v)]
     out = causal_attention(*local, cp_group)
     out.backward(grad_out[pos])
-    diffs = {"out": (out - full.detach()[pos]).abs().max().item()}
+    pairs = {"out": (out.detach(), full.detach()[pos])}
     for name, t, ref in zip("qkv", local, (q, k, v), strict=True):
-        diffs[f"grad_{name}"] = (t.grad - ref.grad[pos]).abs().max().item()
-    return diffs
+        pairs[f"grad_{name}"] = (t.grad, ref.grad[pos])
+    return pairs
 
 
 def main() -> None:
@@ -134,7 +146,7 @@ def main() -> None:
     )
     parallel.check_sequence_length(SEQ)
     pgs = init_process_groups(parallel, seed=7)
-    dp = pgs.dp.size()  # replicas see the same batches: their averaged grads are one replica's
+    dp = pgs.dp.size()
     tag = f"tp{args.tp}_pp{args.pp}_cp{args.cp}" + ("_sp" if args.sp else "")
     tag += f"_dp{dp}" if dp > 1 else ""
     results = {}
@@ -152,6 +164,8 @@ def main() -> None:
             full = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
             torch.save({"weights": full, "batches": batches}, work / "init.pt")
         init = torch.load(work / "init.pt")
+        batches = init["batches"][pgs.dp.rank() :: dp]  # this replica's micro-batches
+        tokens = sum(b["loss_mask"].sum() for b in batches)
         load_full_state_dict(model, init["weights"], pgs)
         ddp = wrap_ddp(model, pgs, OptimConfig())
         cases = {"parent": None, **specs(cfg, args.cp)}
@@ -167,14 +181,18 @@ def main() -> None:
 
                 loss = forward_backward(
                     ddp,
-                    init["batches"],
+                    batches,
                     pgs,
-                    num_micro_batches=MICRO_BATCHES,
+                    num_micro_batches=len(batches),
                     seq_length=SEQ,
                     micro_batch_size=MICRO_BATCH_SIZE,
                     micro_batch_hook=hook,
                 )
                 finalize_model_grads([ddp], pg_collection=pgs)
+                if loss is not None and dp > 1:  # the replicas' token-weighted mean, as logged
+                    totals = torch.stack([loss * tokens, tokens])
+                    dist.all_reduce(totals, group=pgs.dp)
+                    loss = totals[0] / totals[1]
                 router_grads = None
                 if router is not None:
                     finalize_router_grads(router, pgs)
@@ -191,10 +209,10 @@ def main() -> None:
                 model.set_subnet(None)
     if args.cp > 1:
         results["attention"] = attention_check(pgs.cp)
-    if pgs.tp.rank() == 0 and pgs.cp.rank() == 0:
-        out = work / tag
-        out.mkdir(exist_ok=True)
-        torch.save(results, out / f"stage{pgs.pp.rank()}.pt")
+    results["coords"] = {g: getattr(pgs, g).rank() for g in ("tp", "pp", "cp", "dp")}
+    out = work / tag
+    out.mkdir(exist_ok=True)
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
     destroy_process_groups()
 
 

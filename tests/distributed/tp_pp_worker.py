@@ -4,8 +4,11 @@ With ``--elastic MODE`` the model is the elastic parent running a heterogeneous 
 (:func:`elastic_spec`) in ``slice`` or ``mask`` mode. With ``--init`` (single process) it
 builds the model from a seed, saves its full weights and a fixed set of micro-batches;
 otherwise it loads and shards those weights. Every run does one
-forward/backward through megatron's schedule and saves the loss and the TP-gathered gradients,
-keyed by global parameter names, one file per pipeline stage.
+forward/backward through megatron's schedule, and every rank saves its own results
+(``rank{N}.pt``, with its TP/PP coordinates): the loss (last stage), its stage's TP-gathered
+gradients keyed by global parameter names, the importance ranking, the router's decisions and
+gradients. (Every layout here is TP x PP = world size: no data parallelism; that is
+sp_cp_worker.py's CP x DP layout.)
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
@@ -121,20 +125,20 @@ def main() -> None:
         router_grads = {n: p.grad.clone() for n, p in router.named_parameters()}
     local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     grads = gather_full_tensors(model, local, pgs)
-    if pgs.tp.rank() == 0:
-        tag = f"_{args.elastic}" if args.elastic else ("_router" if args.router else "")
-        out = work / (f"tp{args.tp}_pp{args.pp}" + tag + ("_ranked" if args.importance else ""))
-        out.mkdir(exist_ok=True)
-        torch.save(
-            {
-                "loss": loss,
-                "grads": grads,
-                "ranking": ranking and ranking.to_json(),
-                "router_grads": router_grads,
-                "decisions": decisions,
-            },
-            out / f"stage{pgs.pp.rank()}.pt",
-        )
+    tag = f"_{args.elastic}" if args.elastic else ("_router" if args.router else "")
+    out = work / (f"tp{args.tp}_pp{args.pp}" + tag + ("_ranked" if args.importance else ""))
+    out.mkdir(exist_ok=True)
+    torch.save(
+        {
+            "coords": {"tp": pgs.tp.rank(), "pp": pgs.pp.rank()},
+            "loss": loss,
+            "grads": grads,
+            "ranking": ranking and ranking.to_json(),
+            "router_grads": router_grads,
+            "decisions": decisions,
+        },
+        out / f"rank{dist.get_rank()}.pt",
+    )
     destroy_process_groups()
 
 
