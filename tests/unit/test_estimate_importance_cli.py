@@ -44,7 +44,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_ranked_checkpoint_keeps_function(parent, pgs, small_config) -> None:
+def test_invariant_ranked_checkpoint_keeps_function(parent, pgs, small_config) -> None:
     work, model = parent
     done = _run(
         "--model-config",
@@ -104,7 +104,7 @@ def test_bad_inputs_fail_clearly_before_compute(parent, tmp_path, run_cli) -> No
     assert not (tmp_path / "out").exists()
 
 
-def test_checkpoint_refuses_other_architecture_and_corruption(
+def test_invariant_checkpoint_refuses_other_architecture_and_corruption(
     parent, pgs, small_config, tmp_path
 ) -> None:
     work, model = parent

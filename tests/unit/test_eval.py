@@ -92,7 +92,7 @@ def _prompts(lengths=(5, 9, 3), seed=0) -> list[list[int]]:
     return [torch.randint(1, 4096, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_elastic_generation_equals_exported_model(loaded, exported, pgs) -> None:
+def test_invariant_elastic_generation_equals_exported_model(loaded, exported, pgs) -> None:
     prompts = _prompts()
     for budget in loaded.budgets():
         loaded.set_budget(budget)
@@ -162,7 +162,7 @@ def test_unknown_budget_is_refused(loaded) -> None:
         loaded.set_budget(0.2)
 
 
-def test_validation_loss_per_budget_equals_direct_computation(
+def test_invariant_validation_loss_per_budget_equals_direct_computation(
     loaded, exported, data, tiny_elastic_checkpoint, pgs
 ) -> None:
     _, tokenizer, prefix = data

@@ -85,7 +85,7 @@ def _common(prefix: Path) -> list[str]:
     return [*args, "--max-new-tokens", str(NEW_TOKENS), "--batch-size", "3"]
 
 
-def test_evaluate_cli_on_hf_exports_matches_the_elastic_checkpoint(
+def test_invariant_evaluate_cli_on_hf_exports_matches_the_elastic_checkpoint(
     tiny_elastic_checkpoint, hf_exports, data, tmp_path, run_cli
 ) -> None:
     tok_path, _, prefix = data
@@ -133,7 +133,7 @@ def test_evaluate_cli_on_hf_exports_matches_the_elastic_checkpoint(
         assert row["total"] == NUM_PROBLEMS and row["val_tokens"] == SAMPLES * SEQ
 
 
-def test_remote_code_export_evaluates_like_the_elastic_subnet(
+def test_invariant_remote_code_export_evaluates_like_the_elastic_subnet(
     tiny_elastic_checkpoint, data, pgs, tmp_path, tiny_heterogeneous_spec
 ) -> None:
     tok_path, tokenizer, prefix = data
@@ -171,7 +171,7 @@ def test_remote_code_export_evaluates_like_the_elastic_subnet(
         ckpt.set_budget("full")
 
 
-def test_hf_exports_decode_like_the_elastic_model(
+def test_invariant_hf_exports_decode_like_the_elastic_model(
     tiny_elastic_checkpoint, hf_exports, data, pgs
 ) -> None:
     """Same completions of the reasoning prompts (EOD stop, tokenizer vocabulary) per budget, and

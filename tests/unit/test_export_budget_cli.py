@@ -26,7 +26,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_all_budgets_export_and_match_the_elastic_model(
+def test_invariant_all_budgets_export_and_match_the_elastic_model(
     checkpoint, pgs, tmp_path, check_exported_budgets
 ) -> None:
     path, model, router = checkpoint

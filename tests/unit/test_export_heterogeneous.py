@@ -75,7 +75,7 @@ def test_homogeneous_spec_keeps_a_homogeneous_config(tiny_config) -> None:
     assert not cfg.is_heterogeneous
 
 
-def test_exported_heterogeneous_model_equals_elastic_budget(
+def test_invariant_exported_heterogeneous_model_equals_elastic_budget(
     pgs, tiny_config, elastic, exported
 ) -> None:
     spec = _spec(tiny_config)
@@ -133,7 +133,7 @@ def test_heterogeneous_config_refuses_a_stack_spec(pgs, exported) -> None:
         build_hybrid_model(exported, pgs, stack_spec=hybrid_stack_spec(exported))
 
 
-def test_cli_exports_heterogeneous_budgets(pgs, tmp_path, check_exported_budgets) -> None:
+def test_invariant_cli_exports_heterogeneous_budgets(pgs, tmp_path, check_exported_budgets) -> None:
     """tools/export_budget.py --format megatron on a heterogeneous router (random weights pick a
     different width per layer): each budget loads from its model.yaml and matches the elastic
     model; the full budget is the parent."""

@@ -36,7 +36,7 @@ def elastic(pgs, small_config):
         ),  # no attention
     ],
 )
-def test_exported_model_equals_elastic_budget(pgs, small_config, elastic, kwargs) -> None:
+def test_invariant_exported_model_equals_elastic_budget(pgs, small_config, elastic, kwargs) -> None:
     spec = SubnetSpec.homogeneous(small_config, **kwargs)
     cfg = standalone_config(small_config, spec)
     assert len(cfg.hybrid_pattern) == spec.depth

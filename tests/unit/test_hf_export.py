@@ -81,7 +81,9 @@ def _check_equivalent(hf, model, spec: SubnetSpec, label: str) -> float:
     return diff
 
 
-def test_every_budget_loads_in_stock_transformers_and_matches(checkpoint, tmp_path) -> None:
+def test_invariant_every_budget_loads_in_stock_transformers_and_matches(
+    checkpoint, tmp_path
+) -> None:
     _, model, router = checkpoint
     for budget in router.elastic_config.budgets:
         spec = router.decide(budget, 0, None, deterministic=True).spec
@@ -101,7 +103,7 @@ def test_every_budget_loads_in_stock_transformers_and_matches(checkpoint, tmp_pa
         _check_equivalent(_load(tmp_path / budget), model, spec, f"budget {budget}")
 
 
-def test_heterogeneous_budget_through_remote_code(
+def test_invariant_heterogeneous_budget_through_remote_code_matches(
     perturbed, tmp_path, tiny_heterogeneous_spec
 ) -> None:
     model = perturbed
@@ -117,7 +119,9 @@ def test_heterogeneous_budget_through_remote_code(
     _check_equivalent(hf, model, spec, "heterogeneous")
 
 
-def test_budget_without_attention_layers_runs_with_cache_off(perturbed, tmp_path) -> None:
+def test_invariant_budget_without_attention_layers_matches_with_cache_off(
+    perturbed, tmp_path
+) -> None:
     model = perturbed
     cfg = model.model_config  # M-M*-M-M*-: attention at 3 and 8, ranked last so depth 8 drops both
     spec = SubnetSpec.homogeneous(

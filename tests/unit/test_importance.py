@@ -75,7 +75,7 @@ def _random_ranking(cfg, seed=0, axes=("hidden", "ffn", "attention", "mamba")) -
     "axes",
     [("hidden",), ("ffn",), ("attention",), ("mamba",), ("hidden", "ffn", "attention", "mamba")],
 )
-def test_permutation_preserves_function(model, small_config, axes) -> None:
+def test_invariant_permutation_preserves_function(model, small_config, axes) -> None:
     batches = _batches(small_config)
     before = _logits(model, batches)
     full = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
@@ -153,7 +153,7 @@ def test_identity_layer_ranks_least_important(model, small_config) -> None:
     assert ranking.scores["layer_removal_error"]["4"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_ranked_model_keeps_function_and_orders_prefixes(model, small_config) -> None:
+def test_invariant_ranked_model_keeps_function_and_orders_prefixes(model, small_config) -> None:
     batches = _batches(small_config, seed=3)
     before = _logits(model, batches)
     spec = SubnetSpec.homogeneous(small_config, hidden=32, ffn=64, mamba_head_dim=8)

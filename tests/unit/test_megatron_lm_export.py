@@ -86,7 +86,7 @@ def _logits(model, tokens, spec=None):
             model.set_subnet(None)
 
 
-def test_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
+def test_invariant_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
     exported, tiny_elastic_checkpoint, pgs
 ) -> None:
     root, _ = exported
@@ -171,7 +171,9 @@ def test_bridge_run_config_builds_megatrons_transformer_config(exported) -> None
         assert getattr(built, name) == getattr(ours, name), name
 
 
-def test_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(exported, run_cli, pgs) -> None:
+def test_invariant_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(
+    exported, run_cli, pgs
+) -> None:
     root, _ = exported
     first = next(p for p in (root / "budgets").iterdir())
     parent, again = root / "parent", root / "again"
@@ -192,7 +194,9 @@ def test_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(exported, run_cl
     assert vars(args[0]) == vars(args[1])
 
 
-def test_whole_elastic_parent_keeps_its_router(exported, tiny_elastic_checkpoint, run_cli, pgs):
+def test_invariant_whole_elastic_parent_round_trips_with_its_router(
+    exported, tiny_elastic_checkpoint, run_cli, pgs
+):
     from megatron_elastic.router import router_from_state
 
     root, _ = exported
@@ -275,7 +279,9 @@ def test_bad_input_is_one_line_and_writes_nothing(exported, tiny_elastic_checkpo
 
 
 @pytest.mark.gpu
-def test_real_te_spec_loads_export_on_gpu_and_matches(exported, tiny_elastic_checkpoint, pgs):
+def test_invariant_real_te_spec_loads_export_on_gpu_and_matches(
+    exported, tiny_elastic_checkpoint, pgs
+):
     """On a GPU with Transformer Engine: megatron-core's real TE hybrid model (what
     ``build_hybrid_model`` builds there) loads every exported budget strictly and computes the
     elastic model's logits (fp32 parameters: <= 1e-3 of the logit scale)."""
@@ -300,7 +306,7 @@ def test_real_te_spec_loads_export_on_gpu_and_matches(exported, tiny_elastic_che
         assert (got - want).abs().max().item() <= 1e-3 * scale, budget
 
 
-def test_hf_converters_read_and_write_megatron_lm(exported, run_cli, pgs) -> None:
+def test_invariant_hf_converters_round_trip_megatron_lm_bit_exact(exported, run_cli, pgs) -> None:
     """Megatron-LM -> HF (convert_megatron_to_hf) -> Megatron-LM (convert_hf_to_megatron
     --format megatron-lm): the same weights bit for bit, the tokenizer carried along."""
     root, _ = exported
@@ -320,7 +326,7 @@ def test_hf_converters_read_and_write_megatron_lm(exported, run_cli, pgs) -> Non
     _assert_same_weights(a, b, pgs)
 
 
-def test_bf16_checkpoint_imports_exactly(tiny_config, pgs, tmp_path) -> None:
+def test_invariant_bf16_checkpoint_imports_exactly(tiny_config, pgs, tmp_path) -> None:
     """Megatron-LM trains and saves bf16 parameters: they import into our fp32 parent exactly,
     and the args record the dtype."""
     model = build_hybrid_model(tiny_config, pgs, params_dtype=torch.bfloat16)

@@ -70,7 +70,7 @@ def _reference_mixer(mixer: TorchScanMambaMixer, hidden: torch.Tensor) -> torch.
     return (y @ d(mixer.out_proj.weight).T).transpose(0, 1)
 
 
-def test_cpu_mixer_matches_stepwise_reference(pgs, small_config) -> None:
+def test_invariant_cpu_mixer_matches_stepwise_reference(pgs, small_config) -> None:
     model = build_hybrid_model(small_config, pgs)
     mixer = model.decoder.layers[0].mixer
     assert isinstance(mixer, TorchScanMambaMixer)

@@ -21,7 +21,7 @@ def _loss(model, tokens):
     return model(tokens, position_ids_like(tokens), None, labels=tokens).mean()
 
 
-def test_plain_parent_recompute_gives_the_same_gradients(small_config, pgs) -> None:
+def test_invariant_plain_parent_recompute_gives_the_same_gradients(small_config, pgs) -> None:
     torch.manual_seed(0)
     plain = build_hybrid_model(small_config, pgs)
     again = build_hybrid_model(small_config, pgs, recompute=True)
@@ -37,7 +37,7 @@ def test_plain_parent_recompute_gives_the_same_gradients(small_config, pgs) -> N
         assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=1e-5), name
 
 
-def test_elastic_recompute_uses_each_micro_batch_own_subnet(small_config, pgs) -> None:
+def test_invariant_elastic_recompute_uses_each_micro_batch_own_subnet(small_config, pgs) -> None:
     torch.manual_seed(0)
     ref = build_elastic_model(small_config, ELASTIC, pgs)
     rec = build_elastic_model(small_config, ELASTIC, pgs, recompute=True)

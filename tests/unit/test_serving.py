@@ -59,7 +59,7 @@ def _prompts(lengths=(5, 17, 1), seed=0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("name", ["parent", "full", "75%", "50%", "heterogeneous", "no_attention"])
-def test_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec, name) -> None:
+def test_invariant_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec, name) -> None:
     spec = _specs(loaded, tiny_heterogeneous_spec)[name]
     model, cfg = loaded.model, loaded.model_config
     net = build_serving_net(model, cfg, spec)
@@ -92,7 +92,7 @@ def test_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec, name) -> 
         model.set_subnet(None)
 
 
-def test_budget_switches_within_a_session(loaded) -> None:
+def test_invariant_cached_equals_recompute_across_budget_switches(loaded) -> None:
     session, prompts = ServingSession(loaded), _prompts((9, 4))
     for budget in ["50%", "full", "50%", "75%", "full"]:
         got = cached_generate(session.net(budget), prompts, max_new_tokens=NEW)
@@ -120,7 +120,7 @@ def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(loaded) -> None:
 
 
 @pytest.mark.parametrize("k", [1, 3, 50])
-def test_speculative_equals_verifier_greedy(loaded, k) -> None:
+def test_invariant_speculative_equals_verifier_greedy(loaded, k) -> None:
     session, prompts = ServingSession(loaded, keep=4), _prompts((1, 20))
     verifier = session.net("full")
     expected = cached_generate(verifier, prompts, max_new_tokens=NEW)
@@ -144,7 +144,7 @@ def test_speculative_equals_verifier_greedy(loaded, k) -> None:
     assert stats.passes == sum(-(-NEW // (min(k, NEW - 1) + 1)) for _ in prompts)
 
 
-def test_speculative_with_a_draft_rejected_at_every_step(loaded) -> None:
+def test_invariant_speculative_with_a_draft_rejected_at_every_step(loaded) -> None:
     session, prompts = ServingSession(loaded), _prompts((4, 11))
     vocab = loaded.model_config.vocab_size - 1  # the verifier never picks the last id ...
     verifier, draft = session.net("full"), session.net("50%")
@@ -167,7 +167,7 @@ def test_speculative_with_a_draft_rejected_at_every_step(loaded) -> None:
 
 
 @pytest.mark.parametrize("budget", ["full", "50%"])
-def test_rollback_equals_the_state_of_the_accepted_prefix(loaded, budget) -> None:
+def test_invariant_rollback_equals_the_state_of_the_accepted_prefix(loaded, budget) -> None:
     net = ServingSession(loaded).net(budget)
     tokens = torch.randint(0, 4096, (1, 40), generator=torch.Generator().manual_seed(5))
     rolled, direct = InferenceState(net, 1, 64), InferenceState(net, 1, 64)
@@ -212,7 +212,9 @@ def tokenizer_path(tmp_path_factory) -> Path:
     return path
 
 
-def test_generate_cli_speculative_equals_plain(tiny_elastic_checkpoint, tokenizer_path, run_cli):
+def test_invariant_generate_cli_speculative_equals_plain(
+    tiny_elastic_checkpoint, tokenizer_path, run_cli
+):
     # a fresh process: the tool creates and destroys its own process groups
     args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
     args += ["--prompt", "Question: What is 2 + 3?\\nAnswer:", "--max-new-tokens", "10"]
