@@ -16,8 +16,8 @@ TOOL = ROOT / "tools" / "export_budget.py"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_elastic_checkpoint):
-    return tiny_elastic_checkpoint
+def checkpoint(perturbed_checkpoint):
+    return perturbed_checkpoint
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -90,7 +90,9 @@ def test_invariant_exported_heterogeneous_model_equals_elastic_budget(
         ref = elastic(tokens, position_ids_like(tokens), None)
         elastic.set_subnet(None)
         out = plain(tokens, position_ids_like(tokens), None)
-    assert (ref - out).abs().max().item() <= 1e-4
+    # Same sliced tensors, per-layer widths in a plain megatron stack: BLAS blocking only.
+    # Measured worst 1.07e-6 (logit scale 1.6; 6 token draws); DESIGN allows 1e-4, this is ~2.8x.
+    assert (ref - out).abs().max().item() <= 3e-6
 
 
 def test_heterogeneous_config_round_trips(pgs, exported, tmp_path) -> None:

@@ -97,7 +97,9 @@ def test_invariant_megatron_to_hf_to_megatron_is_exact_and_hf_matches(pgs, tmp_p
     with torch.no_grad():
         diff = (hf(tokens).logits - model(tokens, position_ids_like(tokens), None)).abs().max()
     print(f"megatron -> HF: max |logits diff| = {diff.item():.3g}")
-    assert diff.item() <= 1e-4
+    # transformers' NemotronH (torch kernels) vs megatron: measured worst 3.6e-7 over 10 token
+    # draws (fp32 CPU); ~2.8x that (DESIGN allows 1e-4)
+    assert diff.item() <= 1e-6
 
 
 def _random_hf_model(directory: Path) -> None:

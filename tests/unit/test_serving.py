@@ -1,5 +1,5 @@
 """Serving every budget from one checkpoint (DESIGN invariant 10): cached decoding equals full
-recomputation (logits <= 1e-4, greedy tokens identical) at every budget, homogeneous and
+recomputation (logits <= 3e-6, greedy tokens identical) at every budget, homogeneous and
 heterogeneous, without attention, and across budget switches; self-speculative decoding equals
 the verifier's greedy output; a rolled-back state equals the state of the accepted prefix; the
 generate CLI's speculative mode and its bad-input errors."""
@@ -29,11 +29,15 @@ from megatron_elastic.training.lm_step import position_ids_like
 
 ROOT = Path(__file__).parents[2]
 NEW = 12
+# Cached decoding splits the sequence differently (chunked scan vs the one-step recurrence, one
+# query row vs all): fp32 summation order only. Measured worst 1.12e-6 over every spec below
+# (logit scale 1.4-1.7), 6.9e-7 after a rollback; DESIGN allows 1e-4, this is ~2.7x.
+LOGITS_TOL = 3e-6
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_elastic_checkpoint, pgs):
-    return open_checkpoint(tiny_elastic_checkpoint[0], pgs)
+def loaded(perturbed_checkpoint, pgs):
+    return open_checkpoint(perturbed_checkpoint[0], pgs)
 
 
 def _no_attention(cfg) -> SubnetSpec:
@@ -79,7 +83,7 @@ def test_invariant_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec,
         pieces += [forward(net, tokens[:, t : t + 1], state) for t in range(130, 136)]
         pieces += [forward(net, tokens[:, 136:141], state), forward(net, tokens[:, 141:], state)]
         assert state.lengths == [230, 230]
-        assert (torch.cat(pieces, 1) - ref).abs().max().item() <= 1e-4
+        assert (torch.cat(pieces, 1) - ref).abs().max().item() <= LOGITS_TOL
         # tokens: batched prompts of different lengths, with an end-of-sequence id
         prompts = _prompts()
         expected = greedy_generate(model, prompts, max_new_tokens=NEW)
@@ -189,7 +193,7 @@ def test_invariant_rollback_equals_the_state_of_the_accepted_prefix(loaded, budg
             assert torch.allclose(other.value[:, :32], cache.value[:, :32], atol=1e-5)
     # and the next tokens see the same past
     after = forward(net, tokens[:, 32:40], rolled)
-    assert (after - forward(net, tokens[:, 32:40], direct)).abs().max().item() <= 1e-4
+    assert (after - forward(net, tokens[:, 32:40], direct)).abs().max().item() <= LOGITS_TOL
     with pytest.raises(ValueError, match="roll back"):
         rolled.mark()
         rolled.rollback(39)
@@ -213,10 +217,10 @@ def tokenizer_path(tmp_path_factory) -> Path:
 
 
 def test_invariant_generate_cli_speculative_equals_plain(
-    tiny_elastic_checkpoint, tokenizer_path, run_cli
+    perturbed_checkpoint, tokenizer_path, run_cli
 ):
     # a fresh process: the tool creates and destroys its own process groups
-    args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
+    args = ["--checkpoint", str(perturbed_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
     args += ["--prompt", "Question: What is 2 + 3?\\nAnswer:", "--max-new-tokens", "10"]
     plain, spec = run_cli(
         [
@@ -232,9 +236,9 @@ def test_invariant_generate_cli_speculative_equals_plain(
     assert plain["stdout"].split("===")[2] == spec["stdout"].split("===")[2]  # same text
 
 
-def test_generate_cli_bad_input(tiny_elastic_checkpoint, tokenizer_path, capsys) -> None:
+def test_generate_cli_bad_input(perturbed_checkpoint, tokenizer_path, capsys) -> None:
     generate = _tool("generate")
-    args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
+    args = ["--checkpoint", str(perturbed_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
     args += ["--prompt", "Question:"]
     cases = [
         (["--budget", "50%", "--draft", "full"], "is not smaller than the verifier 50%"),
