@@ -155,6 +155,10 @@ def test_invariant_cli_exports_heterogeneous_budgets(pgs, tmp_path, check_export
         for p in router.parameters():
             p.normal_(0.0, 3.0)
     model = build_elastic_model(model_cfg, elastic_cfg, pgs)
+    with torch.no_grad():  # off their init value of 1, so a norm or D mis-exported shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", ".D")):
+                p.uniform_(0.5, 1.5)
     path = tmp_path / "elastic"
     save_checkpoint(path, model, model_cfg, kind="elastic", extra=router_state(router))
     tool = str(root / "tools" / "export_budget.py")
