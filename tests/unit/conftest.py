@@ -85,7 +85,9 @@ def run_cli(tmp_path_factory):
 def _check_exported_budgets(out_dir, budgets, model, router, pgs) -> dict:
     """Every budget exported by ``tools/export_budget.py --all --format megatron`` under
     ``out_dir/<budget>`` loads into a plain ``HybridModel`` with the manifest's parameter count
-    and computes what the elastic ``model`` computes at the router's choice (<= 1e-4 logits).
+    and computes what the elastic ``model`` computes at the router's choice (<= 3e-6 logits:
+    measured worst 6.6e-7 for these budgets and 1.07e-6 for test_export_heterogeneous.py's
+    heterogeneous tiny budget, fp32 CPU, logit scale ~1.5; DESIGN allows 1e-4).
     Returns ``{budget: (model config, manifest)}`` for further checks."""
     import torch
 
@@ -109,7 +111,7 @@ def _check_exported_budgets(out_dir, budgets, model, router, pgs) -> dict:
             ref = model(tokens, positions, None)
             model.set_subnet(None)
             out = plain(tokens, positions, None)
-        assert (ref - out).abs().max().item() <= 1e-4, budget
+        assert (ref - out).abs().max().item() <= 3e-6, budget
         found[budget] = (cfg, manifest)
     return found
 
@@ -137,6 +139,23 @@ def perturbed_tiny_model(pgs):
             elif name.endswith(("dt_bias", "conv1d_bias")):
                 p.add_(torch.randn_like(p) * 0.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def perturbed_checkpoint(tmp_path_factory, tiny_elastic_checkpoint, perturbed_tiny_model):
+    """``tiny_elastic_checkpoint``'s trained router saved with ``perturbed_tiny_model``'s weights:
+    (path, model, router). For the tests that compare an export or the serving path with the
+    elastic model: at their init values (norms and D all 1.0) a norm or D that an exporter
+    left out, rounded or put in another layer computes the same function, and such a test
+    would pass by construction."""
+    from megatron_elastic.checkpoint import save_checkpoint
+    from megatron_elastic.router import router_state
+
+    _, _, router = tiny_elastic_checkpoint
+    model = perturbed_tiny_model
+    path = tmp_path_factory.mktemp("perturbed_elastic_ckpt") / "elastic"
+    save_checkpoint(path, model, model.model_config, kind="elastic", extra=router_state(router))
+    return path, model, router
 
 
 @pytest.fixture(scope="session")

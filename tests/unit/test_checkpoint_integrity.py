@@ -124,7 +124,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_checkpoint_is_refused_with_the_file_named(
+def test_invariant_damaged_checkpoint_is_refused_with_the_file_named(
     checkpoints, tmp_path, kind, damage
 ) -> None:
     source, other, model, cfg = checkpoints[kind]
@@ -142,7 +142,7 @@ def test_damaged_checkpoint_is_refused_with_the_file_named(
 
 
 @pytest.mark.parametrize("name", ["extra.pt", "ranks/rank0.pt"])
-def test_damaged_router_and_rng_state_are_refused(checkpoints, tmp_path, name) -> None:
+def test_invariant_damaged_router_and_rng_state_are_refused(checkpoints, tmp_path, name) -> None:
     source, _, _, _ = checkpoints["elastic"]
     path = tmp_path / "ckpt"
     shutil.copytree(source, path)
@@ -158,7 +158,7 @@ def test_damaged_router_and_rng_state_are_refused(checkpoints, tmp_path, name) -
         loader(path)
 
 
-def test_unrecorded_file_in_weights_is_refused(checkpoints, tmp_path) -> None:
+def test_invariant_unrecorded_file_in_weights_is_refused(checkpoints, tmp_path) -> None:
     source, _, model, cfg = checkpoints["parent"]
     path = tmp_path / "ckpt"
     shutil.copytree(source, path)

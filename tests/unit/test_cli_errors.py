@@ -307,7 +307,9 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
     ]
 
 
-def test_every_tool_answers_damaged_input_with_one_line_and_exit_2(inputs, run_cli) -> None:
+def test_invariant_every_tool_answers_damaged_input_with_one_line_and_exit_2(
+    inputs, run_cli
+) -> None:
     cases = _cases(inputs)
     tools = {tool for tool, _, _ in cases}
     every = {f"tools/{f.name}" for f in (ROOT / "tools").glob("*.py")}

@@ -37,7 +37,7 @@ def test_nano_12b_recipe_has_paper_dims_and_count() -> None:
     assert abs(total - 12.31e9) <= 0.005 * 12.31e9, total
 
 
-def test_tiny_count_equals_instantiated_model(pgs, tiny_config) -> None:
+def test_invariant_tiny_count_equals_instantiated_model(pgs, tiny_config) -> None:
     from megatron_elastic.model import build_hybrid_model
 
     model = build_hybrid_model(tiny_config, pgs)

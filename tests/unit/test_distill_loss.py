@@ -50,7 +50,7 @@ def _tp_worker(rank: int, init: str, out: str) -> None:
 
 
 @pytest.mark.distributed
-def test_vocab_parallel_equals_unsplit(tmp_path) -> None:
+def test_invariant_vocab_parallel_kd_loss_equals_unsplit(tmp_path) -> None:
     init = f"file://{tmp_path}/store"
     mp.spawn(_tp_worker, args=(init, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -52,7 +52,9 @@ def elastic_model(pgs, small_config):
 
 
 @pytest.mark.parametrize("which", range(4))
-def test_counted_params_equal_physically_sliced(elastic_model, small_config, which) -> None:
+def test_invariant_counted_params_equal_physically_sliced(
+    elastic_model, small_config, which
+) -> None:
     spec = _specs(small_config)[which]
     sliced = elastic_model.sliced_state_dict(spec)
     assert sum(t.numel() for t in sliced.values()) == subnet_param_count(small_config, spec)

@@ -73,15 +73,15 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_elastic_checkpoint, pgs):
-    return open_checkpoint(tiny_elastic_checkpoint[0], pgs)
+def loaded(perturbed_checkpoint, pgs):
+    return open_checkpoint(perturbed_checkpoint[0], pgs)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_elastic_checkpoint, tmp_path_factory):
+def exported(perturbed_checkpoint, tmp_path_factory):
     """Every budget exported as a standalone megatron checkpoint by tools/export_budget.py."""
     out = tmp_path_factory.mktemp("eval_export")
-    args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--all", "--output", str(out)]
+    args = ["--checkpoint", str(perturbed_checkpoint[0]), "--all", "--output", str(out)]
     done = _run("export_budget.py", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -92,7 +92,7 @@ def _prompts(lengths=(5, 9, 3), seed=0) -> list[list[int]]:
     return [torch.randint(1, 4096, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_elastic_generation_equals_exported_model(loaded, exported, pgs) -> None:
+def test_invariant_elastic_generation_equals_exported_model(loaded, exported, pgs) -> None:
     prompts = _prompts()
     for budget in loaded.budgets():
         loaded.set_budget(budget)
@@ -128,8 +128,8 @@ def test_generation_stops_at_eos(loaded) -> None:
         greedy_generate(loaded.model, prompts, max_new_tokens=1020, max_sequence_length=1024)
 
 
-def test_switching_budgets_reuses_the_weights(loaded, tiny_elastic_checkpoint, pgs) -> None:
-    path, _, router = tiny_elastic_checkpoint
+def test_switching_budgets_reuses_the_weights(loaded, perturbed_checkpoint, pgs) -> None:
+    path, _, router = perturbed_checkpoint
     model = loaded.model
     pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
     prompts = _prompts((7, 4), seed=3)
@@ -162,11 +162,11 @@ def test_unknown_budget_is_refused(loaded) -> None:
         loaded.set_budget(0.2)
 
 
-def test_validation_loss_per_budget_equals_direct_computation(
-    loaded, exported, data, tiny_elastic_checkpoint, pgs
+def test_invariant_validation_loss_per_budget_equals_direct_computation(
+    loaded, exported, data, perturbed_checkpoint, pgs
 ) -> None:
     _, tokenizer, prefix = data
-    _, model, router = tiny_elastic_checkpoint
+    _, model, router = perturbed_checkpoint
     batches = validation_batches(
         prefix, tokenizer, seq_length=SEQ, micro_batch_size=MBS, max_samples=SAMPLES
     )
@@ -253,8 +253,8 @@ def test_accuracy_goes_through_the_task_scorers(data) -> None:
     assert reasoning_accuracy(records, complete, batch_size=4).accuracy == 1.0
 
 
-def test_evaluate_cli(tiny_elastic_checkpoint, loaded, data, tmp_path) -> None:
-    path = tiny_elastic_checkpoint[0]
+def test_evaluate_cli(perturbed_checkpoint, loaded, data, tmp_path) -> None:
+    path = perturbed_checkpoint[0]
     tok_path, tokenizer, prefix = data
     common = ["--data", str(prefix), "--tokenizer", str(tok_path), "--seq-length", str(SEQ)]
     common += ["--micro-batch-size", str(MBS), "--max-samples", str(SAMPLES)]
@@ -290,8 +290,8 @@ def test_tokenizer_recorded_in_the_checkpoint_or_its_source(tmp_path) -> None:
     )
 
 
-def test_evaluate_cli_errors(tiny_elastic_checkpoint, data, capsys) -> None:
-    path = str(tiny_elastic_checkpoint[0])
+def test_evaluate_cli_errors(perturbed_checkpoint, data, capsys) -> None:
+    path = str(perturbed_checkpoint[0])
     evaluate = _tool("evaluate")
     assert evaluate.main(["--checkpoint", path, "--budgets", "full,7B"]) == 2
     assert f"unknown budget '7B'; trained budgets: {TRAINED}" in capsys.readouterr().err
@@ -300,8 +300,8 @@ def test_evaluate_cli_errors(tiny_elastic_checkpoint, data, capsys) -> None:
     assert "pass --tokenizer" in capsys.readouterr().err
 
 
-def test_generate_cli(tiny_elastic_checkpoint, loaded, data) -> None:
-    path = str(tiny_elastic_checkpoint[0])
+def test_generate_cli(perturbed_checkpoint, loaded, data) -> None:
+    path = str(perturbed_checkpoint[0])
     tok_path, tokenizer, _ = data
     prompts = ["Question: What is 2 + 3?\\nAnswer:", "Question: Solve x + 1 = 3\\nAnswer:"]
     args = ["--checkpoint", path, "--tokenizer", str(tok_path), "--max-new-tokens", "6"]
@@ -326,8 +326,8 @@ def test_generate_cli(tiny_elastic_checkpoint, loaded, data) -> None:
             assert text in section
 
 
-def test_generate_cli_errors(tiny_elastic_checkpoint, data, capsys) -> None:
-    path, tok_path = str(tiny_elastic_checkpoint[0]), str(data[0])
+def test_generate_cli_errors(perturbed_checkpoint, data, capsys) -> None:
+    path, tok_path = str(perturbed_checkpoint[0]), str(data[0])
     generate = _tool("generate")
     args = ["--checkpoint", path, "--tokenizer", tok_path, "--prompt", "Question:"]
     assert generate.main([*args, "--budget", "full", "--budget", "9B"]) == 2

@@ -69,11 +69,11 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_exports(tiny_elastic_checkpoint, data, tmp_path_factory) -> Path:
+def hf_exports(perturbed_checkpoint, data, tmp_path_factory) -> Path:
     """Every budget of the tiny elastic checkpoint exported by ``export_budget.py --format hf``
     with the tokenizer."""
     out = tmp_path_factory.mktemp("eval_hf_export")
-    args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--all", "--format", "hf"]
+    args = ["--checkpoint", str(perturbed_checkpoint[0]), "--all", "--format", "hf"]
     done = _run("export_budget.py", *args, "--tokenizer", str(data[0]), "--output", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -85,15 +85,15 @@ def _common(prefix: Path) -> list[str]:
     return [*args, "--max-new-tokens", str(NEW_TOKENS), "--batch-size", "3"]
 
 
-def test_evaluate_cli_on_hf_exports_matches_the_elastic_checkpoint(
-    tiny_elastic_checkpoint, hf_exports, data, tmp_path, run_cli
+def test_invariant_evaluate_cli_on_hf_exports_matches_the_elastic_checkpoint(
+    perturbed_checkpoint, hf_exports, data, tmp_path, run_cli
 ) -> None:
     tok_path, _, prefix = data
     common = _common(prefix)
     budgets = ["full", "75%", "50%"]
     # the elastic checkpoint, then each export with no --tokenizer (its own tokenizer.json), as
     # separate evaluate.py runs in one process (megatron and transformers imported once)
-    elastic_args = [str(tiny_elastic_checkpoint[0]), *common, "--tokenizer", str(tok_path)]
+    elastic_args = [str(perturbed_checkpoint[0]), *common, "--tokenizer", str(tok_path)]
     runs = run_cli(
         [("tools/evaluate.py", ["--checkpoint", *elastic_args, "--output", str(tmp_path / "e")])]
         + [
@@ -133,11 +133,11 @@ def test_evaluate_cli_on_hf_exports_matches_the_elastic_checkpoint(
         assert row["total"] == NUM_PROBLEMS and row["val_tokens"] == SAMPLES * SEQ
 
 
-def test_remote_code_export_evaluates_like_the_elastic_subnet(
-    tiny_elastic_checkpoint, data, pgs, tmp_path, tiny_heterogeneous_spec
+def test_invariant_remote_code_export_evaluates_like_the_elastic_subnet(
+    perturbed_checkpoint, data, pgs, tmp_path, tiny_heterogeneous_spec
 ) -> None:
     tok_path, tokenizer, prefix = data
-    _, model, _ = tiny_elastic_checkpoint
+    _, model, _ = perturbed_checkpoint
     spec = tiny_heterogeneous_spec(model.model_config)
     meta = {"budget": "het"}
     export_subnet_to_hf(model, spec, tmp_path / "het", tokenizer_path=tok_path, metadata=meta)
@@ -171,13 +171,13 @@ def test_remote_code_export_evaluates_like_the_elastic_subnet(
         ckpt.set_budget("full")
 
 
-def test_hf_exports_decode_like_the_elastic_model(
-    tiny_elastic_checkpoint, hf_exports, data, pgs
+def test_invariant_hf_exports_decode_like_the_elastic_model(
+    perturbed_checkpoint, hf_exports, data, pgs
 ) -> None:
     """Same completions of the reasoning prompts (EOD stop, tokenizer vocabulary) per budget, and
     our loop on the HF model equals transformers' greedy ``generate`` on it."""
     _, tokenizer, _ = data
-    _, model, router = tiny_elastic_checkpoint
+    _, model, router = perturbed_checkpoint
     prompts = [render_prompt(r) for r in generate_records(NUM_PROBLEMS, seed=20250)]
     for budget in router.elastic_config.budgets:
         model.set_subnet(router.decide(budget, 0, None, deterministic=True).spec, mode="slice")
@@ -200,7 +200,7 @@ def test_hf_exports_decode_like_the_elastic_model(
     assert ours.tokens == theirs[:, ids.size(1) :].tolist()
 
 
-def test_hf_directory_errors(tiny_elastic_checkpoint, hf_exports, data, tmp_path, capsys) -> None:
+def test_hf_directory_errors(perturbed_checkpoint, hf_exports, data, tmp_path, capsys) -> None:
     main = _evaluate_main()
     directory = str(hf_exports / "75%")
     assert main(["--checkpoint", directory, "--budgets", "full"]) == 2
@@ -210,10 +210,10 @@ def test_hf_directory_errors(tiny_elastic_checkpoint, hf_exports, data, tmp_path
     assert main(["--checkpoint", directory, "--seq-length", "4096", "--num-problems", "0"]) == 2
     assert "exceeds the model's max_sequence_length 1024" in capsys.readouterr().err
     # exported without a tokenizer: none in the directory, none in the manifest
-    _, model, router = tiny_elastic_checkpoint
+    _, model, router = perturbed_checkpoint
     spec = router.decide("50%", 0, None, deterministic=True).spec
     export_subnet_to_hf(model, spec, tmp_path / "bare", metadata={"budget": "50%"})
     assert main(["--checkpoint", str(tmp_path / "bare"), "--num-problems", "1"]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
     # a megatron checkpoint is not taken for an HF directory
-    assert not is_hf_directory(tiny_elastic_checkpoint[0])
+    assert not is_hf_directory(perturbed_checkpoint[0])

@@ -16,8 +16,8 @@ TOOL = ROOT / "tools" / "export_budget.py"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_elastic_checkpoint):
-    return tiny_elastic_checkpoint
+def checkpoint(perturbed_checkpoint):
+    return perturbed_checkpoint
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -26,7 +26,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_all_budgets_export_and_match_the_elastic_model(
+def test_invariant_all_budgets_export_and_match_the_elastic_model(
     checkpoint, pgs, tmp_path, check_exported_budgets
 ) -> None:
     path, model, router = checkpoint

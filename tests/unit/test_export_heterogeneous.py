@@ -75,7 +75,7 @@ def test_homogeneous_spec_keeps_a_homogeneous_config(tiny_config) -> None:
     assert not cfg.is_heterogeneous
 
 
-def test_exported_heterogeneous_model_equals_elastic_budget(
+def test_invariant_exported_heterogeneous_model_equals_elastic_budget(
     pgs, tiny_config, elastic, exported
 ) -> None:
     spec = _spec(tiny_config)
@@ -90,7 +90,9 @@ def test_exported_heterogeneous_model_equals_elastic_budget(
         ref = elastic(tokens, position_ids_like(tokens), None)
         elastic.set_subnet(None)
         out = plain(tokens, position_ids_like(tokens), None)
-    assert (ref - out).abs().max().item() <= 1e-4
+    # Same sliced tensors, per-layer widths in a plain megatron stack: BLAS blocking only.
+    # Measured worst 1.07e-6 (logit scale 1.6; 6 token draws); DESIGN allows 1e-4, this is ~2.8x.
+    assert (ref - out).abs().max().item() <= 3e-6
 
 
 def test_heterogeneous_config_round_trips(pgs, exported, tmp_path) -> None:
@@ -133,7 +135,7 @@ def test_heterogeneous_config_refuses_a_stack_spec(pgs, exported) -> None:
         build_hybrid_model(exported, pgs, stack_spec=hybrid_stack_spec(exported))
 
 
-def test_cli_exports_heterogeneous_budgets(pgs, tmp_path, check_exported_budgets) -> None:
+def test_invariant_cli_exports_heterogeneous_budgets(pgs, tmp_path, check_exported_budgets) -> None:
     """tools/export_budget.py --format megatron on a heterogeneous router (random weights pick a
     different width per layer): each budget loads from its model.yaml and matches the elastic
     model; the full budget is the parent."""
@@ -153,6 +155,10 @@ def test_cli_exports_heterogeneous_budgets(pgs, tmp_path, check_exported_budgets
         for p in router.parameters():
             p.normal_(0.0, 3.0)
     model = build_elastic_model(model_cfg, elastic_cfg, pgs)
+    with torch.no_grad():  # off their init value of 1, so a norm or D mis-exported shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", ".D")):
+                p.uniform_(0.5, 1.5)
     path = tmp_path / "elastic"
     save_checkpoint(path, model, model_cfg, kind="elastic", extra=router_state(router))
     tool = str(root / "tools" / "export_budget.py")

@@ -36,7 +36,7 @@ def elastic(pgs, small_config):
         ),  # no attention
     ],
 )
-def test_exported_model_equals_elastic_budget(pgs, small_config, elastic, kwargs) -> None:
+def test_invariant_exported_model_equals_elastic_budget(pgs, small_config, elastic, kwargs) -> None:
     spec = SubnetSpec.homogeneous(small_config, **kwargs)
     cfg = standalone_config(small_config, spec)
     assert len(cfg.hybrid_pattern) == spec.depth
@@ -52,4 +52,7 @@ def test_exported_model_equals_elastic_budget(pgs, small_config, elastic, kwargs
         ref = elastic(tokens, position_ids_like(tokens), None)
         elastic.set_subnet(None)
         out = plain(tokens, position_ids_like(tokens), None)
-    assert (ref - out).abs().max().item() <= 1e-4
+    # The same sliced tensors in a plain megatron model: only BLAS blocking differs (contiguous
+    # copies vs views). Measured worst 1.8e-7 (10 token draws per case, logit scale 0.59-0.74;
+    # bitwise for the attention-free case); DESIGN allows 1e-4, this is ~2.8x the measurement.
+    assert (ref - out).abs().max().item() <= 5e-7

@@ -123,7 +123,7 @@ def test_flops_of_12b_stack_track_its_weights() -> None:
 
 
 @pytest.mark.gpu
-def test_te_specs_match_local_specs(pgs, small_config) -> None:
+def test_invariant_te_specs_match_local_specs(pgs, small_config) -> None:
     pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
     from megatron_elastic.importance.modelopt_backend import te_state_dict
     from megatron_elastic.model import build_hybrid_model
@@ -146,7 +146,7 @@ def test_te_specs_match_local_specs(pgs, small_config) -> None:
 
 
 @pytest.mark.gpu
-def test_exported_hf_matches_elastic_on_cuda(pgs, tmp_path) -> None:
+def test_invariant_exported_hf_matches_elastic_on_cuda(pgs, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     from megatron_elastic.elastic import SubnetSpec, build_elastic_model, load_elastic_recipe

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("heads,head_dim", [(8, 32), (4, 11)])
-def test_triton_kernels_match_torch_scan(heads, head_dim) -> None:
+def test_invariant_triton_kernels_match_torch_scan(heads, head_dim) -> None:
     g = torch.Generator().manual_seed(0)
     b, length, groups, state, kernel, chunk = 2, 100, 2, 16, 4, 32
     inner = heads * head_dim
@@ -45,7 +45,7 @@ def test_triton_kernels_match_torch_scan(heads, head_dim) -> None:
     assert (out.cpu() - ref).abs().max().item() <= 2e-3
 
 
-def test_elastic_slice_on_gpu_matches_mask(pgs, small_config) -> None:
+def test_invariant_elastic_slice_on_gpu_matches_mask(pgs, small_config) -> None:
     from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
     from megatron_elastic.training.lm_step import position_ids_like
 

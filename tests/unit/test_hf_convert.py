@@ -76,7 +76,7 @@ def test_fused_qkv_layout_is_megatrons() -> None:
     assert torch.equal(mapping.to_megatron([q, k, v], layout)[0], fused)
 
 
-def test_megatron_to_hf_to_megatron_is_exact_and_hf_matches(pgs, tmp_path) -> None:
+def test_invariant_megatron_to_hf_to_megatron_is_exact_and_hf_matches(pgs, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(3)
@@ -97,7 +97,9 @@ def test_megatron_to_hf_to_megatron_is_exact_and_hf_matches(pgs, tmp_path) -> No
     with torch.no_grad():
         diff = (hf(tokens).logits - model(tokens, position_ids_like(tokens), None)).abs().max()
     print(f"megatron -> HF: max |logits diff| = {diff.item():.3g}")
-    assert diff.item() <= 1e-4
+    # transformers' NemotronH (torch kernels) vs megatron: measured worst 3.6e-7 over 10 token
+    # draws (fp32 CPU); ~2.8x that (DESIGN allows 1e-4)
+    assert diff.item() <= 1e-6
 
 
 def _random_hf_model(directory: Path) -> None:
@@ -135,7 +137,7 @@ def _random_hf_model(directory: Path) -> None:
     )
 
 
-def test_hf_to_megatron_to_hf_round_trip_is_bit_exact(tmp_path) -> None:
+def test_invariant_hf_to_megatron_to_hf_round_trip_is_bit_exact(tmp_path) -> None:
     src, ckpt, dst = tmp_path / "src", tmp_path / "ckpt", tmp_path / "dst"
     _random_hf_model(src)
     done = _run(TO_MEGATRON, "--hf", str(src), "--output", str(ckpt))

@@ -1,6 +1,6 @@
 """Budgets exported in Hugging Face format compute what the elastic model computes at that budget:
 stock NemotronH for homogeneous budgets (loaded by stock transformers), the remote-code model for
-heterogeneous ones; same logits (<= 1e-4), same greedy tokens, the analytic parameter count; a
+heterogeneous ones; same logits (<= 2e-6), same greedy tokens, the analytic parameter count; a
 budget without attention layers works with the cache switched off; the tokenizer travels along."""
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ from megatron_elastic.training.lm_step import position_ids_like
 ROOT = Path(__file__).parents[2]
 TOOL = ROOT / "tools" / "export_budget.py"
 PROMPT_LEN, NEW_TOKENS = 12, 6
+# transformers' NemotronH (torch kernels) vs the elastic model: measured worst 7.7e-7 over 10
+# token draws at the full budget (megatron's own forward there), bitwise 0 at every smaller,
+# heterogeneous and attention-free budget (the elastic layers do the same arithmetic); fp32 CPU,
+# logit scale ~1.5. DESIGN allows 1e-4; this is ~2.6x the measurement.
+LOGITS_TOL = 2e-6
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_elastic_checkpoint):
-    return tiny_elastic_checkpoint
+def checkpoint(perturbed_checkpoint):
+    return perturbed_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +79,16 @@ def _check_equivalent(hf, model, spec: SubnetSpec, label: str) -> float:
     with torch.no_grad():
         diff = (hf(tokens).logits - _elastic_logits(model, spec, tokens)).abs().max().item()
     print(f"{label}: max |logits diff| = {diff:.3g}")
-    assert diff <= 1e-4, label
+    assert diff <= LOGITS_TOL, label
     prompt = torch.randint(0, cfg.vocab_size, (2, PROMPT_LEN))
     out = hf.generate(prompt, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     assert torch.equal(out, _elastic_greedy(model, spec, prompt, NEW_TOKENS)), label
     return diff
 
 
-def test_every_budget_loads_in_stock_transformers_and_matches(checkpoint, tmp_path) -> None:
+def test_invariant_every_budget_loads_in_stock_transformers_and_matches(
+    checkpoint, tmp_path
+) -> None:
     _, model, router = checkpoint
     for budget in router.elastic_config.budgets:
         spec = router.decide(budget, 0, None, deterministic=True).spec
@@ -101,7 +108,7 @@ def test_every_budget_loads_in_stock_transformers_and_matches(checkpoint, tmp_pa
         _check_equivalent(_load(tmp_path / budget), model, spec, f"budget {budget}")
 
 
-def test_heterogeneous_budget_through_remote_code(
+def test_invariant_heterogeneous_budget_through_remote_code_matches(
     perturbed, tmp_path, tiny_heterogeneous_spec
 ) -> None:
     model = perturbed
@@ -117,7 +124,9 @@ def test_heterogeneous_budget_through_remote_code(
     _check_equivalent(hf, model, spec, "heterogeneous")
 
 
-def test_budget_without_attention_layers_runs_with_cache_off(perturbed, tmp_path) -> None:
+def test_invariant_budget_without_attention_layers_matches_with_cache_off(
+    perturbed, tmp_path
+) -> None:
     model = perturbed
     cfg = model.model_config  # M-M*-M-M*-: attention at 3 and 8, ranked last so depth 8 drops both
     spec = SubnetSpec.homogeneous(

@@ -18,6 +18,10 @@ from megatron_elastic.importance.estimate import estimate_importance, rank_model
 from megatron_elastic.training.lm_step import position_ids_like
 
 ELASTIC = ElasticConfig(budgets={"full": 1.0}, ffn_nesting_blocks=4)
+# A permutation moves weights exactly; only the order of the sums inside matmuls and norms
+# changes. Measured (fp32, CPU, logits of scale 0.65-0.82): worst 4.3e-7 over the five axis sets
+# below, 4.2e-7 for the ranked model; DESIGN allows 1e-5, this is ~2.3x the measurement.
+PERMUTATION_TOL = 1e-6
 
 
 @pytest.fixture()
@@ -75,7 +79,7 @@ def _random_ranking(cfg, seed=0, axes=("hidden", "ffn", "attention", "mamba")) -
     "axes",
     [("hidden",), ("ffn",), ("attention",), ("mamba",), ("hidden", "ffn", "attention", "mamba")],
 )
-def test_permutation_preserves_function(model, small_config, axes) -> None:
+def test_invariant_permutation_preserves_function(model, small_config, axes) -> None:
     batches = _batches(small_config)
     before = _logits(model, batches)
     full = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
@@ -86,7 +90,7 @@ def test_permutation_preserves_function(model, small_config, axes) -> None:
     assert changed, "the permutation moved nothing"
     model.load_state_dict(ranked, strict=False)
     after = _logits(model, batches)
-    assert (before - after).abs().max().item() <= 1e-5
+    assert (before - after).abs().max().item() <= PERMUTATION_TOL
 
 
 def test_block_interleave_puts_top_units_in_every_block_prefix() -> None:
@@ -153,7 +157,7 @@ def test_identity_layer_ranks_least_important(model, small_config) -> None:
     assert ranking.scores["layer_removal_error"]["4"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_ranked_model_keeps_function_and_orders_prefixes(model, small_config) -> None:
+def test_invariant_ranked_model_keeps_function_and_orders_prefixes(model, small_config) -> None:
     batches = _batches(small_config, seed=3)
     before = _logits(model, batches)
     spec = SubnetSpec.homogeneous(small_config, hidden=32, ffn=64, mamba_head_dim=8)
@@ -170,7 +174,7 @@ def test_ranked_model_keeps_function_and_orders_prefixes(model, small_config) ->
     unranked_error = sub_error()
     ranking = estimate_importance(model, batches, model.pg_collection, rank_layers=False)
     rank_model(model, ranking, model.pg_collection)
-    assert (before - _logits(model, batches)).abs().max().item() <= 1e-5
+    assert (before - _logits(model, batches)).abs().max().item() <= PERMUTATION_TOL
     stats = collect_activation_stats(model, batches, model.pg_collection)
     assert torch.all(stats.hidden[:-1] >= stats.hidden[1:] - 1e-4)  # now sorted descending
     assert sub_error() < unranked_error  # the nested prefix now keeps what matters

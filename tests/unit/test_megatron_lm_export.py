@@ -40,12 +40,12 @@ CONVERT = "tools/convert_megatron_lm.py"
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_elastic_checkpoint, tmp_path_factory, run_cli):
+def exported(perturbed_checkpoint, tmp_path_factory, run_cli):
     """Every trained budget of the tiny elastic checkpoint exported as Megatron-LM, and the
     whole elastic parent (with its router) converted: (root, results)."""
     from megatron_elastic.data.tokenizers import train_bpe_tokenizer
 
-    path, _, _ = tiny_elastic_checkpoint
+    path, _, _ = perturbed_checkpoint
     root = tmp_path_factory.mktemp("mlm")
     texts = [f"Question: what is {a} + {b}? Answer: {a + b}" for a in range(40) for b in range(9)]
     train_bpe_tokenizer(texts, 300, root / "tokenizer.json")
@@ -86,11 +86,11 @@ def _logits(model, tokens, spec=None):
             model.set_subnet(None)
 
 
-def test_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
-    exported, tiny_elastic_checkpoint, pgs
+def test_invariant_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
+    exported, perturbed_checkpoint, pgs
 ) -> None:
     root, _ = exported
-    _, model, router = tiny_elastic_checkpoint
+    _, model, router = perturbed_checkpoint
     tokens = torch.randint(0, model.model_config.vocab_size, (2, 24))
     for budget in router.elastic_config.budgets:
         ckpt_dir = root / "budgets" / budget
@@ -115,7 +115,10 @@ def test_every_budget_loads_strictly_into_megatrons_te_model_and_matches(
         reference.load_state_dict({k: state[k] for k in reference.state_dict()}, strict=True)
         want = _logits(model, tokens, spec)
         got = _logits(reference, tokens)
-        assert (want - got).abs().max().item() <= 1e-5, budget
+        # megatron's TE spec (TE modules stood in for) vs the elastic slice: fp32 summation order
+        # only; measured worst 7.2e-7 over 10 token draws (bitwise at the full budget), logit
+        # scale ~1.4; ~2.8x that
+        assert (want - got).abs().max().item() <= 2e-6, budget
 
 
 @pytest.mark.parametrize("recipe", ["examples/tiny/model.yaml", "tests/fixtures/hybrid_small.yaml"])
@@ -171,7 +174,9 @@ def test_bridge_run_config_builds_megatrons_transformer_config(exported) -> None
         assert getattr(built, name) == getattr(ours, name), name
 
 
-def test_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(exported, run_cli, pgs) -> None:
+def test_invariant_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(
+    exported, run_cli, pgs
+) -> None:
     root, _ = exported
     first = next(p for p in (root / "budgets").iterdir())
     parent, again = root / "parent", root / "again"
@@ -192,11 +197,13 @@ def test_round_trip_megatron_lm_parent_megatron_lm_is_bit_exact(exported, run_cl
     assert vars(args[0]) == vars(args[1])
 
 
-def test_whole_elastic_parent_keeps_its_router(exported, tiny_elastic_checkpoint, run_cli, pgs):
+def test_invariant_whole_elastic_parent_round_trips_with_its_router(
+    exported, perturbed_checkpoint, run_cli, pgs
+):
     from megatron_elastic.router import router_from_state
 
     root, _ = exported
-    _, model, router = tiny_elastic_checkpoint
+    _, model, router = perturbed_checkpoint
     whole = read_megatron_lm(root / "whole")
     assert whole.model_config == model.model_config
     restored = router_from_state(whole.model_config, whole.elastic["router"])
@@ -236,9 +243,9 @@ def test_heterogeneous_budget_is_refused_before_writing(
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_input_is_one_line_and_writes_nothing(exported, tiny_elastic_checkpoint, run_cli):
+def test_bad_input_is_one_line_and_writes_nothing(exported, perturbed_checkpoint, run_cli):
     root, _ = exported
-    path, _, _ = tiny_elastic_checkpoint
+    path, _, _ = perturbed_checkpoint
     occupied = root / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
@@ -275,7 +282,9 @@ def test_bad_input_is_one_line_and_writes_nothing(exported, tiny_elastic_checkpo
 
 
 @pytest.mark.gpu
-def test_real_te_spec_loads_export_on_gpu_and_matches(exported, tiny_elastic_checkpoint, pgs):
+def test_invariant_real_te_spec_loads_export_on_gpu_and_matches(
+    exported, perturbed_checkpoint, pgs
+):
     """On a GPU with Transformer Engine: megatron-core's real TE hybrid model (what
     ``build_hybrid_model`` builds there) loads every exported budget strictly and computes the
     elastic model's logits (fp32 parameters: <= 1e-3 of the logit scale)."""
@@ -284,7 +293,7 @@ def test_real_te_spec_loads_export_on_gpu_and_matches(exported, tiny_elastic_che
     if not use_te():
         pytest.skip("needs transformer_engine (the TE spec)")
     root, _ = exported
-    _, model, router = tiny_elastic_checkpoint
+    _, model, router = perturbed_checkpoint
     tokens = torch.randint(0, model.model_config.vocab_size, (2, 24), device="cuda")
     for budget in router.elastic_config.budgets:
         ckpt = read_megatron_lm(root / "budgets" / budget)
@@ -300,7 +309,7 @@ def test_real_te_spec_loads_export_on_gpu_and_matches(exported, tiny_elastic_che
         assert (got - want).abs().max().item() <= 1e-3 * scale, budget
 
 
-def test_hf_converters_read_and_write_megatron_lm(exported, run_cli, pgs) -> None:
+def test_invariant_hf_converters_round_trip_megatron_lm_bit_exact(exported, run_cli, pgs) -> None:
     """Megatron-LM -> HF (convert_megatron_to_hf) -> Megatron-LM (convert_hf_to_megatron
     --format megatron-lm): the same weights bit for bit, the tokenizer carried along."""
     root, _ = exported
@@ -320,7 +329,7 @@ def test_hf_converters_read_and_write_megatron_lm(exported, run_cli, pgs) -> Non
     _assert_same_weights(a, b, pgs)
 
 
-def test_bf16_checkpoint_imports_exactly(tiny_config, pgs, tmp_path) -> None:
+def test_invariant_bf16_checkpoint_imports_exactly(tiny_config, pgs, tmp_path) -> None:
     """Megatron-LM trains and saves bf16 parameters: they import into our fp32 parent exactly,
     and the args record the dtype."""
     model = build_hybrid_model(tiny_config, pgs, params_dtype=torch.bfloat16)

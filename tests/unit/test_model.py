@@ -70,7 +70,7 @@ def _reference_mixer(mixer: TorchScanMambaMixer, hidden: torch.Tensor) -> torch.
     return (y @ d(mixer.out_proj.weight).T).transpose(0, 1)
 
 
-def test_cpu_mixer_matches_stepwise_reference(pgs, small_config) -> None:
+def test_invariant_cpu_mixer_matches_stepwise_reference(pgs, small_config) -> None:
     model = build_hybrid_model(small_config, pgs)
     mixer = model.decoder.layers[0].mixer
     assert isinstance(mixer, TorchScanMambaMixer)
@@ -80,4 +80,6 @@ def test_cpu_mixer_matches_stepwise_reference(pgs, small_config) -> None:
     hidden = torch.randn(37, 2, small_config.hidden_size)  # 37: not a multiple of the chunk
     out, _ = mixer(hidden)
     ref = _reference_mixer(mixer, hidden)
-    assert (out.double() - ref).abs().max().item() <= 1e-4
+    # fp32 chunked path vs the float64 step-by-step recurrence: measured worst 6.2e-8 over 20
+    # seeds (output scale ~0.15); ~3x that
+    assert (out.double() - ref).abs().max().item() <= 2e-7

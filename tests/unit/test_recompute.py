@@ -1,5 +1,6 @@
-"""Activation recomputation changes memory, not numbers: the same loss and gradients, also when
-later micro-batches have switched the elastic model to other sub-networks before backward (1F1B)."""
+"""Activation recomputation changes memory, not numbers: the same loss and gradients bit for bit,
+also when later micro-batches have switched the elastic model to other sub-networks before
+backward (1F1B)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _loss(model, tokens):
     return model(tokens, position_ids_like(tokens), None, labels=tokens).mean()
 
 
-def test_plain_parent_recompute_gives_the_same_gradients(small_config, pgs) -> None:
+def test_invariant_plain_parent_recompute_gives_the_same_gradients(small_config, pgs) -> None:
     torch.manual_seed(0)
     plain = build_hybrid_model(small_config, pgs)
     again = build_hybrid_model(small_config, pgs, recompute=True)
@@ -33,11 +34,11 @@ def test_plain_parent_recompute_gives_the_same_gradients(small_config, pgs) -> N
     assert torch.equal(a, b)
     ga, gb = _grads(plain), _grads(again)
     assert ga.keys() == gb.keys() and ga
-    for name in ga:
-        assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=1e-5), name
+    for name in ga:  # the recomputation repeats the same ops on the same inputs: bitwise
+        assert torch.equal(ga[name], gb[name]), name
 
 
-def test_elastic_recompute_uses_each_micro_batch_own_subnet(small_config, pgs) -> None:
+def test_invariant_elastic_recompute_uses_each_micro_batch_own_subnet(small_config, pgs) -> None:
     torch.manual_seed(0)
     ref = build_elastic_model(small_config, ELASTIC, pgs)
     rec = build_elastic_model(small_config, ELASTIC, pgs, recompute=True)
@@ -57,5 +58,5 @@ def test_elastic_recompute_uses_each_micro_batch_own_subnet(small_config, pgs) -
     loss.backward()
     ga, gb = _grads(ref), _grads(rec)
     assert ga.keys() == gb.keys() and ga
-    for name in ga:
-        assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=1e-5), name
+    for name in ga:  # the recomputation repeats the same ops on the same inputs: bitwise
+        assert torch.equal(ga[name], gb[name]), name

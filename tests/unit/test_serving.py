@@ -1,5 +1,5 @@
 """Serving every budget from one checkpoint (DESIGN invariant 10): cached decoding equals full
-recomputation (logits <= 1e-4, greedy tokens identical) at every budget, homogeneous and
+recomputation (logits <= 3e-6, greedy tokens identical) at every budget, homogeneous and
 heterogeneous, without attention, and across budget switches; self-speculative decoding equals
 the verifier's greedy output; a rolled-back state equals the state of the accepted prefix; the
 generate CLI's speculative mode and its bad-input errors."""
@@ -29,11 +29,15 @@ from megatron_elastic.training.lm_step import position_ids_like
 
 ROOT = Path(__file__).parents[2]
 NEW = 12
+# Cached decoding splits the sequence differently (chunked scan vs the one-step recurrence, one
+# query row vs all): fp32 summation order only. Measured worst 1.12e-6 over every spec below
+# (logit scale 1.4-1.7), 6.9e-7 after a rollback; DESIGN allows 1e-4, this is ~2.7x.
+LOGITS_TOL = 3e-6
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_elastic_checkpoint, pgs):
-    return open_checkpoint(tiny_elastic_checkpoint[0], pgs)
+def loaded(perturbed_checkpoint, pgs):
+    return open_checkpoint(perturbed_checkpoint[0], pgs)
 
 
 def _no_attention(cfg) -> SubnetSpec:
@@ -59,7 +63,7 @@ def _prompts(lengths=(5, 17, 1), seed=0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("name", ["parent", "full", "75%", "50%", "heterogeneous", "no_attention"])
-def test_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec, name) -> None:
+def test_invariant_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec, name) -> None:
     spec = _specs(loaded, tiny_heterogeneous_spec)[name]
     model, cfg = loaded.model, loaded.model_config
     net = build_serving_net(model, cfg, spec)
@@ -79,7 +83,7 @@ def test_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec, name) -> 
         pieces += [forward(net, tokens[:, t : t + 1], state) for t in range(130, 136)]
         pieces += [forward(net, tokens[:, 136:141], state), forward(net, tokens[:, 141:], state)]
         assert state.lengths == [230, 230]
-        assert (torch.cat(pieces, 1) - ref).abs().max().item() <= 1e-4
+        assert (torch.cat(pieces, 1) - ref).abs().max().item() <= LOGITS_TOL
         # tokens: batched prompts of different lengths, with an end-of-sequence id
         prompts = _prompts()
         expected = greedy_generate(model, prompts, max_new_tokens=NEW)
@@ -92,7 +96,7 @@ def test_cached_equals_full_recompute(loaded, tiny_heterogeneous_spec, name) -> 
         model.set_subnet(None)
 
 
-def test_budget_switches_within_a_session(loaded) -> None:
+def test_invariant_cached_equals_recompute_across_budget_switches(loaded) -> None:
     session, prompts = ServingSession(loaded), _prompts((9, 4))
     for budget in ["50%", "full", "50%", "75%", "full"]:
         got = cached_generate(session.net(budget), prompts, max_new_tokens=NEW)
@@ -120,7 +124,7 @@ def test_sampling_is_seeded_and_a_tiny_top_p_is_greedy(loaded) -> None:
 
 
 @pytest.mark.parametrize("k", [1, 3, 50])
-def test_speculative_equals_verifier_greedy(loaded, k) -> None:
+def test_invariant_speculative_equals_verifier_greedy(loaded, k) -> None:
     session, prompts = ServingSession(loaded, keep=4), _prompts((1, 20))
     verifier = session.net("full")
     expected = cached_generate(verifier, prompts, max_new_tokens=NEW)
@@ -144,7 +148,7 @@ def test_speculative_equals_verifier_greedy(loaded, k) -> None:
     assert stats.passes == sum(-(-NEW // (min(k, NEW - 1) + 1)) for _ in prompts)
 
 
-def test_speculative_with_a_draft_rejected_at_every_step(loaded) -> None:
+def test_invariant_speculative_with_a_draft_rejected_at_every_step(loaded) -> None:
     session, prompts = ServingSession(loaded), _prompts((4, 11))
     vocab = loaded.model_config.vocab_size - 1  # the verifier never picks the last id ...
     verifier, draft = session.net("full"), session.net("50%")
@@ -167,7 +171,7 @@ def test_speculative_with_a_draft_rejected_at_every_step(loaded) -> None:
 
 
 @pytest.mark.parametrize("budget", ["full", "50%"])
-def test_rollback_equals_the_state_of_the_accepted_prefix(loaded, budget) -> None:
+def test_invariant_rollback_equals_the_state_of_the_accepted_prefix(loaded, budget) -> None:
     net = ServingSession(loaded).net(budget)
     tokens = torch.randint(0, 4096, (1, 40), generator=torch.Generator().manual_seed(5))
     rolled, direct = InferenceState(net, 1, 64), InferenceState(net, 1, 64)
@@ -189,7 +193,7 @@ def test_rollback_equals_the_state_of_the_accepted_prefix(loaded, budget) -> Non
             assert torch.allclose(other.value[:, :32], cache.value[:, :32], atol=1e-5)
     # and the next tokens see the same past
     after = forward(net, tokens[:, 32:40], rolled)
-    assert (after - forward(net, tokens[:, 32:40], direct)).abs().max().item() <= 1e-4
+    assert (after - forward(net, tokens[:, 32:40], direct)).abs().max().item() <= LOGITS_TOL
     with pytest.raises(ValueError, match="roll back"):
         rolled.mark()
         rolled.rollback(39)
@@ -212,9 +216,11 @@ def tokenizer_path(tmp_path_factory) -> Path:
     return path
 
 
-def test_generate_cli_speculative_equals_plain(tiny_elastic_checkpoint, tokenizer_path, run_cli):
+def test_invariant_generate_cli_speculative_equals_plain(
+    perturbed_checkpoint, tokenizer_path, run_cli
+):
     # a fresh process: the tool creates and destroys its own process groups
-    args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
+    args = ["--checkpoint", str(perturbed_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
     args += ["--prompt", "Question: What is 2 + 3?\\nAnswer:", "--max-new-tokens", "10"]
     plain, spec = run_cli(
         [
@@ -230,9 +236,9 @@ def test_generate_cli_speculative_equals_plain(tiny_elastic_checkpoint, tokenize
     assert plain["stdout"].split("===")[2] == spec["stdout"].split("===")[2]  # same text
 
 
-def test_generate_cli_bad_input(tiny_elastic_checkpoint, tokenizer_path, capsys) -> None:
+def test_generate_cli_bad_input(perturbed_checkpoint, tokenizer_path, capsys) -> None:
     generate = _tool("generate")
-    args = ["--checkpoint", str(tiny_elastic_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
+    args = ["--checkpoint", str(perturbed_checkpoint[0]), "--tokenizer", str(tokenizer_path)]
     args += ["--prompt", "Question:"]
     cases = [
         (["--budget", "50%", "--draft", "full"], "is not smaller than the verifier 50%"),

@@ -24,7 +24,7 @@ def _inputs(length: int, seed: int = 0, dtype=torch.float64):
     "length,chunk",
     [(32, 8), (37, 8), (37, 16), (5, 16), (64, 64), (50, 1), (41, 7)],
 )
-def test_chunked_matches_sequential_float64(length: int, chunk: int) -> None:
+def test_invariant_chunked_scan_matches_sequential_float64(length: int, chunk: int) -> None:
     x, dt, A, B, C, D = _inputs(length)
     ref = ssd_sequential_scan(x, dt, A, B, C, D)
     out = ssd_chunked_scan(x, dt, A, B, C, chunk, D=D)
@@ -32,7 +32,7 @@ def test_chunked_matches_sequential_float64(length: int, chunk: int) -> None:
     assert (out - ref).abs().max().item() <= 1e-10
 
 
-def test_result_does_not_depend_on_chunk_size() -> None:
+def test_invariant_scan_does_not_depend_on_chunk_size() -> None:
     x, dt, A, B, C, D = _inputs(45, seed=3)
     outs = [ssd_chunked_scan(x, dt, A, B, C, c, D=D) for c in (4, 9, 16, 45, 64)]
     for o in outs[1:]:

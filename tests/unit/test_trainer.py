@@ -133,7 +133,7 @@ def uninterrupted(workspace, tmp_path_factory) -> tuple[Path, dict[int, dict[str
     return whole, reference
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(
+def test_invariant_resume_after_sigkill_reproduces_the_uninterrupted_run(
     workspace, uninterrupted, tmp_path
 ) -> None:
     steps = "train.steps=12"
@@ -160,7 +160,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["after_tensors", "before_manifest", "before_latest"])
-def test_kill_inside_save_resumes_from_the_last_complete_checkpoint(
+def test_invariant_kill_inside_save_resumes_from_the_last_complete_checkpoint(
     workspace, uninterrupted, tmp_path, point
 ) -> None:
     """SIGKILL at several points inside the second save (step 4): ``latest.json`` still names
@@ -197,7 +197,7 @@ def test_kill_inside_save_resumes_from_the_last_complete_checkpoint(
     ]  # older checkpoints and the interrupted save's leftovers are gone
 
 
-def test_damaged_latest_checkpoint_names_the_file_and_the_previous_one(
+def test_invariant_damaged_latest_checkpoint_names_the_file_and_the_previous_one(
     workspace, uninterrupted, tmp_path
 ) -> None:
     """A flipped byte in the newest checkpoint's shard stops the resume before training with
@@ -270,7 +270,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_
 
 
 @pytest.mark.distributed
-def test_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(workspace, tmp_path) -> None:
+def test_invariant_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(workspace, tmp_path) -> None:
     tp2 = tmp_path / "tp2"
     done = _torchrun(workspace, tp2, "parallel.tensor_parallel_size=2", "train.steps=3")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -306,7 +306,7 @@ def test_distillation_lowers_the_small_budget_kd_loss(workspace, tmp_path) -> No
 
 
 @pytest.mark.distributed
-def test_pp2_distillation_matches_one_process(workspace, tmp_path) -> None:
+def test_invariant_pp2_distillation_matches_one_process(workspace, tmp_path) -> None:
     """Student and teacher cross the pipeline stages as one tensor: PP=2 trains exactly like one
     process (losses of every step, including after optimizer and router updates)."""
     one = tmp_path / "one"
@@ -325,7 +325,7 @@ def test_pp2_distillation_matches_one_process(workspace, tmp_path) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sequence_and_context_parallel_distillation_matches_one_process(
+def test_invariant_sequence_and_context_parallel_distillation_matches_one_process(
     workspace, tmp_path
 ) -> None:
     """TP 2 with sequence parallelism x CP 2 x PP 2 (8 processes): the distillation run (frozen
