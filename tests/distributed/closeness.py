@@ -11,7 +11,7 @@ import os
 
 import torch
 
-__all__ = ["FLOOR", "assert_close"]
+__all__ = ["FLOOR", "assert_close", "assert_stage_matches"]
 
 FLOOR = 1e-15
 """Absolute slack added to every bound, for all-zero reference tensors (the gradients of masked or
@@ -32,3 +32,19 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) 
         f"{what}: max |diff| {diff:.3e} > {rtol:.2g} x max |ref| {scale:.3e}"
         f" (relative {diff / scale if scale else float('inf'):.2e})"
     )
+
+
+def assert_stage_matches(
+    run: dict, want: dict, *, last_stage: bool, rtol_loss: float, rtol_grad: float, where: str
+) -> set[str]:
+    """One rank's ``loss`` and ``grads`` against the reference's: the loss on last-stage ranks
+    only, each gradient of this rank's stage. Returns the names of the gradients it held (the
+    stages together must hold every one)."""
+    assert (run["loss"] is not None) == last_stage, where
+    if last_stage:
+        assert torch.isfinite(run["loss"]), where
+        assert_close(run["loss"], want["loss"], rtol_loss, f"{where} loss")
+    assert run["grads"].keys() <= want["grads"].keys(), where
+    for name, g in run["grads"].items():
+        assert_close(g, want["grads"][name], rtol_grad, f"{where} {name}")
+    return set(run["grads"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from closeness import assert_close  # (pytest puts this directory on sys.path)
+from closeness import assert_close, assert_stage_matches  # (pytest puts this directory on sys.path)
 
 WORKER = Path(__file__).with_name("sp_cp_worker.py")
 # Bounds relative to the reference's max |value| per tensor (closeness.assert_close), each about
@@ -69,15 +69,14 @@ def _assert_same(ranks: list[dict], ref: dict, pp: int) -> None:
         covered: set[str] = set()
         for r in ranks:
             run, where = r[case], f"{case} rank {r['coords']}"
-            last = r["coords"]["pp"] == pp - 1
-            assert (run["loss"] is not None) == last, where
-            if last:
-                assert torch.isfinite(run["loss"]), where
-                assert_close(run["loss"], want["loss"], RTOL_LOSS, f"{where} loss")
-            assert run["grads"].keys() <= want["grads"].keys(), where
-            covered |= run["grads"].keys()
-            for name, g in run["grads"].items():
-                assert_close(g, want["grads"][name], RTOL_GRAD, f"{where} {name}")
+            covered |= assert_stage_matches(
+                run,
+                want,
+                last_stage=r["coords"]["pp"] == pp - 1,
+                rtol_loss=RTOL_LOSS,
+                rtol_grad=RTOL_GRAD,
+                where=where,
+            )
             if case[0] == "parent":
                 assert run["router_grads"] is None, where
                 continue

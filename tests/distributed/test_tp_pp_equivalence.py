@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from closeness import assert_close  # (pytest puts this directory on sys.path)
+from closeness import assert_close, assert_stage_matches  # (pytest puts this directory on sys.path)
 
 WORKER = Path(__file__).with_name("tp_pp_worker.py")
 # Bounds relative to the reference's max |value| per tensor (closeness.assert_close), each about
@@ -53,16 +53,14 @@ def _assert_same(ranks: list[dict], ref: dict, pp: int) -> None:
     stage; together the stages hold every gradient, of every layer kind."""
     covered: set[str] = set()
     for r in ranks:
-        where = f"rank {r['coords']}"
-        last = r["coords"]["pp"] == pp - 1
-        assert (r["loss"] is not None) == last, where
-        if last:
-            assert torch.isfinite(r["loss"]), where
-            assert_close(r["loss"], ref["loss"], RTOL_LOSS, f"{where} loss")
-        assert r["grads"].keys() <= ref["grads"].keys(), where
-        covered |= r["grads"].keys()
-        for name, g in r["grads"].items():
-            assert_close(g, ref["grads"][name], RTOL_GRAD, f"{where} {name}")
+        covered |= assert_stage_matches(
+            r,
+            ref,
+            last_stage=r["coords"]["pp"] == pp - 1,
+            rtol_loss=RTOL_LOSS,
+            rtol_grad=RTOL_GRAD,
+            where=f"rank {r['coords']}",
+        )
     assert covered == ref["grads"].keys()
     present = {name.split(".")[3] for name in covered if name.startswith("decoder.layers.")}
     assert {"mixer", "self_attention", "mlp"} <= present  # every layer kind took part
