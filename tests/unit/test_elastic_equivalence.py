@@ -14,16 +14,18 @@ from megatron_elastic.training.lm_step import position_ids_like
 
 ELASTIC = ElasticConfig(budgets={"full": 1.0, "half": 0.5}, ffn_nesting_blocks=2)
 # slice vs mask, relative to each reference tensor's max |value|. Measured worst over the specs
-# below: logits and loss 2.9e-7, model gradients 2.5e-6, router weights' gradients 1.3e-6.
-VALUE_TOL, GRAD_TOL = 1e-6, 1e-5
-GRAD_FLOOR = 2e-10
-"""Absolute slack on a gradient that is a sum of cancelling terms: a depth gate's gradient is
-sum(dL/dh * (f(x) - x)) over all tokens, which came to 4.5e-6 from terms near 1e-3 in one layer
-(measured |diff| 8e-11, i.e. 1.8e-5 of itself; fp32 rounding of the terms, not of the result)."""
+# below and 8 weight draws (torch seeds 0-7): logits and loss 3.4e-7, model gradients 7.5e-6.
+VALUE_TOL, GRAD_TOL = 1e-6, 2e-5
+GRAD_FLOOR = 1e-8
+"""Absolute slack on a gradient that is a sum of cancelling terms: a router weight's gradient
+(a depth gate's is sum(dL/dh * (f(x) - x)) over all tokens) can come to 1e-5..1e-4 from terms
+near 1e-3; measured |diff| up to 4.7e-9 on such a scalar (4.4e-5 of itself: the rounding of the
+terms, not of the result). Every other router gradient: 2e-6 relative."""
 
 
 @pytest.fixture(scope="module")
 def models(pgs, small_config):
+    torch.manual_seed(0)  # the same draw whichever tests ran before (the bounds were measured)
     base = build_hybrid_model(small_config, pgs)
     elastic = build_elastic_model(small_config, ELASTIC, pgs)
     elastic.load_state_dict(base.state_dict())
@@ -107,6 +109,7 @@ def attention_free(pgs, small_config):
     the elastic layers do the parent's arithmetic exactly."""
     cfg = dataclasses.replace(small_config, hybrid_pattern="M-M-")
     elastic_cfg = dataclasses.replace(ELASTIC, min_attention_layers=0)
+    torch.manual_seed(0)  # the same draw whichever tests ran before (the bounds were measured)
     base = build_hybrid_model(cfg, pgs)
     with torch.no_grad():
         for name, p in base.named_parameters():
@@ -123,8 +126,9 @@ def test_invariant_full_budget_elastic_path_is_base_model_bitwise(attention_free
     unit and a depth gate on every layer), on a parent whose layer kinds the elastic code
     computes with the parent's own arithmetic: logits, loss and, in slice mode, every gradient
     bit for bit. Mask mode runs its own Mamba forward (masks after the conv), bitwise in value;
-    autograd sums the gradients of in_proj, conv1d and dt_bias in another order there: 1.5e-8
-    relative measured, bound 1e-7."""
+    autograd sums the gradients of in_proj, conv1d and dt_bias in another order there: worst
+    2.5e-6 relative over 12 weight draws (dt_bias, a sum over tokens), bound 5e-6. Slice mode
+    was bitwise in all 12."""
     cfg, base, elastic = attention_free
     tokens, labels = _batch(cfg, seed=4)
     spec = SubnetSpec.full(cfg)
@@ -138,7 +142,7 @@ def test_invariant_full_budget_elastic_path_is_base_model_bitwise(attention_free
         if mode == "slice":
             assert torch.equal(g, out[2][name]), name
         else:
-            assert _rel(out[2][name], g) <= 1e-7, (name, _rel(out[2][name], g))
+            assert _rel(out[2][name], g) <= 5e-6, (name, _rel(out[2][name], g))
     assert all(g is not None and g.abs().sum() > 0 for g in _router_grads(weights))
 
 
@@ -149,8 +153,8 @@ def test_invariant_full_budget_elastic_path_matches_base_with_attention(
     """Invariant 1 through the elastic layers on the parent with attention. Not bitwise: the
     base model's core attention is megatron's DotProductAttention (explicit scores, softmax),
     the elastic one torch's fused SDPA; every other layer matches bit for bit (previous test).
-    Measured (relative to each tensor's max |value|): logits 2.5e-7, loss 8e-8, gradients 1.0e-6;
-    bounds 1e-6, 3e-7 and 3e-6."""
+    Measured (relative to each tensor's max |value|, worst of 8 weight draws): logits 3.5e-7,
+    loss 1.6e-7, gradients 1.5e-6; bounds 1e-6, 5e-7 and 4e-6."""
     base, elastic = models
     tokens, labels = _batch(small_config, seed=4)
     spec = SubnetSpec.full(small_config)
@@ -158,9 +162,9 @@ def test_invariant_full_budget_elastic_path_matches_base_with_attention(
     ref, out = _run(base, tokens, labels), _run(elastic, tokens, labels)
     elastic.set_subnet(None)
     assert _rel(out[0], ref[0]) <= 1e-6, _rel(out[0], ref[0])
-    assert _rel(out[1], ref[1]) <= 3e-7, _rel(out[1], ref[1])
+    assert _rel(out[1], ref[1]) <= 5e-7, _rel(out[1], ref[1])
     for name, g in ref[2].items():
-        assert _rel(out[2][name], g) <= 3e-6, (name, _rel(out[2][name], g))
+        assert _rel(out[2][name], g) <= 4e-6, (name, _rel(out[2][name], g))
 
 
 def _specs(cfg):
