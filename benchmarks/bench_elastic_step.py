@@ -381,10 +381,14 @@ def main() -> None:
             f"{statistics.median(seconds) * 1e3:.1f} ms"
         )
     if others is not None:
-        print(
-            f"other processes used {others:.2f} of {os.cpu_count()} cores during the run"
-            + (" (the machine was not quiet: ratios are noisy)" if others > 0.25 else "")
-        )
+        note = ""
+        if others > 0.25:
+            note = (
+                " (cpu clock: time spent waiting for a core is not counted)"
+                if args.clock == "cpu"
+                else " (the machine was not quiet: ratios are noisy)"
+            )
+        print(f"other processes used {others:.2f} of {os.cpu_count()} cores during the run{note}")
     print("targets met" if not failures else "targets missed: " + "; ".join(failures))
     print(f"worst slice/dense ratio: {worst_slice:.3f} ({worst_row})")
     sys.stdout.flush()
