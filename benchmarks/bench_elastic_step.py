@@ -3,21 +3,32 @@
 
 The parent is the tiny recipe scaled up so that matmuls dominate Python overhead (hidden 512,
 FFN 2048, 8 attention heads x 64 in 2 query groups, 16 Mamba heads x 64 in 2 groups; the tiny
-recipe's layer pattern, vocabulary and state size). For the budgets 100% / 75% / 50% the benchmark
-picks one homogeneous sub-network each and times, side by side in the same loop:
+recipe's layer pattern, vocabulary and state size). FFN neurons nest in ``--ffn-nesting-blocks``
+blocks (default: the tiny recipe's ``examples/tiny/elastic.yaml``, 2; the 12B recipe uses 8), so
+a budget's neurons are a prefix of every block, not of the layer. For the budgets 100% / 75% / 50%
+the benchmark picks one homogeneous sub-network each and times, side by side in the same loop:
 
 * ``slice``: the elastic parent running the sub-network on cut weights, against a plain megatron
   ``HybridModel`` built with exactly the sub-network's dims (target: ratio <= 1.15 at every
-  budget). At 100% without router weights ``set_subnet`` dispatches to megatron's own forward.
+  budget). Without router weights this is how a trained budget is evaluated and exported; at 100%
+  ``set_subnet`` then dispatches to megatron's own forward (the rows' noise floor).
+* ``+ router hard`` / ``+ router soft``: the training configuration. An :class:`ElasticRouter`
+  over the benchmark's candidates (the tiny recipe's depth choices) decides every step with the
+  trainer's call (``decide(budget, step, generator)``), its output biases set so that the sample
+  is the row's sub-network; the model runs with the decision's :class:`SubnetWeights`: ``hard``
+  (the recipes' sampling) a straight-through scalar per layer, on the hidden width and as every
+  layer's depth gate; ``soft`` one weight per hidden channel, attention head, Mamba channel and
+  FFN neuron, and a depth gate per layer. The router's forward and ``set_subnet`` run before the
+  timer (their median is printed); the backward into the router is timed.
 * ``mask``: the elastic parent computing at full width with 0/1 masks, against the plain megatron
   parent (target at full budget: ratio <= 1.10). At 75% / 50% the mask rows are informational:
   mask mode does full-width compute by design, so the parent is the right reference.
-* ``+ router weights`` rows: full budget with a scalar hidden router weight, the training
-  configuration (elastic code path, not megatron's forward).
 
 Each row warms up, then times ``--iters`` interleaved (elastic, dense) pairs, alternating which
-goes first; the ms columns are medians and the ratio is the median of the per-pair ratios. The last
-printed line is ``worst slice/dense ratio: <float>`` (over every slice row).
+goes first (``--clock cpu``: CPU time of the process instead of elapsed time); the ms columns
+are medians, the ratio is the median of the per-pair ratios and ``range`` their min-max. The last
+printed line is ``worst slice/dense ratio: <float>`` (the largest median over every slice row,
+router rows included).
 """
 
 from __future__ import annotations
@@ -35,10 +46,16 @@ from pathlib import Path
 import torch
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, load_model_config
-from megatron_elastic.elastic import ElasticConfig, SubnetSpec, SubnetWeights, build_elastic_model
+from megatron_elastic.elastic import (
+    ElasticConfig,
+    SubnetSpec,
+    build_elastic_model,
+    load_elastic_recipe,
+)
 from megatron_elastic.model import build_hybrid_model
 from megatron_elastic.model.param_count import count_parameters
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+from megatron_elastic.router import ElasticRouter, RouterConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +108,63 @@ def subnet_spec(parent: ModelConfig, dims: tuple[int, int, int, int, int]) -> Su
     )
 
 
+def elastic_config(ffn_nesting_blocks: int) -> ElasticConfig:
+    """The benchmark's budgets, with every budget's dims as a candidate (so a router can pick
+    them), the tiny recipe's depth choices and the given FFN nesting."""
+    _, tiny = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
+    dims = list(zip(*BUDGET_DIMS.values(), strict=True))
+    return ElasticConfig(
+        budgets={name: float(name.rstrip("%")) / 100 for name in BUDGET_DIMS},
+        hidden_choices=dims[0],
+        attention_head_choices=dims[1],
+        mamba_head_choices=dims[2],
+        mamba_head_dim_choices=dims[3],
+        ffn_choices=dims[4],
+        depth_choices=tiny.depth_choices,
+        heterogeneous=tiny.heterogeneous,
+        ffn_nesting_blocks=ffn_nesting_blocks,
+    )
+
+
+class ForcedRouter:
+    """An :class:`ElasticRouter` whose decisions are a given sub-network: the output biases put
+    a logit of ``margin`` on its candidates (the output weights start at zero, so the logits are
+    the biases; Gumbel noise beats a margin of 30 with probability ~e^-30). Every call of
+    :meth:`decide` is the trainer's ``router.decide(budget, step, generator)``."""
+
+    def __init__(self, parent: ModelConfig, elastic: ElasticConfig, sampling: str) -> None:
+        self.router = ElasticRouter(
+            parent, elastic, RouterConfig(anneal_steps=100, sampling=sampling)
+        )
+        self.step = 0
+
+    def force(self, budget: str, spec: SubnetSpec, margin: float = 30.0) -> None:
+        r, layer = self.router, {c.kind: c for c in spec.layers}
+        size = {  # homogeneous: one decision per axis
+            "hidden": spec.hidden,
+            "attention_heads": layer["attention"].width,
+            "mamba_heads": layer["mamba"].width,
+            "mamba_head_dim": layer["mamba"].head_dim,
+            "ffn": layer["mlp"].width,
+            "depth": spec.depth,
+        }
+        with torch.no_grad():
+            for axis in r.axes:
+                bias = r.routers[axis][2].bias
+                bias.zero_()
+                bias[r.choices[axis].index(size[axis])] = margin
+        self.budget, self.spec = budget, spec
+
+    def decide(self):
+        self.step += 1
+        decision = self.router.decide(
+            self.budget, self.step, torch.Generator().manual_seed(self.step)
+        )
+        if decision.spec != self.spec:
+            raise RuntimeError(f"the router sampled another sub-network for {self.budget}")
+        return decision.weights
+
+
 def _cpu_seconds() -> tuple[float, float, float] | None:
     """(CPU seconds busy on the whole machine, CPU seconds of this process, wall seconds), to
     report how much other work competed for the cores; ``None`` without ``/proc/stat``."""
@@ -105,14 +179,29 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
     return (sum(fields[:8]) - idle) / tick, own.user + own.system, time.perf_counter()
 
 
-def make_step(model: torch.nn.Module, tokens, position_ids, labels):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed seconds; ``cpu``: CPU seconds of this process (all its threads), which time
+spent descheduled by other processes does not add to (for a machine that is not quiet)."""
+
+
+def make_step(
+    model: torch.nn.Module, tokens, position_ids, labels, before=None, setup=None, clock="wall"
+):
+    """A timed forward+backward of ``model``; ``before()`` runs first, untimed (its seconds are
+    appended to ``setup``)."""
+    now = CLOCKS[clock]
+
     def step() -> float:
         model.zero_grad(set_to_none=True)
         gc.collect()
-        start = time.perf_counter()
+        if before is not None:
+            start = now()
+            before()
+            setup.append(now() - start)
+        start = now()
         loss = model(tokens, position_ids, None, labels=labels)
         loss.mean().backward()
-        return time.perf_counter() - start
+        return now() - start
 
     return step
 
@@ -150,12 +239,26 @@ def other_cores(start, end) -> float | None:
 
 
 def main() -> None:
+    _, tiny = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ffn-nesting-blocks",
+        type=int,
+        default=tiny.ffn_nesting_blocks,
+        help="FFN nesting blocks (default: the tiny recipe's; the 12B recipe's is 8)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (the targets' measure); cpu: this process's CPU time, for a "
+        "shared machine (with --threads 1 it excludes time spent waiting for the cores)",
+    )
     parser.add_argument("--verbose", action="store_true", help="print every timed pair")
     args = parser.parse_args()
     if args.iters < 5:
@@ -167,10 +270,9 @@ def main() -> None:
     pgs = init_process_groups(ParallelConfig(), seed=1234)
 
     budgets = BUDGET_DIMS
-    elastic_cfg = ElasticConfig(
-        budgets={"100%": 1.0, "75%": 0.75, "50%": 0.5}, ffn_nesting_blocks=1
-    )
+    elastic_cfg = elastic_config(args.ffn_nesting_blocks)
     elastic = build_elastic_model(parent, elastic_cfg, pgs)
+    routers = {s: ForcedRouter(parent, elastic_cfg, s) for s in ("hard", "soft")}
     dense = {
         name: build_hybrid_model(dense_config(parent, dims), pgs) for name, dims in budgets.items()
     }
@@ -188,19 +290,18 @@ def main() -> None:
     labels = torch.randint(0, parent.vocab_size, (b, s))
     position_ids = torch.arange(s)[None].expand(b, -1)
 
-    def router() -> SubnetWeights:
-        return SubnetWeights(hidden=torch.ones((), requires_grad=True))
-
-    # (budget, mode label, set_subnet mode, router weights?, dense reference, target)
+    # (budget, set_subnet mode, router sampling or None, dense reference, target)
     rows = [
-        ("100%", "slice", "slice", False, "100%", SLICE_TARGET),
-        ("75%", "slice", "slice", False, "75%", SLICE_TARGET),
-        ("50%", "slice", "slice", False, "50%", SLICE_TARGET),
-        ("100%", "slice + router weights", "slice", True, "100%", SLICE_TARGET),
-        ("100%", "mask", "mask", False, "100%", MASK_FULL_TARGET),
-        ("100%", "mask + router weights", "mask", True, "100%", MASK_FULL_TARGET),
-        ("75%", "mask", "mask", False, "100%", None),
-        ("50%", "mask", "mask", False, "100%", None),
+        ("100%", "slice", None, "100%", SLICE_TARGET),
+        ("75%", "slice", None, "75%", SLICE_TARGET),
+        ("50%", "slice", None, "50%", SLICE_TARGET),
+        *[(bud, "slice", "hard", bud, SLICE_TARGET) for bud in budgets],
+        *[(bud, "slice", "soft", bud, SLICE_TARGET) for bud in budgets],
+        ("100%", "mask", None, "100%", MASK_FULL_TARGET),
+        ("100%", "mask", "hard", "100%", MASK_FULL_TARGET),
+        ("100%", "mask", "soft", "100%", MASK_FULL_TARGET),
+        ("75%", "mask", None, "100%", None),
+        ("50%", "mask", None, "100%", None),
     ]
 
     # One step of every model first: megatron's torch.compile'd activation compiles here (its
@@ -210,7 +311,8 @@ def main() -> None:
     cpu_start = _cpu_seconds()
     print(
         f"parent: {parent_params / 1e6:.2f}M params, pattern {parent.hybrid_pattern}, "
-        f"batch {b} x seq {s}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"ffn_nesting_blocks {elastic_cfg.ffn_nesting_blocks}, batch {b} x seq {s}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock, torch {torch.__version__}"
     )
     for name, dims in budgets.items():
         print(
@@ -218,32 +320,45 @@ def main() -> None:
             f"{dims[3]}, ffn {dims[4]} -> {fraction[name]:.3f} of the parent's parameters"
         )
     header = (
-        f"{'budget':>6} {'mode':<24} {'params':>6} {'elastic ms':>11} {'dense ms':>9} "
-        f"{'ratio':>6} {'target':>7} {'busy':>5}"
+        f"{'budget':>6} {'mode':<20} {'params':>6} {'elastic ms':>11} {'dense ms':>9} "
+        f"{'ratio':>6} {'range':>11} {'target':>7} {'busy':>5}"
     )
     print(header)
     print("-" * len(header))
-    worst_slice, failures = 0.0, []
-    for budget, label, mode, with_router, ref, target in rows:
-        elastic.set_subnet(
-            subnet_spec(parent, budgets[budget]), router() if with_router else None, mode=mode
-        )
+    worst_slice, worst_row, failures, setup = 0.0, "", [], {"hard": [], "soft": []}
+    for budget, mode, sampling, ref, target in rows:
+        spec = subnet_spec(parent, budgets[budget])
+        label = mode if sampling is None else f"{mode} + router {sampling}"
+        before = None
+        if sampling is None:
+            elastic.set_subnet(spec, mode=mode)
+        else:
+            router = routers[sampling]
+            router.force(budget, spec)
+
+            def before(router=router, spec=spec, mode=mode):
+                router.router.zero_grad(set_to_none=True)
+                elastic.set_subnet(spec, router.decide(), mode=mode)
+
         row_start = _cpu_seconds()
         t_el, t_de, ratios = time_pair(
-            make_step(elastic, tokens, position_ids, labels),
-            make_step(dense[ref], tokens, position_ids, labels),
+            make_step(
+                elastic, tokens, position_ids, labels, before, setup.get(sampling), args.clock
+            ),
+            make_step(dense[ref], tokens, position_ids, labels, clock=args.clock),
             args.warmup,
             args.iters,
         )
         busy = other_cores(row_start, _cpu_seconds())
         el_ms, de_ms = statistics.median(t_el) * 1e3, statistics.median(t_de) * 1e3
         ratio = statistics.median(ratios)
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
         ref_note = "" if ref == budget else f" (vs dense {ref})"
         verdict = "" if target is None else ("ok" if ratio <= target else "MISS")
         tgt = "-" if target is None else f"<={target:.2f}"
         print(
-            f"{budget:>6} {label:<24} {fraction[budget]:>6.3f} {el_ms:>11.1f} {de_ms:>9.1f} "
-            f"{ratio:>6.3f} {tgt:>7} {'-' if busy is None else f'{busy:.2f}':>5} "
+            f"{budget:>6} {label:<20} {fraction[budget]:>6.3f} {el_ms:>11.1f} {de_ms:>9.1f} "
+            f"{ratio:>6.3f} {spread:>11} {tgt:>7} {'-' if busy is None else f'{busy:.2f}':>5} "
             f"{verdict}{ref_note}",
             flush=True,
         )
@@ -253,20 +368,29 @@ def main() -> None:
                 "       elastic/dense ms: "
                 + " ".join(f"{e * 1e3:.0f}/{d * 1e3:.0f}" for e, d in pairs)
             )
-        if mode == "slice":
-            worst_slice = max(worst_slice, ratio)
+        if mode == "slice" and ratio > worst_slice:
+            worst_slice, worst_row = ratio, f"{budget} {label}"
         if target is not None and ratio > target:
             failures.append(f"{budget} {label}: {ratio:.3f} > {target:.2f}")
     elastic.set_subnet(None)
     destroy_process_groups()
     others = other_cores(cpu_start, _cpu_seconds())
-    if others is not None:
+    for sampling, seconds in setup.items():
         print(
-            f"other processes used {others:.2f} of {os.cpu_count()} cores during the run"
-            + (" (the machine was not quiet: ratios are noisy)" if others > 0.25 else "")
+            f"router {sampling}: decide + set_subnet (untimed, before each elastic step) median "
+            f"{statistics.median(seconds) * 1e3:.1f} ms"
         )
+    if others is not None:
+        note = ""
+        if others > 0.25:
+            note = (
+                " (cpu clock: time spent waiting for a core is not counted)"
+                if args.clock == "cpu"
+                else " (the machine was not quiet: ratios are noisy)"
+            )
+        print(f"other processes used {others:.2f} of {os.cpu_count()} cores during the run{note}")
     print("targets met" if not failures else "targets missed: " + "; ".join(failures))
-    print(f"worst slice/dense ratio: {worst_slice:.3f}")
+    print(f"worst slice/dense ratio: {worst_slice:.3f} ({worst_row})")
     sys.stdout.flush()
 
 
