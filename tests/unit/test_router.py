@@ -182,6 +182,7 @@ def test_deterministic_decision_is_argmax_without_weights(recipe) -> None:
 
 def _tails(p: torch.Tensor, sizes, active: int) -> list[float]:
     """Hand computation: unit i weighs the probability of every candidate larger than i."""
+    p = p.detach()
     return [sum(float(pk) for pk, c in zip(p, sizes, strict=True) if c > i) for i in range(active)]
 
 
