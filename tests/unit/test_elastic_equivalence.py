@@ -248,14 +248,7 @@ def test_subnet_differs_from_parent(models, small_config) -> None:
 def test_router_weights_reach_every_axis(models, small_config, mode) -> None:
     _, elastic = models
     spec = _specs(small_config)["heterogeneous"]
-    widths = [
-        c.width * c.head_dim if c.kind == "mamba" else c.width for c in spec.layers
-    ]  # units per layer
-    weights = SubnetWeights(
-        hidden=torch.ones(spec.hidden, requires_grad=True),
-        layers=tuple(torch.ones(w, requires_grad=True) for w in widths),
-        gates=tuple(torch.ones((), requires_grad=True) for _ in spec.layers),
-    )
+    weights = _router_like_weights(spec, seed=None)
     tokens, labels = _batch(small_config, seed=3)
     elastic.set_subnet(spec, mode=mode)
     plain = elastic(tokens, position_ids_like(tokens), None).detach()
