@@ -33,6 +33,9 @@ __all__ = [
 
 ConvRoute = Literal["fused", "fallback"]
 """How the CUDA path does the causal conv (:func:`cuda_conv_route`)."""
+FUSED_CONV_CHANNEL_MULTIPLE = 8
+"""mamba-ssm's fused kernel needs the conv's channels (d_inner + 2*groups*state) a multiple of this
+(its ``ensure_stride`` asserts it, for causal-conv1d's channels-last layout)."""
 SsmKernels = Literal["auto", "triton", "torch"]
 """Which kernels run the mixer (:attr:`TorchScanMambaMixer.ssm_kernels`)."""
 
@@ -118,7 +121,10 @@ def cuda_conv_route() -> tuple[ConvRoute, str]:
         ssd_combined.causal_conv1d_fwd_function,
         ssd_combined.causal_conv1d_bwd_function,
     ):
-        return "fused", "causal-conv1d is installed: mamba-ssm's mamba_split_conv1d_scan_combined"
+        return "fused", (
+            "causal-conv1d is installed: mamba-ssm's mamba_split_conv1d_scan_combined (the "
+            "fallback for convs whose channel count is not a multiple of 8)"
+        )
     return "fallback", (
         "causal-conv1d is not installed: a depthwise F.conv1d, then mamba-ssm's "
         "mamba_chunk_scan_combined (same results; install causal-conv1d for the fused kernel)"
@@ -140,13 +146,17 @@ def _gated_ssm_cuda(
     route: ConvRoute | None = None,
 ) -> torch.Tensor:
     """:func:`_gated_ssm_torch` on mamba-ssm's Triton kernels, by ``route`` (default: what
-    :func:`cuda_conv_route` finds). Both return the silu(z)-gated, un-normed y, D included."""
+    :func:`cuda_conv_route` finds; ``"fused"`` becomes ``"fallback"`` for a conv whose channel
+    count is not a multiple of 8, which the fused kernel refuses). Both return the silu(z)-gated,
+    un-normed y, D included."""
     from mamba_ssm.ops.triton.ssd_combined import (
         mamba_chunk_scan_combined,
         mamba_split_conv1d_scan_combined,
     )
 
     route = route or cuda_conv_route()[0]
+    if route == "fused" and conv_weight.size(0) % FUSED_CONV_CHANNEL_MULTIPLE:
+        route = "fallback"  # mamba-ssm asserts it (ensure_stride): e.g. a head_dim-10 sub-network
     A = -torch.exp(A_log.float())
     if route == "fused":  # megatron's _ssm_training call (mamba-ssm 2.3.2)
         return mamba_split_conv1d_scan_combined(

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,9 +43,13 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
 
 
-def _compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+def _compare(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], fused_calls: list[str]
+) -> dict[str, Any]:
+    """Per tensor, the relative error; and which causal-conv1d (double) calls the run made."""
     assert got.keys() == want.keys(), (sorted(got), sorted(want))
-    return {name: _rel(got[name].float(), want[name].float()) for name in want}
+    errors = {name: _rel(got[name].float(), want[name].float()) for name in want}
+    return {"errors": errors, "fused_calls": sorted(set(fused_calls))}
 
 
 def _backward(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], seed: int):
@@ -57,14 +62,15 @@ def _backward(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], 
 
 
 # ------------------------------------------------------------------------ the kernel functions
-def case_kernels(route: str, norm: bool) -> dict[str, float]:
+def case_kernels(route: str, norm: bool) -> dict[str, Any]:
     """``mamba_ssm_cuda`` (or the un-normed ``_gated_ssm_cuda``) vs the torch functions, forward
-    and every input's gradient. b 1, seq 96 (3 chunks of 32), 4 heads x 16, 2 groups, state 16."""
-    from megatron_elastic.model import mamba
+    and every input's gradient. b 1, seq 64 (2 chunks of 32), 4 heads x 16, 2 groups, state 16."""
     from triton_emulation import fused_conv_route
 
+    from megatron_elastic.model import mamba
+
     g = torch.Generator().manual_seed(0)
-    b, length, heads, p, groups, n, kernel, chunk = 1, 96, 4, 16, 2, 16, 4, 32
+    b, length, heads, p, groups, n, kernel, chunk = 1, 64, 4, 16, 2, 16, 4, 32
     inner, conv = heads * p, heads * p + 2 * groups * n
     inputs = {
         "zxbcdt": torch.randn(b, length, inner + conv + heads, generator=g),
@@ -82,9 +88,9 @@ def case_kernels(route: str, norm: bool) -> dict[str, float]:
     else:
         cuda, ref = partial(mamba._gated_ssm_cuda, route=route), mamba._gated_ssm_torch
     want = _backward(partial(ref, **sizes), inputs, seed=1)
-    with fused_conv_route(installed=route == "fused"):
+    with fused_conv_route(installed=route == "fused") as calls:
         got = _backward(partial(cuda, **sizes), inputs, seed=1)
-    return _compare(got, want)
+    return _compare(got, want, calls)
 
 
 # ------------------------------------------------------------------------ the mixers
@@ -123,36 +129,38 @@ def _mixer_run(mixer, hidden: torch.Tensor, kernels: str) -> dict[str, torch.Ten
     return got | params
 
 
-def case_mixer(route: str, subnet: bool) -> dict[str, float]:
+def case_mixer(route: str, subnet: bool, head_dim: int = 12) -> dict[str, Any]:
     """The parent's mixer (megatron's ``MambaMixer.forward`` with our ``_ssm_training``) or an
-    elastic ``slice`` sub-network's (2 of 4 heads per... group-trimmed heads of head_dim 10, the
-    hidden cut to 48): Triton kernels vs torch, seq 64, output and all gradients."""
-    from megatron_elastic.elastic import SubnetSpec
+    elastic ``slice`` sub-network's (1 of 2 heads per group, ``head_dim`` 12: 88 conv channels;
+    the hidden cut to 48): Triton kernels vs torch, seq 64, output and all gradients."""
     from triton_emulation import fused_conv_route
 
+    from megatron_elastic.elastic import SubnetSpec
+
     cfg, model, mixer = _mixer()
-    if subnet:
-        spec = SubnetSpec.homogeneous(cfg, hidden=48, mamba_heads=2, mamba_head_dim=10)
+    width = cfg.hidden_size
+    if subnet:  # the mixer of a sub-network receives the hidden states already cut to 48
+        width = 48
+        spec = SubnetSpec.homogeneous(cfg, hidden=width, mamba_heads=2, mamba_head_dim=head_dim)
         model.set_subnet(spec, mode="slice")
-    hidden = torch.randn(64, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    hidden = torch.randn(64, 1, width, generator=torch.Generator().manual_seed(2))
     want = _mixer_run(mixer, hidden, "torch")
-    with fused_conv_route(installed=route == "fused"):
+    with fused_conv_route(installed=route == "fused") as calls:
         got = _mixer_run(mixer, hidden, "triton")
-    return _compare(got, want)
+    return _compare(got, want, calls)
 
 
-def case_megatron_training_call() -> dict[str, float]:
+def case_megatron_training_call() -> dict[str, Any]:
     """Our ``_ssm_training`` on the fused route vs megatron's own ``MambaMixer._ssm_training``
     (which the parent's mixer no longer calls): the same kernel calls, so the same numbers."""
     from megatron.core.ssm.mamba_mixer import MambaMixer
-
     from triton_emulation import fused_conv_route
 
-    cfg, _, mixer = _mixer()
+    _, _, mixer = _mixer()
     mixer.ssm_kernels = "triton"
     g = torch.Generator().manual_seed(4)
     zxbcdt = torch.randn(64, 1, mixer.in_proj.weight.size(0), generator=g)
-    with fused_conv_route(installed=True):
+    with fused_conv_route(installed=True) as calls:
         runs = []
         for fn in (MambaMixer._ssm_training, type(mixer)._ssm_training):
             mixer.zero_grad(set_to_none=True)
@@ -160,10 +168,10 @@ def case_megatron_training_call() -> dict[str, float]:
             runs.append(
                 out | {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None}
             )
-    return _compare(runs[1], runs[0])
+    return _compare(runs[1], runs[0], calls)
 
 
-CASES: dict[str, Callable[[], dict[str, float]]] = {
+CASES: dict[str, Callable[[], dict[str, Any]]] = {
     **{
         f"kernels/{r}/{'norm' if m else 'gated'}": partial(case_kernels, r, m)
         for r in ROUTES
@@ -171,6 +179,8 @@ CASES: dict[str, Callable[[], dict[str, float]]] = {
     },
     **{f"parent_mixer/{r}": partial(case_mixer, r, False) for r in ROUTES},
     **{f"slice_mixer/{r}": partial(case_mixer, r, True) for r in ROUTES},
+    # 2 heads x 10 + 2 groups x 2 x 16 = 84 conv channels: the fused kernel refuses it
+    "slice_mixer/fused_84_channels": partial(case_mixer, "fused", True, head_dim=10),
     "megatron_training_call": case_megatron_training_call,
 }
 
@@ -193,8 +203,10 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     return json.loads(out.read_text())
 
 
-def _check(emulated: dict[str, dict], case: str, tol: float = TOL) -> None:
-    errors = emulated[case]["result"]
+def _check(emulated: dict[str, dict], case: str, fused: bool, tol: float = TOL) -> None:
+    result = emulated[case]["result"]
+    assert result["fused_calls"] == (["bwd", "fwd"] if fused else []), result["fused_calls"]
+    errors = result["errors"]
     worst = max(errors, key=errors.get)
     assert errors[worst] <= tol, (case, worst, errors[worst], errors)
 
@@ -202,21 +214,23 @@ def _check(emulated: dict[str, dict], case: str, tol: float = TOL) -> None:
 @pytest.mark.parametrize("norm", ["gated", "norm"])
 @pytest.mark.parametrize("route", ROUTES)
 def test_invariant_triton_ssm_matches_torch_in_interpreter(emulated, route, norm) -> None:
-    _check(emulated, f"kernels/{route}/{norm}")
+    _check(emulated, f"kernels/{route}/{norm}", fused=route == "fused")
 
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_invariant_parent_mixer_cuda_path_matches_torch(emulated, route) -> None:
-    _check(emulated, f"parent_mixer/{route}")
+    _check(emulated, f"parent_mixer/{route}", fused=route == "fused")
 
 
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("route", [*ROUTES, "fused_84_channels"])
 def test_invariant_slice_mixer_cuda_path_matches_torch(emulated, route) -> None:
-    _check(emulated, f"slice_mixer/{route}")
+    """``fused_84_channels``: causal-conv1d present, but a conv of 84 channels, which the fused
+    kernel refuses: the fallback runs instead."""
+    _check(emulated, f"slice_mixer/{route}", fused=route == "fused")
 
 
 def test_invariant_parent_mixer_is_megatrons_training_call(emulated) -> None:
-    _check(emulated, "megatron_training_call", tol=0.0)
+    _check(emulated, "megatron_training_call", fused=True, tol=0.0)
 
 
 def test_cuda_conv_route_follows_causal_conv1d() -> None:

@@ -143,18 +143,28 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def fused_conv_route(installed: bool) -> Iterator[None]:
+def fused_conv_route(installed: bool) -> Iterator[list[str]]:
     """Make mamba-ssm see causal-conv1d as importable (the doubles above) or as missing, which is
-    what :func:`megatron_elastic.model.mamba.cuda_conv_route` reads."""
+    what :func:`megatron_elastic.model.mamba.cuda_conv_route` reads. Yields the list of double
+    calls made inside (``"fwd"`` / ``"bwd"``): the fused route really ran iff it is not empty."""
     from mamba_ssm.ops.triton import ssd_combined
 
     names = ("causal_conv1d_fwd_function", "causal_conv1d_bwd_function")
     saved = [getattr(ssd_combined, n) for n in names]
-    doubles = (causal_conv1d_fwd_double, causal_conv1d_bwd_double)
+    calls: list[str] = []
+
+    def counted(tag: str, fn: Any) -> Any:
+        def double(*args: Any) -> Any:
+            calls.append(tag)
+            return fn(*args)
+
+        return double
+
+    doubles = (counted("fwd", causal_conv1d_fwd_double), counted("bwd", causal_conv1d_bwd_double))
     for name, double in zip(names, doubles, strict=True):
         setattr(ssd_combined, name, double if installed else None)
     try:
-        yield
+        yield calls
     finally:
         for name, old in zip(names, saved, strict=True):
             setattr(ssd_combined, name, old)
