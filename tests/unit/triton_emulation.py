@@ -145,29 +145,37 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
 @contextlib.contextmanager
 def fused_conv_route(installed: bool) -> Iterator[list[str]]:
     """Make mamba-ssm see causal-conv1d as importable (the doubles above) or as missing, which is
-    what :func:`megatron_elastic.model.mamba.cuda_conv_route` reads. Yields the list of double
-    calls made inside (``"fwd"`` / ``"bwd"``): the fused route really ran iff it is not empty."""
-    from mamba_ssm.ops.triton import ssd_combined
+    what :func:`megatron_elastic.model.mamba.cuda_conv_route` reads. Yields the list of calls made
+    inside, so a test can tell which path really ran: ``"fwd"`` / ``"bwd"`` (the causal-conv1d
+    doubles: the fused route), ``"scan"`` (mamba-ssm's Triton SSD forward, either route) and
+    ``"norm"`` (its Triton ``rmsnorm_fn``)."""
+    from mamba_ssm.ops.triton import layernorm_gated, ssd_combined
 
-    names = ("causal_conv1d_fwd_function", "causal_conv1d_bwd_function")
-    saved = [getattr(ssd_combined, n) for n in names]
     calls: list[str] = []
 
     def counted(tag: str, fn: Any) -> Any:
-        def double(*args: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             calls.append(tag)
-            return fn(*args)
+            return fn(*args, **kwargs)
 
-        return double
+        return wrapper
 
-    doubles = (counted("fwd", causal_conv1d_fwd_double), counted("bwd", causal_conv1d_bwd_double))
-    for name, double in zip(names, doubles, strict=True):
-        setattr(ssd_combined, name, double if installed else None)
+    fwd, bwd = causal_conv1d_fwd_double, causal_conv1d_bwd_double
+    replace = [
+        (ssd_combined, "causal_conv1d_fwd_function", counted("fwd", fwd) if installed else None),
+        (ssd_combined, "causal_conv1d_bwd_function", counted("bwd", bwd) if installed else None),
+        (ssd_combined, "_mamba_chunk_scan_combined_fwd", None),
+        (layernorm_gated, "rmsnorm_fn", None),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in replace]
+    for (module, name, new), (_, _, old) in zip(replace, saved, strict=True):
+        tag = {"_mamba_chunk_scan_combined_fwd": "scan", "rmsnorm_fn": "norm"}.get(name)
+        setattr(module, name, counted(tag, old) if tag else new)
     try:
         yield calls
     finally:
-        for name, old in zip(names, saved, strict=True):
-            setattr(ssd_combined, name, old)
+        for module, name, old in saved:
+            setattr(module, name, old)
 
 
 def run_cases(module: str) -> dict[str, Any]:
