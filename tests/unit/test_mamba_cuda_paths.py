@@ -33,8 +33,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).parents[2]
-TOL = 1e-4
-"""Relative to each reference tensor's max |value| (outputs and every gradient)."""
+TOL = 2e-5
+"""Relative to each reference tensor's max |value| (outputs and every gradient). Measured worst:
+8.0e-6 (the slice mixer's dt_bias gradient); kernel functions 5.1e-7, parent mixer 1.7e-6."""
 ROUTES = ("fused", "fallback")
 
 
