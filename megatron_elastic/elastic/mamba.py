@@ -3,7 +3,8 @@
 z, x and dt follow the active heads/channels; B and C (per group) are kept; the conv follows x;
 the gated group RMSNorm normalises over each group's *active* channels. ``slice`` runs the mixer
 on the cut weights (mamba-ssm kernels on CUDA, the torch scan on CPU); ``mask`` runs it in full
-and zeroes inactive heads/channels after the conv (masking before it would let the conv bias leak).
+and zeroes inactive heads/channels after the conv (masking before it would let the conv bias leak),
+always in torch (the chunked scan of :mod:`..model.ssd_scan`, also on CUDA tensors).
 Context parallelism follows megatron's ``MambaContextParallel``: an all-to-all from this rank's
 tokens to this rank's heads over the whole sequence before the conv, and back after the scan.
 """
@@ -90,6 +91,7 @@ class ElasticMambaMixer(TorchScanMambaMixer):
             chunk_size=self.chunk_size,
             norm_group_size=idx.heads_per_group * idx.head_dim,
             norm_eps=self.norm.eps,
+            kernels=self.ssm_kernels,
         )
         y = apply_unit_weight(y, st.weight)
         return row_parallel(y, w["out_proj.weight"], self.out_proj)

@@ -36,6 +36,7 @@ from megatron_elastic.elastic import build_elastic_model
 from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.integrity import CheckpointDamaged
 from megatron_elastic.model import build_hybrid_model, count_parameters
+from megatron_elastic.model.mamba import cuda_conv_route
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 from megatron_elastic.router import (
     ElasticRouter,
@@ -422,6 +423,8 @@ class Trainer:
             f"{' SP' if r.parallel.sequence_parallel_active else ''}, "
             f"{self.num_micro} micro-batches/step, {self.dtype}"
         )
+        if self.device.type == "cuda" and "M" in r.model.hybrid_pattern:
+            _log("Mamba conv on CUDA: {} ({})".format(*cuda_conv_route()))
         t0, tokens0 = time.time(), self.progress.tokens
         for step in range(self.progress.step + 1, r.train.steps + 1):
             stats, grad_norm, preempt = self.train_step(step)
