@@ -64,7 +64,9 @@ def lower_right_causal_attention(
         from torch.nn.attention.bias import causal_lower_right
 
         mask = causal_lower_right(lq, lk)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale
+        )
     padded = torch.cat([q.new_zeros(*q.shape[:-2], lk - lq, q.size(-1)), q], dim=-2)
     out = torch.nn.functional.scaled_dot_product_attention(
         padded, k, v, is_causal=True, scale=scale
