@@ -66,7 +66,9 @@ def test_local_spec_core_attention_is_the_fused_one() -> None:
     assert attn.core_attention is CausalCoreAttention
 
 
-def test_full_budget_evaluation_path_calls_causal_sdpa(parent_and_elastic, monkeypatch) -> None:
+def test_invariant_full_budget_evaluation_path_calls_causal_sdpa(
+    parent_and_elastic, monkeypatch
+) -> None:
     """The bypass and the parent run CausalCoreAttention, which calls SDPA causal, no mask."""
     base, elastic = parent_and_elastic
     for model in (base, elastic):
@@ -87,7 +89,9 @@ def test_full_budget_evaluation_path_calls_causal_sdpa(parent_and_elastic, monke
 
 
 @pytest.mark.parametrize("which,train", [("parent", True), ("evaluation", False)])
-def test_attention_memory_grows_linearly_with_sequence(parent_and_elastic, which, train) -> None:
+def test_invariant_attention_memory_grows_linearly_with_sequence(
+    parent_and_elastic, which, train
+) -> None:
     """Peak above the weights of a forward at s and 2s: the parent in training (also the frozen
     teacher's module) and the full-budget evaluation path under no_grad. About 2x, and the
     whole peak at 2s below a quarter of one (heads, 2s, 2s) fp32 score matrix."""
@@ -97,7 +101,9 @@ def test_attention_memory_grows_linearly_with_sequence(parent_and_elastic, which
     assert large < SCORES_2S / 4, (which, large)  # a quarter of one score matrix
 
 
-def test_planner_attention_term_grows_as_measured(parent_and_elastic, attention_config) -> None:
+def test_invariant_planner_attention_term_grows_as_measured(
+    parent_and_elastic, attention_config
+) -> None:
     """The planner's attention-layer activations are linear in s (no score term at any CP) and
     its ratio matches the measured training-forward peak ratio within 15%."""
 
@@ -135,7 +141,7 @@ class _Rank:
 
 
 @pytest.mark.parametrize("cp", [2, 4])
-def test_context_parallel_attention_has_no_dense_mask(monkeypatch, cp: int) -> None:
+def test_invariant_context_parallel_attention_has_no_dense_mask(monkeypatch, cp: int) -> None:
     """Each CP rank's share (the all-gather replaced by its result) equals full causal
     attention (rel 5e-7; the distributed test's RTOL_ATTENTION is 7e-7), and every SDPA call is
     causal with no mask tensor (on CPU each query chunk is padded to its visible keys; the
