@@ -403,24 +403,18 @@ def test_format_plan_ends_with_the_peak() -> None:
     assert text.splitlines()[-1] == f"peak GiB per GPU: {plan_memory(_small()).peak / GIB:.2f}"
 
 
-def _bench_worker():
-    path = ROOT / "benchmarks" / "bench_memory_worker.py"
-    spec = importlib.util.spec_from_file_location("bench_memory_worker", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
-    """bench_memory_worker's CPU peak: a tensor whose last reference is dropped on a thread the
-    profiler does not record (as gloo's worker threads drop the tensors of a collective) is
-    freed there; the allocator's all-thread counter sees it, a replay of the profiler's byte
-    deltas does not and keeps counting it."""
+    """The CPU peak bench_memory_worker measures (planning/measure.py): a tensor whose last
+    reference is dropped on a thread the profiler does not record (as gloo's worker threads
+    drop the tensors of a collective) is freed there; the allocator's all-thread counter sees
+    it, a replay of the profiler's byte deltas does not and keeps counting it."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    worker, mib = _bench_worker(), 1024**2
+    from megatron_elastic.planning.measure import cpu_peak, track_all_threads
+
+    mib = 1024**2
     try:
-        worker._track_all_threads()
+        track_all_threads()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with record_function("window"):
                 for _ in range(3):
@@ -429,8 +423,8 @@ def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
                     thread.start()
                     thread.join()
     finally:
-        worker._track_all_threads(False)
-    result = worker._cpu_peak(prof, "window")
+        track_all_threads(False)
+    result = cpu_peak(prof, "window")
     assert result["peak_bytes"] == mib
     assert result["replay_peak_bytes"] == 3 * mib
     # at the last recorded event (the third allocation) the replay lacks the first two frees
