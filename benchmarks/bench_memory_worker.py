@@ -10,8 +10,9 @@ recompute), runs its steps and writes ``result_<rank>.json``:
   ``torch.profiler``'s allocation events: each carries the allocator's own live-bytes counter
   (``total_allocated``), which counts every allocation and free since before the Trainer was
   built (so the weights, gradient buffers and optimizer state allocated before the first step
-  are counted) *on every thread*, gloo's worker threads included (see :func:`_track_all_threads`;
-  Python objects, gloo's own non-torch buffers and the data loader's memory maps are not). As a
+  are counted) *on every thread*, gloo's worker threads included (see
+  :func:`megatron_elastic.planning.measure.track_all_threads`; Python objects, gloo's own
+  non-torch buffers and the data loader's memory maps are not). As a
   cross-check, the process's peak RSS minus its RSS before the Trainer was built, and the old
   replay of the events' byte deltas (``replay_peak_bytes``: it misses every free made on a
   thread the profiler does not record, so it drifts upward; ``untracked_free_bytes`` is that
@@ -103,69 +104,9 @@ def recipe_dict(workdir: Path, run: dict) -> dict:
     }
 
 
-def _track_all_threads(enabled: bool = True) -> None:
-    """Make torch's CPU allocator count the frees (and allocations) of every thread (``False``:
-    back to torch's default, where only profiled threads are counted).
-
-    The profiler records an allocator event only on threads that carry its thread-local state;
-    gloo runs collectives on its own worker threads, which do not. A gloo ``Work`` holds the
-    tensors of its collective (its inputs, outputs and gloo's copies, e.g. the clone of the input
-    in ``_reduce_scatter_base``) and is often destroyed on the worker thread, so the last
-    reference, and the free, of such a tensor falls there: the profiler's event stream then has
-    the allocation but never the free, and a replay of its byte deltas drifts upward by
-    whichever tensors lost that race (timing-dependent: 7-54 MiB per rank in 3 steps of the
-    two-rank configurations; none at one rank). With ``FLAGS_caffe2_report_cpu_memory_usage``
-    set, ``ProfiledCPUMemoryReporter`` keeps its size table and live-bytes counter on every
-    thread, and every recorded event carries that counter as ``total_allocated``. (The flag's
-    log lines are at INFO, below c10's default level.) On CUDA the caching allocator's
-    statistics are process-wide already."""
-    import ctypes
-
-    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
-    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = enabled
-
-
-def _cpu_peak(prof, window: str) -> dict:
-    """Peak of the CPU allocator's live bytes (all threads, since the profile began) inside
-    ``window``, the ops running at that moment (outermost first; where the peak happens), and
-    the byte-delta replay for comparison."""
-    from torch._C._profiler import _EventType
-
-    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            f = e.extra_fields
-            allocations.append((e.start_time_ns, f.alloc_size, f.total_allocated))
-    allocations.sort()
-    events = prof.profiler.kineto_results.events()
-    span = next(e for e in events if e.name() == window)
-    start, end = span.start_ns(), span.start_ns() + span.duration_ns()
-    peak = replay_peak = live = 0
-    when = start
-    for ts, delta, total in allocations:
-        live += delta
-        if start <= ts <= end:
-            if total > peak:
-                peak, when = total, ts
-            replay_peak = max(replay_peak, live)
-    ops = sorted(
-        (e.start_ns(), e.name())
-        for e in events
-        if e.name() not in ("[memory]", window)
-        and e.start_ns() <= when <= e.start_ns() + e.duration_ns()
-    )
-    return {
-        "peak_bytes": peak,
-        "peak_ops": [name for _, name in ops],
-        "replay_peak_bytes": replay_peak,
-        "untracked_free_bytes": live - allocations[-1][2],
-    }
-
-
 def run(workdir: Path, config: Path) -> None:
     from megatron_elastic import platform
+    from megatron_elastic.planning.measure import cpu_peak, track_all_threads
     from megatron_elastic.training.recipe import load_train_recipe
     from megatron_elastic.training.trainer import Trainer
 
@@ -196,7 +137,7 @@ def run(workdir: Path, config: Path) -> None:
     else:
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        _track_all_threads()
+        track_all_threads()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             trainer = Trainer(recipe)
             with record_function("bench_memory_steps"):
@@ -204,7 +145,7 @@ def run(workdir: Path, config: Path) -> None:
                     if spec.get("gc_collect"):
                         gc.collect()  # diagnosis: free cyclic garbage before each step
                     trainer.train_step(step)
-        result.update(_cpu_peak(prof, "bench_memory_steps"))
+        result.update(cpu_peak(prof, "bench_memory_steps"))
         result["method"] = "CPU allocator live bytes (all threads) at torch.profiler events"
         result["rss_delta_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     pgs = trainer.pgs

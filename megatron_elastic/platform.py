@@ -24,6 +24,7 @@ __all__ = [
     "apply",
     "cuda_available",
     "default_device",
+    "lower_right_causal_attention",
     "seed_model_parallel_rng",
     "use_torch_nemotron_h_kernels",
 ]
@@ -40,6 +41,37 @@ def default_device() -> torch.device:
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def lower_right_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of the last ``Lq`` of ``Lk`` positions: q (b, h, Lq, d) attends to k, v
+    (b, h, Lk, d), ``Lq <= Lk``, query ``i`` to keys ``0..Lk-Lq+i`` (bottom-right aligned).
+
+    On CUDA, torch's ``causal_lower_right`` dispatches to the flash / memory-efficient kernels.
+    Elsewhere it materialises an (Lq, Lk) mask and the math kernel's scores, so the queries are
+    left-padded with zeros to ``Lk`` rows and run through the causal flash kernel (top-left
+    aligned, linear memory); the padded rows are dropped (they get no gradient). Costs up to
+    ``Lk/Lq`` times the compute, which only the CPU context-parallel tests pay.
+    """
+    lq, lk = q.size(-2), k.size(-2)
+    if lq == lk:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale
+        )
+    if q.device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(lq, lk)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale
+        )
+    padded = torch.cat([q.new_zeros(*q.shape[:-2], lk - lq, q.size(-1)), q], dim=-2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        padded, k, v, is_causal=True, scale=scale
+    )
+    return out[..., lk - lq :, :]
 
 
 def _register_mamba_ssm_without_extension() -> None:

@@ -302,7 +302,7 @@ def _sequence_parallel_weights(
     return SubnetWeights(hidden=reduced(weights.hidden), layers=weights.layers, gates=gates)
 
 
-def elastic_stack_spec(model: ModelConfig, parallel: ParallelConfig | None = None) -> ModuleSpec:
+def elastic_stack_spec(model: ModelConfig) -> ModuleSpec:
     """The local hybrid spec with every module swapped for its elastic subclass."""
     return local_hybrid_stack_spec(
         mixer_params(model),
@@ -311,7 +311,6 @@ def elastic_stack_spec(model: ModelConfig, parallel: ParallelConfig | None = Non
         mlp=ElasticMLP,
         norm=ElasticRMSNorm,
         stack=ElasticHybridStack,
-        context_parallel=(parallel or ParallelConfig()).context_parallel_size > 1,
     )
 
 
@@ -333,7 +332,7 @@ def build_elastic_model(
         pgs,
         parallel,
         params_dtype=params_dtype,
-        stack_spec=elastic_stack_spec(model, parallel),
+        stack_spec=elastic_stack_spec(model),
         model_class=ElasticHybridModel,
         recompute=recompute,
     )

@@ -198,13 +198,17 @@ class HFEvalCheckpoint:
 
 def open_hf_checkpoint(path: str | Path) -> HFEvalCheckpoint:
     """Load the HF directory ``path`` with ``AutoModelForCausalLM`` in float32, eval mode, on the
-    device megatron models use here (trust_remote_code only when its config has ``auto_map``)."""
+    device megatron models use here (trust_remote_code only when its config has ``auto_map``).
+    Stock NemotronH gets ``attn_implementation="sdpa"`` (transformers' default too, said here so
+    a fallback to its eager (s x s) attention fails loudly); the remote code calls causal SDPA
+    itself."""
     from transformers import AutoModelForCausalLM
 
     directory = read_hf_directory(path)
     hf_weight_files(directory.path)  # whole files, or a one-line error naming the damaged one
     use_torch_nemotron_h_kernels()  # before transformers imports NemotronH (see its docstring)
+    attention = {} if directory.remote_code else {"attn_implementation": "sdpa"}
     hf_model = AutoModelForCausalLM.from_pretrained(
-        directory.path, dtype=torch.float32, trust_remote_code=directory.remote_code
+        directory.path, dtype=torch.float32, trust_remote_code=directory.remote_code, **attention
     )
     return HFEvalCheckpoint(directory, hf_model.to(default_device()).eval())

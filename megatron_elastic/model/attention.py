@@ -1,12 +1,18 @@
-"""Causal attention, exact under context parallelism: the one place CP enters attention.
+"""Causal attention on fused kernels, exact under context parallelism: every core attention of
+the local spec and of the elastic attention.
+
+No (s, s) score or mask tensor is ever built: every call is torch's
+``scaled_dot_product_attention`` with a causal flag (flash / memory-efficient kernels on GPU, the
+flash kernel on CPU), whose saved state is linear in the sequence length.
 
 Under context parallelism each CP rank holds two chunks of the sequence, megatron's load-balanced
 ("zig-zag") layout: of ``2*CP`` equal chunks, rank ``r`` holds chunks ``r`` and ``2*CP-1-r``
 (:func:`megatron.core.utils.get_batch_on_this_cp_rank`). Keys and values are all-gathered over the
 CP group (cheap with GQA: only the key/value heads travel; their gradients are reduce-scattered
-back), and each local query attends to the gathered keys at global positions not after its own.
-Transformer Engine's context-parallel attention (ring p2p) does this on GPU for megatron's TE
-spec; this implementation serves the local spec and the elastic attention on any device.
+back) and put into global chunk order; the queries of global chunk ``c`` attend to chunks
+``0..c`` with a bottom-right-aligned causal mask
+(:func:`megatron_elastic.platform.lower_right_causal_attention`). Transformer Engine's
+context-parallel attention (ring p2p) does this on GPU for megatron's TE spec.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-__all__ = ["ContextParallelDotProductAttention", "causal_attention", "load_balanced_positions"]
+from megatron_elastic.platform import lower_right_causal_attention
+
+__all__ = ["CausalCoreAttention", "causal_attention", "load_balanced_positions"]
 
 
 def load_balanced_positions(
@@ -30,6 +39,31 @@ def load_balanced_positions(
     first = torch.arange(chunk, device=device) + cp_rank * chunk
     second = torch.arange(chunk, device=device) + (2 * cp_size - 1 - cp_rank) * chunk
     return torch.cat([first, second])
+
+
+def _global_chunk_order(cp_size: int) -> list[int]:
+    """For each global chunk ``j`` of ``2*cp_size``, its index among the rank-ordered gathered
+    chunks (rank ``r`` contributes chunks ``r`` then ``2*cp_size-1-r``)."""
+    return [2 * j if j < cp_size else 2 * (2 * cp_size - 1 - j) + 1 for j in range(2 * cp_size)]
+
+
+def _load_balanced_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_size: int, rank: int, scale
+) -> torch.Tensor:
+    """q (b, h, s, d): this rank's two chunks; k, v (b, h, cp*s, d) gathered in rank order.
+    Returns (b, h, s, d)."""
+    b, h, s, d = q.shape
+    chunk = s // 2
+    order = _global_chunk_order(cp_size)
+    # (b, h, 2cp, chunk, d) -> global chunk order, (b, h, 2cp*chunk, d)
+    k = k.view(b, h, 2 * cp_size, chunk, d)[:, :, order].reshape(b, h, -1, d)
+    v = v.view(b, h, 2 * cp_size, chunk, d)[:, :, order].reshape(b, h, -1, d)
+    out = []
+    for i, c in enumerate((rank, 2 * cp_size - 1 - rank)):  # this rank's chunks, global index c
+        visible = (c + 1) * chunk  # keys of chunks 0..c; the last chunk is the diagonal one
+        q_c = q[:, :, i * chunk : (i + 1) * chunk]
+        out.append(lower_right_causal_attention(q_c, k[:, :, :visible], v[:, :, :visible], scale))
+    return torch.cat(out, dim=2)
 
 
 def causal_attention(
@@ -46,6 +80,7 @@ def causal_attention(
             ``groups`` (each group's key/value serves ``heads // groups`` consecutive heads).
         cp_group: the context-parallel group (``None`` or one rank: plain causal attention over
             the local sequence); otherwise ``s`` is this rank's load-balanced share.
+        softmax_scale: ``None``: ``1/sqrt(d)``.
     Returns:
         (s, b, heads * d)
     """
@@ -62,19 +97,20 @@ def causal_attention(
     if cp_size == 1:
         ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
     else:
-        rank = cp_group.rank()
-        q_pos = load_balanced_positions(s, cp_size, rank, query.device)
-        k_pos = torch.cat(
-            [load_balanced_positions(s, cp_size, r, query.device) for r in range(cp_size)]
-        )
-        allowed = q_pos[:, None] >= k_pos[None, :]  # (s, cp*s): keys not after the query
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=softmax_scale)
+        ctx = _load_balanced_causal(q, k, v, cp_size, cp_group.rank(), softmax_scale)
     return ctx.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
 
-class ContextParallelDotProductAttention(MegatronModule):
-    """Core attention of the local spec under context parallelism (megatron's local
-    ``DotProductAttention`` refuses CP): causal, no dropout, no bias, as NemotronH trains."""
+class CausalCoreAttention(MegatronModule):
+    """Core attention of the local spec at every CP size, in place of megatron's local
+    ``DotProductAttention`` (which materialises (b*heads, s, s) scores and an fp32 softmax copy,
+    and refuses CP). Same constructor as megatron's; no parameters, so checkpoints are unchanged.
+
+    Computes what megatron's does for NemotronH: causal, scale ``1/sqrt(kv_channels)`` unless
+    given, no dropout, no bias. ``apply_query_key_layer_scaling`` is accepted: megatron divides
+    the scale by the layer number and multiplies the scores back before its softmax, so the result
+    is the same. Options that would change the result raise ``ValueError``.
+    """
 
     def __init__(
         self,
@@ -88,13 +124,36 @@ class ContextParallelDotProductAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
-        if pg_collection is None or (config.attention_dropout or 0.0) > 0:
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
             raise ValueError(
-                "ContextParallelDotProductAttention needs explicit process groups and "
-                "attention_dropout=0"
+                f"attention_dropout={dropout}: CausalCoreAttention has no dropout; set "
+                "attention_dropout=0 (NemotronH trains without it)"
             )
-        self.cp_group = pg_collection.cp
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(
+                f"attn_mask_type={attn_mask_type}: CausalCoreAttention is causal only; build the "
+                "attention with AttnMaskType.causal"
+            )
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError(
+                f"window_size={config.window_size}: CausalCoreAttention has no sliding window; "
+                "set window_size=None"
+            )
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(
+                f"softmax_type={config.softmax_type!r}: CausalCoreAttention computes the "
+                "vanilla softmax; set softmax_type='vanilla'"
+            )
+        if pg_collection is None and config.context_parallel_size > 1:
+            raise ValueError(
+                "CausalCoreAttention under context parallelism needs the process groups: pass "
+                "pg_collection (with .cp) when building the model"
+            )
+        self.cp_group = None if pg_collection is None else pg_collection.cp
+        if softmax_scale is None:
+            softmax_scale = 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = softmax_scale
 
     def forward(
         self,
@@ -106,6 +165,15 @@ class ContextParallelDotProductAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("context-parallel attention has no bias or packed sequences")
+        """query (s, b, heads, d), key/value (s, b, groups, d) -> (s, b, heads * d)."""
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError(
+                "CausalCoreAttention applies the causal mask itself: pass attention_mask=None "
+                "and attention_bias=None (build data with create_attention_mask=False)"
+            )
+        if packed_seq_params is not None:
+            raise ValueError(
+                "CausalCoreAttention has no packed sequences: pass packed_seq_params=None, or "
+                "use the Transformer-Engine spec"
+            )
         return causal_attention(query, key, value, self.cp_group, self.softmax_scale)

@@ -127,14 +127,13 @@ def hybrid_stack_spec(model: ModelConfig, parallel: ParallelConfig | None = None
     """TE spec on GPU with transformer_engine, local spec otherwise. A heterogeneous ``model``
     always gets the local spec with a :class:`HeterogeneousHybridStack` (per-layer sizes)."""
     params = mixer_params(model)
-    cp = (parallel or ParallelConfig()).context_parallel_size > 1
     if model.is_heterogeneous:
-        spec = local_hybrid_stack_spec(params, stack=HeterogeneousHybridStack, context_parallel=cp)
+        spec = local_hybrid_stack_spec(params, stack=HeterogeneousHybridStack)
         spec.params["layer_overrides"] = layer_overrides(model, parallel)
         return spec
     if use_te():
         return te_hybrid_stack_spec(params)
-    return local_hybrid_stack_spec(params, context_parallel=cp)
+    return local_hybrid_stack_spec(params)
 
 
 def build_hybrid_model(

@@ -24,7 +24,6 @@ from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -37,7 +36,7 @@ from megatron.core.utils import make_viewless_tensor
 from torch.utils.checkpoint import checkpoint
 
 from megatron_elastic.export.te_mapping import FUSED_NORMS
-from megatron_elastic.model.attention import ContextParallelDotProductAttention
+from megatron_elastic.model.attention import CausalCoreAttention
 from megatron_elastic.model.mamba import TorchScanMambaMixer
 from megatron_elastic.model.norm import RMSNorm
 
@@ -181,18 +180,17 @@ def local_hybrid_stack_spec(
     mlp: type = MLP,
     norm: Any = RMSNorm,
     stack: type = LocalNormHybridStack,
-    context_parallel: bool = False,
 ) -> ModuleSpec:
     """The hybrid stack on megatron-core's local modules.
 
     ``mixer_params`` are constructor arguments of the Mamba mixer that megatron's
     ``TransformerConfig`` does not carry (``d_conv``, ``chunk_size``). The keyword arguments let
     a caller (e.g. the elastic model) swap in subclasses of the mixer, attention, MLP, norm or
-    stack while keeping everything else, including parameter names. ``context_parallel``: the
-    core attention is :class:`ContextParallelDotProductAttention` (megatron's local one refuses
-    CP); it has no parameters, so checkpoints are the same either way.
+    stack while keeping everything else, including parameter names. The core attention is
+    :class:`CausalCoreAttention` at every CP size: torch's fused causal kernel, where megatron's
+    local ``DotProductAttention`` materialises (b*heads, s, s) scores and refuses CP; it has no
+    parameters, so checkpoints are the same as with megatron's.
     """
-    core_attention = ContextParallelDotProductAttention if context_parallel else DotProductAttention
     return ModuleSpec(
         module=stack,
         params={"final_norm": norm},
@@ -221,7 +219,7 @@ def local_hybrid_stack_spec(
                         params={"attn_mask_type": AttnMaskType.causal},
                         submodules=SelfAttentionSubmodules(
                             linear_qkv=ColumnParallelLinear,
-                            core_attention=core_attention,
+                            core_attention=CausalCoreAttention,
                             linear_proj=RowParallelLinear,
                         ),
                     ),

@@ -58,14 +58,11 @@ class Profile:
     optimizer_bytes: int
     """Optimizer state per trainable parameter: Adam moments (8), plus fp32 master weights (4)
     when the weights are in bf16."""
-    teacher_attention_scores: bool
-    """Whether the frozen teacher's attention materialises the (s x s) scores (megatron's local
-    ``DotProductAttention`` on CPU) or not (TE fused attention on GPU)."""
 
 
 PROFILES = {
-    "cpu-fp32": Profile("cpu-fp32", 4, 4, 8, True),
-    "gpu-bf16": Profile("gpu-bf16", 2, 2, 12, False),
+    "cpu-fp32": Profile("cpu-fp32", 4, 4, 8),
+    "gpu-bf16": Profile("gpu-bf16", 2, 2, 12),
 }
 
 
@@ -180,20 +177,22 @@ def layer_activation_terms(
     if layer.kind == "attention":
         nq, d = layer.width / tp, m.head_dim
         kv_tokens = t * cp  # K/V all-gathered over the CP ranks (causal_attention)
-        # q (reshape copy), SDPA output (= ctx), weighted ctx (linear_proj input); k and v
-        # expanded to every query head (repeat_interleave); fp32 logsumexp per head
-        # One query group per rank: q is a view of the fused qkv output, which it keeps whole.
-        q = (nq + 2 * m.num_query_groups / tp) * d if m.num_query_groups == tp else nq * d
-        terms["attn: q (or all qkv), out, weighted"] = t * (q + 2 * nq * d) * a
+        # Causal SDPA (model/attention.py; no (s x s) tensor) keeps q, its output and an fp32
+        # logsumexp per query row and head; the weighted ctx is linear_proj's input; k and v are
+        # expanded to every query head (repeat_interleave; under CP put in global chunk order).
+        rows = t
+        if cp > 1 and prof.name == "cpu-fp32":
+            # CPU: each of the two query chunks is left-padded to its visible keys (chunks 0..c,
+            # platform.lower_right_causal_attention): (r+1 + 2CP-r) half-chunks = (CP + 1/2) t
+            # rows of padded q, output and logsumexp; the unpadded q copy is freed.
+            rows = (cp + 0.5) * t
+            q = nq * d
+        else:  # one query group per rank: q is a view of the fused qkv output, kept whole
+            q = (nq + 2 * m.num_query_groups / tp) * d if m.num_query_groups == tp else nq * d
+        terms["attn: q (or all qkv), out"] = (rows * q + rows * nq * d) * a
+        terms["attn: weighted ctx"] = t * nq * d * a
         terms["attn: k, v per query head (2 nq d)"] = 2 * kv_tokens * nq * d * a
-        terms["attn: logsumexp (nq fp32)"] = 4 * t * nq
-        if cp > 1:
-            # The (local queries x gathered keys) causal mask: SDPA turns our bool mask into an
-            # additive one in the query's dtype and saves that for backward; the bool one is
-            # freed (CPU flash kernel: a (s, CP s) fp32 tensor on its autograd node, measured;
-            # CUDA: the memory-efficient kernel's bf16 attn_bias, from the code).
-            b = cfg.micro_batch_size
-            terms["attn: CP mask (s x CP s, model dtype)"] = (t / b) * (kv_tokens / b) * a
+        terms["attn: logsumexp (nq fp32)"] = 4 * rows * nq
         return terms
     nh, hd = layer.width / tp, layer.head_dim
     g, n, L, k = m.mamba_num_groups / tp, m.mamba_state_dim, m.mamba_chunk_size, m.mamba_conv_kernel
@@ -335,22 +334,12 @@ def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
             "router (fp32 + grads + Adam)": 16 * cfg.router_params,
         }
         # megatron keeps one persistent "mpu" buffer per dtype (parallel_state's
-        # GlobalMemoryBuffer), as large as its largest request: the teacher's local attention
-        # multiplies into a (b*heads, s, s) score buffer; under SP, megatron's linears all-gather
-        # their inputs (s, b, h) into it.
-        buffer = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
-        buffer = buffer * m.hidden_size * a if p.sequence_parallel_active else 0.0
-        # (Under CP the teacher's attention is our all-gather-KV SDPA: no score matrix.)
-        scores = prof.teacher_attention_scores and p.context_parallel_size == 1
-        if (
-            cfg.teacher
-            and scores
-            and any(k == "attention" for k in m.layer_kinds()[mine.start : mine.stop])
-        ):
-            s_local = cfg.seq_length / p.context_parallel_size
-            buffer = max(buffer, 4 * cfg.micro_batch_size * m.num_attention_heads / tp * s_local**2)
-        if buffer:
-            static["megatron global buffer (scores / SP gather)"] = buffer
+        # GlobalMemoryBuffer), as large as its largest request: under SP, megatron's linears
+        # all-gather their inputs (s, b, h) into it. (No attention asks for it: every core
+        # attention is our causal SDPA, model/attention.py.)
+        if p.sequence_parallel_active:
+            buffer = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
+            static["megatron global buffer (SP gather)"] = buffer * m.hidden_size * a
         per_kind: dict[str, float] = {"mamba": 0.0, "attention": 0.0, "mlp": 0.0}
         counts = {"mamba": 0, "attention": 0, "mlp": 0}
         for j in mine:
@@ -392,11 +381,6 @@ def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
                 for k, (w, d) in zip(m.layer_kinds(), m.layer_sizes(), strict=True)
             ]
             teacher_ws = max((_layer_bytes(cfg, full[j], m.hidden_size) for j in mine), default=0)
-            if scores and any(full[j].kind == "attention" for j in mine):
-                heads = m.num_attention_heads / tp
-                s = cfg.seq_length / p.context_parallel_size
-                # scores and softmax probabilities (b, heads, s, s), fp32
-                teacher_ws = max(teacher_ws, 2 * 4 * cfg.micro_batch_size * heads * s * s)
             transients["teacher forward working set"] = teacher_ws
         peak_phase = stored + transients["backward working set (net)"]
         peak_phase = max(peak_phase, stored - one_mb + teacher_ws)

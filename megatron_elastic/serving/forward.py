@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron_elastic.model.mamba import group_rms_norm
 from megatron_elastic.model.norm import rms_norm
 from megatron_elastic.model.ssd_scan import ssd_chunked_scan
+from megatron_elastic.platform import lower_right_causal_attention
 from megatron_elastic.serving.net import ServingLayer, ServingNet
 from megatron_elastic.serving.state import AttentionCache, InferenceState, MambaCache
 
@@ -83,15 +84,17 @@ def _attention(
         )  # (b, s)
         rows = torch.arange(b, device=x.device)[:, None]
         cache.key[rows, query_pos], cache.value[rows, query_pos] = k, v
-    keys = cache.key[:, :end].repeat_interleave(per_group, dim=2)  # (b, t, heads, d)
-    values = cache.value[:, :end].repeat_interleave(per_group, dim=2)
-    mask = None
-    if s > 1 or start + s != end:  # a single new token per row at equal lengths sees everything
+    keys = cache.key[:, :end].repeat_interleave(per_group, dim=2).transpose(1, 2)  # (b, h, t, d)
+    values = cache.value[:, :end].repeat_interleave(per_group, dim=2).transpose(1, 2)
+    q = q.transpose(1, 2)  # (b, heads, s, d)
+    if start + s != end:  # rows at different lengths (decoding): each row's own causal mask
         key_pos = torch.arange(end, device=x.device)
         mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # (b, 1, s, t)
-    ctx = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
-    )  # (b, heads, s, d)
+        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    elif s == 1:  # one new token per row at equal lengths sees everything
+        ctx = F.scaled_dot_product_attention(q, keys, values)
+    else:  # prefill (of a prompt, or of its next chunk): causal fused kernel, no (s, t) tensor
+        ctx = lower_right_causal_attention(q, keys, values)
     return ctx.transpose(1, 2).reshape(b, s, layer.num_heads * d) @ layer.weights["proj"].T
 
 

@@ -150,21 +150,26 @@ def test_invariant_full_budget_elastic_path_is_base_model_bitwise(attention_free
 def test_invariant_full_budget_elastic_path_matches_base_with_attention(
     models, small_config, mode
 ) -> None:
-    """Invariant 1 through the elastic layers on the parent with attention. Not bitwise: the
-    base model's core attention is megatron's DotProductAttention (explicit scores, softmax),
-    the elastic one torch's fused SDPA; every other layer matches bit for bit (previous test).
-    Measured (relative to each tensor's max |value|, worst of 8 weight draws): logits 3.5e-7,
-    loss 1.6e-7, gradients 1.5e-6; bounds 1e-6, 5e-7 and 4e-6."""
+    """Invariant 1 through the elastic layers on the parent with attention (as in training:
+    router weights of 1.0 on every unit and a depth gate on every layer). The base model's core
+    attention (CausalCoreAttention) and the elastic attention both call the same causal SDPA,
+    so logits and loss match bit for bit and, in slice mode, every gradient; in mask mode the
+    Mamba layers' gradients differ in summation order (measured 3.3e-8 relative, in_proj and
+    dt_bias), bound 5e-6 as in the attention-free test. (Before, the base ran megatron's local
+    DotProductAttention, explicit scores: 3.5e-7 logits, 1.5e-6 gradients.)
+    """
     base, elastic = models
     tokens, labels = _batch(small_config, seed=4)
     spec = SubnetSpec.full(small_config)
     elastic.set_subnet(spec, _router_like_weights(spec, seed=None), mode=mode)
     ref, out = _run(base, tokens, labels), _run(elastic, tokens, labels)
     elastic.set_subnet(None)
-    assert _rel(out[0], ref[0]) <= 1e-6, _rel(out[0], ref[0])
-    assert _rel(out[1], ref[1]) <= 5e-7, _rel(out[1], ref[1])
+    assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])
     for name, g in ref[2].items():
-        assert _rel(out[2][name], g) <= 4e-6, (name, _rel(out[2][name], g))
+        if mode == "slice":
+            assert torch.equal(g, out[2][name]), name
+        else:
+            assert _rel(out[2][name], g) <= 5e-6, (name, _rel(out[2][name], g))
 
 
 def _specs(cfg):

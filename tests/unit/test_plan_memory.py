@@ -76,8 +76,8 @@ def test_small_config_static_figures_by_hand() -> None:
     assert stage.static["gradients (fp32 buffer)"] == 4 * params
     assert stage.static["optimizer state"] == 8 * params  # Adam moments, fp32 weights
     assert stage.static["teacher weights"] == 4 * params
-    # megatron's local attention: persistent (b*heads, s, s) fp32 score buffer of the teacher
-    assert stage.static["megatron global buffer (scores / SP gather)"] == 4 * 1 * 6 * 128**2
+    # every core attention is causal SDPA: no (b*heads, s, s) score buffer; no SP gather either
+    assert not any("global buffer" in k for k in stage.static)
     # bf16 on GPU: 2-byte weights, fp32 master + moments (12 B) sharded over DP 4
     (gpu,) = plan_memory(
         _small(profile="gpu-bf16", distributed_optimizer=True, data_parallel_size=4)
@@ -85,7 +85,7 @@ def test_small_config_static_figures_by_hand() -> None:
     assert gpu.static["student weights"] == 2 * params
     assert gpu.static["gradients (fp32 buffer)"] == 4 * params
     assert gpu.static["optimizer state"] == 12 * params / 4
-    assert "megatron global buffer (scores / SP gather)" not in gpu.static  # TE fused attention
+    assert not any("global buffer" in k for k in gpu.static)
 
 
 # SMALL's sizes, for shapes written out below: b samples of s tokens, fp32 (4 bytes).
@@ -223,15 +223,16 @@ def test_pipeline_in_flight_and_parallel_shards() -> None:
     assert mlp(sp) == FP32 * (sum(_norm_and_gate(S // 2)) + 3 * S * B * (FFN // 2))
     cp = plan_memory(_small(parallel=ParallelConfig(context_parallel_size=2))).stages[0]
     assert mlp(cp) == mlp(one) / 2
-    # CP 2 attention: 64 local query tokens, keys and values all-gathered to 128.
-    local = S // 2
+    # CP 2 attention: 64 local query tokens, keys and values all-gathered to 128 (global chunk
+    # order). On CPU each local query chunk (global chunks 0 and 3 of 32 tokens on rank 0) is
+    # left-padded to its visible keys, 32 and 128 rows: 160 = (CP + 1/2) * 64 rows.
+    local, rows = S // 2, 160
     assert cp.activations["attention layers"] == FP32 * (
         sum(_norm_and_gate(local))
-        + B * HEADS * local * HEAD_DIM  # query, (b, heads, s / 2, d)
-        + B * HEADS * local  # logsumexp, (b, heads, s / 2)
-        + 2 * local * B * HEADS * HEAD_DIM  # output and its weighted form, (s / 2, b, heads d)
+        + 2 * B * HEADS * rows * HEAD_DIM  # padded query and SDPA output, (b, heads, rows, d)
+        + B * HEADS * rows  # logsumexp, (b, heads, rows)
+        + local * B * HEADS * HEAD_DIM  # weighted output, (s / 2, b, heads d)
         + 2 * B * HEADS * S * HEAD_DIM  # gathered key, value per query head, (b, heads, s, d)
-        + local * S  # the causal mask SDPA saves as an fp32 additive one, (s / 2, s)
     )
 
 
@@ -402,24 +403,18 @@ def test_format_plan_ends_with_the_peak() -> None:
     assert text.splitlines()[-1] == f"peak GiB per GPU: {plan_memory(_small()).peak / GIB:.2f}"
 
 
-def _bench_worker():
-    path = ROOT / "benchmarks" / "bench_memory_worker.py"
-    spec = importlib.util.spec_from_file_location("bench_memory_worker", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
-    """bench_memory_worker's CPU peak: a tensor whose last reference is dropped on a thread the
-    profiler does not record (as gloo's worker threads drop the tensors of a collective) is
-    freed there; the allocator's all-thread counter sees it, a replay of the profiler's byte
-    deltas does not and keeps counting it."""
+    """The CPU peak bench_memory_worker measures (planning/measure.py): a tensor whose last
+    reference is dropped on a thread the profiler does not record (as gloo's worker threads
+    drop the tensors of a collective) is freed there; the allocator's all-thread counter sees
+    it, a replay of the profiler's byte deltas does not and keeps counting it."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    worker, mib = _bench_worker(), 1024**2
+    from megatron_elastic.planning.measure import cpu_peak, track_all_threads
+
+    mib = 1024**2
     try:
-        worker._track_all_threads()
+        track_all_threads()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with record_function("window"):
                 for _ in range(3):
@@ -428,8 +423,8 @@ def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
                     thread.start()
                     thread.join()
     finally:
-        worker._track_all_threads(False)
-    result = worker._cpu_peak(prof, "window")
+        track_all_threads(False)
+    result = cpu_peak(prof, "window")
     assert result["peak_bytes"] == mib
     assert result["replay_peak_bytes"] == 3 * mib
     # at the last recorded event (the third allocation) the replay lacks the first two frees

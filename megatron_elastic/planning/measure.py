@@ -1,0 +1,97 @@
+"""Measured peak memory on CPU: the CPU allocator's live bytes at torch.profiler events.
+
+One helper for ``benchmarks/bench_memory_worker.py`` (training steps, checked against the plan of
+:mod:`megatron_elastic.planning.memory`) and the tests that measure how memory grows with the
+sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = ["cpu_peak", "measure_cpu_peak", "track_all_threads"]
+
+
+def track_all_threads(enabled: bool = True) -> None:
+    """Make torch's CPU allocator count the frees (and allocations) of every thread (``False``:
+    back to torch's default, where only profiled threads are counted).
+
+    The profiler records an allocator event only on threads that carry its thread-local state;
+    gloo runs collectives on its own worker threads, which do not. A gloo ``Work`` holds the
+    tensors of its collective (its inputs, outputs and gloo's copies, e.g. the clone of the input
+    in ``_reduce_scatter_base``) and is often destroyed on the worker thread, so the last
+    reference, and the free, of such a tensor falls there: the profiler's event stream then has
+    the allocation but never the free, and a replay of its byte deltas drifts upward by
+    whichever tensors lost that race (timing-dependent: 7-54 MiB per rank in 3 steps of the
+    two-rank configurations; none at one rank). With ``FLAGS_caffe2_report_cpu_memory_usage``
+    set, ``ProfiledCPUMemoryReporter`` keeps its size table and live-bytes counter on every
+    thread, and every recorded event carries that counter as ``total_allocated``. (The flag's
+    log lines are at INFO, below c10's default level.) On CUDA the caching allocator's
+    statistics are process-wide already."""
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = enabled
+
+
+def cpu_peak(prof, window: str) -> dict:
+    """Peak of the CPU allocator's live bytes (all threads, since the profile began) inside
+    ``window`` (a ``record_function`` name), the live bytes when it began (``start_bytes``), the
+    ops running at the peak (outermost first), and the byte-delta replay for comparison."""
+    from torch._C._profiler import _EventType
+
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            f = e.extra_fields
+            allocations.append((e.start_time_ns, f.alloc_size, f.total_allocated))
+    allocations.sort()
+    events = prof.profiler.kineto_results.events()
+    span = next(e for e in events if e.name() == window)
+    start, end = span.start_ns(), span.start_ns() + span.duration_ns()
+    peak = replay_peak = live = start_bytes = 0
+    when = start
+    for ts, delta, total in allocations:
+        live += delta
+        if ts < start:
+            start_bytes = total
+        elif ts <= end:
+            if total > peak:
+                peak, when = total, ts
+            replay_peak = max(replay_peak, live)
+    ops = sorted(
+        (e.start_ns(), e.name())
+        for e in events
+        if e.name() not in ("[memory]", window)
+        and e.start_ns() <= when <= e.start_ns() + e.duration_ns()
+    )
+    return {
+        "peak_bytes": peak,
+        "start_bytes": start_bytes,
+        "peak_ops": [name for _, name in ops],
+        "replay_peak_bytes": replay_peak,
+        "untracked_free_bytes": live - allocations[-1][2] if allocations else 0,
+    }
+
+
+@contextlib.contextmanager
+def measure_cpu_peak(window: str = "measured") -> Iterator[dict]:
+    """``with measure_cpu_peak() as m: ...``; afterwards ``m`` holds :func:`cpu_peak` of the block
+    and ``m["growth_bytes"]``, its peak above the live bytes when it began."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    result: dict = {}
+    track_all_threads()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with record_function(window):
+                yield result
+    finally:
+        track_all_threads(False)
+    result.update(cpu_peak(prof, window))
+    result["growth_bytes"] = result["peak_bytes"] - result["start_bytes"]
