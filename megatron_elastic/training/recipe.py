@@ -104,6 +104,12 @@ class TrainConfig:
         if self.eval_interval < 0:
             raise ValueError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
 
+    def resolved_precision(self, cuda: bool) -> str:
+        """``bf16`` or ``fp32``: what ``precision`` means on a machine with(out) CUDA."""
+        if self.precision == "auto":
+            return "bf16" if cuda else "fp32"
+        return self.precision
+
 
 @dataclass(frozen=True)
 class DistillConfig:

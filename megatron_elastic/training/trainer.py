@@ -37,6 +37,7 @@ from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.integrity import CheckpointDamaged
 from megatron_elastic.model import build_hybrid_model, count_parameters
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+from megatron_elastic.preflight import PreflightConfig, require_environment
 from megatron_elastic.router import (
     ElasticRouter,
     build_router_optimizer,
@@ -151,6 +152,9 @@ class Trainer:
             )
         self.num_micro = r.train.global_batch_size // per_step
         self.device = platform.default_device()
+        if platform.cuda_available():  # CUDA, NCCL, kernels, memory, disk (see preflight.py)
+            config = PreflightConfig(world_size=dist.get_world_size())
+            require_environment(r, config, log=_log, device=self.device)
         self.dtype = self._dtype()
         self.tokenizer_path = str(Path(r.data.tokenizer).resolve())
         self.elastic = self._elastic_config()
@@ -199,9 +203,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _dtype(self) -> torch.dtype:
-        precision = self.recipe.train.precision
-        if precision == "auto":
-            return torch.bfloat16 if platform.cuda_available() else torch.float32
+        precision = self.recipe.train.resolved_precision(platform.cuda_available())
         if precision == "bf16" and not platform.cuda_available():
             raise ValueError("train.precision='bf16' needs a GPU; use 'fp32' (or 'auto') on CPU")
         return torch.bfloat16 if precision == "bf16" else torch.float32
