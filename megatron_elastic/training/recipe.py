@@ -80,7 +80,8 @@ class TrainConfig:
     seed: int = 1234
     """Seeds weights init, data order, budget sampling and router noise."""
     precision: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (GPU only)."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (bf16 weights and activations,
+    megatron's mixed-precision optimizer with fp32 main weights and gradients; GPU or CPU)."""
     deterministic: bool = True
     """Deterministic torch algorithms (resume reproduces an uninterrupted run exactly)."""
     eval_interval: int = 0

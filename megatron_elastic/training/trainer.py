@@ -48,7 +48,7 @@ from megatron_elastic.router import (
 from megatron_elastic.training.budget_sampling import BudgetSampler
 from megatron_elastic.training.lm_step import distill_forward, forward_backward, lm_forward
 from megatron_elastic.training.metrics import MetricsWriter, reduce_step_stats
-from megatron_elastic.training.optim import build_optimizer, wrap_ddp
+from megatron_elastic.training.optim import build_optimizer, cast_parameters, wrap_ddp
 from megatron_elastic.training.recipe import TrainRecipe, recipe_summary
 from megatron_elastic.training.state import (
     Progress,
@@ -167,6 +167,7 @@ class Trainer:
             self.model = build_hybrid_model(
                 r.model, pgs, r.parallel, params_dtype=self.dtype, recompute=recompute
             )
+        cast_parameters(self.model, self.dtype)
         self.ddp = wrap_ddp(self.model, pgs, r.optim)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, r.optim, params_dtype=self.dtype)
         self.router = self.router_optimizer = self.router_scheduler = None
@@ -204,8 +205,6 @@ class Trainer:
     # ----------------------------------------------------------------------------- set-up
     def _dtype(self) -> torch.dtype:
         precision = self.recipe.train.resolved_precision(platform.cuda_available())
-        if precision == "bf16" and not platform.cuda_available():
-            raise ValueError("train.precision='bf16' needs a GPU; use 'fp32' (or 'auto') on CPU")
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def _elastic_config(self):
@@ -290,6 +289,9 @@ class Trainer:
         elif paths["init"] is not None:
             path = paths["init"]
             manifest = load_checkpoint(path, self.model, r.model)
+            # bf16: the optimizer's fp32 main weights were copied from the initial weights when
+            # it was built; without this, its first step would write those back over the loaded.
+            self.optimizer.reload_model_params()
             if self.router is not None and manifest["kind"] == "elastic":
                 extra = load_extra(path)
                 if extra["elastic_config"]["budgets"] != dict(self.elastic.budgets):
