@@ -9,6 +9,7 @@ mamba-ssm without compiling its CUDA extension there too (FACTS.md §3).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import sys
@@ -231,6 +232,47 @@ def _clip_grad_by_total_norm_cpu(
             grad.detach().mul_(clip_coeff)
 
 
+@contextlib.contextmanager
+def _cpu_tensors_typed_as_cuda() -> Iterator[None]:
+    """``Tensor.type()`` (the no-argument form) names a CPU tensor's CUDA type while active:
+    ``torch.BFloat16Tensor`` reads ``torch.cuda.BFloat16Tensor``. Conversions are untouched."""
+    original = torch.Tensor.type
+    own = "type" in torch.Tensor.__dict__
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any) -> Any:
+        if dtype is None and not kw and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kw)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own:
+            torch.Tensor.type = original  # type: ignore[method-assign]
+        else:
+            del torch.Tensor.type
+
+
+def _mixed_precision_optimizer_on_cpu() -> None:
+    """megatron's bf16 optimizer (``Float16OptimizerWithFloat16Params``: fp32 main weights and
+    gradients for bf16 parameters) sorts its parameters by ``param.type()``, accepting only the
+    strings ``torch.cuda.{BFloat16,Half,Float}Tensor`` and raising ``TypeError`` for CPU
+    tensors. Its construction runs with CPU tensors named as CUDA ones; the rest of the class
+    (main-grad copy, unscale, main-param copy-back) is device-agnostic once its "cuda" scalars
+    are made on the CPU (``megatron.core.optimizer.optimizer`` is in ``_CPU_DEVICE_MODULES``)."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params as cls
+
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def cpu_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        with _cpu_tensors_typed_as_cuda():
+            init(self, *args, **kwargs)
+
+    cls.__init__ = cpu_init  # type: ignore[method-assign]
+
+
 def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
     """Seed the default and the named model-parallel RNG streams, on GPU or CPU.
 
@@ -278,6 +320,7 @@ def apply() -> None:
 
     for module in (clip_grads, optimizer):  # optimizer.py imported the function by name
         module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu  # type: ignore[attr-defined]
+    _mixed_precision_optimizer_on_cpu()
 
     # megatron wraps its activations in torch.compile at import. On CPU, inductor builds C++ for
     # every new shape (seconds each, and slice-mode FFN widths change per micro-batch) to fuse

@@ -11,7 +11,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
 
-__all__ = ["OptimConfig", "wrap_ddp", "build_optimizer"]
+__all__ = ["OptimConfig", "build_optimizer", "cast_parameters", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,18 @@ class OptimConfig:
                 f"OptimConfig.warmup_steps={self.warmup_steps} must be in [0, total_steps="
                 f"{self.total_steps})"
             )
+
+
+def cast_parameters(model: nn.Module, params_dtype: torch.dtype) -> None:
+    """Every floating-point parameter of ``model`` in ``params_dtype`` (in place), before DDP.
+
+    megatron's Mamba mixer keeps ``A_log`` and ``D`` in fp32 whatever ``params_dtype`` says, and
+    megatron's bf16 optimizer numbers the parameters of its checkpointed state over its bf16
+    groups only: with fp32 parameters among them, saving fails on a shape mismatch. Megatron-LM's
+    ``Float16Module`` casts the whole model likewise (the fp32 main weights keep the precision)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != params_dtype:
+            param.data = param.data.to(params_dtype)
 
 
 def wrap_ddp(model: nn.Module, pgs: ProcessGroupCollection, optim: OptimConfig) -> nn.Module:

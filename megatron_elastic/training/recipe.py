@@ -80,7 +80,8 @@ class TrainConfig:
     seed: int = 1234
     """Seeds weights init, data order, budget sampling and router noise."""
     precision: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (GPU only)."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16`` (bf16 weights and activations,
+    megatron's mixed-precision optimizer with fp32 main weights and gradients; GPU or CPU)."""
     deterministic: bool = True
     """Deterministic torch algorithms (resume reproduces an uninterrupted run exactly)."""
     eval_interval: int = 0
@@ -103,6 +104,12 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r}; choose one of {PRECISIONS}")
         if self.eval_interval < 0:
             raise ValueError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+
+    def resolved_precision(self, cuda: bool) -> str:
+        """``bf16`` or ``fp32``: what ``precision`` means on a machine with(out) CUDA."""
+        if self.precision == "auto":
+            return "bf16" if cuda else "fp32"
+        return self.precision
 
 
 @dataclass(frozen=True)

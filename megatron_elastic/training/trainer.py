@@ -36,8 +36,8 @@ from megatron_elastic.elastic import build_elastic_model
 from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.integrity import CheckpointDamaged
 from megatron_elastic.model import build_hybrid_model, count_parameters
-from megatron_elastic.model.mamba import cuda_conv_route
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+from megatron_elastic.preflight import PreflightConfig, require_environment
 from megatron_elastic.router import (
     ElasticRouter,
     build_router_optimizer,
@@ -48,7 +48,7 @@ from megatron_elastic.router import (
 from megatron_elastic.training.budget_sampling import BudgetSampler
 from megatron_elastic.training.lm_step import distill_forward, forward_backward, lm_forward
 from megatron_elastic.training.metrics import MetricsWriter, reduce_step_stats
-from megatron_elastic.training.optim import build_optimizer, wrap_ddp
+from megatron_elastic.training.optim import build_optimizer, cast_parameters, wrap_ddp
 from megatron_elastic.training.recipe import TrainRecipe, recipe_summary
 from megatron_elastic.training.state import (
     Progress,
@@ -152,6 +152,10 @@ class Trainer:
             )
         self.num_micro = r.train.global_batch_size // per_step
         self.device = platform.default_device()
+        # CUDA, NCCL, kernels, the Mamba conv route (said once here), memory, disk: preflight.py
+        if platform.cuda_available():
+            config = PreflightConfig(world_size=dist.get_world_size())
+            require_environment(r, config, log=_log, device=self.device)
         self.dtype = self._dtype()
         self.tokenizer_path = str(Path(r.data.tokenizer).resolve())
         self.elastic = self._elastic_config()
@@ -164,6 +168,7 @@ class Trainer:
             self.model = build_hybrid_model(
                 r.model, pgs, r.parallel, params_dtype=self.dtype, recompute=recompute
             )
+        cast_parameters(self.model, self.dtype)
         self.ddp = wrap_ddp(self.model, pgs, r.optim)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, r.optim, params_dtype=self.dtype)
         self.router = self.router_optimizer = self.router_scheduler = None
@@ -200,11 +205,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _dtype(self) -> torch.dtype:
-        precision = self.recipe.train.precision
-        if precision == "auto":
-            return torch.bfloat16 if platform.cuda_available() else torch.float32
-        if precision == "bf16" and not platform.cuda_available():
-            raise ValueError("train.precision='bf16' needs a GPU; use 'fp32' (or 'auto') on CPU")
+        precision = self.recipe.train.resolved_precision(platform.cuda_available())
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def _elastic_config(self):
@@ -289,6 +290,9 @@ class Trainer:
         elif paths["init"] is not None:
             path = paths["init"]
             manifest = load_checkpoint(path, self.model, r.model)
+            # bf16: the optimizer's fp32 main weights were copied from the initial weights when
+            # it was built; without this, its first step would write those back over the loaded.
+            self.optimizer.reload_model_params()
             if self.router is not None and manifest["kind"] == "elastic":
                 extra = load_extra(path)
                 if extra["elastic_config"]["budgets"] != dict(self.elastic.budgets):
@@ -423,8 +427,6 @@ class Trainer:
             f"{' SP' if r.parallel.sequence_parallel_active else ''}, "
             f"{self.num_micro} micro-batches/step, {self.dtype}"
         )
-        if self.device.type == "cuda" and "M" in r.model.hybrid_pattern:
-            _log("Mamba conv on CUDA: {} ({})".format(*cuda_conv_route()))
         t0, tokens0 = time.time(), self.progress.tokens
         for step in range(self.progress.step + 1, r.train.steps + 1):
             stats, grad_norm, preempt = self.train_step(step)

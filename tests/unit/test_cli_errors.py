@@ -271,6 +271,12 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             ["--recipe", str(TRAIN_FIXTURE / "stage.yaml"), "train.stepz=3"],
             "stepz",
         ),
+        ("tools/preflight.py", ["--recipe", s["yaml_bad"]], "bad.yaml"),
+        (
+            "tools/preflight.py",
+            ["--recipe", str(TRAIN_FIXTURE / "stage.yaml"), "train.stepz=3"],
+            "stepz",
+        ),
         # data preparation: JSONL (malformed line, not UTF-8), tokenizer, output that is a file
         (
             "tools/prepare_data.py",
