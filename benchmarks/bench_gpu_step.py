@@ -12,7 +12,10 @@ the 12B recipes set it. Cases, each timed after a warm-up (CUDA-synchronised wal
 * ``full/slice``: the full budget with a router weight on the activations (the elastic code path);
 * ``6B/slice``: the 12B recipe's 6B width choices (hidden 3584, FFN 12800, 112 Mamba heads; the
   recipe's depth cut does not apply to a few-layer stack), weights cut to the prefix;
-* ``6B/mask``: the same sub-network as 0/1 masks at full width (the paper's way).
+* ``6B/mask``: the same sub-network as 0/1 masks at full width (the paper's way);
+* ``eval/full``: the trainer's evaluation step of the full budget (forward only, megatron's own
+  modules), its peak above the resident training state against the evaluation plan
+  (:func:`megatron_elastic.planning.evaluation.plan_evaluation`).
 
 Per case: step ms, model TFLOP/s (teacher forward + 3x student forward, :func:`pair_step_flops`;
 recomputation not counted), hardware TFLOP/s (recomputation counted), MFU against the datasheet
@@ -231,6 +234,12 @@ def run(
     }
     result["params_6B_fraction"] = round(count_parameters(specs["6B"][1]) / result["params"], 4)
     for name in args.cases.split(","):
+        if name == "eval/full":
+            result["cases"][name] = case = eval_case(
+                student_ddp, student, pgs, batch, cfg, args, device
+            )
+            print(f"{name}: {json.dumps(case)}", flush=True)
+            continue
         budget, mode = name.split("/")
         spec, dims = specs[budget]
         flops = pair_step_flops(
@@ -289,12 +298,68 @@ def run(
     return result
 
 
+def eval_case(model, elastic, pgs, batch: dict, cfg: ModelConfig, args, device: str) -> dict:
+    """``eval/full``: the trainer's evaluation step (megatron's schedule, ``forward_only``, no
+    autograd) of the full budget with no router weights, i.e. megatron's own modules (the bypass
+    of ``set_subnet``), beside the training state; its peak against :func:`plan_evaluation`."""
+    from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.planning import MemoryPlanConfig
+    from megatron_elastic.planning.evaluation import plan_evaluation
+    from megatron_elastic.training import forward_backward
+
+    plan = plan_evaluation(
+        MemoryPlanConfig(
+            model=cfg,
+            parallel=ParallelConfig(),
+            seq_length=args.seq,
+            micro_batch_size=1,
+            num_micro_batches=1,
+            recompute=args.recompute,
+            profile="gpu-bf16" if device == "cuda" else "cpu-fp32",
+        )
+    )
+    planned = max(plan.working_set.values())
+    elastic.set_subnet(None)  # no spec: megatron's own forward
+    case: dict = {
+        "planned_working_set_bytes": int(planned),
+        "planned_working_set_gib": round(planned / 2**30, 3),
+    }
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    try:
+        with torch.no_grad():
+            loss = forward_backward(
+                model,
+                [batch],
+                pgs,
+                num_micro_batches=1,
+                seq_length=args.seq,
+                micro_batch_size=1,
+                forward_only=True,
+            )
+        case["loss"] = round(float(loss), 4)
+    except torch.cuda.OutOfMemoryError as exc:
+        case.update(error="out of memory", message=str(exc).splitlines()[0][:400])
+    if device == "cuda":
+        measured = torch.cuda.max_memory_allocated() - resident
+        case.update(
+            resident_gib=round(resident / 2**30, 2),
+            peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            measured_working_set_gib=round(measured / 2**30, 3),
+            measured_over_planned=round(measured / planned, 3),
+        )
+        torch.cuda.empty_cache()
+    return case
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pattern", default="M-M*-M*-", help="layer pattern at 12B widths")
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=None, help="default: the 12B's 131072")
-    parser.add_argument("--cases", default="full/slice,6B/slice,6B/mask")
+    parser.add_argument("--cases", default="full/slice,6B/slice,6B/mask,eval/full")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument(

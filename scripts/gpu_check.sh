@@ -30,13 +30,20 @@
 # one's exit status, time and log tail go into summary.json, so one failure hides nothing):
 #   install    the wheels above
 #   env        env.json: driver, CUDA, GPU, torch / Triton / TE / mamba-ssm / megatron versions
-#   gpu_tests  every `gpu`-marked test (gpu_tests.xml): mamba-ssm Triton SSD == the CPU scan,
+#   preflight  tools/preflight.py as the trainer runs it at start: the tiny recipe must pass every
+#              check (CUDA, NCCL, TE or the local spec, mamba-ssm kernels, the causal-conv1d
+#              route, memory, disk); the 12B stage-2 recipe's lines are recorded (its disk check
+#              may fail on this machine's 64 GiB disk: reported, not a failure of the section)
+#   gpu_tests  every `gpu`-marked test (gpu_tests.xml): mamba-ssm Triton SSD == the CPU scan on
+#              both conv routes (fused: causal-conv1d or its torch test doubles; fallback),
 #              elastic slice == mask on CUDA, TE specs == local specs, exported HF == elastic on
 #              CUDA, ModelOpt's Minitron importance on the tiny model
 #   plan       tools/plan_memory.py if present: both 12B recipes at TP 1 on one GPU (it plans
 #              whole recipes, not the bench's stack; GPU_CHECK_PLAN_ARGS), else "not present"
 #   step_8k    benchmarks/bench_gpu_step.py at seq 8192, 12B vocabulary (gpu_step_8k.json)
-#   step_49k   the same at seq 49152, vocabulary 16384 = one TP-8 rank's shard (gpu_step_49k.json)
+#   step_49k   the same at seq 49152, vocabulary 16384 = one TP-8 rank's shard (gpu_step_49k.json),
+#              with attention layers; its eval/full case is the trainer's 49k evaluation step
+#              (full budget, megatron's own modules), measured peak against the evaluation plan
 #   importance benchmarks/bench_importance_backends.py: the rank-correlation table (importance.json)
 #   nccl       NCCL all-reduce over every local GPU with torchrun (nccl.json; 1 GPU: world 1)
 #   sp_cp      the SP (TP 2) and CP 2 equivalence tests, on gloo/CPU ranks (one GPU)
@@ -167,6 +174,15 @@ step_49k() {
     --warmup 1 --iters 2 --output "$OUT/gpu_step_49k.json"
 }
 
+preflight() {
+  "$PY" "$ROOT/tools/preflight.py" --recipe "$ROOT/examples/tiny/stage1.yaml" \
+    "checkpoint.save=$WORK/preflight_save"
+  local rc=0
+  "$PY" "$ROOT/tools/preflight.py" --recipe "$ROOT/examples/nemotron_nano_12b/stage2_49k.yaml" \
+    "checkpoint.save=$WORK/preflight_save" || rc=$?
+  echo "12B stage 2 preflight: exit $rc (lines above)"
+}
+
 nccl() {
   "$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" \
     "$ROOT/scripts/gpu_check_helpers.py" nccl "$OUT/nccl.json"
@@ -186,10 +202,11 @@ sp_cp() {
     "$file::test_invariant_context_parallel_matches_single_process[1-False-2]"
 }
 
-export ROOT OUT PY WHEELS SITE gpus
-export -f install_deps gpu_tests plan_memory step_49k nccl sp_cp
+export ROOT OUT PY WHEELS SITE WORK gpus
+export -f install_deps preflight gpu_tests plan_memory step_49k nccl sp_cp
 section install 90 -- install_deps
 section env 30 "$OUT/env.json" -- "$PY" "$ROOT/scripts/gpu_check_helpers.py" env "$OUT/env.json"
+section preflight 40 -- preflight
 section gpu_tests 150 -- gpu_tests
 section plan 45 -- plan_memory
 section step_8k 130 "$OUT/gpu_step_8k.json" -- "$PY" "$ROOT/benchmarks/bench_gpu_step.py" \

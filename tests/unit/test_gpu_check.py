@@ -167,3 +167,23 @@ def test_invariant_exported_hf_matches_elastic_on_cuda(pgs, tmp_path) -> None:
         model.set_subnet(None)
         out = hf(tokens, use_cache=False).logits.float()
     assert (ref - out).abs().max().item() <= 2e-3
+
+
+def test_bench_eval_case_runs_the_full_budget_forward_on_cpu(pgs, small_config) -> None:
+    """``eval/full`` on CPU (no peak there): the evaluation step's loss is the parent's cross
+    entropy, through megatron's forward-only schedule, and the plan's working set is reported."""
+    import argparse
+
+    from bench_gpu_step import eval_case
+
+    from megatron_elastic.elastic import ElasticConfig, build_elastic_model
+
+    torch.manual_seed(0)
+    model = build_elastic_model(small_config, ElasticConfig(budgets={"full": 1.0}), pgs)
+    tokens = torch.randint(0, small_config.vocab_size, (1, 65))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, 64)}
+    args = argparse.Namespace(seq=64, recompute=False)
+    case = eval_case(model, model, pgs, batch, small_config, args, "cpu")
+    with torch.no_grad():
+        want = model(batch["tokens"], None, None, labels=batch["labels"]).mean().item()
+    assert case["loss"] == pytest.approx(want, rel=1e-4) and case["planned_working_set_bytes"] > 0
