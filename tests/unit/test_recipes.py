@@ -204,6 +204,7 @@ def test_overrides_apply_before_validation() -> None:
         (["budget_sampling.4B=0"], "unknown budgets ['4B']"),
         (["distill.teacher=parent", "distill.teacher_checkpoint=null"], "teacher_checkpoint"),
         (["train.micro_batch_size=5"], "must be a multiple of train.micro_batch_size=5"),
+        (["distill.num_loss_chunks=0"], "distill.num_loss_chunks must be a positive integer"),
     ],
 )
 def test_bad_overrides_raise(overrides: list[str], message: str) -> None:
