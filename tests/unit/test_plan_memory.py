@@ -357,12 +357,13 @@ def test_kd_term_is_the_measured_peak_of_the_chunked_loss(profile, chunks, ce_tr
     )
     dtype = torch.float32 if profile == "cpu-fp32" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
-    student = torch.randn(2, 256, SMALL.vocab_size, generator=g).to(dtype).requires_grad_()
+    student = torch.randn(2, 256, SMALL.vocab_size, generator=g).to(dtype)
     teacher = torch.randn(2, 256, SMALL.vocab_size, generator=g).to(dtype)
     labels = torch.randint(0, SMALL.vocab_size, (2, 256), generator=g)
 
-    def step() -> None:
-        kd, ce = kd_and_ce_loss(student, teacher, labels, 1.0, None, chunks)
+    def step() -> None:  # (everything it allocates is freed inside the profile)
+        logits = student.detach().requires_grad_()  # the student's logits, no copy
+        kd, ce = kd_and_ce_loss(logits, teacher, labels, 1.0, None, chunks)
         (kd.sum() + (ce.sum() if ce_trained else 0)).backward()
 
     measured = _allocator_peak(step) + 2 * student.numel() * student.element_size()
@@ -397,13 +398,13 @@ def test_largest_budget_bounds_the_student() -> None:
     cfg = plan_config_from_recipe(recipe, world_size=128)
     assert cfg.student_hidden == recipe.model.hidden_size  # 12B: the parent itself
     assert all(layer.active for layer in cfg.student_layers)
-    assert cfg.num_micro_batches == 512 // (1 * 128 // (8 * 2))
+    assert cfg.num_micro_batches == 512 // (1 * 128 // (4 * 1))  # TP 4, PP 1
     assert cfg.router_params > 0
 
 
 def test_bad_input_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="not a multiple of TP x PP x CP"):
-        plan_config_from_recipe(load_train_recipe(STAGE2), world_size=100)
+        plan_config_from_recipe(load_train_recipe(STAGE2), world_size=126)
     with pytest.raises(ValueError, match="profile="):
         _small(profile="tpu")
     with pytest.raises(ValueError, match="student_layers lists 1 layers"):
@@ -423,11 +424,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prints_the_table_and_the_peak_last() -> None:
-    done = _cli("--recipe", str(STAGE2))
+    pp2 = "parallel.pipeline_parallel_size=2"  # (stage 2's recipe runs PP 1: a column per stage)
+    done = _cli("--recipe", str(STAGE2), pp2)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[-1].startswith("peak GiB per GPU: "), lines[-1]
-    assert float(lines[-1].split(": ")[1]) == pytest.approx(_peak(STAGE2), abs=0.01)
+    assert float(lines[-1].split(": ")[1]) == pytest.approx(_peak(STAGE2, pp2), abs=0.01)
     for label in ("student weights", "optimizer state", "teacher weights", "mamba layers"):
         assert any(label in line for line in lines), label
     assert "stage 0" in done.stdout and "stage 1" in done.stdout
@@ -438,7 +440,7 @@ def test_cli_prints_the_table_and_the_peak_last() -> None:
     [
         (["parallel.tensor_parallel_size=3"], "not divisible by tensor_parallel_size=3"),
         (["train.stpes=3"], "did you mean 'steps'"),
-        (["--world-size", "100"], "not a multiple of TP x PP x CP"),
+        (["--world-size", "126"], "not a multiple of TP x PP x CP"),
     ],
 )
 def test_cli_user_errors_exit_2(args: list[str], message: str, capsys) -> None:
