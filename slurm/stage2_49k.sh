@@ -17,7 +17,7 @@
 #   SAVE_DIR         this stage's checkpoints, metrics.jsonl, tensorboard/
 #                    [runs/nemotron_nano_12b/stage2_49k]; an existing one is resumed
 #   RECIPE           [examples/nemotron_nano_12b/stage2_49k.yaml]
-#   TP, PP           tensor / pipeline parallel sizes [8, 2: the recipe's]
+#   TP, PP           tensor / pipeline parallel sizes [4, 1: the recipe's]
 #   SP               sequence parallelism, true or false [the recipe's: true]
 #   CP               context parallel size [1: the recipe's]; tasks must be a multiple of
 #                    TP x PP x CP (the rest is data parallelism), checked before srun
@@ -61,8 +61,8 @@ fi
 source "$REPO/slurm/common.sh"
 
 RECIPE=${RECIPE:-$REPO/examples/nemotron_nano_12b/stage2_49k.yaml}
-TP=${TP:-8}
-PP=${PP:-2}
+TP=${TP:-4}
+PP=${PP:-1}
 CP=${CP:-1}
 SP=${SP:-}
 STAGE1_DIR=${STAGE1_DIR:-runs/nemotron_nano_12b/stage1_8k}

@@ -1,5 +1,5 @@
 """Distillation: KD losses on vocab-parallel logits."""
 
-from megatron_elastic.distill.losses import kd_kl_loss, kd_loss_with_ce
+from megatron_elastic.distill.losses import kd_and_ce_loss, kd_kl_loss, kd_loss_with_ce
 
-__all__ = ["kd_kl_loss", "kd_loss_with_ce"]
+__all__ = ["kd_and_ce_loss", "kd_kl_loss", "kd_loss_with_ce"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_elastic.distill.losses import kd_kl_loss, kd_loss_with_ce
+from megatron_elastic.distill.losses import kd_and_ce_loss, kd_loss_with_ce
 from megatron_elastic.elastic.model import ElasticHybridModel, SubnetWeights
 from megatron_elastic.elastic.subnet import SubnetSpec
 
@@ -50,11 +50,13 @@ class DistillationPair(nn.Module):
         temperature: float,
         ce_weight: float,
         tp_group,
+        num_loss_chunks: int = 8,
     ) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.temperature, self.ce_weight, self.tp_group = temperature, ce_weight, tp_group
+        self.num_loss_chunks = num_loss_chunks
         # What megatron's schedules read from the model they are given.
         self.config = _unwrap(student).config
         self.model_type = _unwrap(student).model_type
@@ -101,14 +103,11 @@ class DistillationPair(nn.Module):
         student_out = self.student(tokens, position_ids, None)
         if not inner.post_process:
             return torch.cat([student_out, teacher_out.detach()], dim=1)  # (s, 2b, h)
-        kd = kd_kl_loss(student_out, teacher_out, self.temperature, self.tp_group)  # (b, s)
-        ce = None
-        if labels is not None:  # logged always; trained only with a CE weight
-            with torch.set_grad_enabled(self.ce_weight > 0 and torch.is_grad_enabled()):
-                # (a copy: megatron's vocab-parallel CE may edit its input in place)
-                ce = inner.compute_language_model_loss(
-                    labels, student_out.transpose(0, 1).contiguous()
-                )
+        # (b, s) each; the CE (megatron's vocab-parallel CE, from the same pass over the
+        # student's logits) is logged always and trained only with a CE weight.
+        kd, ce = kd_and_ce_loss(
+            student_out, teacher_out, labels, self.temperature, self.tp_group, self.num_loss_chunks
+        )
         per_token = kd_loss_with_ce(kd, ce, self.ce_weight)
         if loss_mask is not None:
             mask = loss_mask.float()

@@ -7,11 +7,12 @@ from megatron_elastic.planning.memory import (
     MemoryPlanConfig,
     Profile,
     StagePlan,
-    format_plan,
+    kd_loss_bytes,
     layer_activation_terms,
     plan_config_from_recipe,
     plan_memory,
 )
+from megatron_elastic.planning.report import format_plan
 
 __all__ = [
     "PROFILES",
@@ -21,6 +22,7 @@ __all__ = [
     "Profile",
     "StagePlan",
     "format_plan",
+    "kd_loss_bytes",
     "layer_activation_terms",
     "plan_config_from_recipe",
     "plan_memory",

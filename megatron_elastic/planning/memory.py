@@ -36,7 +36,7 @@ __all__ = [
     "MemoryPlanConfig",
     "Profile",
     "StagePlan",
-    "format_plan",
+    "kd_loss_bytes",
     "layer_activation_terms",
     "plan_config_from_recipe",
     "plan_memory",
@@ -110,10 +110,20 @@ class MemoryPlanConfig:
     """Per-layer shape of the largest budget (``None``: the parent's)."""
     router_params: int = 0
     """Parameters of the routers (fp32, Adam: 16 bytes each, on every rank)."""
+    loss_chunks: int = 8
+    """Token chunks of the KD loss (``distill.num_loss_chunks``)."""
+    ce_trained: bool = False
+    """The student's cross entropy is trained too (``distill.ce_weight > 0``)."""
     stages: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("seq_length", "micro_batch_size", "num_micro_batches", "data_parallel_size"):
+        for name in (
+            "seq_length",
+            "micro_batch_size",
+            "num_micro_batches",
+            "data_parallel_size",
+            "loss_chunks",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MemoryPlanConfig.{name} must be a positive integer, got {value}")
@@ -241,6 +251,18 @@ def _stored_bytes(cfg: MemoryPlanConfig, layer: LayerShape, hidden: int) -> floa
     # f(x) - x: 2 hidden-width tensors.
     _, th = _tokens(cfg)
     return 2 * th * hidden * PROFILES[cfg.profile].act_bytes
+
+
+def kd_loss_bytes(cfg: MemoryPlanConfig) -> float:
+    """The last stage's student and teacher logits (b, s, V/TP) in the model dtype and the
+    chunked KD loss's peak on top (``distill/losses.py``, measured): its forward keeps three fp32
+    (chunk, V/TP) temporaries; its backward the gradient of the logits (model dtype) and two
+    (three with a trained CE); it saves for backward only the logits and (tokens, 6) fp32."""
+    t, _ = _tokens(cfg)
+    logits = t * cfg.model.vocab_size / cfg.parallel.tensor_parallel_size  # per model
+    a, n = PROFILES[cfg.profile].act_bytes, cfg.loss_chunks
+    backward = a + (12 if cfg.ce_trained else 8) / n
+    return logits * (2 * a + max(12 / n, backward)) + 24 * t  # + the normaliser table
 
 
 # --------------------------------------------------------------------------- parameters
@@ -385,9 +407,7 @@ def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
         peak_phase = stored + transients["backward working set (net)"]
         peak_phase = max(peak_phase, stored - one_mb + teacher_ws)
         if last:
-            # Student and teacher logits (b, s, V/TP) in the model dtype, and the KD forward's
-            # fp32 log q, log p, p, (log p - log q), p * (...) at its busiest point.
-            kd = t * vocab * (2 * a + 20)
+            kd = kd_loss_bytes(cfg)
             transients["logits + KD temporaries"] = kd
             peak_phase = max(peak_phase, stored + kd)
         stages.append(
@@ -402,46 +422,6 @@ def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
             )
         )
     return MemoryPlan(cfg, tuple(stages))
-
-
-def format_plan(plan: MemoryPlan) -> str:
-    """The plan as a table (GiB per rank, one column per stage); last line ``peak GiB per GPU``."""
-    cfg, p = plan.config, plan.config.parallel
-    head = (
-        f"memory plan ({cfg.profile}): seq {cfg.seq_length}, micro-batch {cfg.micro_batch_size}"
-        f" x {cfg.num_micro_batches}, TP {p.tensor_parallel_size} PP "
-        f"{p.pipeline_parallel_size} CP {p.context_parallel_size} DP {cfg.data_parallel_size}, "
-        f"SP {'on' if p.sequence_parallel_active else 'off'}, recompute "
-        f"{'on' if cfg.recompute else 'off'}, distributed optimizer "
-        f"{'on' if cfg.distributed_optimizer else 'off'}"
-    )
-    names = [f"stage {s.stage}" for s in plan.stages]
-    rows: list[tuple[str, list[float]]] = []
-    first = plan.stages[0]
-    for group in ("static", "activations", "transients"):
-        keys: list[str] = []
-        for s in plan.stages:
-            keys += [k for k in getattr(s, group) if k not in keys]
-        for key in keys:
-            label = key if group != "activations" else f"activations: {key}"
-            rows.append((label, [getattr(s, group).get(key, 0.0) / GIB for s in plan.stages]))
-    rows.append(("peak", [s.peak / GIB for s in plan.stages]))
-    width = max(len(r[0]) for r in rows) + 2
-    lines = [head]
-    lines.append(
-        "layers per stage: "
-        + ", ".join(
-            f"stage {s.stage}: {s.layers['mamba']} M / {s.layers['attention']} * / "
-            f"{s.layers['mlp']} - ({s.in_flight} micro-batch(es) in flight)"
-            for s in plan.stages
-        )
-    )
-    lines.append(f"{'GiB per rank':<{width}}" + "".join(f"{n:>12}" for n in names))
-    for label, values in rows:
-        lines.append(f"{label:<{width}}" + "".join(f"{v:>12.3f}" for v in values))
-    del first
-    lines.append(f"peak GiB per GPU: {plan.peak / GIB:.2f}")
-    return "\n".join(lines)
 
 
 def plan_config_from_recipe(recipe, *, world_size: int, profile: str | None = None):
@@ -494,4 +474,6 @@ def plan_config_from_recipe(recipe, *, world_size: int, profile: str | None = No
         student_hidden=hidden,
         student_layers=layers,
         router_params=router_params,
+        loss_chunks=recipe.distill.num_loss_chunks,
+        ce_trained=recipe.distill.ce_weight > 0,
     )

@@ -244,6 +244,7 @@ class Trainer:
             temperature=r.distill.temperature,
             ce_weight=r.distill.ce_weight,
             tp_group=self.pgs.tp,
+            num_loss_chunks=r.distill.num_loss_chunks,
         )
 
     def _datasets(self):

@@ -204,6 +204,7 @@ def test_overrides_apply_before_validation() -> None:
         (["budget_sampling.4B=0"], "unknown budgets ['4B']"),
         (["distill.teacher=parent", "distill.teacher_checkpoint=null"], "teacher_checkpoint"),
         (["train.micro_batch_size=5"], "must be a multiple of train.micro_batch_size=5"),
+        (["distill.num_loss_chunks=0"], "distill.num_loss_chunks must be a positive integer"),
     ],
 )
 def test_bad_overrides_raise(overrides: list[str], message: str) -> None:
@@ -454,8 +455,11 @@ def test_slurm_passes_sp_and_cp_through(tmp_path: Path) -> None:
     [
         ({"SP": "yes"}, "SP must be true or false, got 'yes'"),
         ({"CP": "0"}, "CP must be a positive integer"),
-        ({"CP": "3", "SLURM_NTASKS": "128"}, "128 tasks do not split into TP=8 x PP=2 x CP=3"),
-        ({"CP": "2", "DP": "8", "SLURM_NTASKS": "128"}, "DP=8 but 128 tasks = TP=8 x PP=2 x CP=2"),
+        ({"CP": "3", "SLURM_NTASKS": "128"}, "128 tasks do not split into TP=4 x PP=1 x CP=3"),
+        (
+            {"CP": "2", "DP": "8", "SLURM_NTASKS": "128"},
+            "DP=8 but 128 tasks = TP=4 x PP=1 x CP=2",
+        ),
     ],
 )
 def test_slurm_checks_the_world_size_before_srun(tmp_path: Path, env, message: str) -> None:
@@ -466,5 +470,5 @@ def test_slurm_checks_the_world_size_before_srun(tmp_path: Path, env, message: s
 
 
 def test_slurm_world_is_tp_pp_cp_dp(tmp_path: Path) -> None:
-    done = _slurm_dry_run(tmp_path, "stage2_49k.sh", CP="2", DP="4", SLURM_NTASKS="128")
-    assert done.returncode == 0, done.stderr  # 8 x 2 x 2 x 4 = 128
+    done = _slurm_dry_run(tmp_path, "stage2_49k.sh", CP="2", DP="16", SLURM_NTASKS="128")
+    assert done.returncode == 0, done.stderr  # 4 x 1 x 2 x 16 = 128
