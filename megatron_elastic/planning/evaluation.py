@@ -8,10 +8,11 @@ set and, on the last stage, the logits and megatron's vocab-parallel cross entro
 
 The layer working set is counted as what that layer keeps for backward in training
 (:func:`~.memory.layer_activation_terms` of the parent's full-size layer), an upper bound: under
-``no_grad`` a layer frees its intermediates as it goes. Measured on CPU (fp32, one rank, seq
-1024 and 2048, ``tests/unit/test_plan_evaluation.py``): an attention layer 0.82-0.92 of its term, an
-MLP layer 0.67, a Mamba layer 0.51; the logits and cross entropy 1.00. The GPU run of
-``benchmarks/bench_gpu_step.py`` (case ``eval/full``) reports its measured peak against this plan.
+``no_grad`` a layer frees its intermediates as it goes. Measured on CPU (fp32, one rank and one
+thread, seq 1024 and 2048, ``tests/unit/test_plan_evaluation.py``): an attention layer 0.82-0.92
+of its term, an MLP layer 0.67, a Mamba layer 0.51; the logits and cross entropy 1.00. The GPU
+run of ``benchmarks/bench_gpu_step.py`` (case ``eval/full``) reports its measured peak against
+this plan.
 """
 
 from __future__ import annotations
