@@ -59,6 +59,19 @@ def _growth(model, s: int, train: bool) -> int:
     return m["growth_bytes"]
 
 
+def _spy_on_sdpa(monkeypatch) -> list[tuple]:
+    """From now on, record ``(is_causal, attn_mask)`` of every SDPA call (it still runs)."""
+    calls: list[tuple] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("is_causal"), kwargs.get("attn_mask")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
 def test_local_spec_core_attention_is_the_fused_one() -> None:
     """One core attention at every CP size (the spec no longer depends on CP)."""
     spec = local_hybrid_stack_spec({})
@@ -74,14 +87,7 @@ def test_invariant_full_budget_evaluation_path_calls_causal_sdpa(
     for model in (base, elastic):
         cores = [m for m in model.modules() if "core_attention" in dict(m.named_children())]
         assert cores and all(isinstance(m.core_attention, CausalCoreAttention) for m in cores)
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs.get("is_causal"), kwargs.get("attn_mask")))
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    calls = _spy_on_sdpa(monkeypatch)
     tokens = torch.randint(0, 256, (1, 64))
     with torch.no_grad():
         elastic.eval()(tokens, position_ids_like(tokens), None)
@@ -154,14 +160,7 @@ def test_invariant_context_parallel_attention_has_no_dense_mask(monkeypatch, cp:
     full = attention.causal_attention(q, k, v)
     shares = [attention.load_balanced_positions(s // cp, cp, r, "cpu") for r in range(cp)]
     gathered = {id(t): torch.cat([t[p] for p in shares]) for t in (k, v)}  # rank order
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs.get("is_causal"), kwargs.get("attn_mask")))
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    calls = _spy_on_sdpa(monkeypatch)
     for r, pos in enumerate(shares):
         local_k, local_v = k[pos], v[pos]
         lookup = {id(local_k): gathered[id(k)], id(local_v): gathered[id(v)]}
