@@ -120,16 +120,11 @@ def attention_free(pgs, small_config):
     return cfg, base, elastic
 
 
-@pytest.mark.parametrize("mode", ["slice", "mask"])
-def test_invariant_full_budget_elastic_path_is_base_model_bitwise(attention_free, mode) -> None:
-    """Invariant 1 through the elastic layers (as in training: router weights of 1.0 on every
-    unit and a depth gate on every layer), on a parent whose layer kinds the elastic code
-    computes with the parent's own arithmetic: logits, loss and, in slice mode, every gradient
-    bit for bit. Mask mode runs its own Mamba forward (masks after the conv), bitwise in value;
-    autograd sums the gradients of in_proj, conv1d and dt_bias in another order there: worst
-    2.5e-6 relative over 12 weight draws (dt_bias, a sum over tokens), bound 5e-6. Slice mode
-    was bitwise in all 12."""
-    cfg, base, elastic = attention_free
+def _assert_full_budget_elastic_path_matches(base, elastic, cfg, mode: str):
+    """The full spec with router weights of 1.0 and depth gates (the elastic layers run) against
+    the base model: logits and loss bit for bit; every gradient bit for bit in slice mode, within
+    5e-6 relative in mask mode (its Mamba forward sums gradients in another order). Returns the
+    router weights used."""
     tokens, labels = _batch(cfg, seed=4)
     spec = SubnetSpec.full(cfg)
     weights = _router_like_weights(spec, seed=None)
@@ -143,6 +138,20 @@ def test_invariant_full_budget_elastic_path_is_base_model_bitwise(attention_free
             assert torch.equal(g, out[2][name]), name
         else:
             assert _rel(out[2][name], g) <= 5e-6, (name, _rel(out[2][name], g))
+    return weights
+
+
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+def test_invariant_full_budget_elastic_path_is_base_model_bitwise(attention_free, mode) -> None:
+    """Invariant 1 through the elastic layers (as in training: router weights of 1.0 on every
+    unit and a depth gate on every layer), on a parent whose layer kinds the elastic code
+    computes with the parent's own arithmetic: logits, loss and, in slice mode, every gradient
+    bit for bit. Mask mode runs its own Mamba forward (masks after the conv), bitwise in value;
+    autograd sums the gradients of in_proj, conv1d and dt_bias in another order there: worst
+    2.5e-6 relative over 12 weight draws (dt_bias, a sum over tokens), bound 5e-6. Slice mode
+    was bitwise in all 12."""
+    cfg, base, elastic = attention_free
+    weights = _assert_full_budget_elastic_path_matches(base, elastic, cfg, mode)
     assert all(g is not None and g.abs().sum() > 0 for g in _router_grads(weights))
 
 
@@ -159,17 +168,7 @@ def test_invariant_full_budget_elastic_path_matches_base_with_attention(
     DotProductAttention, explicit scores: 3.5e-7 logits, 1.5e-6 gradients.)
     """
     base, elastic = models
-    tokens, labels = _batch(small_config, seed=4)
-    spec = SubnetSpec.full(small_config)
-    elastic.set_subnet(spec, _router_like_weights(spec, seed=None), mode=mode)
-    ref, out = _run(base, tokens, labels), _run(elastic, tokens, labels)
-    elastic.set_subnet(None)
-    assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])
-    for name, g in ref[2].items():
-        if mode == "slice":
-            assert torch.equal(g, out[2][name]), name
-        else:
-            assert _rel(out[2][name], g) <= 5e-6, (name, _rel(out[2][name], g))
+    _assert_full_budget_elastic_path_matches(base, elastic, small_config, mode)
 
 
 def _specs(cfg):
