@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_workspace import write_training_workspace
 
 from megatron_elastic.training.recipe import load_train_recipe
 
@@ -28,26 +29,10 @@ WEIGHT_RTOL = 5e-3
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, pgs):
     """Tokenizer, indexed dataset and a saved (random) tiny parent: teacher and initial weights."""
-    from megatron_elastic.checkpoint import save_checkpoint
-    from megatron_elastic.config import load_model_config
-    from megatron_elastic.data import (
-        generate_records,
-        render_text,
-        train_bpe_tokenizer,
-        write_indexed_dataset,
-    )
-    from megatron_elastic.model import build_hybrid_model
-
     root = tmp_path_factory.mktemp("precision")
-    texts = [render_text(r) for r in generate_records(200, seed=5)]
-    tokenizer = train_bpe_tokenizer(texts, 512, root / "tokenizer.json")
-    prefix = write_indexed_dataset(
-        root / "data", ([*tokenizer.encode(t), tokenizer.eod] for t in texts), 512
+    return write_training_workspace(
+        root, TINY.parent / "model.yaml", pgs, records=200, seed=5, model_seed=0
     )
-    cfg = load_model_config(TINY.parent / "model.yaml")
-    torch.manual_seed(0)
-    save_checkpoint(root / "parent", build_hybrid_model(cfg, pgs), cfg, kind="ranked")
-    return root, prefix
 
 
 def _train(workspace, precision: str, seed: int) -> tuple[list[dict[str, float]], dict]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from training_workspace import write_training_workspace
 
 from megatron_elastic.checkpoint import load_extra, read_manifest
 
@@ -27,26 +28,8 @@ TIMEOUT_S = 600
 def workspace(tmp_path_factory, pgs):
     """Tokenizer + indexed dataset of generated reasoning text, and a saved (random) parent of
     the small trainer-test model."""
-    from megatron_elastic.checkpoint import save_checkpoint
-    from megatron_elastic.config import load_model_config
-    from megatron_elastic.data import (
-        generate_records,
-        render_text,
-        train_bpe_tokenizer,
-        write_indexed_dataset,
-    )
-    from megatron_elastic.model import build_hybrid_model
-
     root = tmp_path_factory.mktemp("trainer")
-    texts = [render_text(r) for r in generate_records(300, seed=3)]
-    tokenizer = train_bpe_tokenizer(texts, 512, root / "tokenizer.json")
-    prefix = write_indexed_dataset(
-        root / "data", ([*tokenizer.encode(t), tokenizer.eod] for t in texts), 512
-    )
-    cfg = load_model_config(FIXTURE / "model.yaml")
-    parent = build_hybrid_model(cfg, pgs)
-    save_checkpoint(root / "parent", parent, cfg, kind="ranked")
-    return root, prefix
+    return write_training_workspace(root, FIXTURE / "model.yaml", pgs, records=300, seed=3)
 
 
 def _args(workspace, save: Path, *extra: str) -> list[str]:
