@@ -231,7 +231,7 @@ def check_memory(recipe, config: PreflightConfig, cuda: bool) -> CheckResult:
 
     try:
         gpu_bytes, gpu_profile = peak(None)
-        cpu_bytes, _ = peak("cpu-fp32")
+        cpu_bytes = 0.0 if cuda else peak("cpu-fp32")[0]  # the CPU plan only serves a CPU run
     except ValueError as exc:
         return CheckResult("memory", False, False, f"could not plan: {exc}")
     fix = (
