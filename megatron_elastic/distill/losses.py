@@ -48,12 +48,17 @@ def _sum_exp(x: torch.Tensor, group) -> torch.Tensor:
     return _all_reduce(x.exp().sum(dim=-1, keepdim=True), group)
 
 
-def _label_logits(x: torch.Tensor, labels: torch.Tensor, start: int, group) -> torch.Tensor:
-    """``x[label]`` summed over the vocabulary shards (0 from shards without the label),
-    megatron's masking; ``start``: this shard's first vocabulary id."""
+def _local_labels(labels: torch.Tensor, start: int, width: int):
+    """Megatron's masking of labels for a vocabulary shard of ``width`` ids from ``start``: the
+    shard-local index (0 where the label is on another shard) and whether it is on this one."""
     target = labels - start
-    inside = (target >= 0) & (target < x.shape[-1])
-    target = target.masked_fill(~inside, 0)
+    inside = (target >= 0) & (target < width)
+    return target.masked_fill(~inside, 0), inside
+
+
+def _label_logits(x: torch.Tensor, labels: torch.Tensor, start: int, group) -> torch.Tensor:
+    """``x[label]`` summed over the vocabulary shards (0 from shards without the label)."""
+    target, inside = _local_labels(labels, start, x.shape[-1])
     picked = x.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
     return _all_reduce(picked, group)
 
@@ -123,10 +128,9 @@ class _ChunkedVocabParallelKD(torch.autograd.Function):
             if grad_ce is not None:
                 # megatron's: (softmax(s) - one_hot(label)) * grad
                 soft = _fp32(student[rows]).sub_(n[:, 4:5]).exp_().div_(n[:, 5:6])
-                target = labels[rows] - ctx.start
-                inside = (target >= 0) & (target < soft.shape[-1])
+                target, inside = _local_labels(labels[rows], ctx.start, soft.shape[-1])
                 one_hot = -inside.to(soft.dtype).unsqueeze(-1)  # -1 at the label, -0 off-shard
-                soft.scatter_add_(-1, target.masked_fill(~inside, 0).unsqueeze(-1), one_hot)
+                soft.scatter_add_(-1, target.unsqueeze(-1), one_hot)
                 soft.mul_(grad_ce[rows].unsqueeze(-1))
                 g = soft if g is None else g.add_(soft)
             grad[rows] = g
@@ -178,9 +182,8 @@ def kd_kl_loss(
 ) -> torch.Tensor:
     """Per-token ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` (shape = logits without
     the vocabulary dim). The teacher gets no gradient."""
-    return kd_and_ce_loss(student_logits, teacher_logits, None, temperature, tp_group, num_chunks)[
-        0
-    ]
+    kl, _ = kd_and_ce_loss(student_logits, teacher_logits, None, temperature, tp_group, num_chunks)
+    return kl
 
 
 def kd_loss_with_ce(
