@@ -23,6 +23,7 @@ from megatron_elastic.planning.memory import (
     PROFILES,
     LayerShape,
     MemoryPlanConfig,
+    _tokens,
     layer_activation_terms,
     plan_memory,
 )
@@ -51,8 +52,7 @@ def evaluation_working_set(cfg: MemoryPlanConfig, stage: int) -> dict[str, float
     and output, and on the last stage the logits with the cross entropy's temporaries."""
     m, p, prof = cfg.model, cfg.parallel, PROFILES[cfg.profile]
     a, tp = prof.act_bytes, p.tensor_parallel_size
-    tokens = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
-    hidden_tokens = tokens / (tp if p.sequence_parallel_active else 1)
+    tokens, hidden_tokens = _tokens(cfg)
     start = sum(cfg.stages[:stage])
     mine = range(start, start + cfg.stages[stage])
     full = [LayerShape(k, w, d) for k, (w, d) in zip(m.layer_kinds(), m.layer_sizes(), strict=True)]
