@@ -34,12 +34,14 @@ WORKER = Path(__file__).resolve().parent / "bench_memory_worker.py"
 MODEL = ROOT / "examples" / "tiny" / "model.yaml"
 MIB = 1024**2
 
-# name, seq, micro-batch size, micro-batches, parallel, recompute
+# name, seq, micro-batch size, micro-batches, parallel, recompute (True: every layer; N: the
+# first N layers of each stage, megatron's block method)
 CONFIGS = [
     ("seq256", 256, 2, 2, {}, False),
     ("seq512", 512, 2, 2, {}, False),
     ("seq1024", 1024, 2, 2, {}, False),
     ("seq1024-recompute", 1024, 2, 2, {}, True),
+    ("seq1024-recompute-block4", 1024, 2, 2, {}, 4),
     ("tp2-seq512", 512, 2, 2, {"tensor_parallel_size": 2}, False),
     ("pp2-seq512", 512, 2, 4, {"pipeline_parallel_size": 2}, False),
     ("pp2-seq512-recompute", 512, 2, 4, {"pipeline_parallel_size": 2}, True),
@@ -52,6 +54,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _recompute_label(recompute: bool | int) -> str:
+    if recompute is True:
+        return "on"
+    return f"b{recompute}" if recompute else "-"
 
 
 def pending_reason(parallel: dict) -> str | None:
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("torch.cuda.max_memory_allocated" if cuda else "CPU allocator peak, all threads")
     )
     header = (
-        f"{'config':<22} {'seq':>5} {'TP':>3} {'PP':>3} {'SP':>3} {'CP':>3} {'rc':>3} "
+        f"{'config':<25} {'seq':>5} {'TP':>3} {'PP':>3} {'SP':>3} {'CP':>3} {'rc':>3} "
         f"{'stage':>5} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10}"
         + ("" if cuda else f" {'RSS delta MiB':>14}")
     )
@@ -149,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         tp, pp = p.get("tensor_parallel_size", 1), p.get("pipeline_parallel_size", 1)
         cp, sp = p["context_parallel_size"], p["sequence_parallel"]
         prefix = (
-            f"{name:<22} {seq:>5} {tp:>3} {pp:>3} {'on' if sp else '-':>3} {cp:>3} "
-            f"{'on' if recompute else '-':>3}"
+            f"{name:<25} {seq:>5} {tp:>3} {pp:>3} {'on' if sp else '-':>3} {cp:>3} "
+            f"{_recompute_label(recompute):>3}"
         )
         reason = pending_reason(p)
         if reason:

@@ -72,9 +72,23 @@ def prepare(workdir: Path, model_yaml: Path) -> None:
     )
 
 
+def recompute_fields(recompute: bool | int) -> dict:
+    """``train`` fields of a run's ``recompute``: ``True`` every layer, ``N`` (an int) the first
+    N layers of each stage (megatron's block method), ``False`` none."""
+    if recompute is False:
+        return {}
+    if recompute is True:
+        return {"recompute_granularity": "full"}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": "block",
+        "recompute_num_layers": recompute,
+    }
+
+
 def recipe_dict(workdir: Path, run: dict) -> dict:
     """A stage recipe for ``run`` (keys: model_yaml, parallel, seq_length, micro_batch_size,
-    num_micro_batches, recompute, steps, data_parallel_size)."""
+    num_micro_batches, recompute (see :func:`recompute_fields`), steps, data_parallel_size)."""
     dp = run.get("data_parallel_size", 1)
     return {
         "stage": "bench",
@@ -92,7 +106,7 @@ def recipe_dict(workdir: Path, run: dict) -> dict:
             "seq_length": run["seq_length"],
             "micro_batch_size": run["micro_batch_size"],
             "global_batch_size": run["micro_batch_size"] * run["num_micro_batches"] * dp,
-            "recompute_activations": run["recompute"],
+            **recompute_fields(run["recompute"]),
         },
         "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 0},
         "router": {"anneal_steps": 100, "warmup_steps": 0},

@@ -261,16 +261,19 @@ def _mixed_precision_optimizer_on_cpu() -> None:
     tensors. Its construction runs with CPU tensors named as CUDA ones; the rest of the class
     (main-grad copy, unscale, main-param copy-back) is device-agnostic once its "cuda" scalars
     are made on the CPU (``megatron.core.optimizer.optimizer`` is in ``_CPU_DEVICE_MODULES``)."""
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params as cls
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    init = cls.__init__
+    # The distributed optimizer sorts its shards by ``param.type()`` the same way.
+    for cls in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        init = cls.__init__
 
-    @functools.wraps(init)
-    def cpu_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        with _cpu_tensors_typed_as_cuda():
-            init(self, *args, **kwargs)
+        @functools.wraps(init)
+        def cpu_init(self: Any, *args: Any, _init: Any = init, **kwargs: Any) -> None:
+            with _cpu_tensors_typed_as_cuda():
+                _init(self, *args, **kwargs)
 
-    cls.__init__ = cpu_init  # type: ignore[method-assign]
+        cls.__init__ = cpu_init  # type: ignore[method-assign]
 
 
 def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:

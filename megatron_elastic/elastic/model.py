@@ -34,7 +34,7 @@ from megatron_elastic.elastic.subnet import (
     ffn_indices,
     mamba_indices,
 )
-from megatron_elastic.model.builder import build_hybrid_model, mixer_params
+from megatron_elastic.model.builder import Recompute, build_hybrid_model, mixer_params
 from megatron_elastic.model.specs import LocalNormHybridStack, local_hybrid_stack_spec
 
 __all__ = [
@@ -101,10 +101,12 @@ class ElasticHybridStack(LocalNormHybridStack):
             hidden_states = self.input_tensor
             if self.mode == "slice":  # stages exchange full-width tensors (see below)
                 hidden_states = hidden_states[..., : self.active_hidden]
-        for layer, run, gate in zip(self.layers, self.run_layers, self.gates, strict=True):
+        for index, (layer, run, gate) in enumerate(
+            zip(self.layers, self.run_layers, self.gates, strict=True)
+        ):
             if not run:
                 continue
-            out = self.run_layer(layer, hidden_states, attention_mask)
+            out = self.run_layer(layer, hidden_states, attention_mask, index)
             hidden_states = out if gate is None else hidden_states + gate * (out - hidden_states)
         if self.post_process and self.post_layer_norm:
             hidden_states = self.final_norm(hidden_states)
@@ -321,12 +323,18 @@ def build_elastic_model(
     parallel: ParallelConfig | None = None,
     *,
     params_dtype: torch.dtype = torch.float32,
-    recompute: bool = False,
+    recompute: Recompute | bool = False,
 ) -> ElasticHybridModel:
     """This rank's part of the elastic parent. Its parameters (names, shapes, TP layout) are those
     of :func:`build_hybrid_model`, so a parent checkpoint loads unchanged."""
     parallel = parallel or ParallelConfig()
     elastic.validate_for(model, parallel)
+    if Recompute.of(recompute).granularity == "selective":
+        raise ValueError(
+            "train.recompute_granularity=selective: the elastic attention computes a "
+            "sub-network's core attention itself, out of reach of megatron's selective "
+            "recomputation; use full (recompute_method=block to recompute fewer layers)"
+        )
     net = build_hybrid_model(
         model,
         pgs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 from megatron.core.activations import squared_relu
@@ -21,6 +22,8 @@ from megatron_elastic.model.specs import (
 )
 
 __all__ = [
+    "RECOMPUTE_GRANULARITIES",
+    "Recompute",
     "build_hybrid_model",
     "hybrid_stack_spec",
     "layer_overrides",
@@ -35,17 +38,92 @@ def use_te() -> bool:
     return platform.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Activation recomputation as megatron's ``TransformerConfig.recompute_*`` fields
+    (``train.recompute_granularity`` / ``_method`` / ``_num_layers`` in a recipe).
+
+    ``full``: a layer keeps only its input and runs its forward again in backward. ``uniform``
+    recomputes every layer (each on its own: our stacks checkpoint per layer, so a uniform
+    chunk of more than one layer is refused); ``block`` only the first ``num_layers`` layers of
+    each pipeline stage (the others keep their activations: less memory saved, less compute).
+    ``selective``: megatron's core-attention recomputation (``recompute_modules=["core_attn"]``):
+    the attention layers' softmax inputs are recomputed, nothing else (no Mamba or MLP layer;
+    megatron has no selective recomputation for them)."""
+
+    granularity: str | None = None
+    """``None`` (store everything), ``full`` or ``selective``."""
+    method: str | None = None
+    """With ``full``: ``uniform`` (default) or ``block``."""
+    num_layers: int | None = None
+    """With ``full``: layers per uniform chunk (1, the default) or recomputed layers per stage
+    (``block``)."""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(
+                f"train.recompute_granularity={self.granularity!r}; choose full, selective or null"
+            )
+        if self.granularity != "full":
+            if self.method is not None or self.num_layers is not None:
+                raise ValueError(
+                    "train.recompute_method / recompute_num_layers apply to "
+                    f"recompute_granularity=full only (it is {self.granularity!r}); remove them"
+                )
+            return
+        if self.method is None:
+            object.__setattr__(self, "method", "uniform")
+        if self.num_layers is None:
+            object.__setattr__(self, "num_layers", 1)
+        if self.method not in RECOMPUTE_METHODS:
+            raise ValueError(
+                f"train.recompute_method={self.method!r}; choose one of {RECOMPUTE_METHODS}"
+            )
+        n = self.num_layers
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"train.recompute_num_layers must be a positive integer, got {n!r}")
+        if self.method == "uniform" and n != 1:
+            raise ValueError(
+                f"train.recompute_num_layers={n} with recompute_method=uniform: our stacks "
+                "recompute layer by layer (uniform chunks of 1); use 1, or recompute_method=block "
+                "to recompute only the first N layers of each stage"
+            )
+
+    @classmethod
+    def of(cls, value: Recompute | bool | None) -> Recompute:
+        """``True``: every layer (full, uniform, 1); ``False``/``None``: none."""
+        if isinstance(value, Recompute):
+            return value
+        return cls("full") if value else cls()
+
+    def layers(self, stage_layers: int) -> int:
+        """How many of a stage's ``stage_layers`` layers are recomputed in full."""
+        if self.granularity != "full":
+            return 0
+        return stage_layers if self.method == "uniform" else min(self.num_layers, stage_layers)
+
+
 def transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
     *,
     params_dtype: torch.dtype = torch.float32,
-    recompute: bool = False,
+    recompute: Recompute | bool = False,
 ) -> TransformerConfig:
     """megatron-core's ``TransformerConfig`` for ``model`` split as ``parallel``; ``recompute``:
-    recompute every layer's activations in backward (our stacks do it per layer)."""
+    activation recomputation in backward (``True``: every layer, see :class:`Recompute`)."""
+    recompute = Recompute.of(recompute)
     check_parallel_fit(model, parallel)
     on_gpu = platform.cuda_available()
+    if recompute.granularity == "selective" and not on_gpu:
+        raise ValueError(
+            "train.recompute_granularity=selective runs megatron's CUDA-RNG checkpoint "
+            "(tensor_parallel.checkpoint), which needs CUDA; use full on CPU"
+        )
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -83,9 +161,12 @@ def transformer_config(
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         attention_backend=AttnBackend.auto if use_te() else AttnBackend.local,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        # train.deterministic on a GPU (training.determinism): megatron's deterministic choices
+        # too (embedding backward by indexing; TE attention with deterministic kernels only).
+        deterministic_mode=on_gpu and torch.are_deterministic_algorithms_enabled(),
+        recompute_granularity=recompute.granularity,
+        recompute_method=recompute.method,
+        recompute_num_layers=recompute.num_layers,
     )
 
 
@@ -144,15 +225,16 @@ def build_hybrid_model(
     params_dtype: torch.dtype = torch.float32,
     stack_spec: ModuleSpec | None = None,
     model_class: type[HybridModel] = HybridModel,
-    recompute: bool = False,
+    recompute: Recompute | bool = False,
 ) -> HybridModel:
     """This rank's part of the parent model: its pipeline stage, its tensor-parallel shard.
 
     ``stack_spec`` overrides the layer spec (the elastic model passes its own); the default is
     :func:`hybrid_stack_spec`; ``model_class`` may be a ``HybridModel`` subclass. The model is
-    placed on :func:`platform.default_device`. ``recompute``: activations of each layer are
-    recomputed in backward (memory for long contexts). A heterogeneous ``model`` (per-layer
-    widths) is built by its own stack spec, so it takes no ``stack_spec``.
+    placed on :func:`platform.default_device`. ``recompute``: activations recomputed in
+    backward (memory for long contexts; ``True``: every layer, see :class:`Recompute`). A
+    heterogeneous ``model`` (per-layer widths) is built by its own stack spec, so it takes no
+    ``stack_spec``.
     """
     platform.apply()
     parallel = parallel or ParallelConfig()

@@ -69,19 +69,27 @@ class LocalNormHybridStack(HybridStack):
 
     @property
     def recompute(self) -> bool:
-        """Recompute each layer's activations in backward (``recompute_granularity="full"``)."""
+        """Recompute layers' activations in backward (``recompute_granularity="full"``)."""
         return (
             self.config.recompute_granularity == "full"
             and self.training
             and (torch.is_grad_enabled())
         )
 
-    def run_layer(self, layer: torch.nn.Module, hidden_states, attention_mask):
-        """One layer, its activations recomputed in backward when :attr:`recompute` (torch's
-        non-reentrant checkpoint: it restores the CPU and CUDA RNG states, so it also works
-        without CUDA, unlike megatron's ``checkpointed_forward``). The layer's elastic state
-        (``active``) is captured now and restored for the recomputation, which under 1F1B runs
-        after later micro-batches have set other sub-networks."""
+    def recomputes(self, index: int) -> bool:
+        """Whether this stage's layer ``index`` is recomputed: every layer with megatron's
+        ``uniform`` method (chunks of one layer), the first ``recompute_num_layers`` with
+        ``block``."""
+        if not self.recompute:
+            return False
+        return self.config.recompute_method != "block" or index < self.config.recompute_num_layers
+
+    def run_layer(self, layer: torch.nn.Module, hidden_states, attention_mask, index: int):
+        """Layer ``index`` of this stage, its activations recomputed in backward when
+        :meth:`recomputes` (torch's non-reentrant checkpoint: it restores the CPU and CUDA RNG
+        states, so it also works without CUDA, unlike megatron's ``checkpointed_forward``). The
+        layer's elastic state (``active``) is captured now and restored for the recomputation,
+        which under 1F1B runs after later micro-batches have set other sub-networks."""
 
         def run(hidden, states=None):
             saved = []
@@ -95,7 +103,7 @@ class LocalNormHybridStack(HybridStack):
                     module.active = active
             return out[0] if isinstance(out, tuple) else out
 
-        if not self.recompute:
+        if not self.recomputes(index):
             return run(hidden_states)
         states = [(m, m.active) for m in layer.modules() if hasattr(m, "active")]
         return checkpoint(run, hidden_states, states, use_reentrant=False)
@@ -105,8 +113,8 @@ class LocalNormHybridStack(HybridStack):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         if not self.pre_process:
             hidden_states = self.input_tensor
-        for layer in self.layers:
-            hidden_states = self.run_layer(layer, hidden_states, attention_mask)
+        for index, layer in enumerate(self.layers):
+            hidden_states = self.run_layer(layer, hidden_states, attention_mask, index)
         if self.post_process and self.post_layer_norm:
             hidden_states = self.final_norm(hidden_states)
         return make_viewless_tensor(

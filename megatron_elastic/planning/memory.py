@@ -38,7 +38,6 @@ __all__ = [
     "StagePlan",
     "kd_loss_bytes",
     "layer_activation_terms",
-    "plan_config_from_recipe",
     "plan_memory",
 ]
 
@@ -97,7 +96,10 @@ class MemoryPlanConfig:
     data_parallel_size: int = 1
     """Replicas; the distributed optimizer shards optimizer state over them."""
     recompute: bool = False
-    """Per-layer activation recomputation (``train.recompute_activations``)."""
+    """Per-layer activation recomputation (``train.recompute_granularity: full``)."""
+    recompute_num_layers: int | None = None
+    """With ``recompute``: only the first this many layers of each stage are recomputed (the
+    ``block`` method); ``None``: every layer (``uniform``)."""
     distributed_optimizer: bool = False
     """Optimizer state sharded over data-parallel ranks."""
     teacher: bool = True
@@ -129,6 +131,11 @@ class MemoryPlanConfig:
                 raise ValueError(f"MemoryPlanConfig.{name} must be a positive integer, got {value}")
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r}; choose one of {sorted(PROFILES)}")
+        n = self.recompute_num_layers
+        if n is not None and (not self.recompute or not isinstance(n, int) or n < 1):
+            raise ValueError(
+                f"MemoryPlanConfig.recompute_num_layers={n!r} needs recompute=True and n >= 1"
+            )
         check_parallel_fit(self.model, self.parallel)
         self.parallel.check_sequence_length(self.seq_length)
         if self.student_layers is not None and len(self.student_layers) != self.model.num_layers:
@@ -241,11 +248,12 @@ def _layer_bytes(cfg: MemoryPlanConfig, layer: LayerShape, hidden: int) -> float
     return sum(layer_activation_terms(cfg, layer, hidden).values())
 
 
-def _stored_bytes(cfg: MemoryPlanConfig, layer: LayerShape, hidden: int) -> float:
-    """What one micro-batch keeps through ``layer`` until its backward."""
+def _stored_bytes(cfg: MemoryPlanConfig, layer: LayerShape, hidden: int, rebuilt: bool) -> float:
+    """What one micro-batch keeps through ``layer`` until its backward (``rebuilt``: the layer
+    is recomputed)."""
     if not layer.active:
         return 0.0
-    if not cfg.recompute:
+    if not rebuilt:
         return _layer_bytes(cfg, layer, hidden)
     # Non-reentrant checkpoint keeps the layer's input; the depth gate outside it keeps
     # f(x) - x: 2 hidden-width tensors.
@@ -364,9 +372,11 @@ def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
             static["megatron global buffer (SP gather)"] = buffer * m.hidden_size * a
         per_kind: dict[str, float] = {"mamba": 0.0, "attention": 0.0, "mlp": 0.0}
         counts = {"mamba": 0, "attention": 0, "mlp": 0}
+        n = len(mine) if cfg.recompute_num_layers is None else cfg.recompute_num_layers
+        rebuilt = {j: cfg.recompute and j - mine.start < n for j in mine}  # block: the first n
         for j in mine:
             layer = layers[j]
-            per_kind[layer.kind] += _stored_bytes(cfg, layer, hidden)
+            per_kind[layer.kind] += _stored_bytes(cfg, layer, hidden, rebuilt[j])
             counts[layer.kind] += int(layer.active)
         acts = {f"{k} layers": v * in_flight for k, v in per_kind.items()}
         extra = 0.0
@@ -392,9 +402,9 @@ def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
         grads = (th + t) * hidden * a  # under SP the input's gradient is all-gathered width
         backward, freed = 0.0, 0.0
         for j in reversed(mine):
-            rebuilt = _layer_bytes(cfg, layers[j], hidden) if cfg.recompute else 0.0
-            backward = max(backward, rebuilt + grads - freed)
-            freed += _stored_bytes(cfg, layers[j], hidden)
+            forward = _layer_bytes(cfg, layers[j], hidden) if rebuilt[j] else 0.0
+            backward = max(backward, forward + grads - freed)
+            freed += _stored_bytes(cfg, layers[j], hidden, rebuilt[j])
         transients = {"backward working set (net)": backward + weight_grad}
         teacher_ws = 0.0
         if cfg.teacher:
@@ -422,58 +432,3 @@ def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
             )
         )
     return MemoryPlan(cfg, tuple(stages))
-
-
-def plan_config_from_recipe(recipe, *, world_size: int, profile: str | None = None):
-    """The :class:`MemoryPlanConfig` of a :class:`~megatron_elastic.training.recipe.TrainRecipe`
-    run on ``world_size`` ranks. ``profile``: default ``cpu-fp32`` for ``train.precision: fp32``,
-    else ``gpu-bf16``. The student is the largest budget's architecture (the router may pick any
-    budget per micro-batch; the largest bounds memory)."""
-    from megatron_elastic.elastic.architectures import budget_specs
-    from megatron_elastic.router import ElasticRouter
-
-    p, train = recipe.parallel, recipe.train
-    if not isinstance(world_size, int) or world_size < 1 or world_size % p.model_parallel_size:
-        raise ValueError(
-            f"world size {world_size} is not a multiple of TP x PP x CP = {p.model_parallel_size}"
-        )
-    dp = world_size // p.model_parallel_size
-    per_step = train.micro_batch_size * dp
-    if train.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size={train.global_batch_size} is not a multiple of "
-            f"micro_batch_size x data-parallel size = {train.micro_batch_size} x {dp}"
-        )
-    if profile is None:
-        profile = "cpu-fp32" if train.precision == "fp32" else "gpu-bf16"
-    hidden, layers, router_params = None, None, 0
-    if recipe.mode == "elastic":
-        elastic = recipe.elastic
-        if elastic.mode != "slice":
-            raise ValueError(
-                f"elastic.mode={elastic.mode!r}: the planner models slice mode only (mask mode "
-                "computes at full width with extra mask products it does not itemise)"
-            )
-        name = max(elastic.budgets, key=elastic.budgets.get)
-        spec, _ = budget_specs(recipe.model, elastic)[name]
-        hidden = spec.hidden
-        layers = tuple(LayerShape(c.kind, c.width, c.head_dim, c.active) for c in spec.layers)
-        router = ElasticRouter(recipe.model, elastic, recipe.router)
-        router_params = sum(t.numel() for t in router.parameters())
-    return MemoryPlanConfig(
-        model=recipe.model,
-        parallel=p,
-        seq_length=train.seq_length,
-        micro_batch_size=train.micro_batch_size,
-        num_micro_batches=train.global_batch_size // per_step,
-        data_parallel_size=dp,
-        recompute=train.recompute_activations,
-        distributed_optimizer=recipe.optim.use_distributed_optimizer,
-        teacher=recipe.distill.teacher == "parent",
-        profile=profile,
-        student_hidden=hidden,
-        student_layers=layers,
-        router_params=router_params,
-        loss_chunks=recipe.distill.num_loss_chunks,
-        ce_trained=recipe.distill.ce_weight > 0,
-    )

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from megatron_elastic.planning.memory import GIB, MemoryPlan
+from megatron_elastic.planning.memory import GIB, MemoryPlan, MemoryPlanConfig
 
 __all__ = ["format_plan"]
+
+
+def _recompute(cfg: MemoryPlanConfig) -> str:
+    if not cfg.recompute:
+        return "off"
+    n = cfg.recompute_num_layers
+    return "on" if n is None else f"first {n} layers per stage"
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -15,7 +22,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f" x {cfg.num_micro_batches}, TP {p.tensor_parallel_size} PP "
         f"{p.pipeline_parallel_size} CP {p.context_parallel_size} DP {cfg.data_parallel_size}, "
         f"SP {'on' if p.sequence_parallel_active else 'off'}, recompute "
-        f"{'on' if cfg.recompute else 'off'}, distributed optimizer "
+        f"{_recompute(cfg)}, distributed optimizer "
         f"{'on' if cfg.distributed_optimizer else 'off'}"
     )
     names = [f"stage {s.stage}" for s in plan.stages]

@@ -11,7 +11,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
 
-__all__ = ["OptimConfig", "build_optimizer", "cast_parameters", "wrap_ddp"]
+__all__ = ["OptimConfig", "build_optimizer", "cast_parameters", "sync_params", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,20 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
+    """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer:
+    gradients reduce-scattered, updated parameters all-gathered)."""
+    overlap_grad_reduce: bool = False
+    """megatron's ``overlap_grad_reduce``: each gradient bucket's all-reduce (reduce-scatter with
+    the distributed optimizer) starts in the backward of the last micro-batch, as soon as the
+    bucket is complete, instead of after it. The same gradients; not with elastic budgets that
+    skip layers (megatron starts a bucket when every parameter in it got its gradient)."""
+    overlap_param_gather: bool = False
+    """megatron's ``overlap_param_gather``: the distributed optimizer's parameter all-gather
+    runs bucket by bucket in the next forward (forward pre-hooks) instead of after the step.
+    Needs ``use_distributed_optimizer``."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient-reduction bucket with ``overlap_grad_reduce`` (megatron's
+    ``--ddp-bucket-size``); ``None``: megatron's default, max(40M, 1M x data-parallel size)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_lr <= self.lr:
@@ -40,6 +53,19 @@ class OptimConfig:
             raise ValueError(
                 f"OptimConfig.warmup_steps={self.warmup_steps} must be in [0, total_steps="
                 f"{self.total_steps})"
+            )
+        for name in ("use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"optim.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError(
+                "optim.overlap_param_gather needs optim.use_distributed_optimizer=true (only the "
+                "distributed optimizer all-gathers parameters)"
+            )
+        size = self.ddp_bucket_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(
+                f"optim.ddp_bucket_size must be a positive integer or null, got {size!r}"
             )
 
 
@@ -55,16 +81,40 @@ def cast_parameters(model: nn.Module, params_dtype: torch.dtype) -> None:
             param.data = param.data.to(params_dtype)
 
 
-def wrap_ddp(model: nn.Module, pgs: ProcessGroupCollection, optim: OptimConfig) -> nn.Module:
-    """megatron's DDP (fp32 grad buffers; grads reduced across data-parallel ranks)."""
+def wrap_ddp(
+    model: nn.Module, pgs: ProcessGroupCollection, optim: OptimConfig
+) -> DistributedDataParallel:
+    """megatron's DDP (fp32 grad buffers; grads reduced across data-parallel ranks).
+
+    With ``overlap_grad_reduce`` the pipeline schedules get the hooks Megatron-LM's training loop
+    sets on the model config: ``no_sync_func`` (no bucket starts its reduction before the last
+    micro-batch) and ``grad_sync_func`` (1F1B: every stage launches what is left at the end, as
+    with megatron's default ``align_grad_reduce``). The caller still runs
+    ``finalize_model_grads``, which waits for the reductions. With ``overlap_param_gather`` DDP
+    registers its forward pre-hooks itself; :func:`sync_params` completes the gather when the
+    parameters are read outside a forward (checkpoints)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=optim.overlap_grad_reduce,
+        overlap_param_gather=optim.overlap_param_gather,
         use_distributed_optimizer=optim.use_distributed_optimizer,
+        bucket_size=optim.ddp_bucket_size,
     )
-    return DistributedDataParallel(
+    ddp = DistributedDataParallel(
         config=model.config, ddp_config=ddp_config, module=model, pg_collection=pgs
     )
+    if optim.overlap_grad_reduce:
+        model.config.no_sync_func = ddp.no_sync
+        model.config.grad_sync_func = ddp.start_grad_sync
+    return ddp
+
+
+def sync_params(ddp: DistributedDataParallel) -> None:
+    """With ``overlap_param_gather`` the parameters updated by the last step are all-gathered in
+    the next forward: gather them now (before a checkpoint reads them). A no-op otherwise."""
+    if ddp.ddp_config.overlap_param_gather:
+        with torch.no_grad():
+            ddp.start_param_sync(force_sync=True)
 
 
 def build_optimizer(
@@ -81,6 +131,7 @@ def build_optimizer(
         fp16=False,
         params_dtype=params_dtype,
         use_distributed_optimizer=optim.use_distributed_optimizer,
+        overlap_param_gather=optim.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
     scheduler = OptimizerParamScheduler(

@@ -29,6 +29,7 @@ from megatron_elastic.config import (
     load_yaml,
 )
 from megatron_elastic.elastic.config import ElasticConfig, load_elastic_recipe
+from megatron_elastic.model.builder import Recompute
 from megatron_elastic.router.config import RouterConfig
 from megatron_elastic.training.budget_sampling import validate_budget_probs
 from megatron_elastic.training.optim import OptimConfig
@@ -86,9 +87,19 @@ class TrainConfig:
     """Deterministic torch algorithms (resume reproduces an uninterrupted run exactly)."""
     eval_interval: int = 0
     """Validation loss every this many steps (0: only at the end)."""
+    recompute_granularity: str | None = None
+    """Activation recomputation in backward, megatron's ``recompute_granularity``: ``null``
+    (store everything), ``full`` (a recomputed layer keeps only its input; costs about one more
+    forward of it) or ``selective`` (attention layers' core attention only: megatron's
+    ``recompute_modules=["core_attn"]``; Mamba and MLP layers keep their activations)."""
+    recompute_method: str | None = None
+    """With ``full``: ``uniform`` (every layer; the default) or ``block`` (the first
+    ``recompute_num_layers`` layers of each pipeline stage)."""
+    recompute_num_layers: int | None = None
+    """With ``full``: 1 for ``uniform`` (our stacks recompute layer by layer); with ``block``,
+    the layers recomputed per stage (fewer: more memory, less recomputation)."""
     recompute_activations: bool = False
-    """Recompute every layer's activations in backward instead of storing them (long contexts:
-    only each layer's input is kept; costs about one more forward)."""
+    """Older spelling of ``recompute_granularity: full`` (every layer), kept for old recipes."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size"):
@@ -104,6 +115,28 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r}; choose one of {PRECISIONS}")
         if self.eval_interval < 0:
             raise ValueError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        if not isinstance(self.recompute_activations, bool):
+            raise ValueError(
+                f"train.recompute_activations must be true or false, got "
+                f"{self.recompute_activations!r}"
+            )
+        if self.recompute_activations:
+            if self.recompute_granularity not in (None, "full"):
+                raise ValueError(
+                    "train.recompute_activations=true means recompute_granularity=full; set "
+                    "only recompute_granularity"
+                )
+            object.__setattr__(self, "recompute_granularity", "full")
+        recompute = self.recompute  # validates the three fields (and fills full's defaults)
+        object.__setattr__(self, "recompute_method", recompute.method)
+        object.__setattr__(self, "recompute_num_layers", recompute.num_layers)
+
+    @property
+    def recompute(self) -> Recompute:
+        """The recomputation the model builders take."""
+        return Recompute(
+            self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        )
 
     def resolved_precision(self, cuda: bool) -> str:
         """``bf16`` or ``fp32``: what ``precision`` means on a machine with(out) CUDA."""
@@ -214,6 +247,7 @@ class TrainRecipe:
             raise ValueError(f"mode={self.mode!r}; choose one of {MODES}")
         check_parallel_fit(self.model, self.parallel)
         self.parallel.check_sequence_length(self.train.seq_length)
+        _check_tuning(self)
         if self.mode == "elastic":
             if self.elastic is None or self.router is None:
                 raise ValueError("mode 'elastic' needs the 'elastic' recipe and a 'router' section")
@@ -223,6 +257,26 @@ class TrainRecipe:
             raise ValueError(
                 "mode 'plain' trains the parent alone: remove 'budget_sampling' and set "
                 "distill.teacher to 'none'"
+            )
+
+
+def _check_tuning(recipe: TrainRecipe) -> None:
+    """The tuning settings that depend on other sections."""
+    train, model = recipe.train, recipe.model
+    most = max(recipe.parallel.stage_layer_counts(model.num_layers))
+    if train.recompute_method == "block" and train.recompute_num_layers > most:
+        raise ValueError(
+            f"train.recompute_num_layers={train.recompute_num_layers} with recompute_method=block "
+            f"exceeds the {most} layers of the largest pipeline stage; use at most {most}"
+        )
+    elastic = recipe.elastic
+    if recipe.optim.overlap_grad_reduce and recipe.mode == "elastic" and elastic is not None:
+        depths = elastic.axis_choices(model)["depth"]
+        if depths[0] < model.num_layers:
+            raise ValueError(
+                f"optim.overlap_grad_reduce: elastic.depth_choices {list(depths)} skip layers, "
+                "whose parameters then get no gradient, and megatron starts a bucket's reduction "
+                "only when all of its parameters have one; set optim.overlap_grad_reduce=false"
             )
 
 

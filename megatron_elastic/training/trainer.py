@@ -46,9 +46,10 @@ from megatron_elastic.router import (
     temperature,
 )
 from megatron_elastic.training.budget_sampling import BudgetSampler
+from megatron_elastic.training.determinism import set_deterministic
 from megatron_elastic.training.lm_step import distill_forward, forward_backward, lm_forward
 from megatron_elastic.training.metrics import MetricsWriter, reduce_step_stats
-from megatron_elastic.training.optim import build_optimizer, cast_parameters, wrap_ddp
+from megatron_elastic.training.optim import build_optimizer, cast_parameters, sync_params, wrap_ddp
 from megatron_elastic.training.recipe import TrainRecipe, recipe_summary
 from megatron_elastic.training.state import (
     Progress,
@@ -135,10 +136,7 @@ class Trainer:
         self.recipe = r = recipe
         self.paths = preflight(r)
         self.preemption = _Preemption()
-        if r.train.deterministic and platform.cuda_available():
-            # On CPU the kernels we use are deterministic already (the resume test checks it
-            # bit for bit); the flag would only swap index_add for a slower sort-based kernel.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        set_deterministic(r.train.deterministic)  # (CUBLAS_WORKSPACE_CONFIG before any matmul)
         self.pgs = pgs = init_process_groups(r.parallel, seed=r.train.seed)
         # Data parallel replicas read distinct samples; the CP ranks of a replica read the same
         # ones and each trains its load-balanced share of every sequence.
@@ -159,7 +157,7 @@ class Trainer:
         self.dtype = self._dtype()
         self.tokenizer_path = str(Path(r.data.tokenizer).resolve())
         self.elastic = self._elastic_config()
-        recompute = r.train.recompute_activations
+        recompute = r.train.recompute
         if r.mode == "elastic":
             self.model = build_elastic_model(
                 r.model, self.elastic, pgs, r.parallel, params_dtype=self.dtype, recompute=recompute
@@ -542,6 +540,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the full training state of this step."""
         r, p = self.recipe, self.progress
+        sync_params(self.ddp)  # (overlap_param_gather: the last step's gather is still pending)
         path = step_dir(r.checkpoint.save, p.step)
         extra = {"scheduler": self.scheduler.state_dict()}
         if self.router is not None:

@@ -1,7 +1,8 @@
-"""TP=2, PP=2 and TP2xPP2 under torchrun/gloo give the loss and gradients of one process, for the
-parent, for the elastic model running a heterogeneous sub-network (slice and mask modes), for an
-importance-ranked parent and for router-chosen sub-networks. Every rank's results are checked:
-its loss (last stage), its stage's gradients, its ranking, its router decisions and gradients."""
+"""TP=2, PP=2 (an even and an uneven layer split) and TP2xPP2 under torchrun/gloo give the loss
+and gradients of one process, for the parent, for the elastic model running a heterogeneous
+sub-network (slice and mask modes), for an importance-ranked parent and for router-chosen
+sub-networks. Every rank's results are checked: its loss (last stage), its stage's gradients, its
+ranking, its router decisions and gradients."""
 
 from __future__ import annotations
 
@@ -71,6 +72,19 @@ def test_invariant_parallel_matches_single_process(reference, launch, tp: int, p
     work, ref = reference
     launch(work, tp * pp, "--tp", str(tp), "--pp", str(pp))
     _assert_same(_ranks(work / f"tp{tp}_pp{pp}", tp * pp), ref, pp)
+
+
+def test_invariant_uneven_pipeline_layout_matches_single_process(reference, launch) -> None:
+    """``parallel.pipeline_layout`` [4, 2]: the last stage, which holds the output layer and the
+    loss, gets fewer layers; the loss and every gradient (by global name: the stages' layer
+    offsets follow the layout) are the single process's, as the even split's are above."""
+    work, ref = reference
+    launch(work, 2, "--pp", "2", "--layout", "4", "2")
+    ranks = _ranks(work / "tp1_pp2_layout4-2", 2)
+    _assert_same(ranks, ref, 2)
+    prefix = "decoder.layers."
+    layers = [{n.split(".")[2] for n in r["grads"] if n.startswith(prefix)} for r in ranks]
+    assert layers == [{"0", "1", "2", "3"}, {"4", "5"}]  # 4 layers, then 2
 
 
 @pytest.fixture(scope="module")

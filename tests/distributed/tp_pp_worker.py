@@ -68,10 +68,13 @@ def main() -> None:
     parser.add_argument("--elastic", choices=["slice", "mask"], default=None)
     parser.add_argument("--importance", action="store_true", help="rank the parent first")
     parser.add_argument("--router", action="store_true", help="a router picks each sub-network")
+    parser.add_argument("--layout", type=int, nargs="+", help="layers per pipeline stage")
     args = parser.parse_args()
     work = Path(args.workdir)
     cfg = config_from_dict(ModelConfig, yaml.safe_load(Path(args.model).read_text()))
-    parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
+    parallel = ParallelConfig(
+        tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, pipeline_layout=args.layout
+    )
     pgs = init_process_groups(parallel, seed=7)
     if args.router:
         model = build_elastic_model(cfg, ROUTED, pgs, parallel)
@@ -126,6 +129,8 @@ def main() -> None:
     local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     grads = gather_full_tensors(model, local, pgs)
     tag = f"_{args.elastic}" if args.elastic else ("_router" if args.router else "")
+    if args.layout:
+        tag += "_layout" + "-".join(map(str, args.layout))
     out = work / (f"tp{args.tp}_pp{args.pp}" + tag + ("_ranked" if args.importance else ""))
     out.mkdir(exist_ok=True)
     torch.save(

@@ -204,6 +204,24 @@ def test_recompute_keeps_two_hidden_tensors_per_layer() -> None:
     assert stage.activations["mamba layers"] == FP32 * 2 * S * B * H
 
 
+def test_block_recompute_rebuilds_only_the_first_layers() -> None:
+    """megatron's block method: the first N layers of a stage keep their input (and the gate's
+    f(x) - x), the others everything; N = all layers is the uniform plan. (Measured against the
+    trainer by benchmarks/bench_memory.py, seq1024-recompute-block4.)"""
+    cfg = _small(recompute=True, recompute_num_layers=1)
+    (stage,) = plan_memory(cfg).stages
+    layers = cfg.layers()
+    rest = sum(sum(layer_activation_terms(cfg, layer, H).values()) for layer in layers[1:])
+    stored = sum(v for k, v in stage.activations.items() if k.endswith(" layers"))
+    assert stored == pytest.approx(FP32 * 2 * S * B * H + rest)
+    every = plan_memory(_small(recompute=True, recompute_num_layers=len(layers))).stages[0]
+    assert every.peak == plan_memory(_small(recompute=True)).stages[0].peak
+    none = plan_memory(_small()).stages[0]
+    assert every.peak < stage.peak < none.peak
+    with pytest.raises(ValueError, match="recompute_num_layers"):
+        _small(recompute_num_layers=1)  # without recompute
+
+
 def test_pipeline_in_flight_and_parallel_shards() -> None:
     one = plan_memory(_small(num_micro_batches=4)).stages[0]
     plan = plan_memory(
@@ -383,8 +401,12 @@ def test_12b_stage2_predictions_move_the_right_way() -> None:
     base = _peak(STAGE2)
     assert _peak(STAGE2, "parallel.sequence_parallel=false") > base  # SP lowers the peak
     assert _peak(STAGE2, "parallel.context_parallel_size=2") < base  # CP lowers it
-    assert _peak(STAGE2, "train.recompute_activations=false") > base  # recompute lowers it
-    bare = _peak(STAGE2, "parallel.sequence_parallel=false", "train.recompute_activations=false")
+    off = "train.recompute_granularity=null"
+    assert _peak(STAGE2, off) > base  # recompute lowers it
+    # recomputing the first 14 of the 62 layers only lies between (block method)
+    block = ("train.recompute_method=block", "train.recompute_num_layers=14")
+    assert base < _peak(STAGE2, *block) < _peak(STAGE2, off)
+    bare = _peak(STAGE2, "parallel.sequence_parallel=false", off)
     assert bare > 80  # neither: does not fit an 80 GB H100
     assert base < 70  # the recipe's layout fits with headroom
 
@@ -408,6 +430,9 @@ def test_bad_input_is_a_value_error() -> None:
         plan_config_from_recipe(load_train_recipe(STAGE2), world_size=126)
     with pytest.raises(ValueError, match="profile="):
         _small(profile="tpu")
+    with pytest.raises(ValueError, match="planner models full recomputation only"):
+        recipe = load_train_recipe(STAGE2, ["train.recompute_granularity=selective"])
+        plan_config_from_recipe(recipe, world_size=128)
     with pytest.raises(ValueError, match="student_layers lists 1 layers"):
         _small(student_layers=(LayerShape("mlp", 160),))
 

@@ -205,11 +205,54 @@ def test_overrides_apply_before_validation() -> None:
         (["distill.teacher=parent", "distill.teacher_checkpoint=null"], "teacher_checkpoint"),
         (["train.micro_batch_size=5"], "must be a multiple of train.micro_batch_size=5"),
         (["distill.num_loss_chunks=0"], "distill.num_loss_chunks must be a positive integer"),
+        (
+            ["optim.use_distributed_optimizer=false", "optim.overlap_param_gather=true"],
+            "optim.overlap_param_gather needs optim.use_distributed_optimizer=true",
+        ),
+        (["optim.overlap_grad_reduce=true"], "elastic.depth_choices [48, 52, 56, 62] skip layers"),
+        (["optim.ddp_bucket_size=0"], "optim.ddp_bucket_size must be a positive integer"),
+        (["train.recompute_granularity=some"], "train.recompute_granularity='some'"),
+        (["train.recompute_num_layers=2"], "recompute_num_layers=2 with recompute_method=uniform"),
+        (
+            ["train.recompute_method=block", "train.recompute_num_layers=63"],
+            "exceeds the 62 layers of the largest pipeline stage",
+        ),
+        (
+            ["train.recompute_activations=true", "train.recompute_granularity=selective"],
+            "recompute_activations=true means recompute_granularity=full",
+        ),
     ],
 )
 def test_bad_overrides_raise(overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         load_train_recipe(NANO / "stage1_8k.yaml", overrides)
+
+
+def test_tuning_settings_reach_their_configs() -> None:
+    """The 12B recipes: full recomputation of every layer, no deterministic kernels; the old
+    ``recompute_activations`` spelling still means full; a block and a PP layout override."""
+    for path in (NANO / "stage1_8k.yaml", NANO / "stage2_49k.yaml"):
+        train = load_train_recipe(path).train
+        assert (train.recompute_granularity, train.recompute_method) == ("full", "uniform")
+        assert train.recompute_num_layers == 1 and train.deterministic is False
+    tiny = load_train_recipe(TINY / "stage1.yaml").train
+    assert tiny.deterministic is True and tiny.recompute.granularity is None
+    old = load_train_recipe(TINY / "stage1.yaml", ["train.recompute_activations=true"]).train
+    assert old.recompute == load_train_recipe(NANO / "stage1_8k.yaml").train.recompute
+    recipe = load_train_recipe(
+        NANO / "stage2_49k.yaml",
+        [
+            "train.recompute_method=block",
+            "train.recompute_num_layers=20",
+            "parallel.tensor_parallel_size=8",
+            "parallel.pipeline_parallel_size=2",
+            "parallel.pipeline_layout=[32, 30]",
+            "optim.overlap_param_gather=true",
+        ],
+    )
+    assert recipe.train.recompute.layers(30) == 20
+    assert recipe.parallel.stage_layer_counts(62) == (32, 30)
+    assert recipe.optim.overlap_param_gather
 
 
 # --- bad recipe files ---------------------------------------------------------------------------
