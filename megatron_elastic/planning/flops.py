@@ -11,11 +11,14 @@ Per layer and per token of one micro-batch (``h`` the sub-network's embedding wi
 
 * Mamba-2 mixer (``nh`` heads of ``p`` channels, ``g`` groups, state ``n``, conv kernel ``k``,
   chunk ``L``): ``in_proj`` ``2 h (2 nh p + 2 g n + nh)``, ``out_proj`` ``2 nh p h``, the depthwise
-  causal conv over ``nh p + 2 g n`` channels ``2 k (nh p + 2 g n)``, and the chunked SSD scan
-  (``model/ssd_scan.py``; the sequence padded to ``c`` chunks of ``L``): within-chunk scores
-  ``C B^T`` ``2 nh L n`` and outputs ``2 nh L p``, chunk states ``2 nh n p``, their contribution
-  to the outputs ``2 nh n p``, plus ``2 nh (c+1)^2 p n`` per sample for passing states between
-  chunks. Megatron-LM instead counts the scan as ``7 d_in n`` (with ``d_in = 2 h``) and no conv.
+  causal conv over ``nh p + 2 g n`` channels ``2 k (nh p + 2 g n)``, and the chunked SSD scan as
+  mamba-ssm's kernels compute it (chunk ``Q = min(L, s)``): within-chunk scores ``C B^T`` per
+  group ``2 g Q n``, outputs ``2 nh p Q``, chunk states ``2 nh p n`` and their contribution to
+  the outputs ``2 nh p n`` (the state passing between chunks is ``O(nh p n)`` per chunk, not
+  counted). The same as ``benchmarks/bench_gpu_step.py``'s ``forward_flops``. Megatron-LM
+  counts the scan as ``7 d_in n`` (with ``d_in = 2 h``) and no conv. (The CPU scan,
+  ``model/ssd_scan.py``, does more: scores per head, the sequence padded to whole chunks, and
+  states passed by a ``(c+1) x (c+1)`` product; ``tests/unit/test_step_metrics.py`` counts it.)
 * Attention (``nq`` query heads of ``d``, ``G`` key/value groups): QKV ``2 h (nq + 2 G) d``,
   output ``2 nq d h``, scores and values ``2 s nq d`` (``4 s nq d`` halved by the causal mask).
   For a pure-attention stack this is Megatron-LM's formula term for term
@@ -27,12 +30,12 @@ A training step of ``M`` micro-batches runs, per micro-batch: the student's forw
 (``3 x`` its forward; ``4 x`` with activation recomputation, which runs its forward twice) and,
 under distillation, the frozen teacher's forward (``1 x`` the parent's forward). *Model FLOPs*
 (for MFU) count the student ``3 x`` (recomputation is not useful work); *hardware FLOPs* (HFU)
-``4 x`` with recomputation.
+add the recomputed forward of the student's layers (not of its output layer, which is not
+recomputed).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from megatron_elastic.config import ModelConfig
@@ -83,22 +86,12 @@ def layer_forward_flops(
             "gemm": 2 * t * (h * (q + 2 * kv) + q * h),
             "attention": 2 * t * seq_length * q,  # 2 products x 2 s q, halved (causal)
         }
-    nh, p = layer.width, layer.head_dim
-    gn, n, L = (
-        model.mamba_num_groups * model.mamba_state_dim,
-        model.mamba_state_dim,
-        model.mamba_chunk_size,
-    )
-    inner = nh * p
-    chunks = math.ceil(seq_length / L)
-    padded = batch * chunks * L
-    scan = (
-        2 * nh * padded * (L * n + L * p + 2 * n * p) + 2 * batch * nh * (chunks + 1) ** 2 * p * n
-    )
+    nh, p, g, n = layer.width, layer.head_dim, model.mamba_num_groups, model.mamba_state_dim
+    inner, gn, q = nh * p, g * n, min(model.mamba_chunk_size, seq_length)
     return {
         "gemm": 2 * t * (h * (2 * inner + 2 * gn + nh) + inner * h),
         "conv": 2 * t * model.mamba_conv_kernel * (inner + 2 * gn),
-        "scan": scan,
+        "scan": t * (2 * g * q * n + inner * (2 * q + 4 * n)),
     }
 
 
@@ -136,26 +129,31 @@ class StepFlops:
         mode, which zeroes channels instead of cutting them)."""
         self.model, self.seq, self.mbs = model, seq_length, micro_batch_size
         self.teacher, self.recompute, self.full_width = teacher, recompute, full_width
-        self._cache: dict[SubnetSpec | None, float] = {}
+        self._cache: dict[SubnetSpec | None, tuple[float, float]] = {}
 
-    def forward(self, spec: SubnetSpec | None) -> float:
-        """Forward FLOPs of one micro-batch through ``spec``."""
+    def _terms(self, spec: SubnetSpec | None) -> tuple[float, float]:
         key = None if self.full_width else spec
         if key not in self._cache:
             terms = forward_flops(self.model, key, seq_length=self.seq, batch=self.mbs)
-            self._cache[key] = sum(terms.values())
+            hidden = (key or SubnetSpec.full(self.model)).hidden
+            logits = 2.0 * self.mbs * self.seq * hidden * self.model.vocab_size
+            self._cache[key] = (sum(terms.values()), logits)
         return self._cache[key]
+
+    def forward(self, spec: SubnetSpec | None) -> float:
+        """Forward FLOPs of one micro-batch through ``spec``."""
+        return self._terms(spec)[0]
 
     def step(self, micro_batches: Mapping[SubnetSpec | None, float]) -> tuple[float, float]:
         """(model FLOPs, hardware FLOPs) of the micro-batches run through each architecture
         (``{spec: count}``, all data-parallel replicas together)."""
         model = hardware = 0.0
         teacher = self.forward(None) if self.teacher else 0.0
-        student_passes = 4 if self.recompute else 3
         for spec, count in micro_batches.items():
-            student = self.forward(spec)
+            student, logits = self._terms(spec)
             model += count * (3 * student + teacher)
-            hardware += count * (student_passes * student + teacher)
+            recomputed = student - logits if self.recompute else 0.0
+            hardware += count * (3 * student + teacher + recomputed)
         return model, hardware
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +107,21 @@ def measure_cpu_peak(window: str = "measured") -> Iterator[dict]:
     result["growth_bytes"] = result["peak_bytes"] - result["start_bytes"]
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block (C++ log lines; Python's own stderr is
+    flushed first and unaffected otherwise)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 class CpuPeakWindow:
     """The CPU allocator's peak live bytes over ``start()`` .. ``stop()`` windows, counted on all
     threads from construction on (:func:`track_all_threads` stays on), less what was live then
@@ -114,21 +131,32 @@ class CpuPeakWindow:
     unprofiled, where recording the ops too took 2.7 s)."""
 
     def __init__(self) -> None:
-        track_all_threads()
         self._prof = None
         self.baseline_bytes = 0
-        self.start()
-        torch.empty(1)  # one allocation event: the counter's value now
-        self.baseline_bytes = self.stop()
+        with _native_stderr_silenced():
+            # c10 logs "Memory block of unknown size was allocated before the profiling
+            # started" for the first (and every 1000th) free of a tensor it did not count:
+            # spend that first one here. And kineto's first start on a CUDA build without a GPU
+            # logs "gpuGetDeviceCount failed". Neither would mean anything to the user.
+            uncounted = torch.empty(1)
+            track_all_threads()
+            del uncounted
+            self.start()
+            torch.empty(1)  # one allocation event: the counter's value now
+            self.baseline_bytes = self.stop() if self.running else 0
 
     @property
     def running(self) -> bool:
         return self._prof is not None
 
     def start(self) -> None:
+        """Open a window; none (``running`` stays False) under another profiler, which kineto
+        cannot nest (e.g. ``benchmarks/bench_memory_worker.py`` profiles the trainer itself)."""
         from torch.profiler import profile
 
         assert self._prof is None, "window already open"
+        if torch.autograd._profiler_enabled():
+            return
         self._prof = profile(activities=[], profile_memory=True)
         self._prof.__enter__()
 

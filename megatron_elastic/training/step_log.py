@@ -126,6 +126,11 @@ class StepTimers:
             torch.cuda.synchronize()
         self._t0 = time.perf_counter()
 
+    @property
+    def elapsed(self) -> float:
+        """Host seconds since :meth:`begin` (synchronised only on timed steps)."""
+        return time.perf_counter() - self._t0
+
     def end(self) -> dict[str, float]:
         """Finish the step: seconds per timer (ours and megatron's, merged by
         :data:`_MEGATRON_TIMERS`) and ``step``, its wall time; ``{}`` if it was not timed."""
@@ -273,7 +278,7 @@ class StepLog:
         if not done:
             return
         r = t.recipe
-        self._interval["seconds"] += time.perf_counter() - self.timers._t0
+        self._interval["seconds"] += self.timers.elapsed
         self._interval["tokens"] += r.train.global_batch_size * r.train.seq_length
         self._interval["steps"] += 1
         draws = t.dp_size * t.num_micro
