@@ -211,6 +211,8 @@ class StepLog:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.planned, self.plan_note = self._plan(r)
+        if self.planned is None and self.rank == 0:
+            warn(f"[train] {self.plan_note}; peak memory is logged without a prediction")
         self._warned: set[int] = set()
         self.flops = StepFlops(
             r.model,
