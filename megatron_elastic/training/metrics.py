@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["MetricsWriter", "reduce_step_stats"]
+__all__ = ["MetricsWriter", "reduce_step_stats", "wandb_run_id"]
 
 
 def reduce_step_stats(
@@ -21,20 +23,31 @@ def reduce_step_stats(
     flags: list[float],
     contribute: bool,
     device: torch.device | str,
-) -> tuple[dict[str, dict[str, float]], list[float]]:
+    per_rank: list[float] = (),
+) -> tuple[dict[str, dict[str, float]], list[float], list[list[float]]]:
     """Sum per-budget ``[kd, ce, tokens, micro_batches]`` over the ranks that ``contribute``
     (one per replica: the last pipeline stage's first tensor-parallel rank) and ``flags`` over
-    every rank, in ONE all-reduce (the step's only host sync besides the optimizer's).
-    Returns per budget ``{"loss", "ce", "tokens", "micro_batches"}`` and the summed flags."""
+    every rank, and gather every rank's ``per_rank`` values (each rank fills its own slot of a
+    world-sized table), in ONE all-reduce (the step's only host sync besides the optimizer's).
+    Returns per budget ``{"loss", "ce", "tokens", "micro_batches"}``, the summed flags and the
+    ``per_rank`` values of every rank, in rank order."""
     rows = []
     for name in budgets:
         values = per_budget.get(name)
         row = torch.stack(values).sum(0) if values and contribute else torch.zeros(4)
         rows.append(row.to(device=device, dtype=torch.float64))
-    flat = torch.cat([*rows, torch.tensor(flags, dtype=torch.float64, device=device)])
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    table = torch.zeros(world, len(per_rank), dtype=torch.float64)
+    table[rank] = torch.tensor(per_rank, dtype=torch.float64)
+    flat = torch.cat(
+        [*rows, torch.tensor(flags, dtype=torch.float64, device=device), table.flatten().to(device)]
+    )
     if dist.is_initialized():
         dist.all_reduce(flat)
     values = flat.tolist()
+    gathered = values[len(values) - table.numel() :]
+    values = values[: len(values) - table.numel()]
+    n = len(per_rank)
     out = {}
     for i, name in enumerate(budgets):
         kd, ce, tokens, count = values[4 * i : 4 * i + 4]
@@ -45,7 +58,33 @@ def reduce_step_stats(
                 "tokens": tokens,
                 "micro_batches": count,
             }
-    return out, values[4 * len(budgets) :]
+    ranks = [gathered[i * n : (i + 1) * n] for i in range(world)]
+    return out, values[4 * len(budgets) :], ranks
+
+
+WANDB_ID_FILE = "wandb_id"
+"""The W&B run id of a save directory (written once, read by every later job)."""
+
+
+def wandb_run_id(directory: Path) -> str:
+    """The W&B run id of the run that saves into ``directory``: read from
+    ``<directory>/wandb_id``, or made and written there on the first call (atomically, so a
+    requeued job, or a second writer racing the first, reads the same id)."""
+    path = Path(directory) / WANDB_ID_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{WANDB_ID_FILE}.{os.getpid()}")
+        tmp.write_text(uuid.uuid4().hex[:16] + "\n")
+        try:
+            os.link(tmp, path)  # fails if another writer was first: keep theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    run_id = path.read_text().strip()
+    if not run_id:
+        raise ValueError(f"{path} is empty; delete it to start a new W&B run")
+    return run_id
 
 
 class MetricsWriter:
@@ -77,7 +116,14 @@ class MetricsWriter:
             except ImportError:
                 print("[train] wandb is not installed; logging.wandb_project ignored", flush=True)
             else:
-                self.wandb = wandb.init(project=wandb_project, name=run_name, config=config)
+                # One W&B run across requeues and resumes: the id lives in the save directory.
+                self.wandb = wandb.init(
+                    project=wandb_project,
+                    name=run_name,
+                    config=config,
+                    id=wandb_run_id(directory),
+                    resume="allow",
+                )
 
     def log(self, step: int, scalars: dict[str, float], line: str | None = None) -> None:
         if not self.enabled:

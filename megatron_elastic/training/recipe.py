@@ -212,11 +212,32 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under ``<save>/tensorboard``."""
     wandb_project: str | None = None
-    """Also log to this W&B project when ``wandb`` is installed (ignored, with a note, if not)."""
+    """Also log to this W&B project when ``wandb`` is installed (ignored, with a note, if not).
+    One W&B run per save directory: its id is kept in ``<save>/wandb_id`` and resumed."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for MFU (``None``: by device name, e.g. 989 for H100/H200 and
+    312 for A100 bf16 dense; no MFU on CPU or an unknown device)."""
+    memory_warning_ratio: float = 1.15
+    """Warn (once per pipeline stage) when a step's measured peak memory exceeds the memory
+    planner's prediction by more than this factor."""
 
     def __post_init__(self) -> None:
         if self.log_interval < 1:
             raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")
+        tflops = self.peak_tflops
+        if tflops is not None and (
+            isinstance(tflops, bool) or not isinstance(tflops, int | float) or not tflops > 0
+        ):
+            raise ValueError(
+                f"logging.peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an "
+                f"H100 SXM in bf16) or null, got {tflops!r}"
+            )
+        ratio = self.memory_warning_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
+            raise ValueError(
+                f"logging.memory_warning_ratio must be a number >= 1 (1.15: warn 15% over the "
+                f"plan), got {ratio!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import math
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ from megatron_elastic.checkpoint import (
 from megatron_elastic.data import build_gpt_datasets, check_prefix, load_tokenizer, micro_batches
 from megatron_elastic.distill.pair import DistillationPair
 from megatron_elastic.elastic import build_elastic_model
-from megatron_elastic.elastic.budget import subnet_param_count
 from megatron_elastic.integrity import CheckpointDamaged
 from megatron_elastic.model import build_hybrid_model, count_parameters
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
@@ -43,7 +41,6 @@ from megatron_elastic.router import (
     build_router_optimizer,
     finalize_router_grads,
     router_state,
-    temperature,
 )
 from megatron_elastic.training.budget_sampling import BudgetSampler
 from megatron_elastic.training.determinism import set_deterministic
@@ -63,6 +60,7 @@ from megatron_elastic.training.state import (
     step_dir,
     write_latest,
 )
+from megatron_elastic.training.step_log import StepLog
 
 __all__ = ["EXIT_NONFINITE", "Trainer", "preflight"]
 
@@ -141,6 +139,7 @@ class Trainer:
         # Data parallel replicas read distinct samples; the CP ranks of a replica read the same
         # ones and each trains its load-balanced share of every sequence.
         self.dp_rank, self.dp_size = pgs.dp.rank(), pgs.dp.size()
+        self.step_log = StepLog(self)  # memory, timers, throughput: before the model is built
         self.cp_rank = pgs.cp.rank()
         per_step = r.train.micro_batch_size * self.dp_size
         if r.train.global_batch_size % per_step:
@@ -179,6 +178,7 @@ class Trainer:
                 )
             self.sampler = BudgetSampler(r.budget_sampling, self.elastic.budgets, r.train.seed)
         self.runner = self._runner()
+        self.step_log.attach(self.model.config, getattr(self.runner, "teacher", None))
         self.progress = Progress()
         self._load()
         self._resumed_at = self.progress.step
@@ -346,8 +346,10 @@ class Trainer:
     def train_step(self, step: int) -> tuple[dict[str, dict[str, float]], float, bool]:
         """One optimizer step. Returns per-budget losses, the grad norm and whether a
         preemption signal arrived on any rank; stops the run on a non-finite loss."""
-        r = self.recipe
-        batches = self._batches(self.progress.consumed_samples)
+        r, timers = self.recipe, self.step_log.timers
+        self.step_log.begin(step)
+        with timers.span("data"):
+            batches = self._batches(self.progress.consumed_samples)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         budgets: list[str] = []
@@ -390,23 +392,26 @@ class Trainer:
         local_bad = any(
             not torch.isfinite(t).all() for rows in per_budget.values() for t in rows
         ) or (loss is not None and not torch.isfinite(loss).all())
-        stats, (bad, preempt) = reduce_step_stats(
+        stats, (bad, preempt), ranks = reduce_step_stats(
             self.budgets,
             per_budget,
             [float(local_bad), float(self.preemption.requested)],
             self.reports_losses,
             self.device,
+            per_rank=self.step_log.rank_values(),
         )
+        self.step_log.reduced(step, ranks)
         if bad:
             return stats, math.nan, False
-        ok, grad_norm, _ = self.optimizer.step()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        if not ok or not math.isfinite(grad_norm):
-            return stats, math.nan, False
-        self.scheduler.step(increment=1)
-        if self.router_optimizer is not None:
-            self.router_optimizer.step()
-            self.router_scheduler.step()
+        with timers.span("optimizer"):
+            ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+            if not ok or not math.isfinite(grad_norm):
+                return stats, math.nan, False
+            self.scheduler.step(increment=1)
+            if self.router_optimizer is not None:
+                self.router_optimizer.step()
+                self.router_scheduler.step()
         if self.router is not None:
             self.progress.router_step += 1
         self.progress.step = step
@@ -426,9 +431,9 @@ class Trainer:
             f"{' SP' if r.parallel.sequence_parallel_active else ''}, "
             f"{self.num_micro} micro-batches/step, {self.dtype}"
         )
-        t0, tokens0 = time.time(), self.progress.tokens
         for step in range(self.progress.step + 1, r.train.steps + 1):
             stats, grad_norm, preempt = self.train_step(step)
+            self.step_log.end(step, done=math.isfinite(grad_norm))
             if not math.isfinite(grad_norm):
                 _log(
                     f"non-finite loss or gradient at step {step} ({stats}); stopping without "
@@ -437,9 +442,8 @@ class Trainer:
                 )
                 self.metrics.close()
                 return EXIT_NONFINITE
-            if step % r.logging.log_interval == 0 or step == r.train.steps or step == 1:
-                rate = (self.progress.tokens - tokens0) / max(time.time() - t0, 1e-9)
-                self._log_step(step, stats, grad_norm, rate)
+            if self.step_log.due(step):
+                self.step_log.log(step, stats, grad_norm)
             if r.train.eval_interval and step % r.train.eval_interval == 0:
                 self.evaluate(step)
             if preempt:
@@ -460,39 +464,6 @@ class Trainer:
             f"stage {r.stage} done: {self.progress.step} steps; checkpoints in {r.checkpoint.save}"
         )
         return 0
-
-    def _log_step(self, step: int, stats, grad_norm: float, rate: float) -> None:
-        r = self.recipe
-        scalars = {"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
-        scalars["tokens_per_s"] = rate
-        parts = []
-        for name, s in stats.items():
-            scalars[f"loss/{name}"] = s["loss"]
-            scalars[f"ce/{name}"] = s["ce"]
-            parts.append(f"{name} {s['loss']:.4f}")
-        if self.router is not None:
-            tau = temperature(r.router, self.progress.router_step)
-            scalars["router/temperature"] = tau
-            choices = []
-            for name in self.budgets:
-                spec = self.router.decide(name, 0, None, deterministic=True).spec
-                fraction = subnet_param_count(r.model, spec) / count_parameters(r.model)
-                scalars[f"router/params_fraction/{name}"] = fraction
-                # The inference architecture's cost against its target (params, memory or
-                # latency): what "the router meets its budget" means.
-                ratio = self.router.cost_ratio(spec, name)  # spec: the deployed decision
-                scalars[f"router/target_ratio/{name}"] = ratio
-                scalars[f"router/argmax_ratio/{name}"] = self.router.target_ratio(
-                    name, raw_argmax=True
-                )
-                choices.append(f"{name}->{fraction:.0%} ({ratio:.3f}x)")
-            parts.append(f"tau {tau:.3f} router [{' '.join(choices)}]")
-        self.metrics.log(
-            step,
-            scalars,
-            f"[train] {r.stage} step {step}/{r.train.steps} loss {' '.join(parts)} "
-            f"gnorm {grad_norm:.3f} lr {scalars['lr']:.2e} {rate:,.0f} tok/s",
-        )
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
