@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_elastic.config import ModelConfig, load_model_config  # noqa: E402
+from megatron_elastic.model.layouts import AttentionLayout, MambaLayout  # noqa: E402
 
 __all__ = ["H200_BF16_PEAK_TFLOPS", "forward_flops", "pair_step_flops", "stack_config"]
 
@@ -78,17 +79,19 @@ def forward_flops(cfg: ModelConfig, *, batch: int, seq: int) -> dict[str, int]:
         cfg.mamba_num_groups,
         cfg.mamba_state_dim,
     )
-    inner, q = heads * p, min(cfg.mamba_chunk_size, seq)
+    layout = MambaLayout(heads, p, g, n)
+    inner, q = layout.inner, min(cfg.mamba_chunk_size, seq)
     mamba = tokens * (
-        2 * h * (2 * inner + 2 * g * n + heads)
-        + 2 * (inner + 2 * g * n) * cfg.mamba_conv_kernel
+        2 * h * layout.in_proj.size
+        + 2 * layout.conv.size * cfg.mamba_conv_kernel
         + inner * (2 * q + 4 * n)
         + 2 * g * q * n
         + 2 * inner * h
     )
     nq, ng, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
     attention = (
-        tokens * (2 * h * d * (nq + 2 * ng) + 2 * nq * d * h) + 2 * batch * seq * seq * nq * d
+        tokens * (2 * h * d * AttentionLayout.head_rows(nq, ng) + 2 * nq * d * h)
+        + 2 * batch * seq * seq * nq * d
     )
     mlp = tokens * 4 * h * cfg.ffn_hidden_size
     kinds = cfg.layer_kinds()

@@ -15,6 +15,7 @@ import torch
 
 from megatron_elastic.config import ModelConfig
 from megatron_elastic.elastic.subnet import SubnetSpec
+from megatron_elastic.model.layouts import MambaLayout
 from megatron_elastic.model.param_count import (
     attention_layer_params,
     embedding_params,
@@ -112,8 +113,8 @@ def _layer_state_bytes(
     if kind == "attention":
         return 2 * model.num_query_groups * model.head_dim * tokens * batch * state_bytes
     if kind == "mamba":
-        conv = width * head_dim + 2 * model.mamba_num_groups * model.mamba_state_dim
-        conv = conv * model.mamba_conv_kernel
+        layout = MambaLayout(width, head_dim, model.mamba_num_groups, model.mamba_state_dim)
+        conv = layout.conv_size * model.mamba_conv_kernel
         ssm = width * head_dim * model.mamba_state_dim
         return (conv + ssm) * batch * state_bytes
     return 0

@@ -22,6 +22,7 @@ from megatron.core.transformer.mlp import MLP
 
 from megatron_elastic.elastic.subnet import AttentionIndices, Index, MambaIndices, take
 from megatron_elastic.model.attention import causal_attention
+from megatron_elastic.model.layouts import AttentionLayout
 from megatron_elastic.model.norm import RMSNorm, rms_norm
 
 __all__ = [
@@ -193,9 +194,8 @@ class ElasticSelfAttention(SelfAttention):
             w_qkv = self.linear_qkv.weight
             a = self.num_attention_heads_per_partition // groups
         qkv = column_parallel(hidden_states, w_qkv, self.linear_qkv)
-        s, b = qkv.shape[:2]  # this rank's tokens (all of them, also under SP)
-        q, k, v = torch.split(qkv.view(s, b, groups, (a + 2) * d), [a * d, d, d], dim=-1)
-        ctx = causal_attention(q.reshape(s, b, groups * a, d), k, v, self.pg_collection.cp)
+        q, k, v = AttentionLayout(groups, a, d).split_heads(qkv)
+        ctx = causal_attention(q, k, v, self.pg_collection.cp)
         if st.mode == "slice":
             ctx = apply_unit_weight(ctx, st.weight, d)
             return row_parallel(ctx, w["linear_proj.weight"], self.linear_proj), None

@@ -24,6 +24,7 @@ from megatron_elastic.elastic.layers import (
     unit_mask,
 )
 from megatron_elastic.elastic.subnet import MambaIndices, take
+from megatron_elastic.model.layouts import MambaLayout
 from megatron_elastic.model.mamba import TorchScanMambaMixer, mixer_ssm
 from megatron_elastic.model.ssd_scan import ssd_chunked_scan
 
@@ -102,14 +103,17 @@ class ElasticMambaMixer(TorchScanMambaMixer):
         zxbcdt = cp.pre_conv_ssm(column_parallel(hidden, self.in_proj.weight, self.in_proj))
         zxbcdt = zxbcdt.transpose(0, 1)  # (b, l, d): the whole sequence
         b, length, _ = zxbcdt.shape
-        inner, heads = cp.d_inner_local_tpcp, cp.nheads_local_tpcp
-        groups, n, p = cp.ngroups_local_tpcp, self.d_state, self.headdim
-        z, xbc, dt = torch.split(zxbcdt, [inner, inner + 2 * groups * n, heads], dim=-1)
+        layout = MambaLayout(
+            cp.nheads_local_tpcp, self.headdim, cp.ngroups_local_tpcp, self.d_state
+        )
+        inner, heads = layout.inner, layout.num_heads
+        groups, n, p = layout.num_groups, layout.state_dim, layout.head_dim
+        z, xbc, dt = layout.split_in_proj(zxbcdt)
         w = cp.get_conv1d_weight()
         xbc = F.conv1d(
             xbc.transpose(1, 2), w, cp.get_conv1d_bias(), padding=w.size(-1) - 1, groups=w.size(0)
         )[..., :length]
-        x, B, C = torch.split(F.silu(xbc).transpose(1, 2), [inner, groups * n, groups * n], -1)
+        x, B, C = layout.split_conv(F.silu(xbc).transpose(1, 2))
         inner_mask = _cp_share(unit_mask(self.d_inner_local_tp, idx.inner, x), cp)
         x, z = x * inner_mask, z * inner_mask
         head_mask = _cp_share(unit_mask(self.nheads_local_tp, idx.heads, x), cp)

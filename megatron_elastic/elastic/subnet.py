@@ -17,6 +17,7 @@ import torch
 
 from megatron_elastic.config import ModelConfig
 from megatron_elastic.elastic.config import ElasticConfig
+from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 
 __all__ = [
     "LayerChoice",
@@ -222,22 +223,18 @@ class AttentionIndices:
 def attention_indices(
     num_heads: int, num_groups: int, head_dim: int, active_heads: int, tp_size: int
 ) -> AttentionIndices:
-    """megatron's linear_qkv holds, per local query group, [q heads, k, v] rows."""
-    local_groups = num_groups // tp_size
-    hpg, a = num_heads // num_groups, active_heads // num_groups
-    qkv, proj = [], []
-    for g in range(local_groups):
-        base = g * (hpg + 2) * head_dim
-        qkv += list(range(base, base + a * head_dim))
-        qkv += list(range(base + hpg * head_dim, base + (hpg + 2) * head_dim))  # k, v
-        proj += list(range(g * hpg * head_dim, (g * hpg + a) * head_dim))
-    return AttentionIndices(_as_index(qkv), _as_index(proj), a)
+    """The first ``active_heads / num_groups`` query heads of every group of this rank's shard
+    (:class:`~megatron_elastic.model.layouts.AttentionLayout`)."""
+    local = AttentionLayout(num_groups, num_heads // num_groups, head_dim).shard(tp_size)
+    a = active_heads // num_groups
+    orders = [range(a)] * local.num_groups
+    return AttentionIndices(_as_index(local.rows(orders)), _as_index(local.proj_cols(orders)), a)
 
 
 @dataclass(frozen=True)
 class MambaIndices:
-    in_proj_rows: Index  # rows of this rank's in_proj ([z, x, B, C, dt] per rank)
-    conv_channels: Index  # channels of conv1d ([x, B, C])
+    in_proj_rows: Index  # rows of this rank's in_proj
+    conv_channels: Index  # channels of conv1d
     heads: Index  # entries of dt_bias / A_log / D
     inner: Index  # channels of z / x / y / norm.weight / out_proj columns
     num_heads: int  # active heads on this rank
@@ -255,14 +252,15 @@ def mamba_indices(
     active_head_dim: int,
     tp_size: int,
 ) -> MambaIndices:
-    local_heads, local_groups = num_heads // tp_size, num_groups // tp_size
-    hpg, a = num_heads // num_groups, active_heads // num_groups
-    heads = [g * hpg + j for g in range(local_groups) for j in range(a)]
-    inner = [h * head_dim + c for h in heads for c in range(active_head_dim)]
-    d_inner, gn = local_heads * head_dim, local_groups * state_dim
-    rows = inner + [d_inner + i for i in inner] + list(range(2 * d_inner, 2 * d_inner + 2 * gn))
-    rows += [2 * d_inner + 2 * gn + h for h in heads]
-    conv = inner + list(range(d_inner, d_inner + 2 * gn))
+    """The first ``active_heads / num_groups`` heads of every group of this rank's shard, the
+    first ``active_head_dim`` channels of each (:class:`~megatron_elastic.model.layouts.
+    MambaLayout`)."""
+    local = MambaLayout(num_heads, head_dim, num_groups, state_dim).shard(tp_size)
+    a = active_heads // num_groups
+    heads = local.heads([range(a)] * local.num_groups)
+    channels = range(active_head_dim)
+    inner = local.channels(heads, channels)
+    rows, conv = local.in_proj_rows(heads, channels), local.conv_rows(heads, channels)
     return MambaIndices(
         _as_index(rows),
         _as_index(conv),

@@ -11,9 +11,9 @@ same index) and the transform llama.cpp's loader needs, read from llama.cpp's co
 - the Mamba gated norm weight is grouped, ``(n_group, d_inner / n_group)``, because llama.cpp
   normalises each group separately, as megatron's ``RMSNormGated(group_size=d_inner / n_group)``;
 - the depthwise conv weight ``(channels, 1, kernel)`` loses its middle axis;
-- attention's fused ``linear_qkv`` is split into separate q/k/v (the split of
-  :class:`~megatron_elastic.export.hf_mapping.FusedQKV`; query heads group-major, which is how
-  ggml broadcasts grouped K/V heads).
+- attention's fused ``linear_qkv`` is split into separate q/k/v
+  (:meth:`~megatron_elastic.model.layouts.AttentionLayout.split`, as for HF; query heads
+  group-major, which is how ggml broadcasts grouped K/V heads).
 
 Everything else is the same tensor under a new name. A torch ``(out, in)`` weight is ggml's
 ``{in, out}``, so matrices need no transpose. Sizes are read from the tensors, so per-layer FFN
@@ -29,7 +29,7 @@ import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from megatron_elastic.config import LAYER_SYMBOLS
-from megatron_elastic.export.hf_mapping import FusedQKV, QKVLayout
+from megatron_elastic.model.layouts import AttentionLayout
 
 __all__ = [
     "GGUF_GLOBAL_MAPPINGS",
@@ -80,8 +80,8 @@ def _squeeze_conv(t: torch.Tensor, layout: GGUFLayout) -> list[torch.Tensor]:
 
 
 def _split_qkv(t: torch.Tensor, layout: GGUFLayout) -> list[torch.Tensor]:
-    qkv = QKVLayout(layout.num_query_groups, layout.head_dim)
-    return FusedQKV("", "", "", "").to_hf([t], qkv)
+    qkv = AttentionLayout.from_rows(t.size(0), layout.num_query_groups, layout.head_dim)
+    return list(qkv.split(t))
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -135,7 +135,7 @@ GGUF_GLOBAL_MAPPINGS: tuple[GGUFMapping, ...] = (
 GGUF_LAYER_MAPPINGS: dict[str, tuple[GGUFMapping, ...]] = {
     "mamba": (
         _map(_M + "norm.weight", (MODEL_TENSOR.ATTN_NORM, _W)),
-        _map(_M + "mixer.in_proj.weight", (MODEL_TENSOR.SSM_IN, _W)),  # rows [z, x, B, C, dt]
+        _map(_M + "mixer.in_proj.weight", (MODEL_TENSOR.SSM_IN, _W)),  # MambaLayout.in_proj
         _map(_M + "mixer.conv1d_weight", (MODEL_TENSOR.SSM_CONV1D, _W), transform="squeeze_conv"),
         _map(_M + "mixer.conv1d_bias", (MODEL_TENSOR.SSM_CONV1D, "bias")),
         _map(_M + "mixer.dt_bias", (MODEL_TENSOR.SSM_DT, "bias")),

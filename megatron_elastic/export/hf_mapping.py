@@ -4,9 +4,10 @@ NemotronH, as one declarative table per layer kind.
 Every mapping pairs megatron name templates with HF name templates (``{layer}`` is the layer
 index, the same on both sides). Most tensors are equal on both sides (:class:`Rename`); the one
 irregular tensor is attention's fused ``linear_qkv`` (:class:`FusedQKV`), which megatron stores
-grouped per query group (``[q heads of group g..., k_g, v_g]`` for each group) and HF as separate
-``q_proj``/``k_proj``/``v_proj``. Mamba ``in_proj`` rows are ``[z, x, B, C, dt]`` on both sides
-at TP=1, so it is a plain rename. Sizes are read from the tensors, so the same table serves
+grouped per query group (:class:`~megatron_elastic.model.layouts.AttentionLayout`) and HF as
+separate ``q_proj``/``k_proj``/``v_proj``. Mamba's packed ``in_proj`` has the same row order on
+both sides at TP=1 (:class:`~megatron_elastic.model.layouts.MambaLayout`), so it is a plain
+rename. Sizes are read from the tensors, so the same table serves
 models whose layers have different widths (heterogeneous budgets). :func:`to_hf_state_dict` and
 :func:`from_hf_state_dict` apply the table and refuse missing or left-over tensors.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
+from megatron_elastic.model.layouts import AttentionLayout
 
 __all__ = [
     "GLOBAL_MAPPINGS",
@@ -76,45 +78,27 @@ class Rename(ParamMapping):
 
 
 class FusedQKV(ParamMapping):
-    """megatron ``linear_qkv`` (rows ``[q_g0..., k_g, v_g]`` per group g) <-> HF q/k/v_proj."""
+    """megatron ``linear_qkv`` (:class:`~megatron_elastic.model.layouts.AttentionLayout`) <-> HF
+    q/k/v_proj."""
 
     def __init__(self, megatron: str, q: str, k: str, v: str) -> None:
         super().__init__((megatron,), (q, k, v))
 
     def to_hf(self, tensors: Sequence[torch.Tensor], qkv: QKVLayout) -> list[torch.Tensor]:
         (fused,) = tensors
-        groups, d = qkv.num_query_groups, qkv.head_dim
-        rows, hidden = fused.shape
-        per_group = rows // (groups * d)  # query heads per group + k + v
-        if rows != groups * per_group * d or per_group < 3:
-            raise ValueError(
-                f"linear_qkv has {rows} rows, not a whole number of query groups "
-                f"({groups} groups x (heads + 2) x head_dim {d})"
-            )
-        grouped = fused.reshape(groups, per_group, d, hidden)  # (g, hpg + 2, d, hidden)
-        q = grouped[:, : per_group - 2].reshape(-1, hidden)  # heads group-major, as HF's GQA
-        k = grouped[:, per_group - 2].reshape(-1, hidden)
-        v = grouped[:, per_group - 1].reshape(-1, hidden)
-        return [q.contiguous(), k.contiguous(), v.contiguous()]
+        layout = AttentionLayout.from_rows(fused.size(0), qkv.num_query_groups, qkv.head_dim)
+        return [t.contiguous() for t in layout.split(fused)]  # heads group-major, as HF's GQA
 
     def to_megatron(self, tensors: Sequence[torch.Tensor], qkv: QKVLayout) -> list[torch.Tensor]:
         q, k, v = tensors
         groups, d = qkv.num_query_groups, qkv.head_dim
-        hidden = q.size(1)
         if k.size(0) != groups * d or v.shape != k.shape or q.size(0) % (groups * d):
             raise ValueError(
                 f"q/k/v_proj shapes {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} do not "
                 f"match {groups} key/value heads of head_dim {d}"
             )
-        fused = torch.cat(
-            [
-                q.reshape(groups, -1, d, hidden),
-                k.reshape(groups, 1, d, hidden),
-                v.reshape(groups, 1, d, hidden),
-            ],
-            dim=1,
-        )  # (g, hpg + 2, d, hidden)
-        return [fused.reshape(-1, hidden).contiguous()]
+        layout = AttentionLayout(groups, q.size(0) // (groups * d), d)
+        return [layout.fuse(q, k, v).contiguous()]
 
 
 _KIND_SYMBOL = {kind: symbol for symbol, kind in LAYER_SYMBOLS.items()}

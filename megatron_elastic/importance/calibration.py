@@ -18,6 +18,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from torch import nn
 
+from megatron_elastic.model.layouts import MambaLayout
 from megatron_elastic.model.norm import RMSNorm
 from megatron_elastic.training.lm_step import position_ids_like
 
@@ -88,10 +89,11 @@ class _HookRegistry:
         self.handles.append(module.linear_fc1.register_forward_hook(hook))
 
     def _mamba(self, module: MambaMixer, j: int) -> None:
-        inner, heads, p = module.d_inner_local_tp, module.nheads_local_tp, module.headdim
+        heads, p = module.nheads_local_tp, module.headdim
+        layout = MambaLayout(heads, p, module.ngroups_local_tp, module.d_state)
 
         def hook(_m, _inp, out):
-            x = out[0][..., inner : 2 * inner].float()  # [z, x, B, C, dt]: the x segment
+            x = layout.in_proj.segment(out[0], "x").float()
             _accumulate(self.stats["mamba_x"], j, x.pow(2).sum(dim=(0, 1)).view(heads, p))
 
         self.handles.append(module.in_proj.register_forward_hook(hook))

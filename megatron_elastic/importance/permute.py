@@ -15,6 +15,7 @@ import torch
 
 from megatron_elastic.config import ModelConfig
 from megatron_elastic.importance.scores import Ranking
+from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 
 __all__ = ["apply_ranking", "permute_hidden", "block_interleave"]
 
@@ -57,35 +58,27 @@ def _permute_ffn(sd: StateDict, prefix: str, order: list[int]) -> None:
 
 
 def _permute_attention(sd: StateDict, prefix: str, model: ModelConfig, heads: list[list[int]]):
-    d, groups = model.head_dim, model.num_query_groups
-    hpg = model.num_attention_heads // groups
-    qkv_rows, proj_cols = [], []
-    for g, order in enumerate(heads):
-        base = g * (hpg + 2) * d  # megatron's per-group [q heads, k, v] rows
-        for h in order:
-            qkv_rows += range(base + h * d, base + (h + 1) * d)
-            proj_cols += range((g * hpg + h) * d, (g * hpg + h + 1) * d)
-        qkv_rows += range(base + hpg * d, base + (hpg + 2) * d)
+    groups = model.num_query_groups
+    layout = AttentionLayout(groups, model.num_attention_heads // groups, model.head_dim)
     name = prefix + "self_attention."
-    sd[name + "linear_qkv.weight"] = _take(sd[name + "linear_qkv.weight"], 0, qkv_rows)
-    sd[name + "linear_proj.weight"] = _take(sd[name + "linear_proj.weight"], 1, proj_cols)
+    sd[name + "linear_qkv.weight"] = _take(sd[name + "linear_qkv.weight"], 0, layout.rows(heads))
+    cols = layout.proj_cols(heads)
+    sd[name + "linear_proj.weight"] = _take(sd[name + "linear_proj.weight"], 1, cols)
 
 
 def _permute_mamba(
     sd: StateDict, prefix: str, model: ModelConfig, heads: list[list[int]], channels: list[int]
 ) -> None:
-    p, groups, n = model.mamba_head_dim, model.mamba_num_groups, model.mamba_state_dim
-    hpg = model.mamba_num_heads // groups
-    inner, gn = model.mamba_inner_size, groups * n
-    head_idx = [g * hpg + h for g, order in enumerate(heads) for h in order]
-    inner_idx = [h * p + c for h in head_idx for c in channels]
-    bc = list(range(inner, inner + 2 * gn))
-    rows = inner_idx + [inner + i for i in inner_idx] + [inner + i for i in bc]
-    rows += [2 * inner + 2 * gn + h for h in head_idx]
+    layout = MambaLayout(
+        model.mamba_num_heads, model.mamba_head_dim, model.mamba_num_groups, model.mamba_state_dim
+    )
+    head_idx = layout.heads(heads)
+    inner_idx = layout.channels(head_idx, channels)
     m = prefix + "mixer."
+    rows = layout.in_proj_rows(head_idx, channels)
     sd[m + "in_proj.weight"] = _take(sd[m + "in_proj.weight"], 0, rows)
     for key in ("conv1d_weight", "conv1d_bias"):
-        sd[m + key] = _take(sd[m + key], 0, inner_idx + bc)
+        sd[m + key] = _take(sd[m + key], 0, layout.conv_rows(head_idx, channels))
     for key in ("dt_bias", "A_log", "D"):
         sd[m + key] = _take(sd[m + key], 0, head_idx)
     sd[m + "norm.weight"] = _take(sd[m + "norm.weight"], 0, inner_idx)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core.ssm.mamba_context_parallel import MambaContextParallel
 from megatron.core.ssm.mamba_mixer import MambaMixer
 
+from megatron_elastic.model.layouts import MambaLayout
 from megatron_elastic.model.ssd_scan import ssd_chunked_scan
 
 __all__ = [
@@ -86,11 +87,10 @@ def _gated_ssm_torch(
     """Causal conv, SSD scan and the ``silu(z)`` gate: (b, l, in_proj) -> (b, l, d_inner) float32
     (what mamba-ssm's ``mamba_split_conv1d_scan_combined`` returns without a norm weight)."""
     b, length, _ = zxbcdt.shape
-    num_heads = dt_bias.numel()
-    d_inner = num_heads * head_dim
-    gn = num_groups * state_dim
-    z, xbc, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * gn, num_heads], dim=-1)
-    x, B, C = torch.split(_causal_conv_silu(xbc, conv_weight, conv_bias), [d_inner, gn, gn], -1)
+    layout = MambaLayout(dt_bias.numel(), head_dim, num_groups, state_dim)
+    num_heads, d_inner = layout.num_heads, layout.inner
+    z, xbc, dt = layout.split_in_proj(zxbcdt)
+    x, B, C = layout.split_conv(_causal_conv_silu(xbc, conv_weight, conv_bias))
 
     dt = F.softplus(dt.float() + dt_bias.float())
     A = -torch.exp(A_log.float())
@@ -175,11 +175,10 @@ def _gated_ssm_cuda(
     if route != "fallback":
         raise ValueError(f"route must be 'fused' or 'fallback', not {route!r}")
     b, length, _ = zxbcdt.shape
-    num_heads = dt_bias.numel()
-    d_inner = num_heads * head_dim
-    gn = num_groups * state_dim
-    z, xbc, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * gn, num_heads], dim=-1)
-    x, B, C = torch.split(_causal_conv_silu(xbc, conv_weight, conv_bias), [d_inner, gn, gn], -1)
+    layout = MambaLayout(dt_bias.numel(), head_dim, num_groups, state_dim)
+    num_heads, d_inner = layout.num_heads, layout.inner
+    z, xbc, dt = layout.split_in_proj(zxbcdt)
+    x, B, C = layout.split_conv(_causal_conv_silu(xbc, conv_weight, conv_bias))
     y = mamba_chunk_scan_combined(  # dt_bias and softplus inside, as in the fused kernel
         x.reshape(b, length, num_heads, head_dim),
         dt,

@@ -6,6 +6,7 @@ The per-layer functions take explicit sizes so that a sub-network's count uses t
 from __future__ import annotations
 
 from megatron_elastic.config import ModelConfig
+from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 
 __all__ = [
     "attention_layer_params",
@@ -20,11 +21,11 @@ __all__ = [
 def mamba_layer_params(
     hidden: int, num_heads: int, head_dim: int, num_groups: int, state_dim: int, conv_kernel: int
 ) -> int:
-    """Pre-norm + Mamba-2 mixer: in_proj [z, x, B, C, dt], depthwise conv over [x, B, C] with bias,
+    """Pre-norm + Mamba-2 mixer: in_proj, depthwise conv with bias (:class:`MambaLayout`),
     dt_bias, A_log, D per head, gated-norm weight, out_proj."""
-    inner = num_heads * head_dim
-    conv_channels = inner + 2 * num_groups * state_dim
-    in_proj = hidden * (2 * inner + 2 * num_groups * state_dim + num_heads)
+    layout = MambaLayout(num_heads, head_dim, num_groups, state_dim)
+    inner, conv_channels = layout.inner, layout.conv_size
+    in_proj = hidden * layout.in_proj_size
     conv = conv_channels * conv_kernel + conv_channels
     per_head = 3 * num_heads
     return hidden + in_proj + conv + per_head + inner + inner * hidden
@@ -33,8 +34,8 @@ def mamba_layer_params(
 def attention_layer_params(
     hidden: int, num_heads: int, num_query_groups: int, head_dim: int
 ) -> int:
-    """Pre-norm + fused QKV (GQA) + output projection, no biases."""
-    qkv = hidden * (num_heads + 2 * num_query_groups) * head_dim
+    """Pre-norm + fused QKV (GQA, :class:`AttentionLayout`) + output projection, no biases."""
+    qkv = hidden * AttentionLayout.head_rows(num_heads, num_query_groups) * head_dim
     return hidden + qkv + num_heads * head_dim * hidden
 
 

@@ -69,11 +69,9 @@ def _attention(
     x: torch.Tensor, layer: ServingLayer, cache: AttentionCache, lengths: list[int]
 ) -> torch.Tensor:
     b, s, _ = x.shape
-    groups, d = layer.num_groups, layer.head_dim
-    per_group = layer.num_heads // groups
-    qkv = (x @ layer.weights["qkv"].T).view(b, s, groups, (per_group + 2) * d)
-    q, k, v = torch.split(qkv, [per_group * d, d, d], dim=-1)
-    q = q.reshape(b, s, layer.num_heads, d)
+    layout = layer.attention_layout
+    per_group = layout.heads_per_group
+    q, k, v = layout.split_heads(x @ layer.weights["qkv"].T)
     start, end = min(lengths), max(lengths) + s
     if start + s == end:  # every row at the same length: a plain slice write
         cache.key[:, start:end], cache.value[:, start:end] = k, v
@@ -95,7 +93,7 @@ def _attention(
         ctx = F.scaled_dot_product_attention(q, keys, values)
     else:  # prefill (of a prompt, or of its next chunk): causal fused kernel, no (s, t) tensor
         ctx = lower_right_causal_attention(q, keys, values)
-    return ctx.transpose(1, 2).reshape(b, s, layer.num_heads * d) @ layer.weights["proj"].T
+    return ctx.transpose(1, 2).flatten(2) @ layer.weights["proj"].T  # (b, s, heads * d)
 
 
 def _mamba(
@@ -103,16 +101,16 @@ def _mamba(
 ) -> torch.Tensor:
     w = layer.weights
     b, s, _ = x.shape
-    heads, p, groups, n = layer.num_heads, layer.head_dim, layer.num_groups, layer.state_dim
-    inner = heads * p
-    zxbcdt = x @ w["in_proj"].T
-    z, xbc, dt = torch.split(zxbcdt, [inner, inner + 2 * groups * n, heads], dim=-1)
+    layout = layer.mamba_layout
+    inner, heads, p = layout.inner, layout.num_heads, layout.head_dim
+    groups, n = layout.num_groups, layout.state_dim
+    z, xbc, dt = layout.split_in_proj(x @ w["in_proj"].T)
     window = torch.cat([cache.conv, xbc.transpose(1, 2)], dim=-1)  # (b, C, K-1+s)
     conv = F.conv1d(window, w["conv_weight"], w["conv_bias"], groups=window.size(1))  # (b, C, s)
     cache.conv = window[..., s:]
     if record:
         cache.conv_log = torch.cat([cache.conv_log, xbc.transpose(1, 2)], dim=-1)
-    xs, B, C = torch.split(F.silu(conv).transpose(1, 2), [inner, groups * n, groups * n], dim=-1)
+    xs, B, C = layout.split_conv(F.silu(conv).transpose(1, 2))
     dt = F.softplus(dt.float() + w["dt_bias"].float())  # (b, s, h)
     A = -torch.exp(w["A_log"].float())
     xs = xs.reshape(b, s, heads, p)

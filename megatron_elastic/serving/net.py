@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from megatron_elastic.config import ModelConfig
 from megatron_elastic.elastic.model import ElasticHybridModel
 from megatron_elastic.elastic.subnet import SubnetSpec
+from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 
 __all__ = ["ServingLayer", "ServingNet", "build_serving_net"]
 
@@ -43,6 +45,17 @@ class ServingLayer:
     """Mamba groups (B/C), or attention key/value groups."""
     state_dim: int = 0
     """Mamba state size (0 for other kinds)."""
+
+    @cached_property
+    def attention_layout(self) -> AttentionLayout:
+        """How ``qkv``'s rows are laid out (an attention layer)."""
+        groups = self.num_groups
+        return AttentionLayout(groups, self.num_heads // groups, self.head_dim)
+
+    @cached_property
+    def mamba_layout(self) -> MambaLayout:
+        """How ``in_proj``'s rows and the conv's channels are laid out (a Mamba layer)."""
+        return MambaLayout(self.num_heads, self.head_dim, self.num_groups, self.state_dim)
 
 
 @dataclass(frozen=True)
@@ -105,15 +118,17 @@ def _layer(j: int, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> ServingLaye
     prefix = f"decoder.layers.{j}."
     if prefix + "mixer.in_proj.weight" in sd:
         w = {short: sd[prefix + name] for name, short in _MAMBA.items()}
-        groups, state = cfg.mamba_num_groups, cfg.mamba_state_dim
-        inner = w["conv_weight"].size(0) - 2 * groups * state
-        heads = w["dt_bias"].numel()
-        return ServingLayer(j, "mamba", w, heads, inner // heads, groups, state)
+        m = MambaLayout.from_conv(
+            w["conv_weight"].size(0),
+            w["dt_bias"].numel(),
+            cfg.mamba_num_groups,
+            cfg.mamba_state_dim,
+        )
+        return ServingLayer(j, "mamba", w, m.num_heads, m.head_dim, m.num_groups, m.state_dim)
     if prefix + "self_attention.linear_qkv.weight" in sd:
         w = {short: sd[prefix + name] for name, short in _ATTENTION.items()}
-        groups, d = cfg.num_query_groups, cfg.head_dim
-        per_group = w["qkv"].size(0) // (groups * d) - 2
-        return ServingLayer(j, "attention", w, per_group * groups, d, groups)
+        a = AttentionLayout.from_rows(w["qkv"].size(0), cfg.num_query_groups, cfg.head_dim)
+        return ServingLayer(j, "attention", w, a.num_heads, a.head_dim, a.num_groups)
     w = {short: sd[prefix + name] for name, short in _MLP.items()}
     return ServingLayer(j, "mlp", w)
 

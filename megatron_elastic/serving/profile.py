@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from megatron_elastic.config import ModelConfig
 from megatron_elastic.elastic.config import ElasticConfig
 from megatron_elastic.elastic.latency import PHASES, LatencyTable
+from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 from megatron_elastic.serving.forward import forward, layer_forward
 from megatron_elastic.serving.net import ServingLayer, ServingNet
 from megatron_elastic.serving.state import InferenceState
@@ -59,11 +60,11 @@ def _layer(model: ModelConfig, kind: str, hidden: int, width: int, head_dim: int
     norm = torch.ones(hidden, **kw)
     if kind == "mamba":
         groups, state = model.mamba_num_groups, model.mamba_state_dim
-        inner = width * head_dim
-        channels = inner + 2 * groups * state
+        layout = MambaLayout(width, head_dim, groups, state)
+        inner, channels = layout.inner, layout.conv.size
         w = {
             "norm": norm,
-            "in_proj": rand(2 * inner + 2 * groups * state + width, hidden),
+            "in_proj": rand(layout.in_proj.size, hidden),
             "conv_weight": rand(channels, 1, model.mamba_conv_kernel),
             "conv_bias": rand(channels),
             "dt_bias": rand(width),
@@ -77,7 +78,7 @@ def _layer(model: ModelConfig, kind: str, hidden: int, width: int, head_dim: int
         groups, d = model.num_query_groups, model.head_dim
         w = {
             "norm": norm,
-            "qkv": rand(groups * (width // groups + 2) * d, hidden),
+            "qkv": rand(AttentionLayout(groups, width // groups, d).size, hidden),
             "proj": rand(hidden, width * d),
         }
         return ServingLayer(0, kind, w, width, d, groups)
