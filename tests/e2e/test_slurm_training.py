@@ -137,7 +137,9 @@ def _job_env(work: Path, **env: str) -> dict[str, str]:
 
 
 def _sbatch_args(work: Path) -> tuple[str, ...]:
-    return (*TINY_SBATCH, "--time=10", f"--output={work}/logs/job-%j.out")
+    # 20 minutes: more than stage 2's SIGUSR1 lead (--signal=B:USR1@600), which a 10-minute limit
+    # would send at once.
+    return (*TINY_SBATCH, "--time=20", f"--output={work}/logs/job-%j.out")
 
 
 def _run_stage(cluster, work: Path, script: Path, env: dict[str, str]) -> Job:
@@ -386,11 +388,8 @@ def crash(cluster, pipeline: Pipeline) -> Crash:
     pid = _task_trainer_pid(job_id, 1)
     assert pid is not None, _output(work, job_id)[-4000:]
     os.kill(pid, signal.SIGKILL)
-    fields = cluster.wait_job(
-        job_id,
-        lambda f: f.get("JobState") in FINAL_STATES and f.get("Restarts") == "1",
-        timeout=TRAIN_TIMEOUT_S,
-    )
+    # A requeued job passes through non-final states only (REQUEUED, PENDING, RUNNING).
+    fields = cluster.wait_ended(job_id, timeout=TRAIN_TIMEOUT_S)
     return Crash(Job(job_id, fields, _output(work, job_id)), pid, work / "crash")
 
 
@@ -487,12 +486,9 @@ def test_max_restarts_exhausted_fails_with_the_status(cluster, pipeline: Pipelin
         ENV_FILE=str(site),
     )
     job_id = cluster.submit(*_sbatch_args(work), STAGE1, cwd=work, env=env)
-    fields = cluster.wait_job(
-        job_id,
-        lambda f: f.get("JobState") in FINAL_STATES and f.get("Restarts") == "1",
-        timeout=TRAIN_TIMEOUT_S,
-    )
+    fields = cluster.wait_ended(job_id, timeout=TRAIN_TIMEOUT_S)
     out = _output(work, job_id)
+    assert fields.get("Restarts") == "1", (fields, out[-4000:])
     assert fields.get("JobState") == "FAILED", (fields, out[-4000:])
     assert fields.get("ExitCode") == "7:0", (fields, out[-4000:])
     assert out.count("trainer exited with status 7") == 2, out[-4000:]
