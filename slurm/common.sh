@@ -238,10 +238,15 @@ _forward() { # SIGNAL: pass it on to srun, which passes it on to every task
   return 0
 }
 
-# The failure requeues this job has had, from its Comment (elastic_failures=K; 0 if none).
+# The failure requeues this job has had, from its Comment (elastic_failures=K; 0 if none). If
+# slurmctld cannot be asked, every requeue so far counts as one (SLURM_RESTART_COUNT): too many
+# rather than too few.
 _failures() {
   local comment
-  comment=$(squeue -h -j "$SLURM_JOB_ID" -o %k 2>/dev/null) || comment=
+  if ! comment=$(squeue -h -j "$SLURM_JOB_ID" -o %k 2>/dev/null); then
+    echo "${SLURM_RESTART_COUNT:-0}"
+    return 0
+  fi
   comment=$(sed -n 's/.*elastic_failures=\([0-9][0-9]*\).*/\1/p' <<<"$comment")
   echo "${comment:-0}"
 }
