@@ -234,10 +234,19 @@ class ParallelConfig:
     context_parallel_size: int = 1
     """Ranks the sequence is split across for the whole forward pass (megatron's load-balanced
     chunking: rank ``r`` of ``CP`` holds chunks ``r`` and ``2*CP-1-r`` of ``2*CP``)."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of every process group (megatron's ``--distributed-timeout-minutes``, default 10):
+    a collective that waits longer, e.g. on a rank that hung or died, ends the process with an
+    error (on NCCL the watchdog aborts it), so a hang becomes a failure the SLURM scripts requeue.
+    Raise it if the first step's compilation or a checkpoint save outlasts it."""
 
     def __post_init__(self) -> None:
         _require_positive(
-            self, "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size"
+            self,
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "context_parallel_size",
+            "distributed_timeout_minutes",
         )
         if not isinstance(self.sequence_parallel, bool):
             raise ValueError(

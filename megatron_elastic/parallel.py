@@ -31,7 +31,7 @@ def init_process_groups(parallel: ParallelConfig, *, seed: int = 1234) -> Proces
 def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCollection:
     if not dist.is_initialized():
         backend = "nccl" if platform.cuda_available() else "gloo"
-        timeout = datetime.timedelta(minutes=10)
+        timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             if platform.cuda_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -54,6 +54,7 @@ def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCol
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     platform.seed_model_parallel_rng(seed, tp_rank=pgs.tp.rank())

@@ -13,7 +13,9 @@
 # Environment (options win): LOCAL_SLURM_WORKDIR (default /tmp/megatron-elastic-slurm),
 # LOCAL_SLURM_PORT (slurmctld port; slurmd uses the next one; default 6817),
 # LOCAL_SLURM_CPUS (CPUs the node advertises, at least the real count; default 4, so that
-# 4-task jobs fit on a 2-core machine), LOCAL_SLURM_TIMEOUT (seconds to wait for the node; 60).
+# 4-task jobs fit on a 2-core machine), LOCAL_SLURM_TIMEOUT (seconds to wait for the node; 60),
+# LOCAL_SLURM_CRED_EXPIRE (credential lifetime, which a requeued job waits out before it may
+# start again; default 10 s instead of Slurm's 120).
 # Needs root (slurmd launches jobs as the submitting user) and scripts/install_slurm.sh.
 set -euo pipefail
 
@@ -25,7 +27,7 @@ die() {
 }
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -201,7 +203,7 @@ need_binaries() {
 }
 
 write_conf() {
-  local host node_line real_cpus cpus
+  local host node_line real_cpus cpus cred_expire
   # slurmctld refuses to start unless SlurmctldHost is this machine's short host name.
   host=$(hostname -s)
   # The node's hardware as slurmd sees it, e.g.
@@ -210,6 +212,8 @@ write_conf() {
   real_cpus=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$node_line")
   [ -n "$real_cpus" ] || die "cannot parse 'slurmd -C' output: $node_line"
   cpus=${LOCAL_SLURM_CPUS:-4}
+  cred_expire=${LOCAL_SLURM_CRED_EXPIRE:-10}
+  case $cred_expire in '' | *[!0-9]*) die "LOCAL_SLURM_CRED_EXPIRE must be a number, got '$cred_expire'" ;; esac
   case $cpus in '' | *[!0-9]*) die "LOCAL_SLURM_CPUS must be a number, got '$cpus'" ;; esac
   node_line=${node_line#NodeName=* }
   if [ "$cpus" -gt "$real_cpus" ]; then
@@ -230,7 +234,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$munge_socket
+# cred_expire: a requeued job may start again only after the credential lifetime (Slurm's
+# default 120 s); a step's credential is checked within a second of its creation here.
+AuthInfo=socket=$munge_socket,cred_expire=$cred_expire
 
 # No systemd and no cgroups on these machines: track processes by parent pid, bind nothing.
 ProctrackType=proctrack/linuxproc
@@ -243,8 +249,9 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
-# Without batch_sched_delay=0 every batch job waits ~3 s before it starts.
-SchedulerParameters=batch_sched_delay=0
+# Without batch_sched_delay=0 every batch job waits ~3 s before it starts; sched_interval=1:
+# a requeued job starts as soon as cred_expire has passed, not at the next minute's pass.
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
 # A node that was down (e.g. slurmd restarted) comes back as soon as it registers.
 ReturnToService=2
 MailProg=/bin/true

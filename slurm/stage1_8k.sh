@@ -7,30 +7,24 @@
 #   DATA_PREFIX=/data/stage1/train_text_document TOKENIZER=/data/tokenizer.json \
 #   PARENT=/ckpt/nano12b_ranked sbatch slurm/stage1_8k.sh
 #
-# Environment (defaults in brackets):
-#   DATA_PREFIX      training dataset prefix, PREFIX.bin/.idx (tools/prepare_data.py) [required]
+# Environment (every variable, with its default: the table in slurm/README.md):
+#   DATA_PREFIX or DATA_BLEND   one dataset prefix (PREFIX.bin/.idx, tools/prepare_data.py),
+#                    or a blend "W1 PREFIX1 W2 PREFIX2 ..." [one of them required]
 #   TOKENIZER        tokenizer.json or .model the data was tokenized with [required]
 #   PARENT           the ranked parent (tools/estimate_importance.py): initial weights and the
 #                    frozen teacher [required]
 #   SAVE_DIR         this stage's checkpoints, metrics.jsonl, tensorboard/
 #                    [runs/nemotron_nano_12b/stage1_8k]; an existing one is resumed
-#   RECIPE           [examples/nemotron_nano_12b/stage1_8k.yaml]
-#   TP, PP           tensor / pipeline parallel sizes [4, 1: the recipe's]
-#   SP               sequence parallelism, true or false [the recipe's: true]
-#   CP               context parallel size [1: the recipe's]; tasks must be a multiple of
-#                    TP x PP x CP (the rest is data parallelism), checked before srun
-#   DP               optional: the data-parallel size the job must come out at
-#   EXTRA_OVERRIDES  more recipe overrides, e.g. "train.steps=100 logging.log_interval=1"
-#   PYTHON           interpreter with megatron_elastic installed [python]
-#   REPO             this repository [found from the submitted script's path]
-#   DRY_RUN=1        validate and print the command without running it
+#   RECIPE, TP, PP, SP, CP, DP, DATA_CACHE, EXTRA_OVERRIDES, MAX_RESTARTS, CONTAINER_IMAGE,
+#   CONTAINER_MOUNTS, SRUN_ARGS, ENV_FILE, PYTHON, DRY_RUN=1, ...: see slurm/README.md
 # Relative paths are relative to the job's working directory (where sbatch was run).
 # Arguments given to sbatch override the #SBATCH lines below, e.g. the tiny CPU recipe on one
 # machine: sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 --time=30 \
 #   with RECIPE=examples/tiny/stage1.yaml TP=1 (see slurm/README.md).
 # Before the time limit SLURM sends SIGUSR1 to this script, which passes it to the trainer: it
-# saves and exits 0, and the job requeues itself and resumes. The job's exit status is the
-# trainer's (0 done, 2 bad input, 3 NaN/inf loss).
+# saves and exits 0, and the job requeues itself and resumes (the lead time: slurm/README.md).
+# A crash (any status but 0, 2 bad input, 3 NaN/inf loss) requeues the job too, at most
+# MAX_RESTARTS times. The job's exit status is the trainer's.
 #
 #SBATCH --job-name=elastic-stage1-8k
 #SBATCH --nodes=16
@@ -66,10 +60,9 @@ PP=${PP:-1}
 CP=${CP:-1}
 SP=${SP:-}
 SAVE_DIR=${SAVE_DIR:-runs/nemotron_nano_12b/stage1_8k}
-require_env DATA_PREFIX "the training dataset prefix (PREFIX.bin/.idx from tools/prepare_data.py)"
 require_env TOKENIZER "the tokenizer the data was prepared with (tokenizer.json or .model)"
 require_env PARENT "the ranked parent checkpoint (tools/estimate_importance.py --output)"
-require_dataset DATA_PREFIX
+data_overrides
 require_file TOKENIZER
 require_checkpoint PARENT
 require_int TP
@@ -78,7 +71,7 @@ require_int CP
 require_bool SP
 
 launch_stage "$RECIPE" \
-  "data.blend=$DATA_PREFIX" \
+  "${DATA_ARGS[@]}" \
   "data.tokenizer=$TOKENIZER" \
   "checkpoint.init=$PARENT" \
   "distill.teacher_checkpoint=$PARENT" \

@@ -8,29 +8,24 @@
 #   DATA_PREFIX=/data/stage2/train_long_text_document TOKENIZER=/data/tokenizer.json \
 #   PARENT=/ckpt/nano12b_ranked sbatch slurm/stage2_49k.sh
 #
-# Environment (defaults in brackets):
-#   DATA_PREFIX      long-context training dataset prefix, PREFIX.bin/.idx [required]
+# Environment (every variable, with its default: the table in slurm/README.md):
+#   DATA_PREFIX or DATA_BLEND   the long-context dataset prefix, or a blend
+#                    "W1 PREFIX1 W2 PREFIX2 ..." [one of them required]
 #   TOKENIZER        tokenizer.json or .model the data was tokenized with [required]
 #   PARENT           the ranked parent: the frozen teacher [required]
 #   STAGE1_DIR       stage 1's save directory; its newest checkpoint (model + routers) is the
 #                    starting point [runs/nemotron_nano_12b/stage1_8k]
 #   SAVE_DIR         this stage's checkpoints, metrics.jsonl, tensorboard/
 #                    [runs/nemotron_nano_12b/stage2_49k]; an existing one is resumed
-#   RECIPE           [examples/nemotron_nano_12b/stage2_49k.yaml]
-#   TP, PP           tensor / pipeline parallel sizes [4, 1: the recipe's]
-#   SP               sequence parallelism, true or false [the recipe's: true]
-#   CP               context parallel size [1: the recipe's]; tasks must be a multiple of
-#                    TP x PP x CP (the rest is data parallelism), checked before srun
-#   DP               optional: the data-parallel size the job must come out at
-#   EXTRA_OVERRIDES  more recipe overrides, e.g. "train.seq_length=16384"
-#   PYTHON           interpreter with megatron_elastic installed [python]
-#   REPO             this repository [found from the submitted script's path]
-#   DRY_RUN=1        validate and print the command without running it
+#   RECIPE, TP, PP, SP, CP, DP, DATA_CACHE, EXTRA_OVERRIDES, MAX_RESTARTS, CONTAINER_IMAGE,
+#   CONTAINER_MOUNTS, SRUN_ARGS, ENV_FILE, PYTHON, DRY_RUN=1, ...: see slurm/README.md
 # Relative paths are relative to the job's working directory (where sbatch was run). Arguments
 # given to sbatch override the #SBATCH lines below (see slurm/stage1_8k.sh and slurm/README.md).
 # Before the time limit SLURM sends SIGUSR1 to this script, which passes it to the trainer: it
-# saves and exits 0, and the job requeues itself and resumes. The job's exit status is the
-# trainer's (0 done, 2 bad input, 3 NaN/inf loss).
+# saves and exits 0, and the job requeues itself and resumes. --signal=B:USR1@600: ten minutes
+# for up to two 49k steps and the save and checksum of the 12B checkpoint (the arithmetic:
+# slurm/README.md). A crash (any status but 0, 2 bad input, 3 NaN/inf loss) requeues the job
+# too, at most MAX_RESTARTS times. The job's exit status is the trainer's.
 #
 #SBATCH --job-name=elastic-stage2-49k
 #SBATCH --nodes=16
@@ -39,7 +34,7 @@
 #SBATCH --cpus-per-task=16
 #SBATCH --time=04:00:00
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@300
+#SBATCH --signal=B:USR1@600
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
@@ -67,10 +62,9 @@ CP=${CP:-1}
 SP=${SP:-}
 STAGE1_DIR=${STAGE1_DIR:-runs/nemotron_nano_12b/stage1_8k}
 SAVE_DIR=${SAVE_DIR:-runs/nemotron_nano_12b/stage2_49k}
-require_env DATA_PREFIX "the long-context dataset prefix (PREFIX.bin/.idx from tools/prepare_data.py)"
 require_env TOKENIZER "the tokenizer the data was prepared with (tokenizer.json or .model)"
 require_env PARENT "the ranked parent checkpoint, the frozen teacher (tools/estimate_importance.py)"
-require_dataset DATA_PREFIX
+data_overrides
 require_file TOKENIZER
 require_checkpoint PARENT
 require_int TP
@@ -83,7 +77,7 @@ if [ ! -f "$SAVE_DIR/latest.json" ] && [ ! -f "$STAGE1_DIR/latest.json" ]; then
 fi
 
 launch_stage "$RECIPE" \
-  "data.blend=$DATA_PREFIX" \
+  "${DATA_ARGS[@]}" \
   "data.tokenizer=$TOKENIZER" \
   "checkpoint.init=$STAGE1_DIR" \
   "distill.teacher_checkpoint=$PARENT" \

@@ -8,15 +8,24 @@ passes it to the trainer, which saves and exits 0, and the job requeues itself; 
 submitted again and resumes from the same save directory. Stage 2 (tensor parallel 2) starts from
 stage 1's save directory. Every job's exit status, log lines, checkpoints and metrics are checked.
 
-The dry-run tests at the end check the scripts' input validation without a cluster (fast).
+Failures: a stage-1 job whose task is killed (kill -9) while it steps requeues itself, resumes
+from its newest checkpoint and ends with the losses of the uninterrupted run; a trainer that
+diverges (exit 3) or gets bad input (exit 2) is never requeued; MAX_RESTARTS used up ends the job
+with the failure's status (that one test runs a stand-in for the trainer: see its docstring).
+
+The dry-run tests at the end check the scripts' input validation and the srun line (container
+options, SRUN_ARGS, a data blend) without a cluster (fast).
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -128,7 +137,9 @@ def _job_env(work: Path, **env: str) -> dict[str, str]:
 
 
 def _sbatch_args(work: Path) -> tuple[str, ...]:
-    return (*TINY_SBATCH, "--time=10", f"--output={work}/logs/job-%j.out")
+    # 20 minutes: more than stage 2's SIGUSR1 lead (--signal=B:USR1@600), which a 10-minute limit
+    # would send at once.
+    return (*TINY_SBATCH, "--time=20", f"--output={work}/logs/job-%j.out")
 
 
 def _run_stage(cluster, work: Path, script: Path, env: dict[str, str]) -> Job:
@@ -289,21 +300,212 @@ def test_stage2_starts_from_stage1_and_completes(pipeline: Pipeline) -> None:
 @pytest.mark.distributed
 def test_trainer_bad_input_is_the_jobs_exit_status(cluster, pipeline: Pipeline) -> None:
     # A typo in an override passes the script's checks; the trainer rejects it on every task
-    # (exit 2, before any compute) and the job fails with that status.
+    # (exit 2, before any compute) and the job fails with that status, without a requeue.
     env = _job_env(
         pipeline.work,
         RECIPE=str(REPO / "examples" / "tiny" / "stage1.yaml"),
         DATA_PREFIX=str(pipeline.work / "data" / "train"),
         SAVE_DIR="bad",
         EXTRA_OVERRIDES="train.stpes=3",
+        MAX_RESTARTS="2",
     )
     job = _run_stage(cluster, pipeline.work, STAGE1, env)
     assert job.fields.get("JobState") == "FAILED", (job.fields, job.output[-4000:])
     assert job.fields.get("ExitCode") == "2:0", (job.fields, job.output[-4000:])
+    assert job.fields.get("Restarts") == "0", job.fields
     assert "did you mean 'steps'" in job.output, job.output[-4000:]
     assert "Traceback" not in job.output, job.output[-4000:]
     assert "trainer exited with status 2" in job.output, job.output[-4000:]
+    assert "not requeued: status 2 (bad input)" in job.output, job.output[-4000:]
     assert not (pipeline.work / "bad").exists()
+
+
+# --- failures: requeue after a crash, never after exit 2 or 3 ------------------------------------
+
+
+def _task_trainer_pid(job_id: str, task: int) -> int | None:
+    """The pid of the trainer process of task ``task`` of job ``job_id`` (the process the task's
+    shell exec'd: SLURM's variables in its environment, ``-m megatron_elastic.train`` in its
+    command line), or None while there is none."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = set((proc / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if (
+            b"megatron_elastic.train" in cmdline
+            and f"SLURM_JOB_ID={job_id}".encode() in environ
+            and f"SLURM_PROCID={task}".encode() in environ
+        ):
+            return int(proc.name)
+    return None
+
+
+def _metrics_by_step(save: Path) -> dict[int, list[dict[str, float]]]:
+    """Each step's logged losses and gradient norm, every row of it (a resumed run logs again
+    the steps after its checkpoint)."""
+    rows: dict[int, list[dict[str, float]]] = {}
+    for line in (save / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        kept = {k: v for k, v in row.items() if k.startswith("loss/") or k == "grad_norm"}
+        if kept:
+            rows.setdefault(row["step"], []).append(kept)
+    return rows
+
+
+@dataclass
+class Crash:
+    job: Job
+    killed_pid: int
+    save: Path
+
+
+@pytest.fixture(scope="module")
+def crash(cluster, pipeline: Pipeline) -> Crash:
+    """Stage 1 again (the same recipe and data as the pipeline's), saving every 2 steps; task 1's
+    trainer is killed with SIGKILL once step 3 is logged. The job requeues itself, resumes from
+    its newest checkpoint and finishes."""
+    work = pipeline.work
+    env = _job_env(
+        work,
+        RECIPE=str(REPO / "examples" / "tiny" / "stage1.yaml"),
+        DATA_PREFIX=str(work / "data" / "train"),
+        SAVE_DIR="crash",
+        EXTRA_OVERRIDES=f"train.steps={STAGE1_STEPS} {TINY_OVERRIDES} checkpoint.save_interval=2",
+        MAX_RESTARTS="1",
+    )
+    job_id = cluster.submit(*_sbatch_args(work), STAGE1, cwd=work, env=env)
+    stepping = f"[train] stage1 step 3/{STAGE1_STEPS} "
+    cluster.wait_job(
+        job_id,
+        lambda f: stepping in _output(work, job_id) or f.get("JobState") in FINAL_STATES,
+        timeout=TRAIN_TIMEOUT_S,
+    )
+    assert stepping in _output(work, job_id), _output(work, job_id)[-4000:]
+    pid = _task_trainer_pid(job_id, 1)
+    assert pid is not None, _output(work, job_id)[-4000:]
+    os.kill(pid, signal.SIGKILL)
+    # A requeued job passes through non-final states only (REQUEUED, PENDING, RUNNING).
+    fields = cluster.wait_ended(job_id, timeout=TRAIN_TIMEOUT_S)
+    return Crash(Job(job_id, fields, _output(work, job_id)), pid, work / "crash")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killed_task_requeues_and_resumes(crash: Crash) -> None:
+    job = crash.job
+    _completed(job)
+    assert job.fields.get("Restarts") == "1", job.fields
+    assert "elastic_failures=1" in job.fields.get("Comment", ""), job.fields
+    match = re.search(r"trainer exited with status (\d+)", job.output)
+    assert match and match.group(1) not in ("0", "2", "3"), job.output[-4000:]
+    assert (
+        f"trainer failed with status {match.group(1)}: restart 1 of MAX_RESTARTS=1" in job.output
+    ), job.output[-4000:]
+    assert f"requeueing job {job.job_id} to resume from the newest checkpoint" in job.output
+    resumed = re.search(r"resumed from crash/step_(\d{7}) at step (\d+)", job.output)
+    assert resumed, job.output[-4000:]
+    step = int(resumed.group(2))
+    assert 2 <= step < STAGE1_STEPS, job.output[-4000:]
+    assert job.output.count("trainer exited with status 0") == 1, job.output[-4000:]
+    _check_checkpoint(crash.save, STAGE1_STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resumed_run_has_the_uninterrupted_losses(crash: Crash, pipeline: Pipeline) -> None:
+    got = _metrics_by_step(crash.save)
+    assert sorted(got) == list(range(1, STAGE1_STEPS + 1)), got
+    # The steps after the checkpoint ran twice: before the kill and after the resume.
+    assert any(len(rows) > 1 for rows in got.values()), got
+    # Every row equals the pipeline's stage 1 (same recipe, data and seeds; its own preemption
+    # resumed exactly where it saved), and the repeated steps equal their first run.
+    reference = _metrics_by_step(pipeline.work / "stage1")
+    for step, rows in got.items():
+        (expected,) = {json.dumps(r, sort_keys=True) for r in reference[step]}
+        for row in rows:
+            assert row == json.loads(expected), (step, row, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nan_loss_is_not_requeued(cluster, pipeline: Pipeline) -> None:
+    # The real trainer with a learning rate that overflows the weights at the first update: the
+    # second step's loss is not finite, every rank exits 3, and the job fails with 3, unrequeued.
+    env = _job_env(
+        pipeline.work,
+        RECIPE=str(REPO / "examples" / "tiny" / "stage1.yaml"),
+        DATA_PREFIX=str(pipeline.work / "data" / "train"),
+        SAVE_DIR="nan",
+        EXTRA_OVERRIDES=f"train.steps=3 {TINY_OVERRIDES} optim.lr=1.0e+30 optim.warmup_steps=0",
+        MAX_RESTARTS="2",
+    )
+    job = _run_stage(cluster, pipeline.work, STAGE1, env)
+    assert job.fields.get("JobState") == "FAILED", (job.fields, job.output[-4000:])
+    assert job.fields.get("ExitCode") == "3:0", (job.fields, job.output[-4000:])
+    assert job.fields.get("Restarts") == "0", job.fields
+    assert "non-finite loss or gradient at step" in job.output, job.output[-4000:]
+    assert "not requeued: status 3 (NaN/inf loss)" in job.output, job.output[-4000:]
+
+
+STAND_IN = """#!/bin/bash
+# Stands in for the trainer's interpreter: prints what the task sees, then fails with status 7.
+echo "task $RANK/$WORLD_SIZE local $LOCAL_RANK args $*"
+for name in TRITON_CACHE_DIR PYTORCH_CUDA_ALLOC_CONF TORCH_NCCL_AVOID_RECORD_STREAMS \\
+    TORCH_NCCL_ASYNC_ERROR_HANDLING CUDA_DEVICE_MAX_CONNECTIONS SITE_SETTING PYTHONPATH; do
+  echo "task $RANK env $name=${!name}"
+done
+exit 7
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_max_restarts_exhausted_fails_with_the_status(cluster, pipeline: Pipeline) -> None:
+    """The launcher's policy with a stand-in for the trainer: PYTHON is a script that prints the
+    environment its task sees and exits 7 (a crash: not 0, 2 or 3) at once, so the job fails,
+    requeues once (MAX_RESTARTS=1), fails again and ends with status 7. The stand-in also shows
+    that ENV_FILE's settings and the site defaults reach every task. (Real trainer failures are
+    covered above: the kill -9, exit 2 and exit 3 tests.)"""
+    work = pipeline.work
+    stand_in = work / "crashing_python"
+    stand_in.write_text(STAND_IN)
+    stand_in.chmod(0o755)
+    site = work / "site.env"
+    site.write_text("export SITE_SETTING=from-env-file\nexport TORCH_NCCL_AVOID_RECORD_STREAMS=0\n")
+    env = _job_env(
+        work,
+        PYTHON=str(stand_in),
+        RECIPE=str(REPO / "examples" / "tiny" / "stage1.yaml"),
+        DATA_PREFIX=str(work / "data" / "train"),
+        SAVE_DIR="exhausted",
+        MAX_RESTARTS="1",
+        ENV_FILE=str(site),
+    )
+    job_id = cluster.submit(*_sbatch_args(work), STAGE1, cwd=work, env=env)
+    fields = cluster.wait_ended(job_id, timeout=TRAIN_TIMEOUT_S)
+    out = _output(work, job_id)
+    assert fields.get("Restarts") == "1", (fields, out[-4000:])
+    assert fields.get("JobState") == "FAILED", (fields, out[-4000:])
+    assert fields.get("ExitCode") == "7:0", (fields, out[-4000:])
+    assert out.count("trainer exited with status 7") == 2, out[-4000:]
+    assert "trainer failed with status 7: restart 1 of MAX_RESTARTS=1" in out, out[-4000:]
+    assert "MAX_RESTARTS=1 exhausted: failing with status 7" in out, out[-4000:]
+    for rank in (0, 1):
+        assert f"task {rank}/2 local {rank} args -m megatron_elastic.train --config" in out, out
+        for setting in (
+            f"TRITON_CACHE_DIR=/tmp/triton-{getpass.getuser()}-{job_id}",
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+            "TORCH_NCCL_AVOID_RECORD_STREAMS=0",  # ENV_FILE's value wins over the default
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING=3",
+            "CUDA_DEVICE_MAX_CONNECTIONS=1",
+            "SITE_SETTING=from-env-file",
+            f"PYTHONPATH={REPO}",
+        ):
+            assert f"task {rank} env {setting}" in out, out[-4000:]
 
 
 # --- the scripts' input validation, without a cluster (DRY_RUN=1) --------------------------------
@@ -326,7 +528,23 @@ def inputs(tmp_path) -> dict[str, str]:
 
 def _dry_run(script: Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    for key in ("RECIPE", "TP", "PP", "SAVE_DIR", "STAGE1_DIR", "EXTRA_OVERRIDES", "REPO"):
+    for key in (
+        "RECIPE",
+        "TP",
+        "PP",
+        "SAVE_DIR",
+        "STAGE1_DIR",
+        "EXTRA_OVERRIDES",
+        "REPO",
+        "DATA_BLEND",
+        "DATA_CACHE",
+        "SRUN_ARGS",
+        "MAX_RESTARTS",
+        "ENV_FILE",
+        "CONTAINER_IMAGE",
+        "CONTAINER_MOUNTS",
+        "CONTAINER_ENV",
+    ):
         base.pop(key, None)
     return subprocess.run(
         ["bash", str(script)],
@@ -338,14 +556,28 @@ def _dry_run(script: Path, env: dict[str, str], cwd: Path) -> subprocess.Complet
     )
 
 
+def _srun_line(done: subprocess.CompletedProcess) -> tuple[list[str], list[str]]:
+    """The dry run's srun line, split as the shell would: (srun and its options, the trainer
+    command each task runs)."""
+    assert done.returncode == 0, done.stderr
+    assert "dry run; srun line" in done.stderr, done.stderr
+    words = shlex.split(done.stderr.splitlines()[-1])
+    assert words[0] == "srun", words
+    # srun [options] bash -c SCRIPT task REPO TRAINER...
+    i = words.index("bash")
+    assert words[i + 1] == "-c" and words[i + 3 : i + 5] == ["task", str(REPO)], words
+    return words[:i], words[i + 5 :]
+
+
 def test_dry_run_prints_the_12b_command(inputs, tmp_path) -> None:
     done = _dry_run(STAGE1, {**inputs, "EXTRA_OVERRIDES": "train.steps=10 logging.x=1"}, tmp_path)
-    assert done.returncode == 0, done.stderr
-    command = done.stderr.splitlines()[-1]
+    srun, trainer = _srun_line(done)
+    assert srun == ["srun", "--kill-on-bad-exit=0", "--wait=120"], srun  # no container asked
+    command = " ".join(trainer)
     recipe = REPO / "examples" / "nemotron_nano_12b" / "stage1_8k.yaml"
     assert f"-m megatron_elastic.train --config {recipe} " in command, command
     for item in (
-        f"data.blend={inputs['DATA_PREFIX']}",
+        f"data.blend='{inputs['DATA_PREFIX']}'",  # a YAML string, whatever the path holds
         f"checkpoint.init={inputs['PARENT']}",
         f"distill.teacher_checkpoint={inputs['PARENT']}",
         "checkpoint.save=runs/nemotron_nano_12b/stage1_8k",
@@ -361,8 +593,7 @@ def test_dry_run_stage2_defaults(inputs, tmp_path) -> None:
     (tmp_path / "s1").mkdir()
     (tmp_path / "s1" / "latest.json").write_text("{}")
     done = _dry_run(STAGE2, {**inputs, "STAGE1_DIR": "s1"}, tmp_path)
-    assert done.returncode == 0, done.stderr
-    command = done.stderr.splitlines()[-1]
+    command = " ".join(_srun_line(done)[1])
     assert f"--config {REPO / 'examples' / 'nemotron_nano_12b' / 'stage2_49k.yaml'} " in command
     for item in (
         "checkpoint.init=s1",
@@ -372,6 +603,63 @@ def test_dry_run_stage2_defaults(inputs, tmp_path) -> None:
         "parallel.pipeline_parallel_size=1",
     ):
         assert item in command, command
+
+
+def test_dry_run_container_and_srun_args(inputs, tmp_path) -> None:
+    env = {
+        **inputs,
+        "CONTAINER_IMAGE": "nvcr.io/nvidia/pytorch:25.12-py3",
+        "CONTAINER_MOUNTS": "/lustre:/lustre,/data:/data:ro",
+        "CONTAINER_ENV": "NCCL_SOCKET_IFNAME",
+        # Quotes keep a word together; nothing is expanded or run.
+        "SRUN_ARGS": "--mpi=pmix -l --export='ALL,NOTE=two words' \"$(touch pwned)\"",
+        "PYTHON": "python3.12",  # the image's interpreter: not looked up on the batch host
+    }
+    srun, trainer = _srun_line(_dry_run(STAGE1, env, tmp_path))
+    assert srun == [
+        "srun",
+        "--kill-on-bad-exit=0",
+        "--wait=120",
+        "--container-image=nvcr.io/nvidia/pytorch:25.12-py3",
+        "--container-mounts=/lustre:/lustre,/data:/data:ro",
+        f"--container-workdir={tmp_path}",
+        "--no-container-mount-home",
+        "--container-env=TRITON_CACHE_DIR,PYTORCH_CUDA_ALLOC_CONF,TORCH_NCCL_AVOID_RECORD_STREAMS,"
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING,OMP_NUM_THREADS,CUDA_DEVICE_MAX_CONNECTIONS,"
+        "NCCL_SOCKET_IFNAME",
+        "--mpi=pmix",
+        "-l",
+        "--export=ALL,NOTE=two words",
+        "$(touch pwned)",
+    ], srun
+    assert not (tmp_path / "pwned").exists()
+    assert trainer[:3] == ["python3.12", "-m", "megatron_elastic.train"], trainer
+
+
+@pytest.mark.slow  # imports megatron (the recipe parser): ~7 s of CPU
+def test_dry_run_blend_reaches_the_trainer_intact(inputs, tmp_path) -> None:
+    # Three datasets, one under a directory with a space and a YAML-special character.
+    odd = tmp_path / "web docs: 2024"
+    odd.mkdir()
+    prefixes = [str(tmp_path / "train"), str(odd / "part#1"), "train"]
+    for prefix in prefixes[:2]:
+        for ext in (".bin", ".idx"):
+            Path(prefix + ext).write_text("")
+    env = {**inputs, "DATA_PREFIX": ""}
+    env["DATA_BLEND"] = f"0.5 {prefixes[0]}\n  .3 '{prefixes[1]}' 2 {prefixes[2]}"
+    env["DATA_CACHE"] = str(tmp_path / "index cache")
+    _, trainer = _srun_line(_dry_run(STAGE1, env, tmp_path))
+    blend = [w for w in trainer if w.startswith("data.blend=")]
+    assert blend == [f"data.blend=[[0.5, '{prefixes[0]}'], [.3, '{prefixes[1]}'], [2, 'train']]"]
+    assert f"data.cache_dir='{tmp_path / 'index cache'}'" in trainer, trainer
+    # What the trainer parses from it (data.cache_dir left out: DataConfig gains the field on
+    # another branch).
+    from megatron_elastic.training.recipe import load_train_recipe
+
+    assert trainer[3] == "--config", trainer
+    overrides = [w for w in trainer[5:] if not w.startswith("data.cache_dir=")]
+    recipe = load_train_recipe(trainer[4], overrides)
+    assert recipe.data.blend == [[0.5, prefixes[0]], [0.3, prefixes[1]], [2, "train"]]
 
 
 @pytest.mark.parametrize(
@@ -389,6 +677,18 @@ def test_dry_run_stage2_defaults(inputs, tmp_path) -> None:
         (STAGE1, {"RECIPE": "/nonexistent.yaml"}, "recipe /nonexistent.yaml does not exist"),
         (STAGE1, {"PYTHON": "/nonexistent/python"}, "PYTHON=/nonexistent/python is not"),
         (STAGE2, {"STAGE1_DIR": "/nonexistent"}, "STAGE1_DIR=/nonexistent holds no checkpoint"),
+        (STAGE1, {"DATA_BLEND": "1.0 x"}, "DATA_PREFIX and DATA_BLEND are both set"),
+        (STAGE1, {"DATA_PREFIX": "", "DATA_BLEND": "0.5"}, "DATA_BLEND must be weight/prefix"),
+        (STAGE1, {"DATA_PREFIX": "", "DATA_BLEND": "1e-3 x"}, "weight '1e-3' (before x) is not"),
+        (STAGE1, {"DATA_PREFIX": "", "DATA_BLEND": "0 x"}, "weight '0' (before x) is not"),
+        (STAGE2, {"DATA_PREFIX": "", "DATA_BLEND": "1 /no/set"}, "DATA_BLEND=/no/set is not a"),
+        (STAGE1, {"DATA_PREFIX": "", "DATA_BLEND": "1 '/a b"}, "DATA_BLEND cannot be split"),
+        (STAGE1, {"DATA_CACHE": "/dev/null"}, "DATA_CACHE=/dev/null is not a writable directory"),
+        (STAGE1, {"SRUN_ARGS": '-l "--x=y'}, "SRUN_ARGS cannot be split into words"),
+        (STAGE1, {"MAX_RESTARTS": "three"}, "MAX_RESTARTS must be a non-negative integer"),
+        (STAGE1, {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a non-negative integer"),
+        (STAGE1, {"ENV_FILE": "/nonexistent.env"}, "ENV_FILE=/nonexistent.env does not exist"),
+        (STAGE1, {"CONTAINER_MOUNTS": "/a:/a"}, "CONTAINER_MOUNTS/CONTAINER_ENV are set but"),
     ],
     ids=lambda v: v.name if isinstance(v, Path) else None,
 )
