@@ -6,7 +6,8 @@ once complete, so a crash never leaves a half-written checkpoint under the final
 manifest, written last, records the size and checksum of every file (:mod:`.integrity`). Loading
 checks the manifest first, refuses a checkpoint of another architecture before touching weights,
 and verifies each file's checksum before reading it: a truncated, altered, missing or foreign
-file is refused with its name.
+file is refused with its name. Every loader takes ``verify`` (:data:`.integrity.VERIFY_MODES`,
+a recipe's ``checkpoint.verify``): ``manifest`` checks presence and sizes only, no checksums.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from megatron.core import dist_checkpointing
 from torch import nn
 
 from megatron_elastic.config import ModelConfig, config_from_dict
-from megatron_elastic.integrity import ALGORITHM, digest_files, list_files, verify_files
+from megatron_elastic.integrity import (
+    ALGORITHM,
+    check_verify_mode,
+    digest_files,
+    list_files,
+    verify_files,
+)
 
 __all__ = [
     "MANIFEST",
@@ -140,10 +147,13 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def _verify(path: str | Path, manifest: dict[str, Any], names: list[str], **kw: Any) -> None:
-    """Checksums of ``names`` against the manifest (version-1 checkpoints carry none)."""
+def _verify(
+    path: str | Path, manifest: dict[str, Any], names: list[str], verify: str, **kw: Any
+) -> None:
+    """``names`` against the manifest as ``verify`` says (version-1 checkpoints record none)."""
+    check_verify_mode(verify)
     if "files" in manifest:
-        verify_files(Path(path), manifest["files"], names, **kw)
+        verify_files(Path(path), manifest["files"], names, verify=verify, **kw)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -181,11 +191,13 @@ def load_checkpoint(
     *,
     kinds: tuple[str, ...] | None = None,
     optimizer: Any | None = None,
+    verify: str = "full",
 ) -> dict[str, Any]:
     """Load weights saved by :func:`save_checkpoint` into ``model`` (any TP/PP layout), and the
     optimizer state into ``optimizer`` if given, and return the manifest. Raises ``ValueError``
     before loading anything if the checkpoint's kind or architecture differs from what is
-    expected, or if it holds no optimizer state and one was asked for."""
+    expected, or if it holds no optimizer state and one was asked for; ``CheckpointDamaged`` if
+    a weights file fails ``verify`` (``full``: sizes and checksums; ``manifest``: sizes)."""
     manifest = read_manifest(path)
     if kinds is not None and manifest["kind"] not in kinds:
         raise ValueError(
@@ -204,7 +216,7 @@ def load_checkpoint(
         )
     if optimizer is not None and not manifest.get("has_optimizer"):
         raise ValueError(f"checkpoint {str(path)!r} holds no optimizer state")
-    _verify(path, manifest, [], complete_under=_WEIGHTS)
+    _verify(path, manifest, [], verify, complete_under=_WEIGHTS)
     request = model.sharded_state_dict()
     if optimizer is not None:
         request = {**request, _OPTIMIZER: optimizer.sharded_state_dict(request, is_loading=True)}
@@ -221,7 +233,7 @@ def load_checkpoint(
     return manifest
 
 
-def load_rank_state(path: str | Path) -> dict[str, Any] | None:
+def load_rank_state(path: str | Path, verify: str = "full") -> dict[str, Any] | None:
     """This rank's ``rank_state``, or None if the checkpoint was saved at another world size (the
     per-rank state, e.g. RNG streams, does not map across layouts) or holds none."""
     manifest = read_manifest(path)
@@ -231,16 +243,16 @@ def load_rank_state(path: str | Path) -> dict[str, Any] | None:
     recorded = name in manifest.get("files", {})
     if manifest.get("world_size") != world or not (file.is_file() or recorded):
         return None
-    _verify(path, manifest, [name], collective=False)
+    _verify(path, manifest, [name], verify, collective=False)
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
-def load_extra(path: str | Path) -> dict[str, Any]:
+def load_extra(path: str | Path, verify: str = "full") -> dict[str, Any]:
     """The replicated state saved with ``extra=`` (e.g. the router), with a clear error if the
     checkpoint has none."""
     manifest = read_manifest(path)
     file = Path(path) / _EXTRA
     if not file.is_file() and _EXTRA not in manifest.get("files", {}):
         raise ValueError(f"checkpoint {str(path)!r} holds no extra state (router etc.)")
-    _verify(path, manifest, [_EXTRA], collective=False)
+    _verify(path, manifest, [_EXTRA], verify, collective=False)
     return torch.load(file, map_location="cpu", weights_only=True)

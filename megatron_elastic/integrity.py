@@ -5,6 +5,13 @@ A checkpoint's manifest holds ``files: {relative path: {"bytes": n, "sha256": he
 file it wrote. Hashing is streamed (``hashlib.file_digest``) and shared between the ranks that
 save or load together: rank ``r`` of ``w`` hashes files ``r, r + w, ...`` of the sorted list and
 the results are gathered, so every rank raises the same error for the same damage.
+
+How much a load verifies is one choice, :data:`VERIFY_MODES` (``checkpoint.verify`` of a
+recipe): ``full`` hashes every file it reads; ``manifest`` checks only what costs no reading (the
+manifest's file table, every listed file present with its recorded size, no unlisted file among
+the weights). ``manifest`` catches a missing, truncated or foreign file, and a stray one, but not
+a flipped byte or a same-size overwrite: those reach torch's loader, which notices only damage to
+the structure it parses (a bit flip in tensor data loads silently as a changed weight).
 """
 
 from __future__ import annotations
@@ -16,10 +23,29 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["ALGORITHM", "CheckpointDamaged", "digest_files", "list_files", "verify_files"]
+__all__ = [
+    "ALGORITHM",
+    "VERIFY_MODES",
+    "CheckpointDamaged",
+    "check_verify_mode",
+    "digest_files",
+    "list_files",
+    "verify_files",
+]
 
 ALGORITHM = "sha256"
 """Hash recorded per file (``hashlib`` name); the manifest's key for each file's digest."""
+VERIFY_MODES = ("full", "manifest")
+"""What a load checks: ``full`` every file's size and checksum; ``manifest`` presence and sizes."""
+
+
+def check_verify_mode(verify: str, field: str = "verify") -> None:
+    """``ValueError`` naming ``field`` unless ``verify`` is one of :data:`VERIFY_MODES`."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(
+            f"{field}={verify!r}; choose one of {VERIFY_MODES} (full: hash every file at load, "
+            "manifest: check presence and sizes only)"
+        )
 
 
 class CheckpointDamaged(ValueError):
@@ -68,14 +94,14 @@ def digest_files(root: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     return dict(sorted(_gather(local).items()))
 
 
-def _problem(root: Path, name: str, recorded: Mapping[str, Any]) -> str | None:
+def _problem(root: Path, name: str, recorded: Mapping[str, Any], verify: str) -> str | None:
     file = root / name
     if not file.is_file():
         return "is missing"
     size = file.stat().st_size
     if size != recorded["bytes"]:
         return f"has {size:,} bytes where the manifest recorded {recorded['bytes']:,} (truncated?)"
-    if _digest(file) != recorded[ALGORITHM]:
+    if verify == "full" and _digest(file) != recorded[ALGORITHM]:
         return f"does not match its {ALGORITHM} checksum in the manifest (altered or corrupt)"
     return None
 
@@ -87,6 +113,7 @@ def verify_files(
     *,
     complete_under: str | None = None,
     collective: bool = True,
+    verify: str = "full",
 ) -> None:
     """Raise :class:`CheckpointDamaged` for the first of ``names`` (relative to ``root``) that is
     missing or differs from its ``recorded`` size and checksum, or that the manifest does not
@@ -94,7 +121,22 @@ def verify_files(
     checked too, and every file found there must be recorded (a file the manifest does not know
     means the manifest belongs to another checkpoint). ``collective``
     (when torch.distributed is initialised): every rank calls it with the same names and hashes
-    a share of them; otherwise this rank checks its own ``names`` alone."""
+    a share of them; otherwise this rank checks its own ``names`` alone. ``verify`` (one of
+    :data:`VERIFY_MODES`): ``manifest`` skips the checksums (presence and sizes only)."""
+    check_verify_mode(verify)
+    malformed = [
+        n
+        for n, r in recorded.items()
+        if not (
+            isinstance(r, Mapping)
+            and type(r.get("bytes")) is int
+            and isinstance(r.get(ALGORITHM), str)
+        )
+    ]
+    if malformed:
+        raise CheckpointDamaged(
+            root, "its manifest", f"has a malformed file-table entry for {min(malformed)!r}"
+        )
     names = set(names)
     if complete_under is not None:  # what the manifest records there, and what is there
         names |= {n for n in recorded if n.startswith(f"{complete_under}/")}
@@ -104,7 +146,7 @@ def verify_files(
     for name in _my_share(names, collective):
         if name not in recorded:
             local[name] = "is not recorded in the manifest (the manifest of another checkpoint?)"
-        elif (problem := _problem(root, name, recorded[name])) is not None:
+        elif (problem := _problem(root, name, recorded[name], verify)) is not None:
             local[name] = problem
     problems = _gather(local) if collective else local
     if problems:

@@ -11,105 +11,19 @@ document and token counts. Documents that tokenize to nothing are skipped (and c
     python tools/prepare_data.py --input runs/corpus/train.jsonl --train-tokenizer 4096 \\
         --output runs/data/train --append-eod
     python tools/prepare_data.py --input runs/corpus/valid.jsonl \\
-        --tokenizer runs/data/tokenizer.json --output runs/data/valid --append-eod
+        --tokenizer runs/data/tokenizer.json --output runs/data/valid --append-eod --workers 8
 
 Bad input (missing or empty input, unknown tokenizer file, a line that is not JSON or lacks the
 text key) stops with exit code 2 and a message naming the file and line; nothing is written then.
+--workers N tokenizes in N processes and writes the same bytes as one (the body of this tool is
+megatron_elastic.data.prepare).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from megatron_elastic import cli
-
-
-def input_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
-        if not files:
-            raise ValueError(f"input directory {str(path)!r} has no *.jsonl files")
-        return files
-    if not path.is_file():
-        raise ValueError(f"input {str(path)!r} does not exist")
-    return [path]
-
-
-def iter_texts(files: Sequence[Path], text_key: str) -> Iterator[str]:
-    """The ``text_key`` string of every non-blank line; ``ValueError`` naming file:line else."""
-    from megatron_elastic.files import iter_jsonl
-
-    for file in files:
-        for where, row in iter_jsonl(file):
-            if not isinstance(row, dict) or text_key not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{where}: no {text_key!r} key (found {keys})")
-            if not isinstance(row[text_key], str):
-                raise ValueError(f"{where}: {text_key!r} is not a string")
-            yield row[text_key]
-
-
-def prepare(args: argparse.Namespace) -> dict:
-    from megatron_elastic.data.indexed import write_indexed_dataset
-    from megatron_elastic.data.tokenizers import load_tokenizer, train_bpe_tokenizer
-
-    files = input_files(Path(args.input))
-    if next(iter_texts(files, args.text_key), None) is None:
-        raise ValueError(f"input {args.input!r} has no documents")
-    prefix = Path(args.output)
-    if args.tokenizer is not None:
-        tokenizer_path = Path(args.tokenizer)
-        tokenizer = load_tokenizer(tokenizer_path)
-    else:
-        tokenizer_path = prefix.parent / "tokenizer.json"
-        tokenizer = train_bpe_tokenizer(
-            iter_texts(files, args.text_key),
-            args.train_tokenizer,
-            tokenizer_path,
-            split_digits=args.split_digits,
-        )
-        print(f"trained a {tokenizer.vocab_size}-token BPE tokenizer: {tokenizer_path}")
-
-    counts = {"documents": 0, "tokens": 0, "skipped_empty": 0}
-
-    def documents() -> Iterator[list[int]]:
-        for text in iter_texts(files, args.text_key):
-            ids = tokenizer.encode(text)
-            if args.append_eod and ids:
-                ids.append(tokenizer.eod)
-            if not ids:
-                counts["skipped_empty"] += 1
-                continue
-            counts["documents"] += 1
-            counts["tokens"] += len(ids)
-            yield ids
-
-    # write under a temporary prefix so that a failure halfway leaves no dataset behind
-    partial = prefix.with_name(prefix.name + ".partial")
-    try:
-        write_indexed_dataset(partial, documents(), tokenizer.vocab_size)
-    except BaseException:
-        for ext in (".bin", ".idx"):
-            Path(f"{partial}{ext}").unlink(missing_ok=True)
-        raise
-    for ext in (".bin", ".idx"):
-        Path(f"{partial}{ext}").replace(f"{prefix}{ext}")
-    manifest = {
-        "tokenizer": str(tokenizer_path.resolve()),
-        "tokenizer_kind": tokenizer.kind,
-        "vocab_size": tokenizer.vocab_size,
-        "eod": tokenizer.eod,
-        "append_eod": args.append_eod,
-        "text_key": args.text_key,
-        "inputs": [str(f.resolve()) for f in files],
-        **counts,
-    }
-    Path(f"{prefix}.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 @cli.entry_point
@@ -136,8 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--append-eod", action="store_true", help="end every document with the EOD token"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizer processes (same output for any number; default 1)",
+    )
     args = parser.parse_args(argv)
-    manifest = prepare(args)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+
+    from megatron_elastic.data.prepare import prepare_dataset
+
+    manifest = prepare_dataset(
+        args.input,
+        args.output,
+        tokenizer=args.tokenizer,
+        train_tokenizer=args.train_tokenizer,
+        split_digits=args.split_digits,
+        text_key=args.text_key,
+        append_eod=args.append_eod,
+        workers=args.workers,
+    )
     print(
         f"wrote {manifest['documents']} documents, {manifest['tokens']} tokens to "
         f"{args.output}.bin/.idx (vocab {manifest['vocab_size']})"

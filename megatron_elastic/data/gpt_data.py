@@ -10,8 +10,11 @@ index cache, the others wait on a barrier and read it), and no CUDA is touched.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -22,9 +25,16 @@ from torch.utils.data import Dataset
 from megatron_elastic.data.indexed import check_prefix
 from megatron_elastic.data.tokenizers import Tokenizer
 
-__all__ = ["MegatronTokenizerAdapter", "build_gpt_datasets", "micro_batches"]
+__all__ = [
+    "MegatronTokenizerAdapter",
+    "build_gpt_datasets",
+    "check_blend",
+    "index_cache_dir",
+    "micro_batches",
+    "parse_blend",
+]
 
-Blend = str | Path | Sequence[tuple[float, str | Path]]
+Blend = str | Path | Sequence[tuple[float, str | Path] | list[Any]]
 """One dataset prefix, or ``(weight, prefix)`` pairs sampled in proportion to the weights."""
 
 
@@ -54,24 +64,78 @@ class MegatronTokenizerAdapter:
         return self.tokenizer.decode(ids)
 
 
-def _parse_blend(blend: Blend) -> tuple[list[str], list[float] | None]:
+def parse_blend(blend: Any, field: str = "blend") -> tuple[list[str], list[float] | None]:
+    """The prefixes and weights (None for a single prefix) of ``blend``: one prefix, or a
+    non-empty list of ``[weight, prefix]`` pairs with positive finite weights and non-empty
+    prefixes. Checks the structure only (:func:`check_blend` checks the files);
+    ``ValueError`` naming ``field`` otherwise."""
+    form = f"{field} is one dataset prefix or a list of [weight, prefix] pairs"
     if isinstance(blend, str | Path):
-        pairs = [(1.0, blend)]
-    else:
-        pairs = list(blend)
-        if not pairs:
-            raise ValueError("blend is empty")
+        words = str(blend).split()
+        if len(words) > 1 and _is_number(words[0]):
+            raise ValueError(
+                f"{field}={str(blend)!r} looks like 'weight prefix ...' words; {form}, e.g. "
+                f"[[{words[0]}, {words[1]}], ...]"
+            )
+        if not str(blend):
+            raise ValueError(f"{field} is empty; {form}")
+        return [str(blend)], None
+    if not isinstance(blend, Sequence) or not blend:
+        raise ValueError(f"{field}={blend!r}: {form}")
     prefixes, weights = [], []
-    for pair in pairs:
-        if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise ValueError(f"blend entries must be (weight, prefix) pairs, got {pair!r}")
+    for i, pair in enumerate(blend):
+        where = f"{field}[{i}]"
+        if not (isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2):
+            raise ValueError(f"{where}={pair!r} is not a [weight, prefix] pair; {form}")
         weight, prefix = pair
-        if not weight > 0:
-            raise ValueError(f"blend weight of {str(prefix)!r} must be > 0, got {weight}")
-        check_prefix(prefix)
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not (number and 0 < weight < math.inf):
+            raise ValueError(f"{where}: the weight must be a positive number, got {weight!r}")
+        if not (isinstance(prefix, str | Path) and str(prefix)):
+            raise ValueError(f"{where}: the prefix must be a non-empty path, got {prefix!r}")
         prefixes.append(str(prefix))
         weights.append(float(weight))
     return prefixes, (weights if len(prefixes) > 1 else None)
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def index_cache_dir(prefixes: Sequence[str], cache_dir: str | Path | None) -> Path:
+    """Where the index caches of a blend go: ``cache_dir``, or ``index_cache/`` beside the first
+    prefix. (megatron-core's own default, without a path, is ``<prefix>/cache/GPTDataset_indices``
+    for each dataset, and a weighted blend's index is then not saved at all.)"""
+    return Path(cache_dir) if cache_dir is not None else Path(prefixes[0]).parent / "index_cache"
+
+
+def check_blend(blend: Blend, cache_dir: str | Path | None = None) -> None:
+    """Before any collective: ``ValueError`` for a malformed blend, a missing or damaged dataset
+    prefix, or an index-cache directory that cannot be written (megatron's rank 0 would fail
+    writing while the other ranks wait for it). An existing read-only cache directory is refused
+    too, even when it holds the caches already."""
+    prefixes, _ = parse_blend(blend, field="data.blend")
+    for prefix in prefixes:
+        check_prefix(prefix)
+    cache = index_cache_dir(prefixes, cache_dir).absolute()
+    existing = next(p for p in (cache, *cache.parents) if p.exists())
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    problem = "is not a directory" if not existing.is_dir() else "is not writable"
+    if cache_dir is not None:
+        raise ValueError(
+            f"data.cache_dir={str(cache_dir)!r}: {existing} {problem}; give a writable directory "
+            "that every rank sees (megatron writes the dataset index caches there)"
+        )
+    raise ValueError(
+        f"the dataset index cache {cache} (beside the data) cannot be written: {existing} "
+        f"{problem} (read-only data directory?); set data.cache_dir to a writable directory "
+        "that every rank sees"
+    )
 
 
 def build_gpt_datasets(
@@ -105,13 +169,15 @@ def build_gpt_datasets(
         raise ValueError(
             f"num_samples needs one entry per split (train, valid, test): {num_samples}"
         )
-    prefixes, weights = _parse_blend(blend)
+    prefixes, weights = parse_blend(blend)
+    for prefix in prefixes:
+        check_prefix(prefix)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
         split=split,
-        path_to_cache=str(cache_dir or Path(prefixes[0]).parent / "index_cache"),
+        path_to_cache=str(index_cache_dir(prefixes, cache_dir)),
         tokenizer=MegatronTokenizerAdapter(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,

@@ -19,7 +19,7 @@ def token_dtype(vocab_size: int) -> type[np.number]:
 
 
 def write_indexed_dataset(
-    prefix: str | Path, documents: Iterable[Iterable[int]], vocab_size: int
+    prefix: str | Path, documents: Iterable[Iterable[int] | np.ndarray], vocab_size: int
 ) -> Path:
     """Write token documents as ``prefix.bin``/``prefix.idx``; returns the prefix."""
     prefix = Path(prefix)
@@ -27,8 +27,8 @@ def write_indexed_dataset(
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=token_dtype(vocab_size))
     count = 0
     for doc in documents:
-        tokens = list(doc)
-        builder.add_document(torch.as_tensor(tokens, dtype=torch.long), [len(tokens)])
+        tokens = np.asarray(doc if isinstance(doc, np.ndarray) else list(doc), dtype=np.int64)
+        builder.add_document(tokens, [tokens.size])  # megatron casts to the token dtype
         count += 1
     if count == 0:
         raise ValueError("no documents to write")

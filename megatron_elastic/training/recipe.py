@@ -28,7 +28,9 @@ from megatron_elastic.config import (
     load_model_config,
     load_yaml,
 )
+from megatron_elastic.data.gpt_data import parse_blend
 from megatron_elastic.elastic.config import ElasticConfig, load_elastic_recipe
+from megatron_elastic.integrity import check_verify_mode
 from megatron_elastic.model.builder import Recompute
 from megatron_elastic.router.config import RouterConfig
 from megatron_elastic.training.budget_sampling import validate_budget_probs
@@ -56,13 +58,26 @@ class DataConfig:
     """Where the training tokens come from (megatron indexed datasets)."""
 
     blend: str | list[list[Any]]
-    """A dataset prefix (``PREFIX.bin``/``.idx``), or ``[[weight, prefix], ...]`` to blend."""
+    """A dataset prefix (``PREFIX.bin``/``.idx``), or ``[[weight, prefix], ...]`` to blend
+    (weights: positive numbers, sampled in proportion)."""
     tokenizer: str
     """``tokenizer.json`` (HF tokenizers) or ``.model`` (SentencePiece); stored in checkpoints."""
     split: str = "98,2,0"
     """Train/valid/test proportions, split by document."""
     valid_samples: int = 64
     """Validation samples evaluated every ``train.eval_interval`` steps."""
+    cache_dir: str | None = None
+    """Where megatron writes the datasets' index caches (document/sample/shuffle ``.npy``;
+    megatron-LM's ``--data-cache-path``), so the data directory may be read-only. It must be
+    writable and seen by every rank (rank 0 builds the caches, the others then read them).
+    None: ``index_cache/`` beside the blend's first prefix, which must then be writable."""
+
+    def __post_init__(self) -> None:
+        parse_blend(self.blend, field="data.blend")
+        if self.cache_dir is not None and not (isinstance(self.cache_dir, str) and self.cache_dir):
+            raise ValueError(
+                f"data.cache_dir must be a directory path (a string), got {self.cache_dir!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -197,10 +212,17 @@ class CheckpointConfig:
     """Save every this many steps (and always at the end, and on SIGTERM/SIGUSR1)."""
     keep_last: int = 2
     """Checkpoints kept in ``save`` (older ones are deleted after a newer one is complete)."""
+    verify: str = "full"
+    """What loading a checkpoint (resume, init, teacher) checks against its manifest: ``full``
+    hashes every file (sha256; minutes for a large checkpoint); ``manifest`` only checks that
+    every listed file is there with its recorded size, for a trusted filesystem: a missing,
+    truncated or foreign file is still refused, a flipped byte is not (torch's loader notices
+    only damage to the structure it parses; a flip in tensor data loads as a changed weight)."""
 
     def __post_init__(self) -> None:
         if self.save_interval < 1 or self.keep_last < 1:
             raise ValueError("checkpoint.save_interval and checkpoint.keep_last must be >= 1")
+        check_verify_mode(self.verify, field="checkpoint.verify")
 
 
 @dataclass(frozen=True)

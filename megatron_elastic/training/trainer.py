@@ -29,7 +29,7 @@ from megatron_elastic.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from megatron_elastic.data import build_gpt_datasets, check_prefix, load_tokenizer, micro_batches
+from megatron_elastic.data import build_gpt_datasets, check_blend, load_tokenizer, micro_batches
 from megatron_elastic.distill.pair import DistillationPair
 from megatron_elastic.elastic import build_elastic_model
 from megatron_elastic.integrity import CheckpointDamaged
@@ -80,9 +80,7 @@ def _log(message: str) -> None:
 def preflight(recipe: TrainRecipe) -> dict[str, Path | None]:
     """Check every input the stage reads before any compute: dataset prefixes, tokenizer, and the
     architecture of every checkpoint it will load. Returns the checkpoints to load."""
-    blend = recipe.data.blend
-    for prefix in [blend] if isinstance(blend, str) else [pair[1] for pair in blend]:
-        check_prefix(prefix)
+    check_blend(recipe.data.blend, recipe.data.cache_dir)
     load_tokenizer(recipe.data.tokenizer, model_vocab_size=recipe.model.vocab_size)
     resume = latest_checkpoint(recipe.checkpoint.save)
     init = None if resume is not None or not recipe.checkpoint.init else recipe.checkpoint.init
@@ -218,7 +216,8 @@ class Trainer:
             manifest = read_manifest(source)
             ranking = manifest["metadata"].get("layer_ranking")
             if manifest["kind"] == "elastic":
-                ranking = load_extra(source)["elastic_config"].get("layer_ranking")
+                extra = load_extra(source, r.checkpoint.verify)
+                ranking = extra["elastic_config"].get("layer_ranking")
         if ranking is None:
             return r.elastic
         return dataclasses.replace(r.elastic, layer_ranking=tuple(ranking))
@@ -228,7 +227,7 @@ class Trainer:
         if r.distill.teacher != "parent":
             return None
         teacher = build_hybrid_model(r.model, self.pgs, r.parallel, params_dtype=self.dtype)
-        load_checkpoint(self.paths["teacher"], teacher, r.model)
+        load_checkpoint(self.paths["teacher"], teacher, r.model, verify=r.checkpoint.verify)
         _log(f"teacher: {self.paths['teacher']} (frozen)")
         return teacher
 
@@ -248,23 +247,24 @@ class Trainer:
     def _datasets(self):
         r = self.recipe
         train, valid, _ = build_gpt_datasets(
-            r.data.blend if isinstance(r.data.blend, str) else [tuple(b) for b in r.data.blend],
+            r.data.blend,
             seq_length=r.train.seq_length,
             tokenizer=load_tokenizer(r.data.tokenizer),
             num_samples=(r.train.steps * r.train.global_batch_size, r.data.valid_samples, None),
             split=r.data.split,
             seed=r.train.seed,
+            cache_dir=r.data.cache_dir,
         )
         return train, valid
 
     def _load(self) -> None:
-        r, paths = self.recipe, self.paths
-        if paths["resume"] is not None:
-            path = paths["resume"]
+        r, paths, verify = self.recipe, self.paths, self.recipe.checkpoint.verify
+        if (path := paths["resume"]) is not None:
             try:
-                manifest = load_checkpoint(path, self.model, r.model, optimizer=self.optimizer)
-                extra = load_extra(path)
-                rank_state = load_rank_state(path)
+                manifest = load_checkpoint(
+                    path, self.model, r.model, optimizer=self.optimizer, verify=verify
+                )
+                extra, rank_state = load_extra(path, verify), load_rank_state(path, verify)
             except CheckpointDamaged as exc:
                 advice = previous_checkpoint_advice(r.checkpoint.save, path)
                 raise CheckpointDamaged(exc.path, exc.file, exc.problem, advice) from exc
@@ -286,14 +286,13 @@ class Trainer:
                 f"resumed from {path} at step {self.progress.step}"
                 + ("" if exact else " (RNG not restored: saved at another world size)")
             )
-        elif paths["init"] is not None:
-            path = paths["init"]
-            manifest = load_checkpoint(path, self.model, r.model)
+        elif (path := paths["init"]) is not None:
+            manifest = load_checkpoint(path, self.model, r.model, verify=verify)
             # bf16: the optimizer's fp32 main weights were copied from the initial weights when
             # it was built; without this, its first step would write those back over the loaded.
             self.optimizer.reload_model_params()
             if self.router is not None and manifest["kind"] == "elastic":
-                extra = load_extra(path)
+                extra = load_extra(path, verify)
                 if extra["elastic_config"]["budgets"] != dict(self.elastic.budgets):
                     raise ValueError(
                         f"{path} trained budgets {extra['elastic_config']['budgets']}, this "

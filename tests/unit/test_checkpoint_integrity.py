@@ -182,3 +182,143 @@ def test_version_1_checkpoint_without_checksums_still_loads(checkpoints, tmp_pat
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="format version 99; this megatron-elastic reads"):
         load_checkpoint(path, model, cfg)
+
+
+# --- checkpoint.verify: manifest (presence and sizes, no checksums) ------------------------------
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
+
+
+def test_verify_manifest_skips_checksums_but_not_presence_or_size(checkpoints, tmp_path) -> None:
+    """``verify="manifest"`` loads a shard with a flipped byte (the documented trade-off: the
+    flip reaches the weights unnoticed) that ``full`` refuses; a truncated, missing or stray
+    file is refused by both, with the same one-line error."""
+    source, other, model, cfg = checkpoints["parent"]
+    load_checkpoint(source, model, cfg)
+    intact = _state(model)
+    path = tmp_path / "ckpt"
+    shutil.copytree(source, path)
+    name = _flip(path, other)
+    with pytest.raises(CheckpointDamaged, match=f"{name} does not match its sha256"):
+        load_checkpoint(path, model, cfg, verify="full")
+    load_checkpoint(path, model, cfg, verify="manifest")
+    changed = [k for k, v in _state(model).items() if not torch.equal(v, intact[k])]
+    assert len(changed) == 1, changed  # one weight tensor carries the flipped bit
+    for damage in (_truncate, _remove):
+        shutil.rmtree(path)
+        shutil.copytree(source, path)
+        name = damage(path, other)
+        errors = []
+        for verify in ("full", "manifest"):
+            with pytest.raises(CheckpointDamaged) as info:
+                load_checkpoint(path, model, cfg, verify=verify)
+            errors.append(str(info.value))
+        assert errors[0] == errors[1] and name in errors[0] and "\n" not in errors[0]
+    shutil.rmtree(path)
+    shutil.copytree(source, path)
+    (path / "weights" / "__1_0.distcp").write_bytes(b"stray")
+    with pytest.raises(CheckpointDamaged, match=r"__1_0\.distcp is not recorded"):
+        load_checkpoint(path, model, cfg, verify="manifest")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"]["weights/.metadata"]["bytes"] = "12"  # the structure is checked too
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    for verify in ("full", "manifest"):
+        with pytest.raises(CheckpointDamaged, match=r"malformed file-table entry for 'weights/\.m"):
+            load_checkpoint(path, model, cfg, verify=verify)
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, list | tuple):
+        return [t for item in state for t in _tensors(item)]
+    return []
+
+
+def _flip_tensor_byte(file: Path) -> None:
+    """Flip one bit inside the bytes of the first tensor (>= 64 bytes) that ``file`` holds."""
+    big = [t for t in _tensors(torch.load(file, weights_only=False)) if t.nbytes >= 64]
+    raw = big[0].contiguous().view(torch.uint8).numpy().tobytes()
+    data = bytearray(file.read_bytes())
+    where = bytes(data).find(raw[:64])
+    assert where >= 0
+    data[where + 8] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_verify_manifest_for_router_and_rng_state(checkpoints, tmp_path) -> None:
+    """Router/optimizer extras and RNG state: ``manifest`` loads a flipped bit in tensor data
+    (torch.load does not notice it either), ``full`` refuses it; both refuse a wrong size."""
+    source, _, _, _ = checkpoints["elastic"]
+    path = tmp_path / "ckpt"
+    shutil.copytree(source, path)
+    for name, loader in (("extra.pt", load_extra), ("ranks/rank0.pt", load_rank_state)):
+        intact = _tensors(loader(path, verify="full"))
+        file = path / name
+        _flip_tensor_byte(file)
+        with pytest.raises(CheckpointDamaged, match=f"{name} does not match its sha256"):
+            loader(path, verify="full")
+        flipped = _tensors(loader(path, verify="manifest"))
+        assert sum(not torch.equal(a, b) for a, b in zip(intact, flipped, strict=True)) == 1
+        file.write_bytes(file.read_bytes()[:-1])
+        with pytest.raises(CheckpointDamaged, match=f"{name} has .* bytes where the manifest"):
+            loader(path, verify="manifest")
+        file.unlink()
+        with pytest.raises(CheckpointDamaged, match=f"{name} is missing"):
+            loader(path, verify="manifest")
+
+
+def test_verify_mode_errors(checkpoints) -> None:
+    from megatron_elastic.training.recipe import CheckpointConfig
+
+    with pytest.raises(ValueError, match=r"checkpoint.verify='sha'; choose one of \('full', 'm"):
+        CheckpointConfig(save="s", verify="sha")
+    assert CheckpointConfig(save="s").verify == "full"
+    source, _, model, cfg = checkpoints["parent"]
+    with pytest.raises(ValueError, match=r"verify='none'; choose one of"):
+        load_checkpoint(source, model, cfg, verify="none")
+    with pytest.raises(ValueError, match=r"verify='fast'; choose one of"):
+        load_extra(checkpoints["elastic"][0], verify="fast")
+
+
+@pytest.mark.parametrize("verify", ["full", "manifest"])
+def test_trainer_loads_init_and_teacher_with_checkpoint_verify(
+    checkpoints, tmp_path, pgs, verify
+) -> None:
+    """The trainer's init and teacher loads (its real ``_load``/``_teacher`` code, on a stand-in
+    for the rest of the trainer) verify as ``checkpoint.verify`` says: a flipped byte is
+    refused by ``full``, loaded by ``manifest``."""
+    from types import SimpleNamespace
+
+    from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.training.trainer import Trainer
+
+    source, other, model, cfg = checkpoints["parent"]
+    path = tmp_path / "ckpt"
+    shutil.copytree(source, path)
+    _flip(path, other)
+    recipe = SimpleNamespace(
+        model=cfg,
+        parallel=ParallelConfig(),
+        checkpoint=SimpleNamespace(verify=verify),
+        distill=SimpleNamespace(teacher="parent"),
+    )
+    trainer = SimpleNamespace(
+        recipe=recipe,
+        paths={"resume": None, "init": path, "teacher": path},
+        model=model,
+        optimizer=SimpleNamespace(reload_model_params=lambda: None),
+        router=None,
+        pgs=pgs,
+        dtype=torch.float32,
+    )
+    for load in (Trainer._load, Trainer._teacher):
+        if verify == "full":
+            with pytest.raises(CheckpointDamaged, match="does not match its sha256"):
+                load(trainer)
+        else:
+            load(trainer)

@@ -334,5 +334,5 @@ def test_weighted_blend_and_errors(prefixes, bpe, tmp_path) -> None:
         build_gpt_datasets(tmp_path / "nope", seq_length=8, tokenizer=bpe, num_samples=(1, 1, 1))
     with pytest.raises(ValueError, match="needs a sample count for the train split"):
         build_gpt_datasets([(1, a), (1, b)], seq_length=8, tokenizer=bpe, num_samples=(None,) * 3)
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ValueError, match=r"blend\[0\]: the weight must be a positive number"):
         build_gpt_datasets([(0, a), (1, b)], seq_length=8, tokenizer=bpe, num_samples=(1, 1, 1))
