@@ -652,14 +652,13 @@ def test_dry_run_blend_reaches_the_trainer_intact(inputs, tmp_path) -> None:
     blend = [w for w in trainer if w.startswith("data.blend=")]
     assert blend == [f"data.blend=[[0.5, '{prefixes[0]}'], [.3, '{prefixes[1]}'], [2, 'train']]"]
     assert f"data.cache_dir='{tmp_path / 'index cache'}'" in trainer, trainer
-    # What the trainer parses from it (data.cache_dir left out: DataConfig gains the field on
-    # another branch).
+    # What the trainer parses from it.
     from megatron_elastic.training.recipe import load_train_recipe
 
     assert trainer[3] == "--config", trainer
-    overrides = [w for w in trainer[5:] if not w.startswith("data.cache_dir=")]
-    recipe = load_train_recipe(trainer[4], overrides)
+    recipe = load_train_recipe(trainer[4], trainer[5:])
     assert recipe.data.blend == [[0.5, prefixes[0]], [0.3, prefixes[1]], [2, "train"]]
+    assert recipe.data.cache_dir == str(tmp_path / "index cache")
 
 
 @pytest.mark.parametrize(
