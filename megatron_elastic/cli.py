@@ -23,7 +23,14 @@ from typing import Any
 
 from megatron_elastic import console
 
-__all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "ArgumentParser", "entry_point", "one_line"]
+__all__ = [
+    "EXIT_USER_ERROR",
+    "USER_ERRORS",
+    "ArgumentParser",
+    "entry_point",
+    "one_line",
+    "options",
+]
 
 # Tools import this module first, so the console is configured before any of them imports
 # torch, megatron-core or transformers (some do, to build their parsers). ``--verbose`` is
@@ -72,6 +79,12 @@ class ArgumentParser(argparse.ArgumentParser):
         if parsed.verbose:
             console.set_verbose(True)
         return parsed
+
+
+def options(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
+    """The parsed arguments as keyword arguments of the library function a tool calls: all but
+    ``--verbose`` (the parser's own) and ``drop``."""
+    return {k: v for k, v in vars(args).items() if k not in ("verbose", *drop)}
 
 
 def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

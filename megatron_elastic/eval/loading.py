@@ -50,7 +50,6 @@ __all__ = [
     "checkpoint_budgets",
     "open_checkpoint",
     "load_eval_tokenizer",
-    "parse_budgets",
     "recorded_tokenizer",
 ]
 
@@ -268,34 +267,6 @@ def budget_params(path: str | Path, budgets: list[str | float]) -> dict[str | fl
         b: subnet_param_count(model_config, router.decide(b, 0, None, deterministic=True).spec)
         for b in budgets
     }
-
-
-def parse_budgets(
-    texts: str | list[str], trained: list[str], *, allow_fractions: bool = True
-) -> list[str | float]:
-    """Budgets named on a command line: ``all``, trained names, comma-separated lists of them, or
-    (``allow_fractions``) fractions between trained budgets, e.g. ``0.6`` (router interpolation:
-    untrained). ``ValueError`` listing the trained budgets for anything else."""
-    items = [texts] if isinstance(texts, str) else list(texts)
-    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
-    if not names:
-        raise ValueError(f"no budget given; trained budgets: {sorted(trained)} (or 'all')")
-    out: list[str | float] = []
-    for name in names:
-        if name == "all":
-            chosen: list[str | float] = list(trained)
-        elif name in trained:
-            chosen = [name]
-        else:
-            try:
-                fraction = float(name)
-            except ValueError:
-                fraction = None
-            if fraction is None or not allow_fractions:
-                raise ValueError(f"unknown budget {name!r}; trained budgets: {sorted(trained)}")
-            chosen = [fraction]
-        out += [b for b in chosen if b not in out]
-    return out
 
 
 def load_eval_tokenizer(

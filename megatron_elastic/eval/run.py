@@ -1,0 +1,214 @@
+"""Evaluate every budget of one checkpoint: what ``tools/evaluate.py`` runs.
+
+Validation loss and perplexity on a megatron indexed dataset, and accuracy on generated
+reasoning problems. An elastic checkpoint is loaded once; each budget runs the router's
+architecture (argmax, no noise, calibrated to within ``router.target_tolerance`` of the target)
+on slices of the same weights. Reasoning problems come from reasoning-gym with a fixed seed
+(``problem_seed``; use one other than the training corpus's, and ``exclude`` the training jsonl
+to drop any question training saw).
+
+The checkpoint may also be an exported budget, or a Hugging Face directory (``export_budget.py
+--format hf``, or any ``config.json`` causal LM): loaded with transformers in float32 and
+measured by the same loss and greedy-decoding code, with its own tokenizer file unless
+``tokenizer`` is given; its budget name comes from ``export_manifest.json``.
+
+``architectures_from`` (an elastic checkpoint) evaluates the checkpoint (the ranked parent
+written by ``estimate_importance.py``, or a parent) at the sub-network that checkpoint's trained
+router picks for each budget, with the same code as the elastic rows: the baseline "pruned, no
+elastic training" at exactly the elastic model's architectures and parameter counts.
+
+Single process (no tensor/pipeline split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate_checkpoint", "format_table", "held_out_problems"]
+
+_say = functools.partial(print, flush=True)
+
+
+def held_out_problems(
+    num_problems: int,
+    *,
+    seed: int,
+    tasks: Sequence[str] | None,
+    size: str,
+    exclude: str | None,
+) -> list:
+    """``num_problems`` reasoning problems drawn with ``seed``, none of whose questions is in the
+    corpus JSONL ``exclude`` (extra problems are drawn so that the held-out ones still number
+    ``num_problems``)."""
+    from megatron_elastic.data.reasoning import DEFAULT_TASKS, generate_records
+
+    if num_problems <= 0:
+        return []
+    tasks = tasks or DEFAULT_TASKS
+    if not exclude:
+        return generate_records(num_problems, seed=seed, tasks=tasks, size=size)
+    from megatron_elastic.files import iter_jsonl
+
+    seen = set()
+    for where, row in iter_jsonl(exclude):
+        if not isinstance(row, dict) or "question" not in row:
+            raise ValueError(f"{where}: no 'question' key (--exclude takes a corpus JSONL)")
+        seen.add(row["question"])
+    pool = generate_records(2 * num_problems + 64, seed=seed, tasks=tasks, size=size)
+    kept = [r for r in pool if r.question not in seen][:num_problems]
+    if len(kept) < num_problems:
+        raise ValueError(
+            f"only {len(kept)} generated problems are not in {exclude!r}; lower --num-problems"
+        )
+    return kept
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The printed table: budget, params, validation loss, perplexity, accuracy."""
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'budget':>10} {'params':>14} {'val loss':>9} {'ppl':>10} {'accuracy':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['budget']!s:>10} {r['params']:>14,} {fmt(r['val_loss'], '.4f'):>9} "
+            f"{fmt(r['perplexity'], '.3f'):>10} {fmt(r['accuracy'], '.3f'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    budgets: str = "all",
+    architectures_from: str | None = None,
+    data: str | None = None,
+    split: str = "0,1,0",
+    seq_length: int = 256,
+    micro_batch_size: int = 4,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+    tokenizer: str | None = None,
+    num_problems: int = 100,
+    problem_seed: int = 20250,
+    tasks: Sequence[str] | None = None,
+    problem_size: str = "standard",
+    exclude: str | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    output: str | None = None,
+    log: Callable[[str], None] = _say,
+) -> dict[str, Any]:
+    """Evaluate ``budgets`` (see :func:`megatron_elastic.budgets.parse_budgets`; fractions on an
+    elastic checkpoint or with ``architectures_from``) of ``checkpoint``: the loss on ``data``'s
+    ``split`` valid share (skipped without ``data``) and accuracy on ``num_problems`` problems
+    (0 skips it). Logs one line per budget and the table; writes ``output`` (JSON) when given.
+    Returns the results. Unknown budgets, a missing tokenizer or dataset: ``ValueError`` before
+    any weight is read."""
+    from megatron_elastic.budgets import parse_budgets
+    from megatron_elastic.checkpoint import manifest_model, read_manifest
+    from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.eval import (
+        model_completer,
+        open_checkpoint,
+        reasoning_accuracy,
+        validation_batches,
+        validation_loss,
+    )
+    from megatron_elastic.eval.hf_model import (
+        is_hf_directory,
+        load_hf_eval_tokenizer,
+        read_hf_directory,
+    )
+    from megatron_elastic.eval.loading import checkpoint_budgets, load_eval_tokenizer
+    from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+
+    pruned = architectures_from
+    kind, trained = checkpoint_budgets(checkpoint, architectures_from=pruned)
+    chosen = parse_budgets(budgets, trained, allow_fractions=kind == "elastic" or bool(pruned))
+    hf_dir = read_hf_directory(checkpoint) if is_hf_directory(checkpoint) else None
+    if hf_dir is not None:
+        max_length = hf_dir.max_sequence_length
+    else:
+        manifest = read_manifest(checkpoint)
+        model_cfg = manifest_model(manifest)
+        max_length = model_cfg.max_sequence_length
+    if max_length is not None and seq_length > max_length:
+        raise ValueError(
+            f"--seq-length {seq_length} exceeds the model's max_sequence_length {max_length}"
+        )
+    problems = held_out_problems(
+        num_problems, seed=problem_seed, tasks=tasks, size=problem_size, exclude=exclude
+    )
+    tok = None
+    if (data or problems) and hf_dir is not None:
+        tok = load_hf_eval_tokenizer(tokenizer, hf_dir)
+    elif data or problems:
+        tok = load_eval_tokenizer(tokenizer, manifest, model_cfg)
+    pgs = init_process_groups(ParallelConfig())
+    batches = None
+    if data:
+        batches = validation_batches(
+            data,
+            tok,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            split=split,
+            max_samples=max_samples,
+            cache_dir=cache_dir,
+        )
+
+    ckpt = open_checkpoint(checkpoint, pgs, architectures_from=pruned)
+    rows = []
+    for budget in chosen:
+        ckpt.set_budget(budget)
+        row: dict[str, Any] = {"budget": budget, "params": ckpt.params(budget)}
+        spec = ckpt.spec(budget)  # the router's sub-network; None for a plain model
+        row["spec"] = None if spec is None else dataclasses.asdict(spec)
+        row["val_loss"] = row["perplexity"] = row["val_tokens"] = None
+        if batches is not None:
+            loss = validation_loss(ckpt.model, batches)
+            row.update(val_loss=loss.loss, perplexity=loss.perplexity, val_tokens=loss.num_tokens)
+        row["accuracy"] = None
+        if problems:
+            complete = model_completer(
+                ckpt.model, tok, max_new_tokens=max_new_tokens, max_sequence_length=max_length
+            )
+            acc = reasoning_accuracy(problems, complete, batch_size=batch_size)
+            row.update(
+                accuracy=acc.accuracy,
+                correct=acc.correct,
+                total=acc.total,
+                per_task={
+                    t: {"correct": c.correct, "total": c.total, "accuracy": c.accuracy}
+                    for t, c in acc.per_task.items()
+                },
+            )
+        rows.append(row)
+        log(f"evaluated budget {budget}")
+    destroy_process_groups()
+
+    log(format_table(rows))
+    result = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "kind": kind,
+        "architectures_from": str(Path(pruned).resolve()) if pruned else None,
+        "data": data,
+        "split": split if data else None,
+        "seq_length": seq_length,
+        "num_problems": len(problems),
+        "problem_seed": problem_seed,
+        "max_new_tokens": max_new_tokens,
+        "results": rows,
+    }
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {output}")
+    return result
