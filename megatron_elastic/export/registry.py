@@ -61,6 +61,13 @@ class ExportOptions:
     def note(self) -> str:
         return UNTRAINED if self.interpolated else ""
 
+    def exported(self, params: int, pattern: str, detail: str, output: Path, how: str) -> None:
+        """Say that this budget was written (the one line every format prints)."""
+        self.log(
+            f"exported budget {self.budget}: {params:,} params, pattern {pattern}, {detail} -> "
+            f"{output}{how}{self.note}"
+        )
+
 
 Check = Callable[["ModelConfig", Mapping[Budget, "SubnetSpec"], ExportOptions], None]
 Export = Callable[["ElasticHybridModel", "SubnetSpec", Path, ExportOptions], Path]
@@ -133,13 +140,11 @@ def _export_megatron(
     from megatron_elastic.export.megatron import export_subnet_to_megatron
 
     meta = export_subnet_to_megatron(model, spec, output, metadata=options.metadata())
-    dims, note = meta["dims"], options.note
+    dims, how = meta["dims"], ""
     if dims["layer_widths"] is not None or dims["layer_mamba_head_dims"] is not None:
-        note = f", per-layer widths {list(dims['layer_widths'] or ())}{note}"
-    options.log(
-        f"exported budget {options.budget}: {meta['params']:,} params, pattern "
-        f"{dims['hybrid_pattern']}, hidden {dims['hidden_size']} -> {output}{note}"
-    )
+        how = f", per-layer widths {list(dims['layer_widths'] or ())}"
+    hidden = f"hidden {dims['hidden_size']}"
+    options.exported(meta["params"], dims["hybrid_pattern"], hidden, output, how)
     return output
 
 
@@ -169,10 +174,8 @@ def _export_megatron_lm(
     save_megatron_lm(
         output, plain, cfg, tokenizer_path=options.tokenizer, metadata=meta, force=options.force
     )
-    options.log(
-        f"exported budget {options.budget}: {params:,} params, pattern {cfg.hybrid_pattern}, "
-        f"hidden {cfg.hidden_size} -> {output} (Megatron-LM / Megatron-Bridge){options.note}"
-    )
+    hidden, how = f"hidden {cfg.hidden_size}", " (Megatron-LM / Megatron-Bridge)"
+    options.exported(params, cfg.hybrid_pattern, hidden, output, how)
     return output
 
 
@@ -193,14 +196,11 @@ def _export_hf(
     info = export_subnet_to_hf(
         model, spec, output, tokenizer_path=options.tokenizer, metadata=options.metadata()
     )
-    how = "stock NemotronH"
+    how = " (stock NemotronH)"
     if info["format"] != "hf":
-        how = "remote-code model: load with trust_remote_code=True"
-    options.log(
-        f"exported budget {options.budget}: {info['params']:,} params, pattern "
-        f"{info['dims']['pattern']}, hidden {info['dims']['hidden']} -> {output} ({how})"
-        f"{options.note}"
-    )
+        how = " (remote-code model: load with trust_remote_code=True)"
+    hidden = f"hidden {info['dims']['hidden']}"
+    options.exported(info["params"], info["dims"]["pattern"], hidden, output, how)
     if not info["has_attention"]:
         options.log(
             f"note: budget {options.budget} keeps no attention layer: use_cache is false in "
@@ -239,11 +239,8 @@ def _export_gguf(
         dtype=options.gguf_type,
         metadata=options.metadata(),
     )
-    options.log(
-        f"exported budget {options.budget}: {info['params']:,} params, pattern "
-        f"{info['dims']['pattern']}, {info['dtype']} -> {output / info['file']} "
-        f"(GGUF for llama.cpp){options.note}"
-    )
+    path, how = output / info["file"], " (GGUF for llama.cpp)"
+    options.exported(info["params"], info["dims"]["pattern"], info["dtype"], path, how)
     if info["placeholder_attention_layer"]:
         options.log(
             f"note: budget {options.budget} keeps no attention layer: the file has one zero "

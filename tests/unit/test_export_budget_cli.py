@@ -3,6 +3,7 @@ that compute what the elastic model computes; clear errors for unknown or untrai
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,12 @@ def test_invariant_all_budgets_export_and_match_the_elastic_model(
         tmp_path, budgets, model, router, pgs
     ).items():
         assert manifest["metadata"]["budget"] == budget
+        # the one line every format prints per budget (export/registry.py ExportOptions.exported)
+        said = (
+            rf"^exported budget {re.escape(budget)}: {manifest['metadata']['params']:,} params, "
+            rf"pattern [-M*]+, hidden \d+ -> \S+$"
+        )
+        assert re.search(said, done.stdout, re.M), done.stdout
 
 
 def test_unknown_and_untrained_budgets(checkpoint, tmp_path, run_cli) -> None:
