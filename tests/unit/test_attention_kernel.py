@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from group_view import GroupView
 
 from megatron_elastic.config import ParallelConfig
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
@@ -133,19 +134,6 @@ def test_invariant_planner_attention_term_grows_as_measured(
     assert large / small == pytest.approx(term(2 * S, 1) / term(S, 1), rel=0.15), (small, large)
 
 
-class _Rank:
-    """A context-parallel group as causal_attention sees it (size and rank only)."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
-
-
 @pytest.mark.parametrize("cp", [2, 4])
 def test_invariant_context_parallel_attention_has_no_dense_mask(monkeypatch, cp: int) -> None:
     """Each CP rank's share (the all-gather replaced by its result) equals full causal
@@ -169,7 +157,7 @@ def test_invariant_context_parallel_attention_has_no_dense_mask(monkeypatch, cp:
             return lookup[id(t)]
 
         monkeypatch.setattr(attention, "gather_from_sequence_parallel_region", gather)
-        out = attention.causal_attention(q[pos], local_k, local_v, _Rank(cp, r))
+        out = attention.causal_attention(q[pos], local_k, local_v, GroupView(cp, r))
         rel = ((out - full[pos]).abs().max() / full[pos].abs().max()).item()
         assert rel <= 5e-7, (cp, r, rel)  # measured worst 1.7e-7 (CP 4, rank 0)
     assert len(calls) == 2 * cp and all(c == (True, None) for c in calls), calls

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from group_view import GroupView
 from megatron.core.transformer.spec_utils import build_module
 from torch import nn
 
@@ -21,25 +22,11 @@ from megatron_elastic.model.layouts import AttentionLayout, MambaLayout, Packed
 from megatron_elastic.model.sharding import shard_tensor
 
 
-class _TPGroup:
-    """A TP group of ``size`` ranks seen from ``rank``: enough for megatron to size its shards
-    (nothing here communicates)."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
-
-
 def _megatron_modules(cfg, pgs, tp: int, rank: int):
     """megatron-core's Mamba mixer and self-attention of ``cfg`` as TP rank ``rank`` of ``tp``."""
     platform.apply()
     fake = copy.copy(pgs)
-    fake.tp = _TPGroup(tp, rank)
+    fake.tp = GroupView(tp, rank)
     parallel = ParallelConfig(tensor_parallel_size=tp)
     config = transformer_config(cfg, parallel)
     sub = hybrid_stack_spec(cfg, parallel).submodules
