@@ -74,6 +74,27 @@ class ElasticHybridStack(LocalNormHybridStack):
     active_hidden: int | None = None
     mode: str = "slice"
 
+    def layer_function(self, layer: torch.nn.Module, attention_mask, index: int):
+        """The layer with its elastic modules' sub-network (``active``) captured now and put back
+        for the recomputation, which under 1F1B runs after later micro-batches have set other
+        sub-networks (and restored afterwards)."""
+        run = super().layer_function(layer, attention_mask, index)
+        if not self.recomputes(index):
+            return run
+        states = [(m, m.active) for m in layer.modules() if hasattr(m, "active")]
+
+        def replay(hidden):
+            saved = [(module, module.active) for module, _ in states]
+            for module, active in states:
+                module.active = active
+            try:
+                return run(hidden)
+            finally:
+                for module, active in saved:
+                    module.active = active
+
+        return replay
+
     def forward(
         self,
         hidden_states,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -84,29 +84,27 @@ class LocalNormHybridStack(HybridStack):
             return False
         return self.config.recompute_method != "block" or index < self.config.recompute_num_layers
 
+    def layer_function(
+        self, layer: torch.nn.Module, attention_mask, index: int
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer ``index`` of this stage as a function of its input: what :meth:`run_layer` runs,
+        and replays when it recomputes. A subclass whose layers hold per-forward state wraps it
+        to restore that state for the replay."""
+
+        def run(hidden):
+            out = layer(hidden_states=hidden, attention_mask=attention_mask)
+            return out[0] if isinstance(out, tuple) else out
+
+        return run
+
     def run_layer(self, layer: torch.nn.Module, hidden_states, attention_mask, index: int):
         """Layer ``index`` of this stage, its activations recomputed in backward when
         :meth:`recomputes` (torch's non-reentrant checkpoint: it restores the CPU and CUDA RNG
-        states, so it also works without CUDA, unlike megatron's ``checkpointed_forward``). The
-        layer's elastic state (``active``) is captured now and restored for the recomputation,
-        which under 1F1B runs after later micro-batches have set other sub-networks."""
-
-        def run(hidden, states=None):
-            saved = []
-            for module, active in states or ():
-                saved.append((module, module.active))
-                module.active = active
-            try:
-                out = layer(hidden_states=hidden, attention_mask=attention_mask)
-            finally:
-                for module, active in saved:
-                    module.active = active
-            return out[0] if isinstance(out, tuple) else out
-
+        states, so it also works without CUDA, unlike megatron's ``checkpointed_forward``)."""
+        run = self.layer_function(layer, attention_mask, index)
         if not self.recomputes(index):
             return run(hidden_states)
-        states = [(m, m.active) for m in layer.modules() if hasattr(m, "active")]
-        return checkpoint(run, hidden_states, states, use_reentrant=False)
+        return checkpoint(run, hidden_states, use_reentrant=False)
 
     def forward(self, hidden_states, attention_mask, *args: Any, **kwargs: Any):
         if not self.recompute:

@@ -8,40 +8,110 @@ import json
 import math
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["MetricsWriter", "reduce_step_stats", "wandb_run_id"]
+__all__ = [
+    "BudgetLoss",
+    "LossSums",
+    "MetricsWriter",
+    "ReducedStep",
+    "StepRecord",
+    "reduce_step_stats",
+    "wandb_run_id",
+]
+
+
+@dataclass(frozen=True)
+class LossSums:
+    """Token-summed losses of one budget over some micro-batches, before the step's reduction
+    (on the ranks that report losses; tensors, so no host sync until the reduction)."""
+
+    kd: torch.Tensor
+    """Token-summed training loss: KD with a teacher, else cross entropy."""
+    ce: torch.Tensor
+    """Token-summed student cross entropy."""
+    tokens: torch.Tensor
+    """Loss tokens summed over."""
+    micro_batches: torch.Tensor
+    """Micro-batches summed over (counted on one context-parallel rank only)."""
+
+    def row(self) -> torch.Tensor:
+        """The four sums as one row of the step's reduction."""
+        return torch.stack([self.kd, self.ce, self.tokens, self.micro_batches])
+
+
+@dataclass(frozen=True)
+class BudgetLoss:
+    """One budget's losses over a step, summed over every replica."""
+
+    loss: float
+    """Token-mean training loss (KD with a teacher, else cross entropy)."""
+    ce: float
+    """Token-mean student cross entropy."""
+    tokens: float
+    """Loss tokens of the budget's micro-batches in the step."""
+    micro_batches: float
+    """Micro-batches drawn for the budget in the step."""
+
+
+@dataclass(frozen=True)
+class ReducedStep:
+    """The result of a step's one all-reduce (:func:`reduce_step_stats`)."""
+
+    losses: dict[str, BudgetLoss]
+    """Per budget drawn in the step (budgets not drawn are left out)."""
+    flags: dict[str, float]
+    """Each flag summed over every rank (non-zero: raised on some rank)."""
+    per_rank: list[list[float]]
+    """Every rank's ``per_rank`` values, in rank order."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one optimizer step reports: its result and what the step log writes."""
+
+    step: int
+    """The step's number in the stage (1-based)."""
+    losses: dict[str, BudgetLoss]
+    """Per budget drawn in the step (one entry, ``parent`` or ``all``, without a teacher)."""
+    grad_norm: float
+    """The gradient norm; NaN: a loss or the gradient was not finite and no step was taken."""
+    preempted: bool
+    """A preemption signal arrived on some rank: save and exit after this step."""
+
+    @property
+    def taken(self) -> bool:
+        """Whether the optimizer step was taken (everything finite)."""
+        return math.isfinite(self.grad_norm)
 
 
 def reduce_step_stats(
     budgets: list[str],
-    per_budget: dict[str, list[torch.Tensor]],
-    flags: list[float],
+    per_budget: dict[str, list[LossSums]],
+    flags: dict[str, float],
     contribute: bool,
     device: torch.device | str,
     per_rank: list[float] = (),
-) -> tuple[dict[str, dict[str, float]], list[float], list[list[float]]]:
-    """Sum per-budget ``[kd, ce, tokens, micro_batches]`` over the ranks that ``contribute``
-    (one per replica: the last pipeline stage's first tensor-parallel rank) and ``flags`` over
-    every rank, and gather every rank's ``per_rank`` values (each rank fills its own slot of a
-    world-sized table), in ONE all-reduce (the step's only host sync besides the optimizer's).
-    Returns per budget ``{"loss", "ce", "tokens", "micro_batches"}``, the summed flags and the
-    ``per_rank`` values of every rank, in rank order."""
+) -> ReducedStep:
+    """Sum per-budget :class:`LossSums` over the ranks that ``contribute`` (one per replica: the
+    last pipeline stage's first tensor-parallel rank) and ``flags`` over every rank, and gather
+    every rank's ``per_rank`` values (each rank fills its own slot of a world-sized table), in
+    ONE all-reduce (the step's only host sync besides the optimizer's)."""
     rows = []
     for name in budgets:
         values = per_budget.get(name)
-        row = torch.stack(values).sum(0) if values and contribute else torch.zeros(4)
-        rows.append(row.to(device=device, dtype=torch.float64))
+        row = torch.stack([v.row() for v in values]).sum(0) if values and contribute else None
+        rows.append((torch.zeros(4) if row is None else row).to(device=device, dtype=torch.float64))
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     table = torch.zeros(world, len(per_rank), dtype=torch.float64)
     table[rank] = torch.tensor(per_rank, dtype=torch.float64)
-    flat = torch.cat(
-        [*rows, torch.tensor(flags, dtype=torch.float64, device=device), table.flatten().to(device)]
-    )
+    flag_values = torch.tensor(list(flags.values()), dtype=torch.float64, device=device)
+    flat = torch.cat([*rows, flag_values, table.flatten().to(device)])
     if dist.is_initialized():
         dist.all_reduce(flat)
     values = flat.tolist()
@@ -52,14 +122,12 @@ def reduce_step_stats(
     for i, name in enumerate(budgets):
         kd, ce, tokens, count = values[4 * i : 4 * i + 4]
         if count:
-            out[name] = {
-                "loss": kd / max(tokens, 1),
-                "ce": ce / max(tokens, 1),
-                "tokens": tokens,
-                "micro_batches": count,
-            }
-    ranks = [gathered[i * n : (i + 1) * n] for i in range(world)]
-    return out, values[4 * len(budgets) :], ranks
+            out[name] = BudgetLoss(kd / max(tokens, 1), ce / max(tokens, 1), tokens, count)
+    return ReducedStep(
+        losses=out,
+        flags=dict(zip(flags, values[4 * len(budgets) :], strict=True)),
+        per_rank=[gathered[i * n : (i + 1) * n] for i in range(world)],
+    )
 
 
 WANDB_ID_FILE = "wandb_id"

@@ -31,7 +31,9 @@ __all__ = [
     "checkpoint_history",
     "previous_checkpoint_advice",
     "capture_rng",
+    "is_rank0",
     "latest_checkpoint",
+    "log",
     "resolve_init",
     "restore_rng",
     "step_dir",
@@ -164,3 +166,9 @@ def restore_rng(state: dict[str, Any] | None) -> bool:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    """A training message on the console, printed by rank 0."""
+    if is_rank0():
+        print(f"[train] {message}", flush=True)

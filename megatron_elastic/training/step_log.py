@@ -46,6 +46,7 @@ import torch.distributed as dist
 from megatron_elastic import platform
 from megatron_elastic.planning.flops import StepFlops, peak_flops
 from megatron_elastic.planning.measure import CpuPeakWindow
+from megatron_elastic.training.metrics import StepRecord
 
 __all__ = ["PeakMemory", "StepLog", "StepTimers", "router_scalars"]
 
@@ -343,16 +344,16 @@ class StepLog:
         self._times = {}
         return scalars, text
 
-    def log(self, step: int, stats, grad_norm: float) -> None:
+    def log(self, record: StepRecord) -> None:
         """The step's line and scalars (losses, router, memory, timers, throughput)."""
-        t = self.trainer
+        t, step, grad_norm = self.trainer, record.step, record.grad_norm
         r = t.recipe
         scalars = {"grad_norm": grad_norm, "lr": t.optimizer.param_groups[0]["lr"]}
         parts = []
-        for name, s in stats.items():
-            scalars[f"loss/{name}"] = s["loss"]
-            scalars[f"ce/{name}"] = s["ce"]
-            parts.append(f"{name} {s['loss']:.4f}")
+        for name, s in record.losses.items():
+            scalars[f"loss/{name}"] = s.loss
+            scalars[f"ce/{name}"] = s.ce
+            parts.append(f"{name} {s.loss:.4f}")
         specs = None
         if t.router is not None:
             router, text, specs = router_scalars(

@@ -289,13 +289,13 @@ def test_verify_mode_errors(checkpoints) -> None:
 def test_trainer_loads_init_and_teacher_with_checkpoint_verify(
     checkpoints, tmp_path, pgs, verify
 ) -> None:
-    """The trainer's init and teacher loads (its real ``_load``/``_teacher`` code, on a stand-in
-    for the rest of the trainer) verify as ``checkpoint.verify`` says: a flipped byte is
-    refused by ``full``, loaded by ``manifest``."""
+    """The trainer's init and teacher loads (the library functions it calls,
+    :mod:`megatron_elastic.training.checkpointing`) verify as ``checkpoint.verify`` says: a
+    flipped byte is refused by ``full``, loaded by ``manifest``."""
     from types import SimpleNamespace
 
     from megatron_elastic.config import ParallelConfig
-    from megatron_elastic.training.trainer import Trainer
+    from megatron_elastic.training.checkpointing import StageState, load_stage, load_teacher
 
     source, other, model, cfg = checkpoints["parent"]
     path = tmp_path / "ckpt"
@@ -305,20 +305,15 @@ def test_trainer_loads_init_and_teacher_with_checkpoint_verify(
         model=cfg,
         parallel=ParallelConfig(),
         checkpoint=SimpleNamespace(verify=verify),
-        distill=SimpleNamespace(teacher="parent"),
     )
-    trainer = SimpleNamespace(
-        recipe=recipe,
-        paths={"resume": None, "init": path, "teacher": path},
-        model=model,
-        optimizer=SimpleNamespace(reload_model_params=lambda: None),
-        router=None,
-        pgs=pgs,
-        dtype=torch.float32,
+    state = StageState(model, SimpleNamespace(reload_model_params=lambda: None), None)
+    loads = (
+        lambda: load_stage(recipe, {"resume": None, "init": path}, state, None),
+        lambda: load_teacher(recipe, path, pgs, torch.float32),
     )
-    for load in (Trainer._load, Trainer._teacher):
+    for load in loads:
         if verify == "full":
             with pytest.raises(CheckpointDamaged, match="does not match its sha256"):
-                load(trainer)
+                load()
         else:
-            load(trainer)
+            load()

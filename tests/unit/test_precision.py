@@ -71,10 +71,14 @@ def _train(workspace, precision: str, seed: int) -> tuple[list[dict[str, float]]
         }
         losses = []
         for step in range(1, STEPS + 1):
-            stats, grad_norm, _ = trainer.train_step(step)
-            assert math.isfinite(grad_norm)
+            record = trainer.train_step(step)
+            assert math.isfinite(record.grad_norm)
             losses.append(
-                {f"{k}/{name}": s[k] for name, s in stats.items() for k in ("loss", "ce")}
+                {
+                    f"{k}/{name}": getattr(s, k)
+                    for name, s in record.losses.items()
+                    for k in ("loss", "ce")
+                }
             )
         weights = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
         if precision == "bf16":  # megatron's bf16 optimizer state saves (all-bf16 parameters)
