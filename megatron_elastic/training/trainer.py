@@ -350,8 +350,8 @@ class Trainer:
                 dp_size=self.dp_size,
             )
         ]
-        results = {}
-        for name in self.budgets:
+        results = {}  # every trained budget at the router's choice (the loss may be a mix)
+        for name in list(self.elastic.budgets) if self.router is not None else self.budgets:
             if self.router is not None:
                 spec = self.router.decide(name, 0, None, deterministic=True).spec
                 self.model.set_subnet(spec)

@@ -389,6 +389,18 @@ def test_self_teacher_distils_from_the_full_budget(workspace, pgs, tmp_path) -> 
     assert all(math.isfinite(v) for r in _losses(save).values() for v in r.values())
 
 
+def test_elastic_without_a_teacher_trains_and_validates_every_budget(workspace, tmp_path) -> None:
+    """``distill.teacher: none``: one cross-entropy loss for the mix of budgets (``loss/all``),
+    and the final validation still reports every trained budget at the router's choice."""
+    save = tmp_path / "no_teacher"
+    done = _train(workspace, save, "train.steps=2", "distill.teacher=none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(set(v) == {"loss/all"} for v in _losses(save).values())
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    valid = {k for r in records for k in r if k.startswith("valid/")}
+    assert valid == {"valid/full", "valid/half"}, valid
+
+
 def test_fixed_architecture_distils_one_size_with_a_frozen_router(workspace, tmp_path) -> None:
     """``router.fixed`` (Minitron-style: one pruned size distilled alone): every step trains the
     recipe's fixed architecture, the router stays at its initial weights with no optimizer, and
