@@ -90,7 +90,7 @@ class ArgumentParser(argparse.ArgumentParser):
             parameter = parameters.get(renamed.get(dest, dest))
             if parameter is None or parameter.default is parameter.empty:
                 continue
-            assert action.default in (None, False), (
+            assert action.default is None or action.default is False, (
                 f"option {dest!r} states its own default {action.default!r}; "
                 f"{library.__qualname__}'s ({parameter.default!r}) is the one default"
             )
