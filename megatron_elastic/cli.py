@@ -1,10 +1,11 @@
 """What every command-line tool shares (``tools/*.py``, ``python -m megatron_elastic.train``):
-one-line errors and the console's verbosity.
+one-line errors, the console's verbosity, and options whose defaults are the library's.
 
     @cli.entry_point
     def main(argv=None) -> int:
         parser = cli.ArgumentParser(description=...)
         ...
+        parser.take_defaults(library_function)  # its keyword defaults become the options'
         args = parser.parse_args(argv)   # also: --verbose
 
 A user error, raised anywhere below ``main`` as ``ValueError`` (the project's convention: every
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,6 +75,30 @@ class ArgumentParser(argparse.ArgumentParser):
             help=f"show third-party warnings and native-library output ({console.VERBOSE_ENV}=1 "
             "does the same, also for child processes)",
         )
+
+    def take_defaults(self, library: Callable[..., Any], **renamed: str) -> None:
+        """Give each option whose destination names a keyword parameter of ``library`` (the
+        library function the tool calls, or a config dataclass) that parameter's default, so that
+        the library states each default once and the tool none (``--help`` shows it through
+        ``%(default)s``). ``renamed``: option destination -> parameter name where they differ.
+        Call after adding the options."""
+        parameters = inspect.signature(library).parameters
+        dests = {action.dest: action for action in self._actions}
+        assert set(renamed) <= set(dests), f"renamed names no option: {set(renamed) - set(dests)}"
+        found = {}
+        for dest, action in dests.items():
+            parameter = parameters.get(renamed.get(dest, dest))
+            if parameter is None or parameter.default is parameter.empty:
+                continue
+            assert action.default is None or action.default is False, (
+                f"option {dest!r} states its own default {action.default!r}; "
+                f"{library.__qualname__}'s ({parameter.default!r}) is the one default"
+            )
+            default = parameter.default
+            if action.nargs in ("+", "*") and isinstance(default, tuple):
+                default = list(default)  # what argparse gives when the option is passed
+            found[dest] = default
+        self.set_defaults(**found)
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
         parsed = super().parse_args(args, namespace)

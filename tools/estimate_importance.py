@@ -24,6 +24,8 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from megatron_elastic.importance.run import rank_parent
+
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--elastic-config", help="elastic recipe (model + FFN nesting blocks)")
@@ -31,13 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="parent checkpoint directory")
     parser.add_argument("--data", required=True, help="Megatron indexed dataset prefix")
     parser.add_argument("--output", required=True, help="directory for the ranked checkpoint")
-    parser.add_argument("--num-samples", type=int, default=64, help="calibration sequences")
-    parser.add_argument("--seq-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-samples", type=int, help="calibration sequences")
+    parser.add_argument("--seq-length", type=int)
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument(
         "--ffn-nesting-blocks",
         type=int,
-        default=None,
         help="with --model-config: the elastic config's ffn_nesting_blocks",
     )
     parser.add_argument(
@@ -48,19 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backend",
         choices=["native", "modelopt"],
-        default="native",
         help="native: this package's scores (runs everywhere); modelopt: ModelOpt's Minitron "
         "importance (CUDA GPU with transformer_engine, one process, TP=1)",
     )
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--tensor-parallel-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.take_defaults(rank_parent)
     args = parser.parse_args(argv)
     if args.num_samples <= 0 or args.seq_length <= 0 or args.batch_size <= 0:
         parser.error("--num-samples, --seq-length and --batch-size must be positive")
     if args.elastic_config and args.ffn_nesting_blocks is not None:
         parser.error("--ffn-nesting-blocks comes from --elastic-config; drop the flag")
-
-    from megatron_elastic.importance.run import rank_parent
 
     rank_parent(**cli.options(args))
     return 0

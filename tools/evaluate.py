@@ -28,13 +28,15 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from megatron_elastic.data.reasoning import PROBLEM_SIZES
+    from megatron_elastic.eval.run import evaluate_checkpoint
+
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint", required=True, help="elastic or exported checkpoint, or an HF directory"
     )
     parser.add_argument(
         "--budgets",
-        default="all",
         help="'all', trained names (comma-separated), or fractions between them (untrained)",
     )
     parser.add_argument(
@@ -45,31 +47,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="indexed dataset prefix for the loss (omit to skip)")
     parser.add_argument(
         "--split",
-        default="0,1,0",
         help="train,valid,test proportions; the loss uses the valid share (default: all of --data)",
     )
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--seq-length", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--max-samples", type=int, help="cap on validation samples (default all)")
     parser.add_argument("--cache-dir", help="megatron's dataset index cache (default: by --data)")
     parser.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's)")
-    parser.add_argument("--num-problems", type=int, default=100, help="0 skips accuracy")
-    parser.add_argument("--problem-seed", type=int, default=20250)
+    parser.add_argument("--num-problems", type=int, help="0 skips accuracy")
+    parser.add_argument("--problem-seed", type=int)
     parser.add_argument("--tasks", nargs="+", help="reasoning-gym tasks (default: all four)")
     parser.add_argument(
         "--problem-size",
-        default="standard",
-        choices=("short", "standard", "long"),
+        choices=PROBLEM_SIZES,
         help="problem size, as make_tiny_corpus.py --problem-size (the training corpus's)",
     )
     parser.add_argument("--exclude", help="training corpus jsonl whose questions are dropped")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--batch-size", type=int, help="prompts generated at once")
     parser.add_argument("--output", help="results JSON")
+    parser.take_defaults(evaluate_checkpoint)
     args = parser.parse_args(argv)
-
-    from megatron_elastic.eval.run import evaluate_checkpoint
-
     evaluate_checkpoint(**cli.options(args))
     return 0
 

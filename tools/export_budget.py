@@ -20,6 +20,7 @@ import sys
 
 from megatron_elastic import cli
 from megatron_elastic.export.registry import EXPORTERS
+from megatron_elastic.export.run import export_budgets
 
 
 @cli.entry_point
@@ -30,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--budget", help="a trained budget name, or a fraction (see --interpolate)")
     which.add_argument("--all", action="store_true", help="export every trained budget")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--format", choices=tuple(EXPORTERS), default="megatron")
+    parser.add_argument("--format", choices=tuple(EXPORTERS))
     parser.add_argument(
         "--gguf-type",
-        default="f32",
         help="tensor type of --format gguf: f32, f16 or q8_0 (norms and other small tensors stay "
         "f32, as llama.cpp's own converter writes them)",
     )
@@ -52,10 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         help="allow an untrained fraction between two trained budgets (router interpolation; "
         "quality is not trained for it)",
     )
+    parser.take_defaults(export_budgets)
     args = parser.parse_args(argv)
-
-    from megatron_elastic.export.run import export_budgets
-
     export_budgets(
         args.checkpoint,
         args.output,

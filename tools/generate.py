@@ -26,6 +26,8 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from megatron_elastic.serving.run import generate_from_checkpoint
+
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="elastic (or exported) checkpoint")
     parser.add_argument(
@@ -39,22 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         help="allow an untrained fraction between two trained budgets (router interpolation)",
     )
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's)")
     parser.add_argument("--draft", help="smaller budget drafting for self-speculative decoding")
     parser.add_argument(
-        "--draft-tokens", type=int, default=4, help="tokens the draft proposes per verification"
+        "--draft-tokens", type=int, help="tokens the draft proposes per verification"
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--temperature", type=float, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument(
         "--recompute", action="store_true", help="no cache: recompute the sequence every token"
     )
+    parser.take_defaults(generate_from_checkpoint)
     args = parser.parse_args(argv)
-
-    from megatron_elastic.serving.run import generate_from_checkpoint
-
     generate_from_checkpoint(**cli.options(args))
     return 0
 

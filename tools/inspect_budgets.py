@@ -21,6 +21,8 @@ MIB = 2**20
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from megatron_elastic.elastic.budget import subnet_memory
+
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="elastic recipe YAML (examples/*/elastic.yaml)")
@@ -28,18 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seq-length", type=int, default=8192, help="context for the memory estimate"
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=1, help="sequences for the memory estimate"
-    )
+    parser.add_argument("--batch-size", type=int, help="sequences for the memory estimate")
+    parser.take_defaults(subnet_memory)
     args = parser.parse_args(argv)
 
     from megatron_elastic.checkpoint import load_extra, manifest_model, read_manifest
     from megatron_elastic.elastic.architectures import budget_specs
-    from megatron_elastic.elastic.budget import (
-        subnet_memory,
-        subnet_param_count,
-        target_param_count,
-    )
+    from megatron_elastic.elastic.budget import subnet_param_count, target_param_count
     from megatron_elastic.elastic.config import load_elastic_recipe
     from megatron_elastic.model import count_parameters
     from megatron_elastic.router import router_from_state

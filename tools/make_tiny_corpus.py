@@ -25,7 +25,7 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    from megatron_elastic.data.reasoning import DEFAULT_TASKS, PROBLEM_SIZES
+    from megatron_elastic.data.reasoning import DEFAULT_TASKS, PROBLEM_SIZES, generate_records
 
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory for train.jsonl/valid.jsonl")
@@ -35,22 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--problem-size",
         choices=PROBLEM_SIZES,
-        default="standard",
         help="short: few small operands; long: longer problems, step-by-step rewrites (stage 2)",
     )
     parser.add_argument(
         "--tasks",
         nargs="+",
-        default=list(DEFAULT_TASKS),
         choices=list(DEFAULT_TASKS),
         help="reasoning-gym tasks to mix uniformly (default: all)",
     )
+    parser.take_defaults(generate_records, problem_size="size")
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_valid < 0:
         parser.error("--num-train must be >= 1 and --num-valid >= 0")
-
-    from megatron_elastic.data.reasoning import generate_records
-
     records = generate_records(
         args.num_train + args.num_valid, seed=args.seed, tasks=args.tasks, size=args.problem_size
     )

@@ -23,6 +23,8 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from megatron_elastic.preflight import PreflightConfig, report
+
     parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2]
     )
@@ -31,18 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--world-size",
         type=int,
-        default=None,
         help="ranks of the job [TP x PP x CP: data parallel 1, the most memory per rank]",
     )
     parser.add_argument(
         "--headroom",
         type=float,
-        default=0.10,
-        help="fraction of device memory kept free beyond the planned peak [0.10]",
+        help="fraction of device memory kept free beyond the planned peak [%(default).2f]",
     )
+    parser.take_defaults(PreflightConfig)
     args = parser.parse_args(argv)
 
-    from megatron_elastic.preflight import PreflightConfig, report
     from megatron_elastic.training.recipe import load_train_recipe
 
     recipe = load_train_recipe(args.recipe, args.overrides)

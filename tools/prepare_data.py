@@ -28,6 +28,8 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from megatron_elastic.data.prepare import prepare_dataset
+
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="a .jsonl file or a directory of them")
     tok = parser.add_mutually_exclusive_group(required=True)
@@ -46,21 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", required=True, help="dataset prefix: writes PREFIX.bin, .idx and .json"
     )
-    parser.add_argument("--text-key", default="text", help="JSON field holding the document")
+    parser.add_argument("--text-key", help="JSON field holding the document")
     parser.add_argument(
         "--append-eod", action="store_true", help="end every document with the EOD token"
     )
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="tokenizer processes (same output for any number; default 1)",
+        help="tokenizer processes (same output for any number; default %(default)s)",
     )
+    parser.take_defaults(prepare_dataset)
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-
-    from megatron_elastic.data.prepare import prepare_dataset
 
     manifest = prepare_dataset(
         args.input,

@@ -23,14 +23,17 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from megatron_elastic.serving.profile import profile_latency
+
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="elastic recipe YAML (model + elastic)")
     parser.add_argument("--output", required=True, help="JSON file to write")
-    parser.add_argument("--context", type=int, default=1024, help="cached tokens for decode")
-    parser.add_argument("--prefill-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20, help="timings per point (fastest)")
+    parser.add_argument("--context", type=int, help="cached tokens for decode")
+    parser.add_argument("--prefill-tokens", type=int)
+    parser.add_argument("--repeats", type=int, help="timings per point (fastest)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", help="cpu or cuda")
+    parser.take_defaults(profile_latency)
     args = parser.parse_args(argv)
     for name in ("context", "prefill_tokens", "repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -42,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megatron_elastic.elastic import load_elastic_recipe
-    from megatron_elastic.serving.profile import profile_latency
 
     model, elastic = load_elastic_recipe(args.config)
     if args.threads:

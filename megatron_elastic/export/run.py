@@ -62,7 +62,7 @@ def export_budgets(
     tokenizer: str | None = None,
     force: bool = False,
     interpolate: bool = False,
-    gguf_type: str = "f32",
+    gguf_type: str = ExportOptions.gguf_type,
     log: Callable[[str], None] = print,
 ) -> dict[Budget, Path]:
     """Export ``budget`` (a trained name, or with ``interpolate`` a fraction between trained
