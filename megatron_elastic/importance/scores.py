@@ -1,5 +1,5 @@
-"""Importance scores and rankings per elastic axis (the formulas of FACTS.md §1), and the
-iterative normalised-MSE layer ranking."""
+"""Importance scores and rankings per elastic axis (the formulas of
+docs/background.md#importance-scores), and the iterative normalised-MSE layer ranking."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def iterative_layer_ranking(
 
     ``logits_error(removed)`` returns ``sum (M_full - M_removed)^2 / sum M_full^2`` over the
     calibration data with the layers in ``removed`` skipped. Each round drops the layer whose
-    removal (on top of those already dropped) hurts least, then re-scores the rest (FACTS.md §1:
-    iterative, not one-shot). Returns the layers most-important-first and, per dropped layer, the
-    error at the moment it was dropped.
+    removal (on top of those already dropped) hurts least, then re-scores the rest
+    (docs/background.md#importance-scores: iterative, not one-shot). Returns the layers
+    most-important-first and, per dropped layer, the error at the moment it was dropped.
 
     ``min_attention_layers`` (with the layer ``kinds``): an attention layer is not dropped while
     it is one of the last ``min_attention_layers`` attention layers and other layers remain, so
