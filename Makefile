@@ -19,12 +19,13 @@ $(STAMP): $(INSTALL_INPUTS)
 	@test -x $(PY) || { py=$$(scripts/find_python312.sh) && echo "creating $(VENV) with $$py" && $$py -m venv $(VENV); }
 	$(PIP) install -q --upgrade "pip>=25"
 	# llama-cpp-python (dev.txt) compiles llama.cpp on the first install (several minutes on 2 cores,
-	# README); pip's wheel cache makes later installs take seconds. Its multimodal library (mtmd) is
+	# docs/reproducibility.md); pip's wheel cache makes later installs take seconds. Its multimodal library (mtmd) is
 	# not built: nothing here uses it. Set CMAKE_ARGS to build it differently.
 	@echo "installing the pinned stack (the first install compiles llama.cpp for llama-cpp-python)"
 	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
 		$(PIP) install -q -c requirements/lock.txt -r requirements/base.txt -r requirements/dev.txt
-	# mamba-ssm: only its Python/Triton parts; its CUDA extension is not compiled (FACTS.md §3).
+	# mamba-ssm: only its Python/Triton parts; its CUDA extension is not compiled
+	# (docs/background.md#mamba-ssm-without-its-cuda-extension).
 	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PIP) install -q --no-build-isolation --no-deps $(MAMBA_SSM)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@

@@ -3,7 +3,8 @@
 Nothing else in this repository patches third-party code. :func:`apply` is idempotent and is a
 no-op for the CUDA-only patches when CUDA is available; each patch says why it exists. The
 mamba-ssm import shim is the exception that also applies on GPU, because the project installs
-mamba-ssm without compiling its CUDA extension there too (FACTS.md §3).
+mamba-ssm without compiling its CUDA extension there too
+(docs/background.md#mamba-ssm-without-its-cuda-extension).
 """
 
 from __future__ import annotations

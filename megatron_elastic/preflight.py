@@ -181,7 +181,9 @@ def check_mamba_ssm() -> CheckResult:
     torch path replaces them but megatron still refuses to build without them)."""
     from megatron_elastic import platform
 
-    platform.apply()  # registers mamba_ssm without its compiled extension (FACTS.md §3)
+    # Registers mamba_ssm without its compiled extension
+    # (docs/background.md#mamba-ssm-without-its-cuda-extension).
+    platform.apply()
     for name in MAMBA_MODULES:
         try:
             importlib.import_module(name)

@@ -131,7 +131,8 @@ def test_nano_12b_budgets_of_the_recipe(stage) -> None:
     model, elastic, router = recipe.model, recipe.elastic, recipe.router
     assert router.budget_target == "params"
     parent = count_parameters(model)
-    assert parent == pytest.approx(12.31e9, rel=1e-3)  # FACTS.md: Nano V2 12B, ~12.31B
+    # ~12.31B: docs/background.md#the-parent-nemotron-nano-v2-12b
+    assert parent == pytest.approx(12.31e9, rel=1e-3)
     specs = budget_specs(model, elastic)
     assert {name: how for name, (_, how) in specs.items()} == {
         "12B": "parent",

@@ -1,7 +1,8 @@
 """Recipes under examples/: every one loads; the 12B stage recipes carry the paper's curriculum
-(FACTS.md §1) and match the SLURM scripts; overrides work; and bad input (unknown keys, bad budget
-sampling, missing data, a checkpoint of another architecture) is a ValueError before any compute,
-which the CLI turns into exit status 2 with the message and no traceback."""
+(docs/background.md#distillation-and-the-two-stage-curriculum) and match the SLURM scripts;
+overrides work; and bad input (unknown keys, bad budget sampling, missing data, a checkpoint of
+another architecture) is a ValueError before any compute, which the CLI turns into exit status 2
+with the message and no traceback."""
 
 from __future__ import annotations
 

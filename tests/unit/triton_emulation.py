@@ -45,7 +45,8 @@ __all__ = [
 
 def install_cpu_shims() -> None:
     """Cover the four gaps between mamba-ssm's kernel launchers and a CUDA-less process
-    (FACTS.md §11). Call once, in the interpreter process, before any kernel runs."""
+    (docs/background.md#gpu-kernels-on-cpu-under-tritons-interpreter). Call once, in the
+    interpreter process, before any kernel runs."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1 before the process imports triton")
     from triton.runtime import autotuner, interpreter
