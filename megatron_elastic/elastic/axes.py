@@ -39,11 +39,9 @@ __all__ = [
     "StateDict",
     "axes",
     "axis",
-    "full_sizes",
     "kind_axes",
     "layer_kind",
     "layer_kinds",
-    "layer_params",
     "per_layer_sizes",
     "register",
     "registered",
@@ -112,15 +110,12 @@ class Axis:
     def key(self) -> str:
         return self.ranking_key or self.name
 
-    def group_count(self, model: ModelConfig, elastic: ElasticConfig | None = None) -> int:
-        return self.groups(model, elastic)
-
     def kept_units(
         self, model: ModelConfig, size: int, elastic: ElasticConfig | None = None
     ) -> list[int]:
         """The units (in the permuted order) a size keeps: the first ``size / groups`` of every
         group, group-major."""
-        g = self.group_count(model, elastic)
+        g = self.groups(model, elastic)
         per_group, keep = self.full(model) // g, size // g
         return [b * per_group + j for b in range(g) for j in range(keep)]
 
@@ -133,7 +128,7 @@ class Axis:
     ) -> None:
         """``ValueError`` for candidates the parent (or its parallel split) cannot realise."""
         self.check(choices, model, elastic, parallel)
-        limit, multiple = self.full(model), self.group_count(model, elastic)
+        limit, multiple = self.full(model), self.groups(model, elastic)
         bad = [c for c in choices if c > limit or c % multiple]
         if bad:
             ok = list(range(multiple, limit + 1, multiple))
@@ -149,7 +144,7 @@ class Axis:
         self, layer: int, size: int, model: ModelConfig, elastic: ElasticConfig | None
     ) -> None:
         """``ValueError`` for a per-layer size the parent cannot run."""
-        limit, groups = self.full(model), self.group_count(model, elastic)
+        limit, groups = self.full(model), self.groups(model, elastic)
         if groups == 1:
             if not 0 < size <= limit:
                 raise ValueError(f"layer {layer}: {self.label}={size} must be in [1, {limit}]")
@@ -254,15 +249,6 @@ def layer_kind(name: str) -> LayerKind:
 def kind_axes(kind: str) -> tuple[Axis, ...]:
     """The axes sizing layers of ``kind``, outermost first."""
     return tuple(axis(a) for a in layer_kind(kind).axes)
-
-
-def full_sizes(model: ModelConfig, kind: str) -> dict[str, int]:
-    """The parent's size of every axis of ``kind``."""
-    return {a.name: a.full(model) for a in kind_axes(kind)}
-
-
-def layer_params(model: ModelConfig, kind: str, hidden: Number, sizes: Mapping[str, Number]):
-    return layer_kind(kind).params(model, hidden, sizes)
 
 
 def per_layer_sizes(

@@ -385,7 +385,7 @@ class ElasticRouter(nn.Module):
         model, elastic = self.model_config, self.elastic_config
 
         def nested(axis: str, j: int, active: int) -> torch.Tensor:
-            g = registry.axis(axis).group_count(model, elastic)
+            g = registry.axis(axis).groups(model, elastic)
             sizes = getattr(self, f"sizes_{axis}") / g
             p = probs[axis][self._decision_of(axis, j)]
             return prefix_weights(p, sizes, active // g).repeat(g)
