@@ -5,7 +5,8 @@ from megatron_elastic import platform
 platform.apply()  # before megatron's Mamba mixer is imported
 
 # ruff: noqa: E402
-from megatron_elastic.elastic.config import AXES, ElasticConfig, load_elastic_recipe
+from megatron_elastic.elastic.axes import Axis, LayerKind, register
+from megatron_elastic.elastic.config import ElasticConfig, load_elastic_recipe
 from megatron_elastic.elastic.model import (
     ElasticHybridModel,
     SubnetWeights,
@@ -14,12 +15,14 @@ from megatron_elastic.elastic.model import (
 from megatron_elastic.elastic.subnet import LayerChoice, SubnetSpec
 
 __all__ = [
-    "AXES",
+    "Axis",
     "ElasticConfig",
     "ElasticHybridModel",
     "LayerChoice",
+    "LayerKind",
     "SubnetSpec",
     "SubnetWeights",
     "build_elastic_model",
     "load_elastic_recipe",
+    "register",
 ]

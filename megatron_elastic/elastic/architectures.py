@@ -8,13 +8,20 @@ from collections.abc import Callable
 from typing import Any
 
 from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic.axes import axes
 from megatron_elastic.elastic.budget import subnet_param_count
-from megatron_elastic.elastic.config import AXES, ElasticConfig
+from megatron_elastic.elastic.config import ElasticConfig
 from megatron_elastic.elastic.subnet import SubnetSpec
 
 __all__ = ["spec_from_choices", "choices_of", "closest_homogeneous_spec", "budget_specs"]
 
-_PER_LAYER = ("attention_heads", "mamba_heads", "mamba_head_dim", "ffn")
+
+def _names() -> list[str]:
+    return [a.name for a in axes()]
+
+
+def _per_layer() -> list[str]:
+    return [a.name for a in axes() if a.per_layer]
 
 
 def spec_from_choices(
@@ -22,20 +29,20 @@ def spec_from_choices(
 ) -> SubnetSpec:
     """A spec from ``axis -> choice`` (a per-layer list for Mamba/attention/FFN axes when the
     config is heterogeneous). Every value must be one of the axis's candidates."""
-    unknown = set(choices) - set(AXES)
+    unknown = set(choices) - set(_names())
     if unknown:
-        raise ValueError(f"unknown axes {sorted(unknown)}; axes are {list(AXES)}")
+        raise ValueError(f"unknown axes {sorted(unknown)}; axes are {_names()}")
     candidates = elastic.axis_choices(model)
     full = {axis: cands[-1] for axis, cands in candidates.items()}
     n = model.num_layers
     resolved: dict[str, Any] = {}
-    for axis in AXES:
+    for axis in _names():
         value = choices.get(axis, full[axis])
         values = value if isinstance(value, list | tuple) else [value]
         if isinstance(value, list | tuple):
-            if axis not in _PER_LAYER or not elastic.heterogeneous:
+            if axis not in _per_layer() or not elastic.heterogeneous:
                 raise ValueError(
-                    f"axis {axis!r} got a per-layer list; only {list(_PER_LAYER)} take one, and "
+                    f"axis {axis!r} got a per-layer list; only {_per_layer()} take one, and "
                     "only with heterogeneous: true"
                 )
             if len(values) != n:
@@ -45,12 +52,7 @@ def spec_from_choices(
             raise ValueError(f"axis {axis!r}: {bad} not among its candidates {candidates[axis]}")
         resolved[axis] = list(values) if isinstance(value, list | tuple) else [value] * n
     spec = SubnetSpec.heterogeneous(
-        model,
-        hidden=resolved["hidden"][0],
-        attention_heads=resolved["attention_heads"],
-        mamba_heads=resolved["mamba_heads"],
-        mamba_head_dim=resolved["mamba_head_dim"],
-        ffn=resolved["ffn"],
+        model, hidden=resolved["hidden"][0], **{a: resolved[a] for a in _per_layer()}
     ).with_depth(resolved["depth"][0], elastic.layer_ranking)
     spec.validate(model, elastic)
     return spec
@@ -60,13 +62,14 @@ def choices_of(model: ModelConfig, elastic: ElasticConfig, spec: SubnetSpec) -> 
     """``axis -> choice`` that :func:`spec_from_choices` turns back into ``spec`` (per-layer lists
     when the config is heterogeneous), e.g. to train a fixed architecture a router picked."""
     kinds = model.layer_kinds()
-    kind_of = {"attention_heads": "attention", "mamba_heads": "mamba", "mamba_head_dim": "mamba"}
     candidates = elastic.axis_choices(model)
     choices: dict[str, Any] = {"hidden": spec.hidden, "depth": spec.depth}
-    for axis in _PER_LAYER:
-        kind = kind_of.get(axis, "mlp")
-        field = "head_dim" if axis == "mamba_head_dim" else "width"
-        values = [getattr(c, field) for c in spec.layers]  # per layer; other kinds ignored
+    for a in axes():
+        if not a.per_layer:
+            continue
+        axis, kind = a.name, a.kind
+        # per layer; layers of other kinds hold the parent's size
+        values = [c.size(axis) if c.kind == kind else a.full(model) for c in spec.layers]
         mine = [v for v, k in zip(values, kinds, strict=True) if k == kind]
         if not mine:
             choices[axis] = candidates[axis][-1]
@@ -107,18 +110,10 @@ def closest_homogeneous_spec(
             raise ValueError(f"depth {depth} is not among {candidates['depth']}")
         candidates = {**candidates, "depth": [depth]}
     best, best_key = None, None
-    for combo in itertools.product(*(candidates[a] for a in AXES)):
-        choice = dict(zip(AXES, combo, strict=True))
-        spec = SubnetSpec.homogeneous(
-            model,
-            hidden=choice["hidden"],
-            attention_heads=choice["attention_heads"],
-            mamba_heads=choice["mamba_heads"],
-            mamba_head_dim=choice["mamba_head_dim"],
-            ffn=choice["ffn"],
-            depth=choice["depth"],
-            layer_ranking=elastic.layer_ranking,
-        )
+    names = _names()
+    for combo in itertools.product(*(candidates[a] for a in names)):
+        choice = dict(zip(names, combo, strict=True))
+        spec = SubnetSpec.homogeneous(model, layer_ranking=elastic.layer_ranking, **choice)
         value = cost(spec)
         key = (abs(value - target), -value)
         if best_key is None or key < best_key:

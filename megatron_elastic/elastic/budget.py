@@ -1,27 +1,20 @@
 """Analytic budgets of a sub-network: exact parameter count and memory, and differentiable
 expected versions of both for the router's budget loss.
 
-One formula serves both: the per-layer counts of :mod:`megatron_elastic.model.param_count` use
-only ``+`` and ``*``, so they take Python ints (exact) or tensors of expected sizes
-(probability-weighted, differentiable).
+One formula serves both: each layer kind's count (:mod:`megatron_elastic.elastic.axes`, built on
+:mod:`megatron_elastic.model.param_count`) uses only ``+`` and ``*``, so it takes Python ints
+(exact) or tensors of expected sizes (probability-weighted, differentiable).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-import torch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic.axes import Number, layer_kind
 from megatron_elastic.elastic.subnet import SubnetSpec
-from megatron_elastic.model.layouts import MambaLayout
-from megatron_elastic.model.param_count import (
-    attention_layer_params,
-    embedding_params,
-    mamba_layer_params,
-    mlp_layer_params,
-)
+from megatron_elastic.model.param_count import embedding_params
 
 __all__ = [
     "MemoryEstimate",
@@ -30,53 +23,38 @@ __all__ = [
     "expected_param_count",
     "expected_memory_bytes",
     "target_param_count",
+    "spec_keep",
+    "spec_sizes",
 ]
 
-Number = int | float | torch.Tensor
+
+Sizes = Sequence[Mapping[str, Number]]
+"""Per layer, ``{axis: size}`` for the axes of its kind (exact ints or expected tensors)."""
 
 
-def _layer_params(model: ModelConfig, kind: str, hidden: Number, width: Number, head_dim: Number):
-    if kind == "mamba":
-        return mamba_layer_params(
-            hidden,
-            width,
-            head_dim,
-            model.mamba_num_groups,
-            model.mamba_state_dim,
-            model.mamba_conv_kernel,
-        )
-    if kind == "attention":
-        return attention_layer_params(hidden, width, model.num_query_groups, model.head_dim)
-    return mlp_layer_params(hidden, width)
+def spec_sizes(spec: SubnetSpec) -> list[dict[str, int]]:
+    """Per layer, its ``{axis: size}``."""
+    return [dict(c.sizes) for c in spec.layers]
+
+
+def spec_keep(spec: SubnetSpec) -> list[int]:
+    return [int(c.active) for c in spec.layers]
 
 
 def expected_param_count(
-    model: ModelConfig,
-    hidden: Number,
-    widths: Sequence[Number],
-    head_dims: Sequence[Number],
-    keep: Sequence[Number],
+    model: ModelConfig, hidden: Number, sizes: Sizes, keep: Sequence[Number]
 ) -> Number:
-    """Parameters of a sub-network given (expected) sizes per layer: ``widths`` are heads /
-    Mamba heads / neurons, ``head_dims`` Mamba head dims (ignored for other kinds), ``keep`` the
+    """Parameters of a sub-network given (expected) sizes per layer and ``keep``, the
     probability each layer runs. Treats the axes as independent (E[h*w] = E[h]*E[w])."""
     total = embedding_params(hidden, model.vocab_size)
-    for kind, w, d, k in zip(model.layer_kinds(), widths, head_dims, keep, strict=True):
-        total = total + k * _layer_params(model, kind, hidden, w, d)
+    for kind, s, k in zip(model.layer_kinds(), sizes, keep, strict=True):
+        total = total + k * layer_kind(kind).params(model, hidden, s)
     return total
 
 
 def subnet_param_count(model: ModelConfig, spec: SubnetSpec) -> int:
     """Exact parameters of ``spec`` (== the physically sliced model's)."""
-    return int(
-        expected_param_count(
-            model,
-            spec.hidden,
-            [c.width for c in spec.layers],
-            [c.head_dim for c in spec.layers],
-            [int(c.active) for c in spec.layers],
-        )
-    )
+    return int(expected_param_count(model, spec.hidden, spec_sizes(spec), spec_keep(spec)))
 
 
 def target_param_count(model: ModelConfig, fraction: float) -> int:
@@ -100,31 +78,17 @@ class MemoryEstimate:
 
 
 def _layer_state_bytes(
-    model: ModelConfig,
-    kind: str,
-    width: Number,
-    head_dim: Number,
-    tokens: int,
-    batch: int,
-    state_bytes: int,
+    model: ModelConfig, kind: str, sizes: Mapping[str, Number], tokens: int, batch: int, nbytes: int
 ) -> Number:
-    """Inference state of one layer: attention KV cache (key/value heads are not elastic) or
-    Mamba conv + SSM state."""
-    if kind == "attention":
-        return 2 * model.num_query_groups * model.head_dim * tokens * batch * state_bytes
-    if kind == "mamba":
-        layout = MambaLayout(width, head_dim, model.mamba_num_groups, model.mamba_state_dim)
-        conv = layout.conv_size * model.mamba_conv_kernel
-        ssm = width * head_dim * model.mamba_state_dim
-        return (conv + ssm) * batch * state_bytes
-    return 0
+    """Inference state of one layer (the kind's KV cache or recurrent state; 0 if stateless)."""
+    state = layer_kind(kind).state_bytes
+    return 0 if state is None else state(model, sizes, tokens, batch, nbytes)
 
 
 def expected_memory_bytes(
     model: ModelConfig,
     hidden: Number,
-    widths: Sequence[Number],
-    head_dims: Sequence[Number],
+    sizes: Sizes,
     keep: Sequence[Number],
     *,
     seq_length: int,
@@ -133,11 +97,9 @@ def expected_memory_bytes(
     state_bytes: int = 2,
 ) -> Number:
     """Weights + KV cache + Mamba state for (expected) sizes; differentiable in tensors."""
-    total = param_bytes * expected_param_count(model, hidden, widths, head_dims, keep)
-    for kind, w, d, k in zip(model.layer_kinds(), widths, head_dims, keep, strict=True):
-        total = total + k * _layer_state_bytes(
-            model, kind, w, d, seq_length, batch_size, state_bytes
-        )
+    total = param_bytes * expected_param_count(model, hidden, sizes, keep)
+    for kind, s, k in zip(model.layer_kinds(), sizes, keep, strict=True):
+        total = total + k * _layer_state_bytes(model, kind, s, seq_length, batch_size, state_bytes)
     return total
 
 
@@ -151,14 +113,14 @@ def subnet_memory(
     state_bytes: int = 2,
 ) -> MemoryEstimate:
     """Exact memory of ``spec`` for a batch of sequences (bf16 weights and caches by default)."""
-    state = {"attention": 0, "mamba": 0}
+    state = {f.name: 0 for f in fields(MemoryEstimate) if f.name != "weights"}
     for c in spec.layers:
-        if c.active and c.kind in state:
-            state[c.kind] += _layer_state_bytes(
-                model, c.kind, c.width, c.head_dim, seq_length, batch_size, state_bytes
+        field_name = layer_kind(c.kind).state_field
+        if c.active and field_name:
+            state[field_name] += _layer_state_bytes(
+                model, c.kind, dict(c.sizes), seq_length, batch_size, state_bytes
             )
     return MemoryEstimate(
         weights=param_bytes * subnet_param_count(model, spec),
-        kv_cache=int(state["attention"]),
-        mamba_state=int(state["mamba"]),
+        **{name: int(value) for name, value in state.items()},
     )

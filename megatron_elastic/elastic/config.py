@@ -13,12 +13,9 @@ from megatron_elastic.config import (
     load_model_config,
     load_yaml,
 )
+from megatron_elastic.elastic import axes as registry
 
-__all__ = ["AXES", "ElasticConfig", "elastic_from_dict", "load_elastic_recipe"]
-
-AXES = ("hidden", "attention_heads", "mamba_heads", "mamba_head_dim", "ffn", "depth")
-"""Elastic axes: embedding width, attention heads (per query group), Mamba heads (per group),
-Mamba head channels, FFN neurons, and active layers."""
+__all__ = ["ElasticConfig", "elastic_from_dict", "load_elastic_recipe"]
 
 MODES = ("mask", "slice")
 
@@ -60,6 +57,9 @@ class ElasticConfig:
     (importance estimation ranks the most important ones first), so no depth choice drops them.
     An attention-free model cannot be served by transformers' NemotronH cache or llama.cpp's
     hybrid cache; 0 allows it."""
+    choices: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Candidates of axes without a field of their own (an axis registered beyond the built-in
+    ones, :mod:`megatron_elastic.elastic.axes`), by axis name."""
     budget_choices: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Optional explicit architecture per budget (axis -> choice, or a per-layer list for Mamba,
     attention and FFN axes when heterogeneous); used before a router is trained."""
@@ -73,27 +73,35 @@ class ElasticConfig:
                     f"ElasticConfig.budgets[{name!r}]={frac!r}: a budget is a fraction of the "
                     "parent's parameters in (0, 1]"
                 )
+        if self.ffn_nesting_blocks <= 0:
+            raise ValueError("ElasticConfig.ffn_nesting_blocks must be positive")
         if self.mode not in MODES:
             raise ValueError(f"ElasticConfig.mode={self.mode!r}; choose one of {MODES}")
-        for name in (
-            "hidden_choices",
-            "attention_head_choices",
-            "mamba_head_choices",
-            "mamba_head_dim_choices",
-            "ffn_choices",
-            "depth_choices",
-        ):
-            values = tuple(getattr(self, name))
+        extra, normal_extra = dict(self.choices), {}
+        for axis in registry.axes():
+            if axis.config_field is not None:
+                name, values = axis.config_field, tuple(getattr(self, axis.config_field))
+            else:
+                name, values = f"choices[{axis.name!r}]", tuple(extra.pop(axis.name, ()))
             if any(not isinstance(v, int) or v <= 0 for v in values):
                 raise ValueError(f"ElasticConfig.{name} must hold positive integers, got {values}")
-            object.__setattr__(self, name, tuple(sorted(set(values))))
+            normal = tuple(sorted(set(values)))
+            if axis.config_field is not None:
+                object.__setattr__(self, name, normal)
+            elif normal:
+                normal_extra[axis.name] = normal
+        if extra:
+            fields = {a.name: a.config_field for a in registry.axes() if a.config_field}
+            raise ValueError(
+                f"ElasticConfig.choices names {sorted(extra)}: not axes of their own registry "
+                f"entry; built-in axes take their own fields ({fields})"
+            )
+        object.__setattr__(self, "choices", normal_extra)
         k = self.min_attention_layers
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise ValueError(
                 f"ElasticConfig.min_attention_layers must be an integer >= 0, got {k!r}"
             )
-        if self.ffn_nesting_blocks <= 0:
-            raise ValueError("ElasticConfig.ffn_nesting_blocks must be positive")
         if self.layer_ranking is not None:
             object.__setattr__(self, "layer_ranking", tuple(self.layer_ranking))
         unknown = set(self.budget_choices) - set(self.budgets)
@@ -105,99 +113,28 @@ class ElasticConfig:
 
     def axis_choices(self, model: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Candidates of every axis, the parent's size included, ascending."""
-        full = {
-            "hidden": model.hidden_size,
-            "attention_heads": model.num_attention_heads,
-            "mamba_heads": model.mamba_num_heads,
-            "mamba_head_dim": model.mamba_head_dim,
-            "ffn": model.ffn_hidden_size,
-            "depth": model.num_layers,
-        }
-        given = {
-            "hidden": self.hidden_choices,
-            "attention_heads": self.attention_head_choices,
-            "mamba_heads": self.mamba_head_choices,
-            "mamba_head_dim": self.mamba_head_dim_choices,
-            "ffn": self.ffn_choices,
-            "depth": self.depth_choices,
-        }
-        return {axis: tuple(sorted(set(given[axis]) | {full[axis]})) for axis in AXES}
+        out = {}
+        for axis in registry.axes():
+            given = (
+                getattr(self, axis.config_field)
+                if axis.config_field
+                else self.choices.get(axis.name, ())
+            )
+            out[axis.name] = tuple(sorted(set(given) | {axis.full(model)}))
+        return out
 
     def validate_for(self, model: ModelConfig, parallel: ParallelConfig | None = None) -> None:
         """Raise ``ValueError`` for candidates the parent (or its TP split) cannot realise."""
         parallel = parallel or ParallelConfig()
-        choices = self.axis_choices(model)
-        tp = parallel.tensor_parallel_size
-
-        def check(axis: str, limit: int, multiple: int, why: str) -> None:
-            bad = [c for c in choices[axis] if c > limit or c % multiple]
-            if bad:
-                ok = list(range(multiple, limit + 1, multiple))
-                raise ValueError(
-                    f"ElasticConfig {axis} choices {bad} are not possible: {why}; "
-                    f"valid values are {ok if len(ok) <= 16 else [*ok[:8], '...', *ok[-4:]]}"
-                )
-
-        check("hidden", model.hidden_size, 1, f"at most hidden_size={model.hidden_size}")
-        check(
-            "attention_heads",
-            model.num_attention_heads,
-            model.num_query_groups,
-            f"heads are kept per query group (num_query_groups={model.num_query_groups}), at most "
-            f"{model.num_attention_heads}",
-        )
-        check(
-            "mamba_heads",
-            model.mamba_num_heads,
-            model.mamba_num_groups,
-            f"Mamba heads are kept per group (mamba_num_groups={model.mamba_num_groups}), at most "
-            f"{model.mamba_num_heads}",
-        )
-        cp = parallel.context_parallel_size
-        if cp > 1:
-            # Context parallelism gives every CP rank a contiguous share of this TP rank's active
-            # heads (megatron's MambaContextParallel), so active heads per TP rank split over CP.
-            bad = [h for h in choices["mamba_heads"] if (h // tp) % cp]
-            if bad:
-                ok = [
-                    h
-                    for h in range(model.mamba_num_groups, model.mamba_num_heads + 1)
-                    if h % model.mamba_num_groups == 0 and h % tp == 0 and (h // tp) % cp == 0
-                ]
-                raise ValueError(
-                    f"ElasticConfig mamba_heads choices {bad} are not possible with "
-                    f"context_parallel_size={cp} at tensor_parallel_size={tp}: the active Mamba "
-                    f"heads per TP rank must be divisible by CP; valid values are {ok}"
-                )
-        check("mamba_head_dim", model.mamba_head_dim, 1, f"at most {model.mamba_head_dim}")
-        check("depth", model.num_layers, 1, f"the parent has {model.num_layers} layers")
-        blocks = self.ffn_nesting_blocks
-        if model.ffn_hidden_size % blocks:
-            raise ValueError(
-                f"ElasticConfig.ffn_nesting_blocks={blocks} must divide ffn_hidden_size="
-                f"{model.ffn_hidden_size}"
-            )
-        if blocks % tp:
-            raise ValueError(
-                f"ElasticConfig.ffn_nesting_blocks={blocks} must be a multiple of "
-                f"tensor_parallel_size={tp} so every rank keeps the same number of active FFN "
-                f"neurons; use ffn_nesting_blocks={tp * max(1, blocks // tp)} or a TP size "
-                f"dividing {blocks}"
-            )
-        check(
-            "ffn",
-            model.ffn_hidden_size,
-            blocks,
-            f"FFN neurons nest within ffn_nesting_blocks={blocks} blocks, at most "
-            f"{model.ffn_hidden_size}",
-        )
+        for axis, choices in self.axis_choices(model).items():
+            registry.axis(axis).validate(choices, model, self, parallel)
         if self.layer_ranking is not None and sorted(self.layer_ranking) != list(
             range(model.num_layers)
         ):
             raise ValueError(
                 f"ElasticConfig.layer_ranking must be a permutation of 0..{model.num_layers - 1}"
             )
-        self._check_attention_kept(model, choices["depth"])
+        self._check_attention_kept(model, self.axis_choices(model)["depth"])
 
     def _check_attention_kept(self, model: ModelConfig, depths: tuple[int, ...]) -> None:
         """Every depth choice keeps ``min_attention_layers`` attention layers."""

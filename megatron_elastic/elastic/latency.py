@@ -14,7 +14,7 @@ for the router's budget loss, and exact sizes the table's latency of a :class:`S
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic.axes import Number, layer_kinds
 from megatron_elastic.elastic.subnet import SubnetSpec
 
 __all__ = [
@@ -35,14 +36,12 @@ __all__ = [
 ]
 
 PHASES = ("decode", "prefill")
-_GRIDS = {
-    "mamba": ("hidden", "mamba_heads", "mamba_head_dim"),
-    "attention": ("hidden", "attention_heads"),
-    "mlp": ("hidden", "ffn"),
-    "base": ("hidden",),
-}
 
-Number = int | float | torch.Tensor
+
+def _grids() -> dict[str, tuple[str, ...]]:
+    """The axes each timed table is indexed by: hidden, then the layer kind's axes."""
+    grids = {k.name: ("hidden", *k.axes) for k in layer_kinds()}
+    return {**grids, "base": ("hidden",)}
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class LatencyTable:
         for phase in PHASES:
             if phase not in self.seconds:
                 raise ValueError(f"latency table: no {phase!r} timings; re-run profile_latency")
-            for kind, axes in _GRIDS.items():
+            for kind, axes in _grids().items():
                 if kind not in self.seconds[phase]:
                     raise ValueError(f"latency table: no {phase}/{kind} timings")
                 shape = tuple(len(self.grids[a]) for a in axes)
@@ -93,7 +92,7 @@ def latency_table_from_json(data: Any, where: str = "latency table") -> LatencyT
     """The table of :meth:`LatencyTable.to_json`'s dict; ``ValueError`` naming ``where``."""
     try:
         grids = {k: tuple(int(x) for x in v) for k, v in data["grids"].items()}
-        for axes in _GRIDS.values():
+        for axes in _grids().values():
             for axis in axes:
                 if axis not in grids:
                     raise KeyError(axis)
@@ -134,30 +133,25 @@ def interpolate(values: torch.Tensor, grids: Sequence[Sequence[int]], point: Seq
     return (1 - w) * low + w * high
 
 
-def _layer_latency(table: LatencyTable, phase: str, kind: str, hidden, width, head_dim):
-    point = {
-        "mamba": (hidden, width, head_dim),
-        "attention": (hidden, width),
-        "mlp": (hidden, width),
-    }[kind]
-    grids = [table.grids[a] for a in _GRIDS[kind]]
-    return interpolate(table.table(phase, kind), grids, point)
+def _layer_latency(table: LatencyTable, phase: str, kind: str, hidden, sizes: Mapping):
+    axes = _grids()[kind]
+    point = [hidden, *(sizes[a] for a in axes[1:])]
+    return interpolate(table.table(phase, kind), [table.grids[a] for a in axes], point)
 
 
 def expected_latency(
     model: ModelConfig,
     table: LatencyTable,
     hidden: Number,
-    widths: Sequence[Number],
-    head_dims: Sequence[Number],
+    sizes: Sequence[Mapping[str, Number]],
     keep: Sequence[Number],
     phase: str = "decode",
 ) -> torch.Tensor:
     """Seconds per token of (expected) sizes per layer (``keep``: probability each layer runs);
     the same form as :func:`~megatron_elastic.elastic.budget.expected_param_count`."""
     total = interpolate(table.table(phase, "base"), [table.grids["hidden"]], [hidden])
-    for kind, w, d, k in zip(model.layer_kinds(), widths, head_dims, keep, strict=True):
-        total = total + k * _layer_latency(table, phase, kind, hidden, w, d)
+    for kind, s, k in zip(model.layer_kinds(), sizes, keep, strict=True):
+        total = total + k * _layer_latency(table, phase, kind, hidden, s)
     return total
 
 
@@ -170,8 +164,7 @@ def subnet_latency(
             model,
             table,
             spec.hidden,
-            [c.width for c in spec.layers],
-            [c.head_dim for c in spec.layers],
+            [dict(c.sizes) for c in spec.layers],
             [int(c.active) for c in spec.layers],
             phase,
         )

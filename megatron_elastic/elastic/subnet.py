@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic import axes as registry
 from megatron_elastic.elastic.config import ElasticConfig
 from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 
@@ -35,13 +36,29 @@ class LayerChoice:
     """One layer's part of a sub-network."""
 
     kind: str
-    """``mamba``, ``attention`` or ``mlp``."""
-    width: int
-    """Attention query heads, Mamba heads or FFN neurons (totals over TP ranks)."""
-    head_dim: int = 0
-    """Mamba channels per head (0 for other kinds)."""
+    """The layer kind (``mamba``, ``attention``, ``mlp``; :mod:`~megatron_elastic.elastic.axes`)."""
+    sizes: tuple[tuple[str, int], ...]
+    """``(axis, size)`` for every axis of the kind, outermost first (totals over TP ranks)."""
     active: bool = True
     """False: the layer is skipped (its input passes through the residual)."""
+
+    def size(self, axis: str) -> int:
+        """This layer's size on ``axis`` (``ValueError`` if the axis does not size its kind)."""
+        for name, value in self.sizes:
+            if name == axis:
+                return value
+        raise ValueError(f"a {self.kind} layer has no {axis!r} axis")
+
+    @property
+    def width(self) -> int:
+        """The size of the kind's outermost axis: attention query heads, Mamba heads, FFN
+        neurons."""
+        return self.sizes[0][1]
+
+    @property
+    def head_dim(self) -> int:
+        """Mamba channels per head (0 for other kinds): the Mamba layer code's second size."""
+        return dict(self.sizes).get("mamba_head_dim", 0)
 
 
 @dataclass(frozen=True)
@@ -62,23 +79,15 @@ class SubnetSpec:
         model: ModelConfig,
         *,
         hidden: int | None = None,
-        attention_heads: int | None = None,
-        mamba_heads: int | None = None,
-        mamba_head_dim: int | None = None,
-        ffn: int | None = None,
         depth: int | None = None,
         layer_ranking: Sequence[int] | None = None,
+        **sizes: int | None,
     ) -> SubnetSpec:
-        """One choice per axis (``None`` = the parent's size)."""
+        """One choice per axis, by axis name (``None`` or absent = the parent's size)."""
         n = model.num_layers
+        per_layer = {name: [size] * n for name, size in sizes.items() if size is not None}
         return cls.heterogeneous(
-            model,
-            hidden=hidden,
-            attention_heads=[attention_heads or model.num_attention_heads] * n,
-            mamba_heads=[mamba_heads or model.mamba_num_heads] * n,
-            mamba_head_dim=[mamba_head_dim or model.mamba_head_dim] * n,
-            ffn=[ffn or model.ffn_hidden_size] * n,
-            active=_active_layers(n, depth, layer_ranking),
+            model, hidden=hidden, active=_active_layers(n, depth, layer_ranking), **per_layer
         )
 
     @classmethod
@@ -87,33 +96,29 @@ class SubnetSpec:
         model: ModelConfig,
         *,
         hidden: int | None = None,
-        attention_heads: Sequence[int],
-        mamba_heads: Sequence[int],
-        mamba_head_dim: Sequence[int],
-        ffn: Sequence[int],
         active: Sequence[bool] | None = None,
+        **sizes: Sequence[int],
     ) -> SubnetSpec:
-        """Per-layer choices: each list has one entry per layer (entries for other kinds are
-        ignored)."""
+        """Per-layer choices by axis name: each list has one entry per layer (entries for layers
+        of other kinds are ignored); an absent axis is the parent's size."""
         n = model.num_layers
-        for name, values in (
-            ("attention_heads", attention_heads),
-            ("mamba_heads", mamba_heads),
-            ("mamba_head_dim", mamba_head_dim),
-            ("ffn", ffn),
-        ):
+        per_layer = {a.name for a in registry.axes() if a.per_layer}
+        unknown = set(sizes) - per_layer
+        if unknown:
+            raise ValueError(
+                f"unknown per-layer axes {sorted(unknown)}; axes are {sorted(per_layer)}"
+            )
+        for name, values in sizes.items():
             if len(values) != n:
                 raise ValueError(f"{name} needs one entry per layer ({n}), got {len(values)}")
         active = [True] * n if active is None else list(active)
         layers = []
         for i, kind in enumerate(model.layer_kinds()):
-            if kind == "mamba":
-                choice = LayerChoice(kind, mamba_heads[i], mamba_head_dim[i], active[i])
-            elif kind == "attention":
-                choice = LayerChoice(kind, attention_heads[i], 0, active[i])
-            else:
-                choice = LayerChoice(kind, ffn[i], 0, active[i])
-            layers.append(choice)
+            chosen = tuple(
+                (a.name, sizes[a.name][i] if a.name in sizes else a.full(model))
+                for a in registry.kind_axes(kind)
+            )
+            layers.append(LayerChoice(kind, chosen, active[i]))
         return cls(hidden or model.hidden_size, tuple(layers))
 
     def with_depth(self, depth: int, layer_ranking: Sequence[int] | None = None) -> SubnetSpec:
@@ -140,48 +145,19 @@ class SubnetSpec:
             raise ValueError(f"spec has {len(self.layers)} layers, the parent {model.num_layers}")
         if not 0 < self.hidden <= model.hidden_size:
             raise ValueError(f"hidden={self.hidden} must be in [1, {model.hidden_size}]")
-        blocks = elastic.ffn_nesting_blocks if elastic else 1
         for i, (c, kind) in enumerate(zip(self.layers, model.layer_kinds(), strict=True)):
             if c.kind != kind:
                 raise ValueError(f"layer {i} is {kind}, the spec says {c.kind}")
-            if kind == "attention":
-                _check_width(
-                    i,
-                    "attention heads",
-                    c.width,
-                    model.num_attention_heads,
-                    model.num_query_groups,
-                    "query group",
+            axes = registry.kind_axes(kind)
+            if tuple(name for name, _ in c.sizes) != tuple(a.name for a in axes):
+                raise ValueError(
+                    f"layer {i}: sizes {c.sizes} are not those of a {kind} layer's axes "
+                    f"{[a.name for a in axes]}"
                 )
-            elif kind == "mamba":
-                _check_width(
-                    i,
-                    "Mamba heads",
-                    c.width,
-                    model.mamba_num_heads,
-                    model.mamba_num_groups,
-                    "Mamba group",
-                )
-                if not 0 < c.head_dim <= model.mamba_head_dim:
-                    raise ValueError(
-                        f"layer {i}: Mamba head_dim={c.head_dim} must be in "
-                        f"[1, {model.mamba_head_dim}]"
-                    )
-            else:
-                _check_width(
-                    i, "FFN neurons", c.width, model.ffn_hidden_size, blocks, "FFN nesting block"
-                )
+            for a, (_, size) in zip(axes, c.sizes, strict=True):
+                a.validate_layer(i, size, model, elastic)
         if self.depth == 0:
             raise ValueError("spec skips every layer; keep at least one")
-
-
-def _check_width(i: int, what: str, width: int, limit: int, groups: int, unit: str) -> None:
-    if not 0 < width <= limit or width % groups:
-        raise ValueError(
-            f"layer {i}: {width} {what} is not possible: at most {limit} and a multiple of "
-            f"{groups} (the same count in every {unit}); e.g. "
-            f"{[w for w in range(groups, limit + 1, groups)][-4:]}"
-        )
 
 
 def _active_layers(n: int, depth: int | None, ranking: Sequence[int] | None) -> list[bool]:

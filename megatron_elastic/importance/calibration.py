@@ -31,12 +31,12 @@ class ActivationStats:
 
     hidden: torch.Tensor | None = None
     """(hidden,) sum of |RMSNorm output| over every norm of the model (embedding channels)."""
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per MLP layer, (ffn,) sum of |fc1 pre-activation| per neuron."""
-    mamba_x: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per Mamba layer, (heads, head_dim) sum of squares of the x projection ``LN(X) W_x^T``."""
-    attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per attention layer, (heads,) sum of squares of each head's attention output."""
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per layer, the statistic its kind's axes are ranked from (``Axis.rank``):
+
+    - MLP: (ffn,) sum of |fc1 pre-activation| per neuron;
+    - Mamba: (heads, head_dim) sum of squares of the x projection ``LN(X) W_x^T``;
+    - attention: (heads,) sum of squares of each head's attention output."""
     tokens: int = 0
 
 
@@ -84,7 +84,7 @@ class _HookRegistry:
 
     def _mlp(self, module: MLP, j: int) -> None:
         def hook(_m, _inp, out):
-            _accumulate(self.stats["ffn"], j, out[0].abs().sum(dim=(0, 1)))
+            _accumulate(self.stats["layers"], j, out[0].abs().sum(dim=(0, 1)))
 
         self.handles.append(module.linear_fc1.register_forward_hook(hook))
 
@@ -94,7 +94,7 @@ class _HookRegistry:
 
         def hook(_m, _inp, out):
             x = layout.in_proj.segment(out[0], "x").float()
-            _accumulate(self.stats["mamba_x"], j, x.pow(2).sum(dim=(0, 1)).view(heads, p))
+            _accumulate(self.stats["layers"], j, x.pow(2).sum(dim=(0, 1)).view(heads, p))
 
         self.handles.append(module.in_proj.register_forward_hook(hook))
 
@@ -104,7 +104,7 @@ class _HookRegistry:
         def hook(_m, inp):
             ctx = inp[0].float()  # (s, b, heads * d): input of the output projection
             per_head = ctx.pow(2).view(*ctx.shape[:2], heads, -1).sum(dim=(0, 1, 3))
-            _accumulate(self.stats["attention"], j, per_head)
+            _accumulate(self.stats["layers"], j, per_head)
 
         self.handles.append(module.linear_proj.register_forward_pre_hook(hook))
 
@@ -135,7 +135,7 @@ def collect_activation_stats(
             "importance estimation runs with pipeline_parallel_size=1 (tensor and data "
             "parallelism are supported); re-launch with PP=1"
         )
-    raw: dict = {"hidden": {}, "ffn": {}, "mamba_x": {}, "attention": {}}
+    raw: dict = {"hidden": {}, "layers": {}}
     was_training = model.training
     model.eval()
     tokens = 0
@@ -152,10 +152,6 @@ def collect_activation_stats(
     count = _sum_dp(torch.tensor([float(tokens)]), pgs)
     return ActivationStats(
         hidden=_sum_dp(raw["hidden"][0], pgs),
-        ffn={j: _sum_dp(_gather_tp(v, pgs), pgs) for j, v in sorted(raw["ffn"].items())},
-        mamba_x={j: _sum_dp(_gather_tp(v, pgs), pgs) for j, v in sorted(raw["mamba_x"].items())},
-        attention={
-            j: _sum_dp(_gather_tp(v, pgs), pgs) for j, v in sorted(raw["attention"].items())
-        },
+        layers={j: _sum_dp(_gather_tp(v, pgs), pgs) for j, v in sorted(raw["layers"].items())},
         tokens=int(count.item()),
     )

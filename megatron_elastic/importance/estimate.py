@@ -4,6 +4,7 @@ the ranked weights loaded back into the model."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ def logits_error_fn(
             spec = SubnetSpec(
                 full.hidden,
                 tuple(
-                    c if i not in removed else type(c)(c.kind, c.width, c.head_dim, False)
+                    c if i not in removed else replace(c, active=False)
                     for i, c in enumerate(full.layers)
                 ),
             )

@@ -340,21 +340,18 @@ def ranking_from_modelopt(model: ModelConfig, scores: MinitronScores) -> Ranking
     hidden = _vector(scores["hidden_size"], model.hidden_size, "hidden_size")
     ranking = Ranking(
         hidden=_argsort(hidden),
-        ffn={},
-        mamba_channels={},
-        mamba_heads={},
-        attention_heads={},
+        orders={"attention_heads": {}, "mamba_heads": {}, "mamba_head_dim": {}, "ffn": {}},
         layers=None,
         scores={"backend": "modelopt", "hidden": hidden.tolist(), "ffn": {}},
     )
     ffn = _per_layer(scores, "ffn_hidden_size", layers_of.get("mlp", []))
     for j in sorted(ffn):
         imp = _vector(ffn[j], model.ffn_hidden_size, f"ffn_hidden_size of layer {j}")
-        ranking.ffn[j] = _argsort(imp)
+        ranking.orders["ffn"][j] = _argsort(imp)
         ranking.scores["ffn"][str(j)] = imp.tolist()
     attention = _per_layer(scores, "num_attention_heads", layers_of.get("attention", []))
     for j in sorted(attention):
-        ranking.attention_heads[j] = _group_local(
+        ranking.orders["attention_heads"][j] = _group_local(
             attention[j],
             model.num_attention_heads,
             model.num_query_groups,
@@ -364,10 +361,10 @@ def ranking_from_modelopt(model: ModelConfig, scores: MinitronScores) -> Ranking
     heads = _per_layer(scores, "mamba_num_heads", mamba)
     channels = _per_layer(scores, "mamba_head_dim", mamba)
     for j in mamba:
-        ranking.mamba_heads[j] = _group_local(
+        ranking.orders["mamba_heads"][j] = _group_local(
             heads[j], model.mamba_num_heads, model.mamba_num_groups, f"mamba_num_heads of layer {j}"
         )
-        ranking.mamba_channels[j] = _permutation(
+        ranking.orders["mamba_head_dim"][j] = _permutation(
             channels[j], model.mamba_head_dim, f"mamba_head_dim of layer {j}"
         ).tolist()
     depth = scores.get("num_layers")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_elastic.elastic.axes import axes
 from megatron_elastic.importance.scores import Ranking
 
 __all__ = ["AxisAgreement", "kendall_tau", "ranking_agreement", "spearman_rho"]
@@ -82,21 +83,21 @@ class AxisAgreement:
 
 def _axis_orders(a: Ranking, b: Ranking) -> Iterator[tuple[str, list, list]]:
     yield "hidden", a.hidden, b.hidden
-    for axis in ("ffn", "mamba_channels"):
-        da, db = getattr(a, axis), getattr(b, axis)
+    for axis in axes():
+        if not axis.per_layer:
+            continue
+        da, db = a.orders.get(axis.name, {}), b.orders.get(axis.name, {})
         if da.keys() != db.keys():
-            raise ValueError(f"the rankings cover different {axis} layers")
+            raise ValueError(f"the rankings cover different {axis.key} layers")
         for j in sorted(da):
-            yield axis, da[j], db[j]
-    for axis in ("mamba_heads", "attention_heads"):
-        da, db = getattr(a, axis), getattr(b, axis)
-        if da.keys() != db.keys():
-            raise ValueError(f"the rankings cover different {axis} layers")
-        for j in sorted(da):
+            grouped = bool(da[j]) and isinstance(da[j][0], list)
+            if not grouped:
+                yield axis.key, da[j], db[j]
+                continue
             if len(da[j]) != len(db[j]):
-                raise ValueError(f"{axis} of layer {j}: different numbers of groups")
+                raise ValueError(f"{axis.key} of layer {j}: different numbers of groups")
             for ga, gb in zip(da[j], db[j], strict=True):
-                yield axis, ga, gb
+                yield axis.key, ga, gb
     if a.layers is not None and b.layers is not None:
         yield "layers", a.layers, b.layers
 

@@ -1,5 +1,5 @@
-"""Importance scores and rankings per elastic axis (the formulas of FACTS.md §1), and the
-iterative normalised-MSE layer ranking."""
+"""Importance scores and rankings per elastic axis (the formulas of
+docs/background.md#importance-scores), and the iterative normalised-MSE layer ranking."""
 
 from __future__ import annotations
 
@@ -9,22 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic.axes import Order, axes
 from megatron_elastic.importance.calibration import ActivationStats
 
-__all__ = [
-    "Ranking",
-    "iterative_layer_ranking",
-    "keep_attention_first",
-    "rank_from_stats",
-    "rank_within_groups",
-]
-
-
-def rank_within_groups(scores: torch.Tensor, num_groups: int) -> list[list[int]]:
-    """For (units,) scores laid out group-major, each group's units from most to least important
-    (indices local to the group)."""
-    per_group = scores.view(num_groups, -1)
-    return [torch.argsort(g, descending=True, stable=True).tolist() for g in per_group]
+__all__ = ["Ranking", "iterative_layer_ranking", "keep_attention_first", "rank_from_stats"]
 
 
 @dataclass
@@ -32,71 +20,44 @@ class Ranking:
     """Most-important-first orders of every axis, and the scores they come from."""
 
     hidden: list[int]
-    ffn: dict[int, list[int]]
-    mamba_channels: dict[int, list[int]]
-    """Per Mamba layer: head channels (the same order for every head)."""
-    mamba_heads: dict[int, list[list[int]]]
-    """Per Mamba layer, per group: heads (local to the group)."""
-    attention_heads: dict[int, list[list[int]]]
-    """Per attention layer, per query group: query heads (local to the group)."""
+    """Embedding channels."""
+    orders: dict[str, dict[int, Order]]
+    """Per-layer axis name -> layer -> order (a list of units, or per group a list of units
+    local to the group: attention and Mamba heads)."""
     layers: list[int] | None
+    """Layers, most important first (``None``: not ranked)."""
     scores: dict
 
     def to_json(self) -> dict:
-        return {
-            "hidden": self.hidden,
-            "ffn": {str(k): v for k, v in self.ffn.items()},
-            "mamba_channels": {str(k): v for k, v in self.mamba_channels.items()},
-            "mamba_heads": {str(k): v for k, v in self.mamba_heads.items()},
-            "attention_heads": {str(k): v for k, v in self.attention_heads.items()},
-            "layer_ranking": self.layers,
-            "scores": self.scores,
-        }
+        out: dict = {"hidden": self.hidden}
+        for axis in axes():
+            if axis.per_layer:
+                out[axis.key] = {str(k): v for k, v in self.orders.get(axis.name, {}).items()}
+        return {**out, "layer_ranking": self.layers, "scores": self.scores}
 
 
 def rank_from_stats(
     model: ModelConfig, stats: ActivationStats, *, mamba_top_channels: int | None = None
 ) -> Ranking:
-    """Width rankings from calibration statistics.
-
-    - embedding channel: sum of |LN(X)| (all norms);
-    - FFN neuron: sum of |X W1^T|;
-    - Mamba head channel: L2 over tokens of ``s = LN(X) W_x^T``, summed over heads; a Mamba head:
-      L2 of ``s`` over the ``mamba_top_channels`` best channels (default: all), ranked in its group;
-    - attention head: L2 of its output over tokens, ranked within its query group.
-    """
-    top = mamba_top_channels or model.mamba_head_dim
+    """Width rankings from calibration statistics: embedding channels by the sum of |LN(X)| (all
+    norms); every per-layer axis by its :attr:`~megatron_elastic.elastic.axes.Axis.rank` of its
+    layers' statistics (``builtin_axes`` states each formula)."""
+    options = {"mamba_top_channels": mamba_top_channels}
     ranking = Ranking(
         hidden=torch.argsort(stats.hidden, descending=True, stable=True).tolist(),
-        ffn={},
-        mamba_channels={},
-        mamba_heads={},
-        attention_heads={},
+        orders={},
         layers=None,
-        scores={
-            "hidden": stats.hidden.tolist(),
-            "ffn": {},
-            "mamba_channels": {},
-            "mamba_heads": {},
-            "attention_heads": {},
-        },
+        scores={"hidden": stats.hidden.tolist()},
     )
-    for j, s in stats.ffn.items():
-        ranking.ffn[j] = torch.argsort(s, descending=True, stable=True).tolist()
-        ranking.scores["ffn"][str(j)] = s.tolist()
-    for j, sq in stats.mamba_x.items():
-        l2 = sq.sqrt()  # (heads, head_dim)
-        channel_scores = l2.sum(0)
-        channels = torch.argsort(channel_scores, descending=True, stable=True)
-        head_scores = sq[:, channels[:top]].sum(1).sqrt()
-        ranking.mamba_channels[j] = channels.tolist()
-        ranking.mamba_heads[j] = rank_within_groups(head_scores, model.mamba_num_groups)
-        ranking.scores["mamba_channels"][str(j)] = channel_scores.tolist()
-        ranking.scores["mamba_heads"][str(j)] = head_scores.tolist()
-    for j, sq in stats.attention.items():
-        head_scores = sq.sqrt()
-        ranking.attention_heads[j] = rank_within_groups(head_scores, model.num_query_groups)
-        ranking.scores["attention_heads"][str(j)] = head_scores.tolist()
+    kinds = model.layer_kinds()
+    for axis in axes():
+        if axis.rank is None or not axis.per_layer:
+            continue
+        orders, scores = ranking.orders.setdefault(axis.name, {}), {}
+        for j, stat in stats.layers.items():
+            if kinds[j] == axis.kind:
+                orders[j], scores[str(j)] = axis.rank(stat, model, options)
+        ranking.scores[axis.key] = scores
     return ranking
 
 
@@ -111,9 +72,9 @@ def iterative_layer_ranking(
 
     ``logits_error(removed)`` returns ``sum (M_full - M_removed)^2 / sum M_full^2`` over the
     calibration data with the layers in ``removed`` skipped. Each round drops the layer whose
-    removal (on top of those already dropped) hurts least, then re-scores the rest (FACTS.md §1:
-    iterative, not one-shot). Returns the layers most-important-first and, per dropped layer, the
-    error at the moment it was dropped.
+    removal (on top of those already dropped) hurts least, then re-scores the rest
+    (docs/background.md#importance-scores: iterative, not one-shot). Returns the layers
+    most-important-first and, per dropped layer, the error at the moment it was dropped.
 
     ``min_attention_layers`` (with the layer ``kinds``): an attention layer is not dropped while
     it is one of the last ``min_attention_layers`` attention layers and other layers remain, so

@@ -24,10 +24,8 @@ class RouterDecision:
     """The budget's target fraction of the parent."""
     hidden: torch.Tensor
     """E[embedding width] under ``probs`` (0-dim; differentiable)."""
-    widths: tuple[torch.Tensor, ...]
-    """Per layer: E[attention heads | Mamba heads | FFN neurons]."""
-    head_dims: tuple[torch.Tensor | int, ...]
-    """Per layer: E[Mamba head dim] (0 for other kinds)."""
+    sizes: tuple[dict[str, torch.Tensor], ...]
+    """Per layer: E[size] of every axis of its kind (``{"mamba_heads": ..., ...}``)."""
     keep: tuple[torch.Tensor, ...]
     """Per layer: probability that the depth choice keeps it."""
     indices: dict[str, tuple[int, ...]]

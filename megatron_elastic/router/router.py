@@ -12,10 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
+from megatron_elastic.config import ModelConfig
+from megatron_elastic.elastic import axes as registry
 from megatron_elastic.elastic.architectures import budget_specs, closest_homogeneous_spec
-from megatron_elastic.elastic.budget import expected_memory_bytes, expected_param_count
-from megatron_elastic.elastic.config import AXES, ElasticConfig
+from megatron_elastic.elastic.budget import (
+    expected_memory_bytes,
+    expected_param_count,
+    spec_keep,
+    spec_sizes,
+)
+from megatron_elastic.elastic.config import ElasticConfig
 from megatron_elastic.elastic.latency import LatencyTable, expected_latency, load_latency_table
 from megatron_elastic.elastic.model import SubnetWeights
 from megatron_elastic.elastic.subnet import SubnetSpec
@@ -32,15 +38,6 @@ from megatron_elastic.router.sampling import (
 )
 
 __all__ = ["ElasticRouter"]
-
-_AXIS_KIND = {
-    "attention_heads": "attention",
-    "mamba_heads": "mamba",
-    "mamba_head_dim": "mamba",
-    "ffn": "mlp",
-}
-"""Per-layer axes and the layer kind they size; ``hidden`` and ``depth`` are global."""
-_WIDTH_AXIS = {"attention": "attention_heads", "mamba": "mamba_heads", "mlp": "ffn"}
 
 Size = torch.Tensor | int
 
@@ -77,10 +74,12 @@ class ElasticRouter(nn.Module):
         self.choices = elastic.axis_choices(model)
         kinds = model.layer_kinds()
         self._layers_of = {
-            k: [j for j, kj in enumerate(kinds) if kj == k] for k in LAYER_SYMBOLS.values()
+            k.name: [j for j, kj in enumerate(kinds) if kj == k.name]
+            for k in registry.layer_kinds()
         }
         self._ordinal = [self._layers_of[k].index(j) for j, k in enumerate(kinds)]
-        self.axes = tuple(a for a in AXES if self.num_decisions(a) > 0)
+        self._kind_of = {a.name: a.kind for a in registry.axes()}
+        self.axes = tuple(a.name for a in registry.axes() if self.num_decisions(a.name) > 0)
         self.routers = nn.ModuleDict(
             {
                 a: _mlp(len(self.encoding), config.hidden_size, self.num_decisions(a) * len(c))
@@ -100,14 +99,7 @@ class ElasticRouter(nn.Module):
         if config.budget_target == "latency":  # a saved router carries its own copy
             self.latency_table = latency_table or load_latency_table(config.latency_table)
         # C(parent): the parameters or memory bytes every budget fraction is a fraction of.
-        self.parent_cost = float(
-            self._cost(
-                model.hidden_size,
-                [self.choices[_WIDTH_AXIS[k]][-1] for k in kinds],  # the parent's sizes
-                [model.mamba_head_dim if k == "mamba" else 0 for k in kinds],
-                [1] * model.num_layers,
-            )
-        )
+        self.parent_cost = float(self.spec_cost(SubnetSpec.full(model)))
         self._fixed: dict[str | float, Indices] = {}
         if config.fixed:
             self.requires_grad_(False)
@@ -128,8 +120,7 @@ class ElasticRouter(nn.Module):
         smallest = float(
             self._cost(
                 self.choices["hidden"][0],
-                [self.choices[_WIDTH_AXIS[k]][0] for k in kinds],
-                [self.choices["mamba_head_dim"][0] if k == "mamba" else 0 for k in kinds],
+                [{a: self.choices[a][0] for a in registry.layer_kind(k).axes} for k in kinds],
                 self.depth_keeps[:, 0].tolist(),
             )
         )
@@ -145,9 +136,10 @@ class ElasticRouter(nn.Module):
 
     def num_decisions(self, axis: str) -> int:
         """Independent choices of ``axis``: one per layer of its kind when heterogeneous."""
-        if axis not in _AXIS_KIND:
+        kind = self._kind_of[axis]
+        if kind is None:
             return 1
-        layers = len(self._layers_of[_AXIS_KIND[axis]])
+        layers = len(self._layers_of[kind])
         return layers if self.elastic_config.heterogeneous else min(layers, 1)
 
     @torch.no_grad()
@@ -168,21 +160,20 @@ class ElasticRouter(nn.Module):
             for a in self.axes
         }
 
-    def _cost(self, hidden: Size, widths, head_dims, keep) -> Size:
+    def _cost(self, hidden: Size, sizes, keep) -> Size:
+        """Cost of (expected) ``sizes`` per layer (``{axis: size}``) and keep probabilities."""
         model, cfg = self.model_config, self.config
         if cfg.budget_target == "params":
-            return expected_param_count(model, hidden, widths, head_dims, keep)
+            return expected_param_count(model, hidden, sizes, keep)
         if cfg.budget_target == "latency":
             return expected_latency(
-                model, self.latency_table, hidden, widths, head_dims, keep, cfg.latency_phase
+                model, self.latency_table, hidden, sizes, keep, cfg.latency_phase
             ).float()
-        return expected_memory_bytes(
-            model, hidden, widths, head_dims, keep, seq_length=cfg.memory_seq_length
-        )
+        return expected_memory_bytes(model, hidden, sizes, keep, seq_length=cfg.memory_seq_length)
 
     def expected_cost(self, decision: RouterDecision) -> torch.Tensor:
         """C(expected sizes): parameters, memory bytes or seconds per token (differentiable)."""
-        return self._cost(decision.hidden, decision.widths, decision.head_dims, decision.keep)
+        return self._cost(decision.hidden, decision.sizes, decision.keep)
 
     @torch.no_grad()
     def target_ratio(self, budget: str | float, *, raw_argmax: bool = False) -> float:
@@ -280,14 +271,8 @@ class ElasticRouter(nn.Module):
             weights=weights,
             fraction=self.encoding.fraction(budget),
             hidden=expect["hidden"][0],
-            widths=tuple(
-                expect[_WIDTH_AXIS[k]][self._decision_of(_WIDTH_AXIS[k], j)]
-                for j, k in enumerate(kinds)
-            ),
-            head_dims=tuple(
-                expect["mamba_head_dim"][self._decision_of("mamba_head_dim", j)]
-                if k == "mamba"
-                else 0
+            sizes=tuple(
+                {a: expect[a][self._decision_of(a, j)] for a in registry.layer_kind(k).axes}
                 for j, k in enumerate(kinds)
             ),
             keep=tuple(keep.unbind(0)),
@@ -328,14 +313,7 @@ class ElasticRouter(nn.Module):
 
     def spec_cost(self, spec: SubnetSpec) -> float:
         """Exact cost of ``spec`` in the router's units (parameters, bytes or seconds)."""
-        return float(
-            self._cost(
-                spec.hidden,
-                [c.width for c in spec.layers],
-                [c.head_dim if c.kind == "mamba" else 0 for c in spec.layers],
-                [int(c.active) for c in spec.layers],
-            )
-        )
+        return float(self._cost(spec.hidden, spec_sizes(spec), spec_keep(spec)))
 
     def _decision_of(self, axis: str, layer: int) -> int:
         """Which of ``axis``'s decisions sizes ``layer``."""
@@ -350,15 +328,15 @@ class ElasticRouter(nn.Module):
     def _spec(self, indices: dict[str, tuple[int, ...]]) -> SubnetSpec:
         model = self.model_config
         n = model.num_layers
-        per_layer = {
-            "attention_heads": [model.num_attention_heads] * n,
-            "mamba_heads": [model.mamba_num_heads] * n,
-            "mamba_head_dim": [model.mamba_head_dim] * n,
-            "ffn": [model.ffn_hidden_size] * n,
-        }
-        for axis, values in per_layer.items():
-            for j in self._layers_of[_AXIS_KIND[axis]]:
-                values[j] = self.choices[axis][indices[axis][self._decision_of(axis, j)]]
+        per_layer = {}
+        for axis in registry.axes():
+            if not axis.per_layer:
+                continue
+            values = per_layer[axis.name] = [axis.full(model)] * n
+            for j in self._layers_of[axis.kind]:
+                values[j] = self.choices[axis.name][
+                    indices[axis.name][self._decision_of(axis.name, j)]
+                ]
         depth = self.choices["depth"][indices["depth"][0]]
         return SubnetSpec.heterogeneous(
             model,
@@ -375,10 +353,8 @@ class ElasticRouter(nn.Module):
             if axis in ("hidden", "depth"):
                 values = [spec.hidden if axis == "hidden" else spec.depth]
             else:
-                kind = _AXIS_KIND[axis]
-                layers = self._layers_of[kind][: self.num_decisions(axis)]
-                field = "head_dim" if axis == "mamba_head_dim" else "width"
-                values = [getattr(spec.layers[j], field) for j in layers]
+                layers = self._layers_of[self._kind_of[axis]][: self.num_decisions(axis)]
+                values = [spec.layers[j].size(axis) for j in layers]
             if any(v not in self.choices[axis] for v in values):
                 raise ValueError(f"{axis} sizes {values} are not among {self.choices[axis]}")
             indices[axis] = tuple(self.choices[axis].index(v) for v in values)
@@ -394,9 +370,10 @@ class ElasticRouter(nn.Module):
         s = {a: probs[a].gather(-1, picks[a][:, None])[:, 0] for a in self.axes}
         layers, gates = [], []
         for j, c in enumerate(spec.layers):
-            w = s[_WIDTH_AXIS[c.kind]][self._decision_of(_WIDTH_AXIS[c.kind], j)]
-            if c.kind == "mamba":
-                w = w * s["mamba_head_dim"][self._decision_of("mamba_head_dim", j)]
+            w = None
+            for axis, _ in c.sizes:
+                v = s[axis][self._decision_of(axis, j)]
+                w = v if w is None else w * v
             layers.append(w if c.active else None)
             gates.append(s["depth"][0] if c.active else None)
         return SubnetWeights(hidden=s["hidden"][0], layers=tuple(layers), gates=tuple(gates))
@@ -405,15 +382,10 @@ class ElasticRouter(nn.Module):
         """Per-unit weights in the model's logical orders: w_i = P(the sampled candidate keeps
         unit i). Heads nest within groups and neurons within blocks, so the per-group (per-block)
         prefix weights repeat group-major (block-major)."""
-        model = self.model_config
-        groups = {
-            "attention_heads": model.num_query_groups,
-            "mamba_heads": model.mamba_num_groups,
-            "ffn": self.elastic_config.ffn_nesting_blocks,
-        }
+        model, elastic = self.model_config, self.elastic_config
 
         def nested(axis: str, j: int, active: int) -> torch.Tensor:
-            g = groups.get(axis, 1)
+            g = registry.axis(axis).groups(model, elastic)
             sizes = getattr(self, f"sizes_{axis}") / g
             p = probs[axis][self._decision_of(axis, j)]
             return prefix_weights(p, sizes, active // g).repeat(g)
@@ -424,9 +396,10 @@ class ElasticRouter(nn.Module):
                 layers.append(None)
                 gates.append(None)
                 continue
-            w = nested(_WIDTH_AXIS[c.kind], j, c.width)
-            if c.kind == "mamba":  # (heads, head_dim) -> head-major channels
-                w = (w[:, None] * nested("mamba_head_dim", j, c.head_dim)[None, :]).flatten()
+            w = None  # outer product over the kind's axes, outermost-major (heads x channels)
+            for axis, size in c.sizes:
+                v = nested(axis, j, size)
+                w = v if w is None else (w[:, None] * v[None, :]).flatten()
             layers.append(w)
             gates.append(keep[j])
         hidden = prefix_weights(probs["hidden"][0], self.sizes_hidden, spec.hidden)

@@ -83,9 +83,13 @@ def test_expected_count_is_differentiable_and_exact_at_one_hot(small_config) -> 
     spec = _specs(small_config)[1]
     hidden = torch.tensor(float(spec.hidden), requires_grad=True)
     widths = [torch.tensor(float(c.width), requires_grad=True) for c in spec.layers]
-    dims = [float(c.head_dim) for c in spec.layers]
+    # each layer's outermost axis (heads, neurons) a tensor, the others (Mamba head dim) floats
+    sizes = [
+        {name: w if k == 0 else float(v) for k, (name, v) in enumerate(c.sizes)}
+        for c, w in zip(spec.layers, widths, strict=True)
+    ]
     keep = [torch.tensor(1.0, requires_grad=True) for _ in spec.layers]
-    total = expected_param_count(small_config, hidden, widths, dims, keep)
+    total = expected_param_count(small_config, hidden, sizes, keep)
     assert total.item() == subnet_param_count(small_config, spec)
     total.backward()
     assert hidden.grad > 0 and all(w.grad > 0 for w in widths) and all(k.grad > 0 for k in keep)
@@ -106,14 +110,12 @@ def test_memory_counts_weights_kv_cache_and_mamba_state(small_config) -> None:
     assert subnet_memory(small_config, no_attn, seq_length=100, batch_size=3).kv_cache == 0
     longer = subnet_memory(small_config, full, seq_length=200, batch_size=3)
     assert longer.kv_cache == 2 * mem.kv_cache and longer.mamba_state == mem.mamba_state
-    widths = [float(c.width) for c in full.layers]
-    dims = [float(c.head_dim) for c in full.layers]
+    sizes = [{name: float(v) for name, v in c.sizes} for c in full.layers]
     expected = expected_memory_bytes(
         small_config,
         float(full.hidden),
-        widths,
-        dims,
-        [1.0] * len(widths),
+        sizes,
+        [1.0] * len(sizes),
         seq_length=100,
         batch_size=3,
     )

@@ -56,19 +56,21 @@ def _random_ranking(cfg, seed=0, axes=("hidden", "ffn", "attention", "mamba")) -
     pick = lambda axis, n: perm(n) if axis in axes else ident(n)
     return Ranking(
         hidden=pick("hidden", cfg.hidden_size),
-        ffn={j: pick("ffn", cfg.ffn_hidden_size) for j, k in enumerate(kinds) if k == "mlp"},
-        mamba_channels={
-            j: pick("mamba", cfg.mamba_head_dim) for j, k in enumerate(kinds) if k == "mamba"
-        },
-        mamba_heads={
-            j: [pick("mamba", hpg_m) for _ in range(cfg.mamba_num_groups)]
-            for j, k in enumerate(kinds)
-            if k == "mamba"
-        },
-        attention_heads={
-            j: [pick("attention", hpg_a) for _ in range(cfg.num_query_groups)]
-            for j, k in enumerate(kinds)
-            if k == "attention"
+        orders={
+            "ffn": {j: pick("ffn", cfg.ffn_hidden_size) for j, k in enumerate(kinds) if k == "mlp"},
+            "mamba_head_dim": {
+                j: pick("mamba", cfg.mamba_head_dim) for j, k in enumerate(kinds) if k == "mamba"
+            },
+            "mamba_heads": {
+                j: [pick("mamba", hpg_m) for _ in range(cfg.mamba_num_groups)]
+                for j, k in enumerate(kinds)
+                if k == "mamba"
+            },
+            "attention_heads": {
+                j: [pick("attention", hpg_a) for _ in range(cfg.num_query_groups)]
+                for j, k in enumerate(kinds)
+                if k == "attention"
+            },
         },
         layers=None,
         scores={},
@@ -127,11 +129,11 @@ def test_zeroed_units_rank_last(model, small_config) -> None:
     stats = collect_activation_stats(model, _batches(cfg, n=3), model.pg_collection)
     ranking = rank_from_stats(cfg, stats)
     assert set(ranking.hidden[-2:]) == {3, 17}
-    assert set(ranking.ffn[1][-3:]) == {5, 6, 100}
-    assert stats.attention[2].shape == (cfg.num_attention_heads,)
-    assert torch.all(stats.attention[2] > 0)  # (a dead query still attends: no exact zero)
-    assert ranking.mamba_channels[0][-1] == 9
-    assert ranking.mamba_heads[0][1][-1] == 1
+    assert set(ranking.orders["ffn"][1][-3:]) == {5, 6, 100}
+    assert stats.layers[2].shape == (cfg.num_attention_heads,)
+    assert torch.all(stats.layers[2] > 0)  # (a dead query still attends: no exact zero)
+    assert ranking.orders["mamba_head_dim"][0][-1] == 9
+    assert ranking.orders["mamba_heads"][0][1][-1] == 1
 
 
 def test_heads_rank_within_their_groups(small_config) -> None:
@@ -139,13 +141,12 @@ def test_heads_rank_within_their_groups(small_config) -> None:
 
     stats = ActivationStats(
         hidden=torch.ones(small_config.hidden_size),
-        attention={2: torch.tensor([1.0, 4.0, 9.0, 0.25])},
-        mamba_x={0: torch.ones(4, 16)},
+        layers={2: torch.tensor([1.0, 4.0, 9.0, 0.25]), 0: torch.ones(4, 16)},
     )
-    stats.mamba_x[0][2] = 0.1  # group 1 (heads 2, 3): head 2 is weaker
+    stats.layers[0][2] = 0.1  # group 1 (heads 2, 3): head 2 is weaker
     ranking = rank_from_stats(small_config, stats)
-    assert ranking.attention_heads[2] == [[1, 0], [0, 1]]  # per group, local indices
-    assert ranking.mamba_heads[0] == [[0, 1], [1, 0]]
+    assert ranking.orders["attention_heads"][2] == [[1, 0], [0, 1]]  # per group, local indices
+    assert ranking.orders["mamba_heads"][0] == [[0, 1], [1, 0]]
 
 
 def test_identity_layer_ranks_least_important(model, small_config) -> None:

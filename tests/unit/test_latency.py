@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_elastic.elastic import SubnetSpec, load_elastic_recipe
+from megatron_elastic.elastic.axes import per_layer_sizes
 from megatron_elastic.elastic.latency import (
     LatencyTable,
     expected_latency,
@@ -86,6 +87,13 @@ PARENT_US = 35 + 4 * 46 + 2 * 66 + 4 * 20  # = 431
 PARENT_PREFILL_US = 35 + 3 * (4 * 46 + 2 * 66 + 4 * 20)  # = 1223
 
 
+def _sizes(model, widths: list[int], head_dim: int) -> list[dict]:
+    """Per layer ``{axis: size}``: ``widths`` are each layer's heads or neurons."""
+    n = len(widths)
+    per_axis = {"attention_heads": widths, "mamba_heads": widths, "ffn": widths}
+    return per_layer_sizes(model, {**per_axis, "mamba_head_dim": [head_dim] * n})
+
+
 def test_latency_of_subnetworks_equals_the_table_by_hand(recipe, tmp_path) -> None:
     """An independent reference for ``subnet_latency`` / ``expected_latency`` and the router's
     ``parent_cost`` (what its budget loss divides by): costs added up by hand from the table."""
@@ -124,15 +132,14 @@ def test_latency_of_subnetworks_equals_the_table_by_hand(recipe, tmp_path) -> No
     # (26 + 32 + 36 + 46) / 4 = 35, so 32.625; attention (41 + 54 + 43 + 57) / 4 = 48.75; MLP
     # (12 + 17 + 14 + 19) / 4 = 15.5; base (34 + 35) / 2 = 34.5.
     between = expected_latency(
-        model, table, 240, [7, 576, 7, 5, 576, 7, 576, 7, 5, 576], [28] * 10, [1] * 10
+        model, table, 240, _sizes(model, [7, 576, 7, 5, 576, 7, 576, 7, 5, 576], 28), [1] * 10
     )
     assert float(between) == pytest.approx(
         (34.5 + 4 * 32.625 + 2 * 48.75 + 4 * 15.5) * US, rel=1e-12
     )
     # A layer kept with probability 0.25 adds a quarter of its cost (the budget loss's form).
-    quarter = expected_latency(
-        model, table, 256, [8, 768, 8, 8, 768, 8, 768, 8, 8, 768], [32] * 10, [1] * 9 + [0.25]
-    )
+    full_sizes = _sizes(model, [8, 768, 8, 8, 768, 8, 768, 8, 8, 768], 32)
+    quarter = expected_latency(model, table, 256, full_sizes, [1] * 9 + [0.25])
     assert float(quarter) == pytest.approx((PARENT_US - 0.75 * 20) * US, rel=1e-12)
 
 

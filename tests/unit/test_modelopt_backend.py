@@ -70,10 +70,10 @@ def test_ranking_from_modelopt_known_answer(small_config) -> None:
     assert ranking.hidden.index(5) < ranking.hidden.index(9)
     for j in MLP:
         imp = scores["ffn_hidden_size"][j].tolist()
-        assert ranking.ffn[j] == sorted(range(128), key=lambda i: -imp[i])
-    assert ranking.attention_heads == {2: [[1, 0], [1, 0]], 5: [[0, 1], [0, 1]]}
-    assert ranking.mamba_heads == {0: [[1, 0], [0, 1]], 3: [[0, 1], [1, 0]]}
-    assert ranking.mamba_channels == {0: list(range(15, -1, -1)), 3: list(range(16))}
+        assert ranking.orders["ffn"][j] == sorted(range(128), key=lambda i: -imp[i])
+    assert ranking.orders["attention_heads"] == {2: [[1, 0], [1, 0]], 5: [[0, 1], [0, 1]]}
+    assert ranking.orders["mamba_heads"] == {0: [[1, 0], [0, 1]], 3: [[0, 1], [1, 0]]}
+    assert ranking.orders["mamba_head_dim"] == {0: list(range(15, -1, -1)), 3: list(range(16))}
     # cosine scores best first; the 0.1 tie keeps layer 2 before layer 4 (1-based numbers)
     assert ranking.layers == [2, 5, 0, 4, 1, 3]
     assert ranking.scores["backend"] == "modelopt"
@@ -166,6 +166,13 @@ def _fake_converted_model(cfg, known: dict, *, frozen_ffn: bool = False):
     return model
 
 
+def _axis(ranking: Ranking, key: str):
+    """The ranking's orders under their ranking-file key (``mamba_channels``: head channels)."""
+    if key in ("hidden", "layers"):
+        return getattr(ranking, key)
+    return ranking.orders["mamba_head_dim" if key == "mamba_channels" else key]
+
+
 def test_scores_are_read_per_layer_kind(small_config) -> None:
     """minitron_scores_from_model reads each layer's hparams by kind and layer number; a head
     hparam with one choice (not configurable) gives the identity order."""
@@ -174,9 +181,9 @@ def test_scores_are_read_per_layer_kind(small_config) -> None:
     scores = minitron_scores_from_model(model, small_config, known["num_layers"])
     ranking = ranking_from_modelopt(small_config, scores)
     expected = ranking_from_modelopt(small_config, known)
-    assert ranking.attention_heads == {2: [[0, 1], [0, 1]], 5: [[0, 1], [0, 1]]}
+    assert ranking.orders["attention_heads"] == {2: [[0, 1], [0, 1]], 5: [[0, 1], [0, 1]]}
     for axis in ("hidden", "ffn", "mamba_heads", "mamba_channels", "layers"):
-        assert getattr(ranking, axis) == getattr(expected, axis), axis
+        assert _axis(ranking, axis) == _axis(expected, axis), axis
 
 
 def test_a_fixed_width_hparam_is_an_error(small_config) -> None:
@@ -243,12 +250,15 @@ def test_kendall_blocks_do_not_change_the_count() -> None:
 
 def _reversed(r: Ranking) -> Ranking:
     flip = lambda d: {j: v[::-1] for j, v in d.items()}
+    grouped = lambda d: {j: [g[::-1] for g in v] for j, v in d.items()}
     return Ranking(
         hidden=r.hidden[::-1],
-        ffn=flip(r.ffn),
-        mamba_channels=flip(r.mamba_channels),
-        mamba_heads={j: [g[::-1] for g in v] for j, v in r.mamba_heads.items()},
-        attention_heads={j: [g[::-1] for g in v] for j, v in r.attention_heads.items()},
+        orders={
+            "ffn": flip(r.orders["ffn"]),
+            "mamba_head_dim": flip(r.orders["mamba_head_dim"]),
+            "mamba_heads": grouped(r.orders["mamba_heads"]),
+            "attention_heads": grouped(r.orders["attention_heads"]),
+        },
         layers=r.layers[::-1],
         scores={},
     )
@@ -404,7 +414,7 @@ def test_native_backend_finds_the_planted_importance_on_every_axis(pgs, tiny_con
     ]
     native = estimate_importance(model, batches, pgs, rank_layers=False)
     for axis in PLANTED_AXES:
-        for got, want in _orders(getattr(native, axis), planted[axis], axis):
+        for got, want in _orders(_axis(native, axis), planted[axis], axis):
             assert spearman_rho(got, want) > 0.9, (axis, got, want)
 
 
@@ -433,17 +443,18 @@ def test_modelopt_backend_ranks_every_axis(both_backends, tiny_config) -> None:
     cfg = tiny_config
     kinds = cfg.layer_kinds()
     assert _is_permutation(ranking.hidden, cfg.hidden_size)
-    assert sorted(ranking.ffn) == [j for j, k in enumerate(kinds) if k == "mlp"]
-    assert all(_is_permutation(o, cfg.ffn_hidden_size) for o in ranking.ffn.values())
-    assert sorted(ranking.mamba_channels) == [j for j, k in enumerate(kinds) if k == "mamba"]
-    assert all(_is_permutation(o, cfg.mamba_head_dim) for o in ranking.mamba_channels.values())
+    orders = ranking.orders
+    assert sorted(orders["ffn"]) == [j for j, k in enumerate(kinds) if k == "mlp"]
+    assert all(_is_permutation(o, cfg.ffn_hidden_size) for o in orders["ffn"].values())
+    assert sorted(orders["mamba_head_dim"]) == [j for j, k in enumerate(kinds) if k == "mamba"]
+    assert all(_is_permutation(o, cfg.mamba_head_dim) for o in orders["mamba_head_dim"].values())
     per_group = cfg.mamba_num_heads // cfg.mamba_num_groups
-    for groups in ranking.mamba_heads.values():
+    for groups in orders["mamba_heads"].values():
         assert len(groups) == cfg.mamba_num_groups
         assert all(_is_permutation(g, per_group) for g in groups)
     per_query_group = cfg.num_attention_heads // cfg.num_query_groups
-    assert sorted(ranking.attention_heads) == [j for j, k in enumerate(kinds) if k == "attention"]
-    for groups in ranking.attention_heads.values():
+    assert sorted(orders["attention_heads"]) == [j for j, k in enumerate(kinds) if k == "attention"]
+    for groups in orders["attention_heads"].values():
         assert len(groups) == cfg.num_query_groups
         assert all(_is_permutation(g, per_query_group) for g in groups)
     assert _is_permutation(ranking.layers, cfg.num_layers)
