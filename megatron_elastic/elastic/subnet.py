@@ -49,6 +49,11 @@ class LayerChoice:
                 return value
         raise ValueError(f"a {self.kind} layer has no {axis!r} axis")
 
+    def with_size(self, axis: str, size: int) -> LayerChoice:
+        """This choice with ``axis`` set to ``size``."""
+        self.size(axis)  # (ValueError for an axis of another kind)
+        return replace(self, sizes=tuple((a, size if a == axis else v) for a, v in self.sizes))
+
     @property
     def width(self) -> int:
         """The size of the kind's outermost axis: attention query heads, Mamba heads, FFN

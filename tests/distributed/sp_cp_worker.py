@@ -26,7 +26,6 @@ and the micro-batches, which every layout then loads and shards.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,7 +60,8 @@ def specs(cfg: ModelConfig, cp: int) -> dict[str, SubnetSpec]:
     full_mamba_heads = SubnetSpec(
         heads.hidden,
         tuple(
-            replace(c, width=cfg.mamba_num_heads) if c.kind == "mamba" else c for c in heads.layers
+            c.with_size("mamba_heads", cfg.mamba_num_heads) if c.kind == "mamba" else c
+            for c in heads.layers
         ),
     )
     out = {

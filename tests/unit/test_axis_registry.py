@@ -96,6 +96,9 @@ def test_validation_and_specs(toy) -> None:
     assert spec.layers[TOY_LAYER].kind == "toy" and spec.layers[TOY_LAYER].size("toy_units") == 4
     assert spec.layers[0] == SubnetSpec.full(toy).layers[0]  # the other layers keep the parent's
     assert choices_of(toy, elastic, spec)["toy_units"] == 4
+    assert spec.layers[TOY_LAYER].with_size("toy_units", 8).size("toy_units") == 8
+    with pytest.raises(ValueError, match="a toy layer has no 'ffn' axis"):
+        spec.layers[TOY_LAYER].with_size("ffn", 8)
     bad = SubnetSpec.heterogeneous(toy, toy_units=[5] * toy.num_layers)
     with pytest.raises(ValueError, match="layer 6: 5 toy units is not possible"):
         bad.validate(toy, elastic)
