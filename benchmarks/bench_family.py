@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The paper's claims in miniature: one command trains an elastic family on the tiny recipe and
-every comparison arm, then measures them side by side (``benchmarks/family_report.py``).
+every comparison arm, then measures them side by side (``benchmarks/family_measure.py``) and
+writes the report (``benchmarks/family_report.py``).
 
     python benchmarks/bench_family.py             # ~1 hour on 2 CPU cores
     python benchmarks/bench_family.py --reduced   # a few minutes: every arm, tiny sizes (CI)

@@ -17,14 +17,15 @@ the 12B recipes set it. Cases, each timed after a warm-up (CUDA-synchronised wal
   modules), its peak above the resident training state against the evaluation plan
   (:func:`megatron_elastic.planning.evaluation.plan_evaluation`).
 
-Per case: step ms, model TFLOP/s (teacher forward + 3x student forward, :func:`pair_step_flops`;
+Per case: step ms, model TFLOP/s (teacher forward + 3x student forward, :func:`case_flops`;
 recomputation not counted), hardware TFLOP/s (recomputation counted), MFU against the datasheet
 bf16 dense peak and against an 8192^3 bf16 matmul measured in the same process, and peak memory
 (``torch.cuda.max_memory_allocated``). Ratios: 6B/full (slice speedup) and mask/slice. An
 out-of-memory case is recorded with the allocator's message and the run goes on.
 
 Needs CUDA: without it, prints one line and exits 2. The FLOP count is
-:func:`forward_flops`, derived from the layer shapes only (unit-tested on CPU).
+``megatron_elastic/planning/flops.py``'s (the trainer's MFU), from the layer shapes only
+(unit-tested on CPU).
 
     python benchmarks/bench_gpu_step.py --seq 8192 --output runs/gpu_step_8k.json
     python benchmarks/bench_gpu_step.py --seq 49152 --vocab 16384 --output runs/gpu_step_49k.json
@@ -39,6 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,9 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_elastic.config import ModelConfig, load_model_config  # noqa: E402
-from megatron_elastic.model.layouts import AttentionLayout, MambaLayout  # noqa: E402
 
-__all__ = ["H200_BF16_PEAK_TFLOPS", "forward_flops", "pair_step_flops", "stack_config"]
+if TYPE_CHECKING:
+    from megatron_elastic.elastic.subnet import SubnetSpec
+
+__all__ = ["H200_BF16_PEAK_TFLOPS", "case_flops", "stack_config"]
 
 H200_BF16_PEAK_TFLOPS = 989.4
 """Dense bf16 tensor-core peak of an H100/H200 SXM (datasheet, no sparsity)."""
@@ -57,64 +61,25 @@ SIX_B_WIDTHS = {"hidden": 3584, "ffn": 12800, "mamba_heads": 112}
 """The 12B recipe's 6B ``budget_choices`` (examples/nemotron_nano_12b/elastic.yaml), widths only."""
 
 
-def forward_flops(cfg: ModelConfig, *, batch: int, seq: int) -> dict[str, int]:
-    """Matmul FLOPs (2 per multiply-add) of one forward pass of ``cfg`` over ``batch`` sequences
-    of ``seq`` tokens, by layer kind, plus the output layer and the total.
+def case_flops(
+    cfg: ModelConfig, spec: SubnetSpec, *, mode: str, seq: int, recompute: bool
+) -> dict[str, float]:
+    """FLOPs of one case's distillation micro-batch (one sample of ``seq`` tokens), counted by
+    :mod:`megatron_elastic.planning.flops`: ``model`` = teacher forward + student forward and
+    backward (3x forward), the MFU convention; ``hardware`` adds the student layers' forward
+    recomputed in backward when ``recompute``. ``mask`` mode computes at full width whatever
+    ``spec`` is; ``slice`` mode at ``spec``'s widths."""
+    from megatron_elastic.planning.flops import StepFlops
 
-    Per token (T = batch * seq tokens), h = hidden:
-      Mamba: in_proj 2 h (2 I + 2 G N + H) with I = H P (H heads of P channels, G groups, state
-        N); depthwise conv 2 (I + 2 G N) K; SSD chunked scan with chunk Q = min(chunk, seq):
-        H P (2 Q + 4 N) (intra-chunk (C B^T . L) X and the chunk states in and out) + 2 G Q N
-        (C B^T per group); out_proj 2 I h.
-      Attention (nq heads x d, ng query groups): QKV 2 h d (nq + 2 ng), output 2 nq d h; the
-        scores and the weighted values 2 x 2 seq nq d each, halved for the causal mask.
-      MLP: 2 x 2 h f (fc1, fc2; squared ReLU is elementwise).
-      Output layer: 2 h V. Embedding lookup, norms and softmax are not counted.
-    """
-    tokens = batch * seq
-    h = cfg.hidden_size
-    heads, p, g, n = (
-        cfg.mamba_num_heads,
-        cfg.mamba_head_dim,
-        cfg.mamba_num_groups,
-        cfg.mamba_state_dim,
+    flops = StepFlops(
+        cfg,
+        seq_length=seq,
+        micro_batch_size=1,
+        teacher=True,
+        recompute=recompute,
+        full_width=mode == "mask",
     )
-    layout = MambaLayout(heads, p, g, n)
-    inner, q = layout.inner, min(cfg.mamba_chunk_size, seq)
-    mamba = tokens * (
-        2 * h * layout.in_proj.size
-        + 2 * layout.conv.size * cfg.mamba_conv_kernel
-        + inner * (2 * q + 4 * n)
-        + 2 * g * q * n
-        + 2 * inner * h
-    )
-    nq, ng, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
-    attention = (
-        tokens * (2 * h * d * AttentionLayout.head_rows(nq, ng) + 2 * nq * d * h)
-        + 2 * batch * seq * seq * nq * d
-    )
-    mlp = tokens * 4 * h * cfg.ffn_hidden_size
-    kinds = cfg.layer_kinds()
-    out = {
-        "mamba": mamba * kinds.count("mamba"),
-        "attention": attention * kinds.count("attention"),
-        "mlp": mlp * kinds.count("mlp"),
-        "output": tokens * 2 * h * cfg.vocab_size,
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-def pair_step_flops(
-    student: ModelConfig, teacher: ModelConfig, *, batch: int, seq: int, recompute: bool
-) -> dict[str, int]:
-    """FLOPs of one distillation micro-batch: ``model`` = teacher forward + student forward and
-    backward (backward = 2x forward), the MFU convention; ``hardware`` adds the student layers'
-    forward recomputed in backward when ``recompute`` (the output layer is not recomputed)."""
-    s = forward_flops(student, batch=batch, seq=seq)
-    t = forward_flops(teacher, batch=batch, seq=seq)
-    model = t["total"] + 3 * s["total"]
-    hardware = model + (s["total"] - s["output"] if recompute else 0)
+    model, hardware = flops.step({spec: 1})
     return {"model": model, "hardware": hardware}
 
 
@@ -244,10 +209,8 @@ def run(
             print(f"{name}: {json.dumps(case)}", flush=True)
             continue
         budget, mode = name.split("/")
-        spec, dims = specs[budget]
-        flops = pair_step_flops(
-            cfg if mode == "mask" else dims, cfg, batch=1, seq=args.seq, recompute=args.recompute
-        )
+        spec, _ = specs[budget]
+        flops = case_flops(cfg, spec, mode=mode, seq=args.seq, recompute=args.recompute)
         weights = SubnetWeights(hidden=torch.ones((), device=device, requires_grad=True))
         student.elastic_config = dataclasses.replace(elastic, mode=mode)
         pair.set_student(spec, weights)

@@ -15,7 +15,7 @@ Per layer and per token of one micro-batch (``h`` the sub-network's embedding wi
   mamba-ssm's kernels compute it (chunk ``Q = min(L, s)``): within-chunk scores ``C B^T`` per
   group ``2 g Q n``, outputs ``2 nh p Q``, chunk states ``2 nh p n`` and their contribution to
   the outputs ``2 nh p n`` (the state passing between chunks is ``O(nh p n)`` per chunk, not
-  counted). The same as ``benchmarks/bench_gpu_step.py``'s ``forward_flops``. Megatron-LM
+  counted); ``benchmarks/bench_gpu_step.py`` counts its MFU with this module. Megatron-LM
   counts the scan as ``7 d_in n`` (with ``d_in = 2 h``) and no conv. (The CPU scan,
   ``model/ssd_scan.py``, does more: scores per head, the sequence padded to whole chunks, and
   states passed by a ``(c+1) x (c+1)`` product; ``tests/unit/test_step_metrics.py`` counts it.)

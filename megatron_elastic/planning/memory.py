@@ -20,16 +20,29 @@ optimizer state, frozen teacher, router) plus the largest of: the in-flight acti
 backward working set (at layer j: the gradients of its output, input and weight; with recompute
 its forward rebuilt first; minus what the layers after j have freed);
 the in-flight activations but one plus the teacher's forward working set; on the last stage, one
-micro-batch's activations plus the logits and KD temporaries.
+micro-batch's activations plus the logits and KD temporaries. :func:`plan_memory` takes these
+steps per stage; what it is told (:class:`MemoryPlanConfig`, the profiles) is in
+``planning/memory_config.py``. Weights are counted by ``model/param_count.py`` and the fused
+weights' rows read from ``model/layouts.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from megatron_elastic.config import ModelConfig, ParallelConfig, check_parallel_fit
+from megatron_elastic.config import ModelConfig
+from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
+from megatron_elastic.model.param_count import layer_parameter_counts
+from megatron_elastic.planning.memory_config import (
+    GIB,
+    PROFILES,
+    LayerShape,
+    MemoryPlanConfig,
+    Profile,
+)
 
 __all__ = [
+    "GIB",
     "PROFILES",
     "LayerShape",
     "MemoryPlan",
@@ -40,120 +53,6 @@ __all__ = [
     "layer_activation_terms",
     "plan_memory",
 ]
-
-GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class Profile:
-    """The numerics and kernels a plan assumes."""
-
-    name: str
-    """``cpu-fp32`` or ``gpu-bf16``."""
-    param_bytes: int
-    """Bytes per weight of the student and the teacher."""
-    act_bytes: int
-    """Bytes per element of activations between layers (the model dtype)."""
-    optimizer_bytes: int
-    """Optimizer state per trainable parameter: Adam moments (8), plus fp32 master weights (4)
-    when the weights are in bf16."""
-
-
-PROFILES = {
-    "cpu-fp32": Profile("cpu-fp32", 4, 4, 8),
-    "gpu-bf16": Profile("gpu-bf16", 2, 2, 12),
-}
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """One layer of the student as it runs (the largest budget's sub-network)."""
-
-    kind: str
-    """``mamba``, ``attention`` or ``mlp``."""
-    width: int
-    """Query heads, Mamba heads or FFN neurons (whole model, not per rank)."""
-    head_dim: int = 0
-    """Mamba channels per head (0 for other kinds)."""
-    active: bool = True
-    """Skipped layers store nothing."""
-
-
-@dataclass(frozen=True)
-class MemoryPlanConfig:
-    """Everything the planner needs: sizes, parallel layout, batch geometry, numerics."""
-
-    model: ModelConfig
-    """The parent (the teacher, and the student's full size)."""
-    parallel: ParallelConfig
-    """TP, PP (and layout), SP, CP."""
-    seq_length: int
-    """Tokens per sample."""
-    micro_batch_size: int
-    """Samples per micro-batch."""
-    num_micro_batches: int
-    """Micro-batches per step and data-parallel rank (bounds 1F1B's in-flight count)."""
-    data_parallel_size: int = 1
-    """Replicas; the distributed optimizer shards optimizer state over them."""
-    recompute: bool = False
-    """Per-layer activation recomputation (``train.recompute_granularity: full``)."""
-    recompute_num_layers: int | None = None
-    """With ``recompute``: only the first this many layers of each stage are recomputed (the
-    ``block`` method); ``None``: every layer (``uniform``)."""
-    distributed_optimizer: bool = False
-    """Optimizer state sharded over data-parallel ranks."""
-    teacher: bool = True
-    """A frozen parent copy distils the student (``distill.teacher: parent``)."""
-    profile: str = "cpu-fp32"
-    """A key of :data:`PROFILES`."""
-    student_hidden: int | None = None
-    """Embedding width of the largest budget (``None``: the parent's)."""
-    student_layers: tuple[LayerShape, ...] | None = None
-    """Per-layer shape of the largest budget (``None``: the parent's)."""
-    router_params: int = 0
-    """Parameters of the routers (fp32, Adam: 16 bytes each, on every rank)."""
-    loss_chunks: int = 8
-    """Token chunks of the KD loss (``distill.num_loss_chunks``)."""
-    ce_trained: bool = False
-    """The student's cross entropy is trained too (``distill.ce_weight > 0``)."""
-    stages: tuple[int, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        for name in (
-            "seq_length",
-            "micro_batch_size",
-            "num_micro_batches",
-            "data_parallel_size",
-            "loss_chunks",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MemoryPlanConfig.{name} must be a positive integer, got {value}")
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile={self.profile!r}; choose one of {sorted(PROFILES)}")
-        n = self.recompute_num_layers
-        if n is not None and (not self.recompute or not isinstance(n, int) or n < 1):
-            raise ValueError(
-                f"MemoryPlanConfig.recompute_num_layers={n!r} needs recompute=True and n >= 1"
-            )
-        check_parallel_fit(self.model, self.parallel)
-        self.parallel.check_sequence_length(self.seq_length)
-        if self.student_layers is not None and len(self.student_layers) != self.model.num_layers:
-            raise ValueError(
-                f"student_layers lists {len(self.student_layers)} layers, the model has "
-                f"{self.model.num_layers}"
-            )
-        object.__setattr__(self, "stages", self.parallel.stage_layer_counts(self.model.num_layers))
-
-    def layers(self) -> tuple[LayerShape, ...]:
-        if self.student_layers is not None:
-            return self.student_layers
-        return tuple(
-            LayerShape(kind, width, head_dim)
-            for kind, (width, head_dim) in zip(
-                self.model.layer_kinds(), self.model.layer_sizes(), strict=True
-            )
-        )
 
 
 # --------------------------------------------------------------------------- activations
@@ -205,16 +104,20 @@ def layer_activation_terms(
             rows = (cp + 0.5) * t
             q = nq * d
         else:  # one query group per rank: q is a view of the fused qkv output, kept whole
-            q = (nq + 2 * m.num_query_groups / tp) * d if m.num_query_groups == tp else nq * d
+            one_group = m.num_query_groups == tp
+            q = AttentionLayout.head_rows(nq, m.num_query_groups / tp) * d if one_group else nq * d
         terms["attn: q (or all qkv), out"] = (rows * q + rows * nq * d) * a
         terms["attn: weighted ctx"] = t * nq * d * a
         terms["attn: k, v per query head (2 nq d)"] = 2 * kv_tokens * nq * d * a
         terms["attn: logsumexp (nq fp32)"] = 4 * rows * nq
         return terms
-    nh, hd = layer.width / tp, layer.head_dim
-    g, n, L, k = m.mamba_num_groups / tp, m.mamba_state_dim, m.mamba_chunk_size, m.mamba_conv_kernel
-    inner = nh * hd
-    d_in = 2 * inner + 2 * g * n + nh  # in_proj output [z, x, B, C, dt]
+    # One rank's share of the packed in_proj [z, x, B, C, dt] and of the conv's [x, B, C].
+    shard = MambaLayout(
+        layer.width / tp, layer.head_dim, m.mamba_num_groups / tp, m.mamba_state_dim
+    )
+    nh, hd, g, n = shard.num_heads, shard.head_dim, shard.num_groups, shard.state_dim
+    L, k = m.mamba_chunk_size, m.mamba_conv_kernel
+    inner, d_in = shard.inner, shard.in_proj_size
     if prof.name == "cpu-fp32":
         seq = cfg.seq_length
         chunks = -(-seq // L)
@@ -224,9 +127,7 @@ def layer_activation_terms(
         # gated y*silu(z), its normalised form, the normed output, the router-weighted out_proj
         # input (6 inner); per-head dt/decay vectors (5 nh incl. dt in zxbcdt's share).
         terms["mamba: in_proj output [z,x,B,C,dt]"] = 4 * t * d_in
-        terms["mamba: conv out + silu [x,B,C] x2"] = (
-            4 * t * (inner + 2 * g * n) * (2 + (k - 1) / seq)
-        )
+        terms["mamba: conv out + silu [x,B,C] x2"] = 4 * t * shard.conv_size * (2 + (k - 1) / seq)
         terms["mamba: x*dt + 2 bmm copies (3 inner)"] = 4 * t * 3 * inner
         terms["mamba: y, gate, norm, out (6 inner)"] = 4 * t * (6 * inner + g)
         terms["mamba: dt, decays (4 nh)"] = 4 * t * 4 * nh
@@ -274,28 +175,32 @@ def kd_loss_bytes(cfg: MemoryPlanConfig) -> float:
 
 
 # --------------------------------------------------------------------------- parameters
-def _layer_params_per_rank(m: ModelConfig, kind: str, width: int, head_dim: int, tp: int) -> float:
+def _stage_weights(cfg: MemoryPlanConfig, stage: _Stage) -> float:
+    """Weights of one rank of a stage (the parent's sizes: slice mode keeps the full weights).
+    Every layer's pre-norm is replicated over TP, the rest of it (:mod:`~.model.param_count`)
+    is split; the first stage holds the input embedding, the last the output layer and the final
+    norm (:func:`~.model.param_count.embedding_params`), each a ``V / TP``-row shard."""
+    m, tp = cfg.model, cfg.parallel.tensor_parallel_size
     h = m.hidden_size
-    if kind == "mlp":
-        return h + 2 * h * width / tp
-    if kind == "attention":
-        return h + (h * (width + 2 * m.num_query_groups) * m.head_dim + width * m.head_dim * h) / tp
-    inner, gn = width * head_dim, m.mamba_num_groups * m.mamba_state_dim
-    conv = (inner + 2 * gn) * (m.mamba_conv_kernel + 1)
-    return h + (h * (2 * inner + 2 * gn + width) + conv + 3 * width + inner + inner * h) / tp
+    counts = layer_parameter_counts(m)
+    params = sum(h + (counts[j] - h) / tp for j in stage.layers)
+    table = m.vocab_size / tp * h
+    return params + ((table if stage.first else 0) + (table + h if stage.last else 0))
 
 
 def _largest_weight(m: ModelConfig, tp: int, first: bool, last: bool) -> float:
-    """Elements of the largest weight matrix shard on a stage (its gradient is a transient)."""
+    """Elements of the largest weight matrix shard on a stage (its gradient is a transient):
+    an FFN matrix, the fused ``linear_qkv`` or the packed Mamba ``in_proj``
+    (:mod:`~.model.layouts`), or a vocabulary table."""
     h, sizes = m.hidden_size, [0.0]
     for kind, (width, head_dim) in zip(m.layer_kinds(), m.layer_sizes(), strict=True):
         if kind == "mlp":
-            sizes.append(h * width / tp)
+            rows = width
         elif kind == "attention":
-            sizes.append(h * (width + 2 * m.num_query_groups) * m.head_dim / tp)
+            rows = AttentionLayout.head_rows(width, m.num_query_groups) * m.head_dim
         else:
-            inner = width * head_dim
-            sizes.append(h * (2 * inner + 2 * m.mamba_num_groups * m.mamba_state_dim + width) / tp)
+            rows = MambaLayout(width, head_dim, m.mamba_num_groups, m.mamba_state_dim).in_proj_size
+        sizes.append(h * rows / tp)
     if first or last:
         sizes.append(m.vocab_size / tp * h)
     return max(sizes)
@@ -332,103 +237,146 @@ class MemoryPlan:
         return max(s.peak for s in self.stages)
 
 
-def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
-    """Per-stage memory of one training step on the busiest rank of each stage."""
+@dataclass(frozen=True)
+class _Stage:
+    """Where one stage sits: its layers, its neighbours, its in-flight micro-batches."""
+
+    index: int
+    layers: range
+    """Indices of its layers in the stack."""
+    first: bool
+    last: bool
+    in_flight: int
+    rebuilt: dict[int, bool]
+    """Per layer: recomputed in backward (``block``: only the first ``recompute_num_layers``)."""
+
+
+def _stages(cfg: MemoryPlanConfig) -> list[_Stage]:
+    """The pipeline stages, and how many micro-batches 1F1B keeps in flight on each."""
+    pp, stages, start = cfg.parallel.pipeline_parallel_size, [], 0
+    for i, count in enumerate(cfg.stages):
+        mine = range(start, start + count)
+        start += count
+        n = len(mine) if cfg.recompute_num_layers is None else cfg.recompute_num_layers
+        rebuilt = {j: cfg.recompute and j - mine.start < n for j in mine}
+        in_flight = min(pp - i, cfg.num_micro_batches)
+        stages.append(_Stage(i, mine, i == 0, i == pp - 1, in_flight, rebuilt))
+    return stages
+
+
+def _static_bytes(cfg: MemoryPlanConfig, stage: _Stage) -> dict[str, float]:
+    """Memory held for the whole step: weights, the fp32 gradient buffer, optimizer state
+    (sharded over DP by the distributed optimizer), the frozen teacher, the router, megatron's
+    SP gather buffer."""
     m, p, prof = cfg.model, cfg.parallel, PROFILES[cfg.profile]
-    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+    params = _stage_weights(cfg, stage)
+    dp_shard = cfg.data_parallel_size if cfg.distributed_optimizer else 1
+    static = {
+        "student weights": params * prof.param_bytes,
+        "gradients (fp32 buffer)": params * 4,
+        "optimizer state": params * prof.optimizer_bytes / dp_shard,
+        "teacher weights": params * prof.param_bytes if cfg.teacher else 0.0,
+        "router (fp32 + grads + Adam)": 16 * cfg.router_params,
+    }
+    # megatron keeps one persistent "mpu" buffer per dtype (parallel_state's
+    # GlobalMemoryBuffer), as large as its largest request: under SP, megatron's linears
+    # all-gather their inputs (s, b, h) into it. (No attention asks for it: every core
+    # attention is our causal SDPA, model/attention.py.)
+    if p.sequence_parallel_active:
+        buffer = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
+        static["megatron global buffer (SP gather)"] = buffer * m.hidden_size * prof.act_bytes
+    return static
+
+
+def _stored_activations(
+    cfg: MemoryPlanConfig, stage: _Stage
+) -> tuple[dict[str, float], dict[str, int]]:
+    """What the in-flight micro-batches keep for their backward, by layer kind plus the
+    embedding / final norm / pipeline buffers; and the active layers of each kind."""
+    m, prof = cfg.model, PROFILES[cfg.profile]
     hidden = cfg.student_hidden or m.hidden_size
     layers = cfg.layers()
     t, th = _tokens(cfg)
     a = prof.act_bytes
-    vocab = m.vocab_size / tp
-    stages, start = [], 0
-    for i, count in enumerate(cfg.stages):
-        first, last = i == 0, i == pp - 1
-        mine = range(start, start + count)
-        start += count
-        in_flight = min(pp - i, cfg.num_micro_batches)
-        params = sum(
-            _layer_params_per_rank(m, kind, w, d, tp)
-            for j, (kind, (w, d)) in enumerate(zip(m.layer_kinds(), m.layer_sizes(), strict=True))
-            if j in mine
-        )
-        params += (vocab * m.hidden_size if first else 0) + (
-            vocab * m.hidden_size + m.hidden_size if last else 0
-        )
-        dp_shard = cfg.data_parallel_size if cfg.distributed_optimizer else 1
-        static = {
-            "student weights": params * prof.param_bytes,
-            "gradients (fp32 buffer)": params * 4,
-            "optimizer state": params * prof.optimizer_bytes / dp_shard,
-            "teacher weights": params * prof.param_bytes if cfg.teacher else 0.0,
-            "router (fp32 + grads + Adam)": 16 * cfg.router_params,
-        }
-        # megatron keeps one persistent "mpu" buffer per dtype (parallel_state's
-        # GlobalMemoryBuffer), as large as its largest request: under SP, megatron's linears
-        # all-gather their inputs (s, b, h) into it. (No attention asks for it: every core
-        # attention is our causal SDPA, model/attention.py.)
-        if p.sequence_parallel_active:
-            buffer = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
-            static["megatron global buffer (SP gather)"] = buffer * m.hidden_size * a
-        per_kind: dict[str, float] = {"mamba": 0.0, "attention": 0.0, "mlp": 0.0}
-        counts = {"mamba": 0, "attention": 0, "mlp": 0}
-        n = len(mine) if cfg.recompute_num_layers is None else cfg.recompute_num_layers
-        rebuilt = {j: cfg.recompute and j - mine.start < n for j in mine}  # block: the first n
-        for j in mine:
-            layer = layers[j]
-            per_kind[layer.kind] += _stored_bytes(cfg, layer, hidden, rebuilt[j])
-            counts[layer.kind] += int(layer.active)
-        acts = {f"{k} layers": v * in_flight for k, v in per_kind.items()}
-        extra = 0.0
-        if first:  # the embedding output (router-weight mul) and the int64 token ids
-            extra += th * m.hidden_size * a + 8 * t  # a view of the full-width output
-        if last:  # final norm (4h+1 on CPU, see layer terms) without the gate
-            extra += (
-                th * (3 * hidden * 4 + 4) if prof.name == "cpu-fp32" else th * (10 * hidden + 4)
-            )
-        if not first:  # the received (s, 2b, h) pair tensor: the teacher half on top
-            extra += th * m.hidden_size * a * (2 if cfg.teacher else 1) / 2
-        if not last:  # the sent (s, 2b, h) output, kept until its backward
-            extra += th * m.hidden_size * a * (2 if cfg.teacher else 1)
-        acts["embedding / final norm / pipeline buffers"] = extra * in_flight
-        stored = sum(acts.values())
-        one_mb = stored / in_flight
-        # Backward of the newest micro-batch runs its layers last to first. At layer j the
-        # layers after j have freed their saved tensors; j's own are freed node by node as its
-        # backward consumes them, so on top of them live the gradients of its output and input
-        # (hidden width) and of its weight (the cut view's gradient and the full-size buffer it
-        # lands in); with recompute, j's forward is first rebuilt in full.
-        weight_grad = 2 * _largest_weight(m, tp, first, last) * prof.param_bytes
-        grads = (th + t) * hidden * a  # under SP the input's gradient is all-gathered width
-        backward, freed = 0.0, 0.0
-        for j in reversed(mine):
-            forward = _layer_bytes(cfg, layers[j], hidden) if rebuilt[j] else 0.0
-            backward = max(backward, forward + grads - freed)
-            freed += _stored_bytes(cfg, layers[j], hidden, rebuilt[j])
-        transients = {"backward working set (net)": backward + weight_grad}
-        teacher_ws = 0.0
-        if cfg.teacher:
-            full = [
-                LayerShape(k, w, d)
-                for k, (w, d) in zip(m.layer_kinds(), m.layer_sizes(), strict=True)
-            ]
-            teacher_ws = max((_layer_bytes(cfg, full[j], m.hidden_size) for j in mine), default=0)
-            transients["teacher forward working set"] = teacher_ws
-        peak_phase = stored + transients["backward working set (net)"]
-        peak_phase = max(peak_phase, stored - one_mb + teacher_ws)
-        if last:
-            kd = kd_loss_bytes(cfg)
-            transients["logits + KD temporaries"] = kd
-            peak_phase = max(peak_phase, stored + kd)
-        stages.append(
-            StagePlan(
-                stage=i,
-                layers=counts,
-                in_flight=in_flight,
-                static=static,
-                activations=acts,
-                transients=transients,
-                peak=sum(static.values()) + peak_phase,
-            )
-        )
-    return MemoryPlan(cfg, tuple(stages))
+    per_kind: dict[str, float] = {"mamba": 0.0, "attention": 0.0, "mlp": 0.0}
+    counts = {"mamba": 0, "attention": 0, "mlp": 0}
+    for j in stage.layers:
+        layer = layers[j]
+        per_kind[layer.kind] += _stored_bytes(cfg, layer, hidden, stage.rebuilt[j])
+        counts[layer.kind] += int(layer.active)
+    acts = {f"{k} layers": v * stage.in_flight for k, v in per_kind.items()}
+    extra = 0.0
+    if stage.first:  # the embedding output (router-weight mul) and the int64 token ids
+        extra += th * m.hidden_size * a + 8 * t  # a view of the full-width output
+    if stage.last:  # final norm (4h+1 on CPU, see layer terms) without the gate
+        extra += th * (3 * hidden * 4 + 4) if prof.name == "cpu-fp32" else th * (10 * hidden + 4)
+    if not stage.first:  # the received (s, 2b, h) pair tensor: the teacher half on top
+        extra += th * m.hidden_size * a * (2 if cfg.teacher else 1) / 2
+    if not stage.last:  # the sent (s, 2b, h) output, kept until its backward
+        extra += th * m.hidden_size * a * (2 if cfg.teacher else 1)
+    acts["embedding / final norm / pipeline buffers"] = extra * stage.in_flight
+    return acts, counts
+
+
+def _backward_working_set(cfg: MemoryPlanConfig, stage: _Stage) -> float:
+    """The net peak one micro-batch's backward adds to the stored activations.
+
+    Backward runs the stage's layers last to first. At layer j the layers after j have freed
+    their saved tensors; j's own are freed node by node as its backward consumes them, so on top
+    of them live the gradients of its output and input (hidden width) and of its weight (the cut
+    view's gradient and the full-size buffer it lands in); with recompute, j's forward is first
+    rebuilt in full."""
+    m, prof = cfg.model, PROFILES[cfg.profile]
+    tp = cfg.parallel.tensor_parallel_size
+    hidden = cfg.student_hidden or m.hidden_size
+    layers = cfg.layers()
+    t, th = _tokens(cfg)
+    weight_grad = 2 * _largest_weight(m, tp, stage.first, stage.last) * prof.param_bytes
+    grads = (th + t) * hidden * prof.act_bytes  # under SP the input's gradient is all-gathered
+    backward, freed = 0.0, 0.0
+    for j in reversed(stage.layers):
+        forward = _layer_bytes(cfg, layers[j], hidden) if stage.rebuilt[j] else 0.0
+        backward = max(backward, forward + grads - freed)
+        freed += _stored_bytes(cfg, layers[j], hidden, stage.rebuilt[j])
+    return backward + weight_grad
+
+
+def _teacher_working_set(cfg: MemoryPlanConfig, stage: _Stage) -> float:
+    """The frozen teacher's forward: the largest one layer of the parent keeps while it runs
+    (nothing is saved for backward)."""
+    m = cfg.model
+    full = [LayerShape(k, w, d) for k, (w, d) in zip(m.layer_kinds(), m.layer_sizes(), strict=True)]
+    return max((_layer_bytes(cfg, full[j], m.hidden_size) for j in stage.layers), default=0)
+
+
+def _plan_stage(cfg: MemoryPlanConfig, stage: _Stage) -> StagePlan:
+    """One stage's plan: static memory plus the largest of the step's phases (module
+    docstring): stored activations + backward, all but one micro-batch + the teacher's forward,
+    and on the last stage stored activations + logits and KD temporaries."""
+    static = _static_bytes(cfg, stage)
+    acts, counts = _stored_activations(cfg, stage)
+    stored = sum(acts.values())
+    one_mb = stored / stage.in_flight
+    transients = {"backward working set (net)": _backward_working_set(cfg, stage)}
+    teacher_ws = 0.0
+    if cfg.teacher:
+        teacher_ws = transients["teacher forward working set"] = _teacher_working_set(cfg, stage)
+    peak_phase = stored + transients["backward working set (net)"]
+    peak_phase = max(peak_phase, stored - one_mb + teacher_ws)
+    if stage.last:
+        kd = transients["logits + KD temporaries"] = kd_loss_bytes(cfg)
+        peak_phase = max(peak_phase, stored + kd)
+    return StagePlan(
+        stage=stage.index,
+        layers=counts,
+        in_flight=stage.in_flight,
+        static=static,
+        activations=acts,
+        transients=transients,
+        peak=sum(static.values()) + peak_phase,
+    )
+
+
+def plan_memory(cfg: MemoryPlanConfig) -> MemoryPlan:
+    """Per-stage memory of one training step on the busiest rank of each stage."""
+    return MemoryPlan(cfg, tuple(_plan_stage(cfg, stage) for stage in _stages(cfg)))

@@ -1,7 +1,7 @@
 """scripts/gpu_check.sh and benchmarks/bench_gpu_step.py: on CPU, the script stops at once
-without a GPU and the FLOP count matches hand-computed numbers; on a GPU (marked ``gpu``),
-Transformer-Engine specs compute what local specs compute and an exported HF model computes what
-the elastic model computes, on CUDA."""
+without a GPU and the FLOP count (planning/flops.py, which the benchmark's cases use) matches
+hand-computed numbers; on a GPU (marked ``gpu``), Transformer-Engine specs compute what local
+specs compute and an exported HF model computes what the elastic model computes, on CUDA."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from megatron_elastic.config import load_model_config
+from megatron_elastic.elastic.subnet import SubnetSpec
+from megatron_elastic.planning.flops import forward_flops, layer_forward_flops
 
 ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_gpu_step import forward_flops, pair_step_flops, stack_config  # noqa: E402
+from bench_gpu_step import case_flops, stack_config  # noqa: E402
 
 
 def _run_script(tmp_path: Path, path_dirs: list[str]) -> tuple[subprocess.CompletedProcess, float]:
@@ -89,27 +91,42 @@ def _small_config():
 def test_forward_flops_match_hand_count() -> None:
     # hidden 64, FFN 128, attention 4 heads x 16 in 2 groups, Mamba 4 heads x 16 in 2 groups,
     # state 8, conv 4, chunk 16, vocab 256; batch 2 x seq 32 = 64 tokens.
-    flops = forward_flops(_small_config(), batch=2, seq=32)
+    cfg = _small_config()
+    mamba, mlp, attention = (
+        layer_forward_flops(cfg, layer, cfg.hidden_size, seq_length=32, batch=2)
+        for layer in SubnetSpec.full(cfg).layers
+    )
     # Mamba, per token: in_proj 2*64*(2*64 + 2*2*8 + 4) = 20992; conv 2*(64 + 32)*4 = 768;
     # SSD 64*(2*16 + 4*8) + 2*2*16*8 = 4096 + 512; out_proj 2*64*64 = 8192 -> 34560 x 64 tokens.
-    assert flops["mamba"] == 2_211_840
+    assert mamba == {"gemm": (20992 + 8192) * 64, "conv": 768 * 64, "scan": (4096 + 512) * 64}
+    assert sum(mamba.values()) == 2_211_840
     # Attention: QKV 2*64*16*(4 + 2*2) = 16384 and output 2*4*16*64 = 8192 per token (x 64),
     # causal scores + values 2*2*32*32*4*16 = 262144.
-    assert flops["attention"] == 1_572_864 + 262_144
+    assert attention == {"gemm": 1_572_864, "attention": 262_144}
     # MLP: 4*64*128 = 32768 per token; output layer 2*64*256 = 32768 per token.
-    assert flops["mlp"] == 2_097_152
-    assert flops["output"] == 2_097_152
-    assert flops["total"] == 8_241_152
+    assert mlp == {"gemm": 2_097_152}
+    total = forward_flops(cfg, None, seq_length=32, batch=2)
+    assert total["gemm"] - mamba["gemm"] - attention["gemm"] - mlp["gemm"] == 2_097_152
+    assert sum(total.values()) == 8_241_152
 
 
-def test_pair_step_flops_count_teacher_student_and_recompute() -> None:
+def test_case_flops_count_teacher_student_and_recompute() -> None:
+    """The benchmark's cases run one sample: half the forward counted above (2 samples of 32
+    tokens): 4_120_576, of which the output layer 1_048_576."""
     cfg = _small_config()
-    on = pair_step_flops(cfg, cfg, batch=2, seq=32, recompute=True)
-    off = pair_step_flops(cfg, cfg, batch=2, seq=32, recompute=False)
+    full = SubnetSpec.full(cfg)
+    on = case_flops(cfg, full, mode="slice", seq=32, recompute=True)
+    off = case_flops(cfg, full, mode="slice", seq=32, recompute=False)
     # teacher forward + student forward and backward (2x) = 4 forwards; recompute adds the
     # student's layers (not the output layer) once more.
-    assert off == {"model": 32_964_608, "hardware": 32_964_608}
-    assert on == {"model": 32_964_608, "hardware": 32_964_608 + 8_241_152 - 2_097_152}
+    assert off == {"model": 16_482_304, "hardware": 16_482_304}
+    assert on == {"model": 16_482_304, "hardware": 16_482_304 + 4_120_576 - 1_048_576}
+    # Mask mode computes at full width whatever the budget; slice mode at the budget's widths:
+    # FFN 64 halves the student's MLP (4 x 64 x 64 per token x 32 tokens = 524288), 3 times.
+    narrow = SubnetSpec.homogeneous(cfg, ffn=64)
+    assert case_flops(cfg, narrow, mode="mask", seq=32, recompute=True) == on
+    sliced = case_flops(cfg, narrow, mode="slice", seq=32, recompute=False)
+    assert sliced == {"model": 16_482_304 - 3 * 524_288, "hardware": 16_482_304 - 3 * 524_288}
 
 
 def test_flops_of_12b_stack_track_its_weights() -> None:
@@ -117,9 +134,9 @@ def test_flops_of_12b_stack_track_its_weights() -> None:
     from megatron_elastic.model.param_count import count_parameters
 
     cfg = stack_config("M-*-")
-    flops = forward_flops(cfg, batch=1, seq=1)
+    flops = sum(forward_flops(cfg, None, seq_length=1, batch=1).values())
     weights = count_parameters(cfg) - cfg.vocab_size * cfg.hidden_size  # no embedding matmul
-    assert abs(flops["total"] / (2 * weights) - 1) < 0.01
+    assert abs(flops / (2 * weights) - 1) < 0.01
 
 
 @pytest.mark.gpu

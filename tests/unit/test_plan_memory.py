@@ -77,6 +77,9 @@ def test_small_config_static_figures_by_hand() -> None:
     assert stage.static["gradients (fp32 buffer)"] == 4 * params
     assert stage.static["optimizer state"] == 8 * params  # Adam moments, fp32 weights
     assert stage.static["teacher weights"] == 4 * params
+    # TP 2: the three pre-norms and the final norm (4 x 96) whole on each rank, the rest halved.
+    (tp2,) = plan_memory(_small(parallel=ParallelConfig(tensor_parallel_size=2))).stages
+    assert tp2.static["student weights"] == 4 * (4 * 96 + (params - 4 * 96) / 2) == 4 * 97710
     # every core attention is causal SDPA: no (b*heads, s, s) score buffer; no SP gather either
     assert not any("global buffer" in k for k in stage.static)
     # bf16 on GPU: 2-byte weights, fp32 master + moments (12 B) sharded over DP 4
