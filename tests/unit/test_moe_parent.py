@@ -47,8 +47,8 @@ def reference_moe_layer(layer: torch.nn.Module, cfg: ModelConfig, h: torch.Tenso
     k, n = cfg.moe_router_topk, cfg.num_moe_experts
     if cfg.moe_router_score_function == "sigmoid":
         scores = torch.sigmoid(logits)
-        bias = moe.router.expert_bias
-        choice = scores + (d(bias) if bias is not None else 0.0)
+        bias = d(moe.router.expert_bias) if cfg.moe_router_enable_expert_bias else 0.0
+        choice = scores + bias  # the bias picks the experts; the weights are the plain scores
     elif cfg.moe_router_pre_softmax:
         scores = choice = torch.softmax(logits, -1)
     else:
