@@ -25,6 +25,8 @@ MOE_YAML = Path(__file__).parents[2] / "tests" / "fixtures" / "hybrid_moe_small.
 REL_TOL = 1.5e-6
 """On the layer's MoE output (its output minus the residual), relative to its max: a float32
 layer against a float64 reference. Measured worst 5.6e-7 over 6 weight draws x 4 routers."""
+GPU_REL_TOL = 1e-4
+"""The same on CUDA (cuBLAS / TE grouped GEMM, TF32 off). Not measured (no GPU run yet)."""
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +70,20 @@ def reference_moe_layer(layer: torch.nn.Module, cfg: ModelConfig, h: torch.Tenso
     out = h.clone()
     for t in range(len(x)):
         for j in range(k):
-            expert = moe.experts.local_experts[int(idx[t, j])]
-            y = d(expert.linear_fc2.weight) @ _sq_relu(d(expert.linear_fc1.weight) @ x[t])
-            out[t] += weights[t, j] * y
+            fc1, fc2 = _expert_weights(moe.experts, int(idx[t, j]))
+            out[t] += weights[t, j] * (d(fc2) @ _sq_relu(d(fc1) @ x[t]))
     if cfg.moe_shared_expert_intermediate_size:
         shared = moe.shared_experts
         out += _sq_relu(x @ d(shared.linear_fc1.weight).T) @ d(shared.linear_fc2.weight).T
     return out
+
+
+def _expert_weights(experts: torch.nn.Module, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``i``'s fc1 and fc2: ``SequentialMLP`` (local spec) or ``TEGroupedMLP`` (TE)."""
+    if hasattr(experts, "local_experts"):
+        e = experts.local_experts[i]
+        return e.linear_fc1.weight, e.linear_fc2.weight
+    return getattr(experts.linear_fc1, f"weight{i}"), getattr(experts.linear_fc2, f"weight{i}")
 
 
 def _build(cfg: ModelConfig, pgs, seed: int = 0):
@@ -94,7 +103,7 @@ def _build(cfg: ModelConfig, pgs, seed: int = 0):
     return model
 
 
-def _check_layers(model, cfg: ModelConfig, train: bool) -> int:
+def _check_layers(model, cfg: ModelConfig, train: bool, rel_tol: float = REL_TOL) -> int:
     """Run the whole model; compare every E layer's output with the reference on its input."""
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
@@ -108,6 +117,7 @@ def _check_layers(model, cfg: ModelConfig, train: bool) -> int:
             hooks.append(model.decoder.layers[j].register_forward_hook(hook, with_kwargs=True))
     model.train(train)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(next(model.parameters()).device)
     try:
         model(tokens, position_ids_like(tokens), None)
     finally:
@@ -119,7 +129,7 @@ def _check_layers(model, cfg: ModelConfig, train: bool) -> int:
         delta, want_delta = out.double().reshape(want.shape) - h, want - h
         assert want_delta.abs().max() > 0.2 * h.abs().max(), "the MoE output must matter"
         rel = (delta - want_delta).abs().max() / want_delta.abs().max()
-        assert rel < REL_TOL, (j, rel.item())
+        assert rel < rel_tol, (j, rel.item())
     return len(seen)
 
 
@@ -150,6 +160,19 @@ def test_invariant_moe_layer_matches_reference(pgs, moe_config, router) -> None:
     assert _check_layers(model, cfg, train=router == "sigmoid_bias_shared") == 2  # "ME*E"
 
 
+@pytest.mark.gpu
+def test_invariant_moe_layer_matches_reference_on_cuda(pgs, moe_config) -> None:
+    """The GPU path: megatron's TE spec (grouped-GEMM ``TEGroupedMLP`` experts) when
+    transformer_engine imports, else the local spec on CUDA; TF32 off."""
+    from megatron_elastic.model.builder import use_te
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _build(moe_config, pgs)
+    experts = type(model.decoder.layers[1].mlp.experts).__name__
+    assert experts == ("TEGroupedMLP" if use_te() else "SequentialMLP"), experts
+    assert _check_layers(model, moe_config, train=True, rel_tol=GPU_REL_TOL) == 2
+
+
 def test_active_experts_and_parameter_counts(pgs, moe_config) -> None:
     cfg = moe_config
     model = _build(cfg, pgs)
@@ -169,6 +192,52 @@ def test_active_experts_and_parameter_counts(pgs, moe_config) -> None:
         experts = model.decoder.layers[j].mlp.experts.local_experts
         hit = [e for e in experts if e.linear_fc1.weight.grad.abs().sum() > 0]
         assert len(hit) == cfg.moe_router_topk, j
+
+
+def test_router_losses_pass_through_to_megatron(pgs, moe_config) -> None:
+    """moe_aux_loss_coeff / moe_z_loss_coeff reach megatron's router: its recorded z-loss is
+    ST-MoE's mean over tokens of logsumexp(logits)^2 (computed here from the gate), and the two
+    losses change the gate's gradient (the loss is the same: they act in backward only)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+
+    off = dataclasses.replace(
+        moe_config,
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=None,
+        moe_router_enable_expert_bias=False,
+    )
+    on = dataclasses.replace(off, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.1)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads, losses, inputs, weights = [], [], {}, {}
+    for cfg in (off, on):
+        model = _build(cfg, pgs, seed=4).train()
+        weights = weights or model.state_dict()  # megatron's RNG streams moved on: same weights
+        model.load_state_dict(weights)
+        hook = model.decoder.layers[1].pre_mlp_layernorm.register_forward_hook(
+            lambda m, a, out: inputs.update(x=out.detach())
+        )
+        tracker = get_moe_metrics_tracker()
+        tracker.clear()
+        loss = model(tokens, position_ids_like(tokens), None, labels=tokens).mean()
+        loss.backward()
+        hook.remove()
+        losses.append(loss.item())
+        grads.append(model.decoder.layers[1].mlp.router.weight.grad.clone())
+        if cfg is on:
+            logits = (
+                inputs["x"].double().reshape(-1, 32)
+                @ _d(model.decoder.layers[1].mlp.router.weight).T
+            )
+            z = torch.logsumexp(logits, -1).square().mean()
+            recorded = tracker.metrics["z_loss"].values[1]  # layer_number 2 (1-based) -> index 1
+            torch.testing.assert_close(recorded.double(), z, rtol=1e-5, atol=0)
+            assert tracker.metrics["load_balancing_loss"].values[1] > 0
+    assert losses[0] == losses[1]
+    assert (grads[0] - grads[1]).abs().max() > 1e-3 * grads[0].abs().max()
+
+
+def _d(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().double()
 
 
 def _no_moe() -> dict:
