@@ -299,3 +299,20 @@ def test_elastic_side_refuses_moe_parents(pgs, moe_config) -> None:
     ):
         with pytest.raises(ValueError, match=r"MoE layers are not elastic yet \(issue 26 step 2\)"):
             refuse()
+
+
+def test_every_format_refuses_moe_models_until_it_writes_them(moe_config) -> None:
+    """No exporter writes experts yet: each refuses rather than write a config without them."""
+    from megatron_elastic.elastic import SubnetSpec
+    from megatron_elastic.export.gguf import check_gguf_exportable
+    from megatron_elastic.export.megatron_lm import megatron_lm_args
+    from megatron_elastic.export.nemotron_h_config import hf_config_from_model
+
+    spec = SubnetSpec.full(moe_config)
+    for target, refuse in (
+        ("Hugging Face", lambda: hf_config_from_model(moe_config)),
+        ("Megatron-LM", lambda: megatron_lm_args(moe_config)),
+        ("GGUF", lambda: check_gguf_exportable(moe_config, spec)),
+    ):
+        with pytest.raises(ValueError, match=f"{target} export of a model with 'E'"):
+            refuse()
