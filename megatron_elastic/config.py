@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from megatron_elastic.config_moe import check_moe
+
 __all__ = [
     "LAYER_SYMBOLS",
     "ModelConfig",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 # NemotronH layer kinds as megatron-core's hybrid pattern spells them.
-LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp"}
+LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
 
 def _require_positive(obj: Any, *names: str) -> None:
@@ -51,12 +53,15 @@ def _require_divisible(owner: str, num: str, num_v: int, den: str, den_v: int) -
 class ModelConfig:
     """A NemotronH-family hybrid Mamba-2 + attention + MLP language model.
 
-    Fixed by the family: RMSNorm, squared-ReLU (non-gated) MLP, no positional embedding, no biases
-    in linear layers, untied input embedding and output layer.
+    Fixed by the family: RMSNorm, squared-ReLU (non-gated) MLP and experts, no positional
+    embedding, no biases in linear layers, untied input embedding and output layer, an fp32 MoE
+    router. The ``moe_*`` fields are megatron-core's ``TransformerConfig`` names, passed through
+    unchanged (validated in :mod:`megatron_elastic.config_moe`).
     """
 
     hybrid_pattern: str
-    """One symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP."""
+    """One symbol per layer: ``M`` Mamba-2 mixer, ``*`` self-attention, ``-`` MLP, ``E``
+    mixture-of-experts (megatron's ``MoELayer``: top-k router, routed experts, shared expert)."""
     hidden_size: int
     """Width of the residual stream (the embedding axis)."""
     ffn_hidden_size: int
@@ -95,6 +100,37 @@ class ModelConfig:
     layer_mamba_head_dims: tuple[int, ...] | None = None
     """Per-layer Mamba head dims, one entry per layer (``0`` for non-Mamba layers). ``None``:
     every Mamba layer uses ``mamba_head_dim``."""
+    num_moe_experts: int | None = None
+    """Routed experts of each ``E`` layer (transformers' ``n_routed_experts``)."""
+    moe_ffn_hidden_size: int | None = None
+    """Neurons of each routed expert (``moe_intermediate_size``)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (``num_experts_per_tok``)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Neurons of the shared expert every token runs; ``None``: no shared expert."""
+    moe_router_score_function: str = "sigmoid"
+    """``sigmoid`` (Nemotron 3: top-k of sigmoid scores, renormalised over the k) or
+    ``softmax``."""
+    moe_router_pre_softmax: bool = False
+    """Softmax router only: softmax over all experts, then top-k (not renormalised); ``False``:
+    softmax over the top-k logits."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Multiplies the top-k weights (``routed_scaling_factor``); ``None``: 1."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing (sigmoid only): a per-expert bias added to the scores for the
+    choice only, updated from the token counts (``e_score_correction_bias``)."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step of the expert-bias update."""
+    moe_router_num_groups: int | None = None
+    """Group-limited routing: experts split into this many groups (``n_group``)."""
+    moe_router_group_topk: int | None = None
+    """Group-limited routing: groups each token may use (``topk_group``)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """``aux_loss``, ``seq_aux_loss``, ``global_aux_loss`` or ``none``."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss (0: off)."""
+    moe_z_loss_coeff: float | None = None
+    """Weight of the router z-loss (ST-MoE); ``None``: off."""
 
     def __post_init__(self) -> None:
         if not self.hybrid_pattern:
@@ -142,6 +178,12 @@ class ModelConfig:
             )
         if not self.init_method_std > 0:
             raise ValueError(f"ModelConfig.init_method_std must be > 0, got {self.init_method_std}")
+        check_moe(self)
+        if "E" in self.hybrid_pattern and self.is_heterogeneous:
+            raise ValueError(
+                "ModelConfig.layer_widths / layer_mamba_head_dims with 'E' (mixture-of-experts) "
+                "layers: per-layer MoE sizes are not supported yet (issue 26 step 2); remove them"
+            )
         self._check_layer_lists()
 
     def _check_layer_lists(self) -> None:
@@ -188,7 +230,7 @@ class ModelConfig:
         return self.mamba_num_heads * self.mamba_head_dim
 
     def layer_kinds(self) -> list[str]:
-        """The kind (``mamba``, ``attention``, ``mlp``) of every layer in order."""
+        """The kind (``mamba``, ``attention``, ``mlp``, ``moe``) of every layer in order."""
         return [LAYER_SYMBOLS[s] for s in self.hybrid_pattern]
 
     @property
@@ -198,11 +240,13 @@ class ModelConfig:
 
     def layer_sizes(self) -> list[tuple[int, int]]:
         """``(width, Mamba head dim)`` of every layer in order: width is query heads, Mamba heads
-        or FFN neurons by kind; the head dim is 0 for non-Mamba layers."""
+        or FFN neurons by kind (routed experts for ``moe``); the head dim is 0 for non-Mamba
+        layers."""
         width = {
             "attention": self.num_attention_heads,
             "mamba": self.mamba_num_heads,
             "mlp": self.ffn_hidden_size,
+            "moe": self.num_moe_experts or 0,
         }
         sizes = []
         for i, kind in enumerate(self.layer_kinds()):
@@ -340,9 +384,11 @@ def check_parallel_fit(model: ModelConfig, parallel: ParallelConfig) -> None:
         "mamba_num_groups",
         "ffn_hidden_size",
         "vocab_size",
+        "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size",
     ):
         value = getattr(model, name)
-        if value % tp != 0:
+        if value is not None and value % tp != 0:
             ok = [t for t in range(1, value + 1) if value % t == 0 and t <= 64]
             raise ValueError(
                 f"ModelConfig.{name}={value} is not divisible by tensor_parallel_size={tp}; "

@@ -336,6 +336,15 @@ def apply() -> None:
         if eager is not None:
             setattr(activations, name, eager)
 
+    # The same for the MoE router's expert-bias token count (TopKRouter._apply_expert_bias is
+    # @jit_fuser, i.e. torch.compile): ~13 s of C++ compilation on the first training forward of
+    # a model with moe_router_enable_expert_bias, and again per new shape, for one add.
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    eager = getattr(TopKRouter._apply_expert_bias, "_torchdynamo_orig_callable", None)
+    if eager is not None:
+        TopKRouter._apply_expert_bias = eager  # type: ignore[method-assign]
+
     # get_cuda_rng_tracker() returns this module-level singleton; on CPU it must not touch CUDA.
     mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

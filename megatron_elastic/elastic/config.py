@@ -125,6 +125,11 @@ class ElasticConfig:
 
     def validate_for(self, model: ModelConfig, parallel: ParallelConfig | None = None) -> None:
         """Raise ``ValueError`` for candidates the parent (or its TP split) cannot realise."""
+        if "moe" in model.layer_kinds():
+            raise ValueError(
+                f"ModelConfig.hybrid_pattern {model.hybrid_pattern!r} has 'E' layers: MoE layers "
+                "are not elastic yet (issue 26 step 2); use a parent without 'E' layers"
+            )
         parallel = parallel or ParallelConfig()
         for axis, choices in self.axis_choices(model).items():
             registry.axis(axis).validate(choices, model, self, parallel)

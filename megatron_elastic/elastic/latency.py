@@ -39,8 +39,10 @@ PHASES = ("decode", "prefill")
 
 
 def _grids() -> dict[str, tuple[str, ...]]:
-    """The axes each timed table is indexed by: hidden, then the layer kind's axes."""
-    grids = {k.name: ("hidden", *k.axes) for k in layer_kinds()}
+    """The axes each timed table is indexed by: hidden, then the layer kind's axes. A kind with
+    no elastic axis (``moe`` until issue 26 step 2, whose parents ElasticConfig refuses) is not
+    timed."""
+    grids = {k.name: ("hidden", *k.axes) for k in layer_kinds() if k.axes}
     return {**grids, "base": ("hidden",)}
 
 

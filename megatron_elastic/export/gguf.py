@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
+from megatron_elastic.config_moe import refuse_moe_export
 from megatron_elastic.elastic.model import ElasticHybridModel
 from megatron_elastic.elastic.subnet import SubnetSpec
 from megatron_elastic.export.hf import EXPORT_MANIFEST, MAMBA_NORM_EPSILON
@@ -79,6 +80,7 @@ def check_gguf_exportable(parent: ModelConfig, spec: SubnetSpec) -> None:
     """``ValueError`` (one line: why, and what to do) when llama.cpp's ``nemotron_h`` cannot
     compute ``spec``'s function: Mamba layers of different shapes, or a parent whose norm
     epsilon is not megatron's Mamba-norm epsilon. Needs only the configs, not the weights."""
+    refuse_moe_export(parent, "GGUF")
     spec.validate(parent)
     mamba = sorted({(c.width, c.head_dim) for c in spec.layers if c.active and c.kind == "mamba"})
     if len(mamba) > 1:

@@ -41,6 +41,7 @@ from torch import nn
 
 from megatron_elastic.checkpoint import replace_directory
 from megatron_elastic.config import ModelConfig, config_from_dict
+from megatron_elastic.config_moe import refuse_moe_export
 from megatron_elastic.export.te_mapping import te_empty_extra_state, te_extra_state_keys
 from megatron_elastic.integrity import ALGORITHM, digest_files, list_files, verify_files
 
@@ -98,6 +99,7 @@ def _vocab_divisor(vocab_size: int) -> int:
 
 
 def _check_representable(cfg: ModelConfig) -> None:
+    refuse_moe_export(cfg, "Megatron-LM")
     if cfg.is_heterogeneous:
         raise ValueError(
             "Megatron-LM and Megatron-Bridge build one size per layer kind; this model has "

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
+from megatron_elastic.config_moe import refuse_moe_export
 from megatron_elastic.elastic.subnet import LayerChoice
 from megatron_elastic.export import remote_code
 
@@ -184,6 +185,7 @@ def hf_config_from_model(
     was converted from) keeps its other keys. ``use_cache`` defaults to false for a model without
     attention layers (stock NemotronH's default cache fails without one), else to ``base``'s
     value or true."""
+    refuse_moe_export(cfg, "Hugging Face")
     if cfg.layernorm_epsilon != MAMBA_NORM_EPSILON:
         raise ValueError(
             f"layernorm_epsilon={cfg.layernorm_epsilon} cannot be exported as stock NemotronH: "

@@ -28,6 +28,7 @@ __all__ = [
     "hybrid_stack_spec",
     "layer_overrides",
     "mixer_params",
+    "moe_fields",
     "transformer_config",
     "use_te",
 ]
@@ -125,6 +126,7 @@ def transformer_config(
             "(tensor_parallel.checkpoint), which needs CUDA; use full on CPU"
         )
     return TransformerConfig(
+        **moe_fields(model),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -168,6 +170,39 @@ def transformer_config(
         recompute_method=recompute.method,
         recompute_num_layers=recompute.num_layers,
     )
+
+
+_MOE_FIELDS = (
+    "num_moe_experts",
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_shared_expert_intermediate_size",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
+    "moe_router_topk_scaling_factor",
+    "moe_router_enable_expert_bias",
+    "moe_router_bias_update_rate",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+)
+
+
+def moe_fields(model: ModelConfig) -> dict[str, object]:
+    """megatron's ``TransformerConfig`` MoE fields of ``model`` (none without ``E`` layers): the
+    ``ModelConfig`` fields of the same names, an fp32 router (as Nemotron 3's), megatron's
+    all-gather token dispatcher, and grouped-GEMM experts exactly when the TE spec is used."""
+    if "E" not in model.hybrid_pattern:
+        return {}
+    fields: dict[str, object] = {name: getattr(model, name) for name in _MOE_FIELDS}
+    return {
+        **fields,
+        "moe_router_dtype": "fp32",
+        "moe_token_dispatcher_type": "allgather",
+        "moe_grouped_gemm": use_te(),
+    }
 
 
 def mixer_params(model: ModelConfig) -> dict[str, int]:

@@ -15,6 +15,10 @@ __all__ = [
     "layer_parameter_counts",
     "mamba_layer_params",
     "mlp_layer_params",
+    "moe_layer_active_params",
+    "moe_layer_params",
+    "moe_layer_params_of",
+    "count_active_parameters",
 ]
 
 
@@ -68,6 +72,8 @@ def layer_parameter_counts(cfg: ModelConfig) -> list[int]:
             counts.append(
                 attention_layer_params(cfg.hidden_size, width, cfg.num_query_groups, cfg.head_dim)
             )
+        elif kind == "moe":
+            counts.append(moe_layer_params_of(cfg))
         else:
             counts.append(mlp_layer_params(cfg.hidden_size, width))
     return counts
@@ -76,3 +82,45 @@ def layer_parameter_counts(cfg: ModelConfig) -> list[int]:
 def count_parameters(cfg: ModelConfig) -> int:
     """Total parameters of the (unsharded) model."""
     return embedding_params(cfg.hidden_size, cfg.vocab_size) + sum(layer_parameter_counts(cfg))
+
+
+def moe_layer_params(hidden: int, experts: int, expert_ffn: int, shared_ffn: int) -> int:
+    """Pre-norm + router gate (``experts x hidden``, no bias) + ``experts`` routed squared-ReLU
+    experts (fc1 + fc2, no biases) + the shared expert (``shared_ffn`` neurons, 0: none). The
+    router's expert bias is a buffer, not a parameter."""
+    return hidden + experts * hidden + experts * 2 * hidden * expert_ffn + 2 * hidden * shared_ffn
+
+
+def moe_layer_active_params(
+    hidden: int, experts: int, topk: int, expert_ffn: int, shared_ffn: int
+) -> int:
+    """What one token touches in an MoE layer: the pre-norm, the whole router gate (every
+    expert's logit is computed), its ``topk`` routed experts and the shared expert."""
+    return hidden + experts * hidden + topk * 2 * hidden * expert_ffn + 2 * hidden * shared_ffn
+
+
+def moe_layer_params_of(cfg: ModelConfig) -> int:
+    """Parameters of one ``E`` layer of ``cfg``."""
+    return moe_layer_params(
+        cfg.hidden_size,
+        cfg.num_moe_experts or 0,
+        cfg.moe_ffn_hidden_size or 0,
+        cfg.moe_shared_expert_intermediate_size or 0,
+    )
+
+
+def count_active_parameters(cfg: ModelConfig) -> int:
+    """Parameters one token touches: :func:`count_parameters` with each ``E`` layer counted by
+    :func:`moe_layer_active_params` (embedding and output layer counted whole, as usual for
+    "active parameters"). Equals :func:`count_parameters` for a model without ``E`` layers."""
+    moe_layers = cfg.layer_kinds().count("moe")
+    if not moe_layers:
+        return count_parameters(cfg)
+    active = moe_layer_active_params(
+        cfg.hidden_size,
+        cfg.num_moe_experts,
+        cfg.moe_router_topk,
+        cfg.moe_ffn_hidden_size,
+        cfg.moe_shared_expert_intermediate_size or 0,
+    )
+    return count_parameters(cfg) - moe_layers * (moe_layer_params_of(cfg) - active)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -29,6 +30,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
     TransformerLayer,
     TransformerLayerSubmodules,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "HeterogeneousHybridStack",
     "LocalNormHybridStack",
     "local_hybrid_stack_spec",
+    "local_moe_layer_spec",
     "te_hybrid_stack_spec",
 ]
 
@@ -247,13 +250,35 @@ def local_hybrid_stack_spec(
                     sharded_state_dict_keys_map=dict(FUSED_NORMS["mlp"]),
                 ),
             ),
+            moe_layer=local_moe_layer_spec(norm),
+        ),
+    )
+
+
+def local_moe_layer_spec(norm: Any = RMSNorm) -> ModuleSpec:
+    """An ``E`` layer on megatron-core's local modules: our pre-norm, then megatron's
+    ``MoELayer`` as its local backend builds it (``TopKRouter``, ``SequentialMLP`` experts of
+    ``ColumnParallelLinear`` / ``RowParallelLinear``, ``SharedExpertMLP``), the residual added by
+    ``MoETransformerLayer``. Runs on CPU and GPU. The pre-norm is not fused into a linear in TE's
+    spec either (tokens are permuted between the norm and the experts), so the norm's name is the
+    same in both."""
+    return ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm,
+            # num_experts only asserts it is set; the layer reads TransformerConfig's.
+            mlp=get_moe_module_spec(use_te=False, num_experts=1, moe_grouped_gemm=False),
+            mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
 def te_hybrid_stack_spec(mixer_params: dict[str, Any]) -> ModuleSpec:
     """megatron-core's own Transformer-Engine hybrid spec (GPU with transformer_engine only), with
-    our mixer (identical to megatron's on CUDA tensors) and its constructor arguments."""
+    our mixer (identical to megatron's on CUDA tensors) and its constructor arguments. Its ``E``
+    layer is megatron's: ``TENorm`` pre-norm and ``MoELayer`` with grouped-GEMM experts
+    (``TEGroupedMLP``) and a TE shared expert (``TransformerConfig.moe_grouped_gemm`` is set to
+    match by :func:`~megatron_elastic.model.builder.transformer_config`)."""
     from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
 
     spec = copy.deepcopy(hybrid_stack_spec)
