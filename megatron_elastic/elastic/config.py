@@ -131,7 +131,8 @@ class ElasticConfig:
                 "are not elastic yet (issue 26 step 2); use a parent without 'E' layers"
             )
         parallel = parallel or ParallelConfig()
-        for axis, choices in self.axis_choices(model).items():
+        candidates = self.axis_choices(model)
+        for axis, choices in candidates.items():
             registry.axis(axis).validate(choices, model, self, parallel)
         if self.layer_ranking is not None and sorted(self.layer_ranking) != list(
             range(model.num_layers)
@@ -139,7 +140,7 @@ class ElasticConfig:
             raise ValueError(
                 f"ElasticConfig.layer_ranking must be a permutation of 0..{model.num_layers - 1}"
             )
-        self._check_attention_kept(model, self.axis_choices(model)["depth"])
+        self._check_attention_kept(model, candidates["depth"])
 
     def _check_attention_kept(self, model: ModelConfig, depths: tuple[int, ...]) -> None:
         """Every depth choice keeps ``min_attention_layers`` attention layers."""

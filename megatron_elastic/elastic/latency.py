@@ -135,8 +135,8 @@ def interpolate(values: torch.Tensor, grids: Sequence[Sequence[int]], point: Seq
     return (1 - w) * low + w * high
 
 
-def _layer_latency(table: LatencyTable, phase: str, kind: str, hidden, sizes: Mapping):
-    axes = _grids()[kind]
+def _layer_latency(table: LatencyTable, phase: str, axes: tuple[str, ...], kind, hidden, sizes):
+    """One layer's seconds per token: the kind's table at (hidden, its axes' sizes)."""
     point = [hidden, *(sizes[a] for a in axes[1:])]
     return interpolate(table.table(phase, kind), [table.grids[a] for a in axes], point)
 
@@ -151,9 +151,10 @@ def expected_latency(
 ) -> torch.Tensor:
     """Seconds per token of (expected) sizes per layer (``keep``: probability each layer runs);
     the same form as :func:`~megatron_elastic.elastic.budget.expected_param_count`."""
+    grids = _grids()
     total = interpolate(table.table(phase, "base"), [table.grids["hidden"]], [hidden])
     for kind, s, k in zip(model.layer_kinds(), sizes, keep, strict=True):
-        total = total + k * _layer_latency(table, phase, kind, hidden, s)
+        total = total + k * _layer_latency(table, phase, grids[kind], kind, hidden, s)
     return total
 
 
