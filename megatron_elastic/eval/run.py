@@ -29,7 +29,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["evaluate_checkpoint", "format_table", "held_out_problems"]
+__all__ = [
+    "EvalInputs",
+    "evaluate_budget",
+    "evaluate_checkpoint",
+    "format_table",
+    "held_out_problems",
+    "prepare_inputs",
+]
 
 _say = functools.partial(print, flush=True)
 
@@ -83,6 +90,121 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalInputs:
+    """What every budget is measured on, prepared once before any weight is read."""
+
+    tokenizer: Any
+    """The tokenizer of the checkpoint (None when neither loss nor accuracy is asked for)."""
+    batches: list | None
+    """Validation batches for the loss (None: no loss)."""
+    problems: list
+    """Held-out reasoning problems for the accuracy (empty: no accuracy)."""
+    max_length: int | None
+    """The model's max_sequence_length (None: unknown, an HF model without one)."""
+    max_new_tokens: int
+    """Tokens generated per problem."""
+    batch_size: int
+    """Problems generated at once."""
+
+
+def prepare_inputs(
+    checkpoint: str,
+    *,
+    data: str | None,
+    split: str,
+    seq_length: int,
+    micro_batch_size: int,
+    max_samples: int | None,
+    cache_dir: str | None,
+    tokenizer: str | None,
+    num_problems: int,
+    problem_seed: int,
+    tasks: Sequence[str] | None,
+    problem_size: str,
+    exclude: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> EvalInputs:
+    """The tokenizer, validation batches and problems that :func:`evaluate_budget` measures
+    ``checkpoint``'s budgets on (process groups already initialised). ``ValueError`` for a
+    missing tokenizer or dataset, or a ``seq_length`` the model cannot run."""
+    from megatron_elastic.checkpoint import manifest_model, read_manifest
+    from megatron_elastic.eval import validation_batches
+    from megatron_elastic.eval.hf_model import (
+        is_hf_directory,
+        load_hf_eval_tokenizer,
+        read_hf_directory,
+    )
+    from megatron_elastic.eval.loading import load_eval_tokenizer
+
+    hf_dir = read_hf_directory(checkpoint) if is_hf_directory(checkpoint) else None
+    if hf_dir is not None:
+        max_length = hf_dir.max_sequence_length
+    else:
+        manifest = read_manifest(checkpoint)
+        model_cfg = manifest_model(manifest)
+        max_length = model_cfg.max_sequence_length
+    if max_length is not None and seq_length > max_length:
+        raise ValueError(
+            f"--seq-length {seq_length} exceeds the model's max_sequence_length {max_length}"
+        )
+    problems = held_out_problems(
+        num_problems, seed=problem_seed, tasks=tasks, size=problem_size, exclude=exclude
+    )
+    tok = None
+    if (data or problems) and hf_dir is not None:
+        tok = load_hf_eval_tokenizer(tokenizer, hf_dir)
+    elif data or problems:
+        tok = load_eval_tokenizer(tokenizer, manifest, model_cfg)
+    batches = None
+    if data:
+        batches = validation_batches(
+            data,
+            tok,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            split=split,
+            max_samples=max_samples,
+            cache_dir=cache_dir,
+        )
+    return EvalInputs(tok, batches, problems, max_length, max_new_tokens, batch_size)
+
+
+def evaluate_budget(ckpt, budget: str | float, inputs: EvalInputs) -> dict[str, Any]:
+    """One row of the table: ``budget``'s parameters, sub-network, loss and accuracy on
+    ``inputs``, run on the loaded checkpoint ``ckpt`` (:func:`open_checkpoint`)."""
+    from megatron_elastic.eval import model_completer, reasoning_accuracy, validation_loss
+
+    ckpt.set_budget(budget)
+    row: dict[str, Any] = {"budget": budget, "params": ckpt.params(budget)}
+    spec = ckpt.spec(budget)  # the router's sub-network; None for a plain model
+    row["spec"] = None if spec is None else dataclasses.asdict(spec)
+    row["val_loss"] = row["perplexity"] = row["val_tokens"] = None
+    if inputs.batches is not None:
+        loss = validation_loss(ckpt.model, inputs.batches)
+        row.update(val_loss=loss.loss, perplexity=loss.perplexity, val_tokens=loss.num_tokens)
+    row["accuracy"] = None
+    if inputs.problems:
+        complete = model_completer(
+            ckpt.model,
+            inputs.tokenizer,
+            max_new_tokens=inputs.max_new_tokens,
+            max_sequence_length=inputs.max_length,
+        )
+        acc = reasoning_accuracy(inputs.problems, complete, batch_size=inputs.batch_size)
+        row.update(
+            accuracy=acc.accuracy,
+            correct=acc.correct,
+            total=acc.total,
+            per_task={
+                t: {"correct": c.correct, "total": c.total, "accuracy": c.accuracy}
+                for t, c in acc.per_task.items()
+            },
+        )
+    return row
+
+
 def evaluate_checkpoint(
     checkpoint: str,
     *,
@@ -112,85 +234,41 @@ def evaluate_checkpoint(
     Returns the results. Unknown budgets, a missing tokenizer or dataset: ``ValueError`` before
     any weight is read."""
     from megatron_elastic.budgets import parse_budgets
-    from megatron_elastic.checkpoint import manifest_model, read_manifest
     from megatron_elastic.config import ParallelConfig
-    from megatron_elastic.eval import (
-        model_completer,
-        open_checkpoint,
-        reasoning_accuracy,
-        validation_batches,
-        validation_loss,
-    )
-    from megatron_elastic.eval.hf_model import (
-        is_hf_directory,
-        load_hf_eval_tokenizer,
-        read_hf_directory,
-    )
-    from megatron_elastic.eval.loading import checkpoint_budgets, load_eval_tokenizer
+    from megatron_elastic.eval import open_checkpoint
+    from megatron_elastic.eval.loading import checkpoint_budgets
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 
     pruned = architectures_from
     kind, trained = checkpoint_budgets(checkpoint, architectures_from=pruned)
     chosen = parse_budgets(budgets, trained, allow_fractions=kind == "elastic" or bool(pruned))
-    hf_dir = read_hf_directory(checkpoint) if is_hf_directory(checkpoint) else None
-    if hf_dir is not None:
-        max_length = hf_dir.max_sequence_length
-    else:
-        manifest = read_manifest(checkpoint)
-        model_cfg = manifest_model(manifest)
-        max_length = model_cfg.max_sequence_length
-    if max_length is not None and seq_length > max_length:
-        raise ValueError(
-            f"--seq-length {seq_length} exceeds the model's max_sequence_length {max_length}"
-        )
-    problems = held_out_problems(
-        num_problems, seed=problem_seed, tasks=tasks, size=problem_size, exclude=exclude
-    )
-    tok = None
-    if (data or problems) and hf_dir is not None:
-        tok = load_hf_eval_tokenizer(tokenizer, hf_dir)
-    elif data or problems:
-        tok = load_eval_tokenizer(tokenizer, manifest, model_cfg)
     pgs = init_process_groups(ParallelConfig())
-    batches = None
-    if data:
-        batches = validation_batches(
-            data,
-            tok,
+    try:
+        inputs = prepare_inputs(
+            checkpoint,
+            data=data,
+            split=split,
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
-            split=split,
             max_samples=max_samples,
             cache_dir=cache_dir,
+            tokenizer=tokenizer,
+            num_problems=num_problems,
+            problem_seed=problem_seed,
+            tasks=tasks,
+            problem_size=problem_size,
+            exclude=exclude,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
         )
-
+    except BaseException:
+        destroy_process_groups()  # bad input: leave no process group behind
+        raise
+    problems = inputs.problems
     ckpt = open_checkpoint(checkpoint, pgs, architectures_from=pruned)
     rows = []
     for budget in chosen:
-        ckpt.set_budget(budget)
-        row: dict[str, Any] = {"budget": budget, "params": ckpt.params(budget)}
-        spec = ckpt.spec(budget)  # the router's sub-network; None for a plain model
-        row["spec"] = None if spec is None else dataclasses.asdict(spec)
-        row["val_loss"] = row["perplexity"] = row["val_tokens"] = None
-        if batches is not None:
-            loss = validation_loss(ckpt.model, batches)
-            row.update(val_loss=loss.loss, perplexity=loss.perplexity, val_tokens=loss.num_tokens)
-        row["accuracy"] = None
-        if problems:
-            complete = model_completer(
-                ckpt.model, tok, max_new_tokens=max_new_tokens, max_sequence_length=max_length
-            )
-            acc = reasoning_accuracy(problems, complete, batch_size=batch_size)
-            row.update(
-                accuracy=acc.accuracy,
-                correct=acc.correct,
-                total=acc.total,
-                per_task={
-                    t: {"correct": c.correct, "total": c.total, "accuracy": c.accuracy}
-                    for t, c in acc.per_task.items()
-                },
-            )
-        rows.append(row)
+        rows.append(evaluate_budget(ckpt, budget, inputs))
         log(f"evaluated budget {budget}")
     destroy_process_groups()
 

@@ -258,6 +258,17 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             ["--checkpoint", s["elastic"], "--tokenizer", s["tok_bad"], "--prompt", "x"],
             "tokenizer.json",
         ),
+        # budget sweep: router state, tokenizer
+        (
+            "tools/sweep_budgets.py",
+            ["--checkpoint", s["elastic_bad_extra"], "--output", out],
+            "extra.pt",
+        ),
+        (
+            "tools/sweep_budgets.py",
+            ["--checkpoint", s["elastic"], "--tokenizer", s["tok_bad"], "--output", out],
+            "tokenizer.json",
+        ),
         # latency profiling: the recipe YAML (malformed, unknown key)
         ("tools/profile_latency.py", ["--config", s["yaml_bad"], "--output", out], "bad.yaml"),
         # inspection: YAML (malformed, unknown key), router state

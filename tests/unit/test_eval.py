@@ -277,6 +277,75 @@ def test_evaluate_cli(perturbed_checkpoint, loaded, data, tmp_path) -> None:
     assert "val loss" in done.stdout and "accuracy" in done.stdout
 
 
+def test_sweep_budgets_measures_every_budget_and_plots(
+    perturbed_checkpoint, loaded, data, tmp_path
+) -> None:
+    """tools/sweep_budgets.py: a row per trained budget and per interpolated fraction, whose loss
+    and parameters are evaluate.py's; the measured memory of each budget's serving network and
+    decode state equals the planner's exact count (subnet_memory at fp32), the full budget copies
+    nothing; the table, JSON and PNG plot are written."""
+    from megatron_elastic.elastic.budget import subnet_memory
+    from megatron_elastic.model.layouts import MambaLayout
+
+    path = perturbed_checkpoint[0]
+    tok_path, tokenizer, prefix = data
+    args = ["--checkpoint", str(path), "--data", str(prefix), "--tokenizer", str(tok_path)]
+    args += ["--seq-length", str(SEQ), "--micro-batch-size", str(MBS)]
+    args += ["--max-samples", str(SAMPLES), "--num-problems", "2", "--max-new-tokens", "4"]
+    args += ["--interpolate", "2", "--prompt-tokens", "8", "--new-tokens", "4"]
+    args += ["--repeats", "2", "--no-progress", "--output", str(tmp_path)]
+    done = _run("sweep_budgets.py", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())["results"]
+    fractions = loaded.router.elastic_config.budgets
+    lo, hi = min(fractions.values()), max(fractions.values())
+    grid = [round(lo + (hi - lo) / 3, 3), round(lo + 2 * (hi - lo) / 3, 3)]
+    assert [r["budget"] for r in rows] == ["full", grid[1], "75%", grid[0], "50%"]
+    batches = validation_batches(
+        prefix, tokenizer, seq_length=SEQ, micro_batch_size=MBS, max_samples=SAMPLES
+    )
+    model_cfg = loaded.model_config
+    for row in rows:
+        budget = row["budget"]
+        spec = loaded.spec(budget)
+        loaded.set_budget(budget)
+        assert row["val_loss"] == pytest.approx(validation_loss(loaded.model, batches).loss)
+        assert row["params"] == row["active_params"] == loaded.params(budget)
+        assert row["total"] == 2 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["decode_tok_s_min"] <= row["decode_tok_s"] <= row["decode_tok_s_max"]
+        mem = subnet_memory(model_cfg, spec, seq_length=12, param_bytes=4, state_bytes=4)
+        assert row["weights_bytes"] == mem.weights
+        # the decode state keeps kernel - 1 conv inputs per Mamba layer; the planner counts the
+        # kernel-wide conv state megatron-core and mamba-ssm allocate: one column more
+        column = sum(
+            MambaLayout(
+                c.size("mamba_heads"),
+                c.size("mamba_head_dim"),
+                model_cfg.mamba_num_groups,
+                model_cfg.mamba_state_dim,
+            ).conv_size
+            * 4
+            for c in spec.layers
+            if c.kind == "mamba" and c.active
+        )
+        assert column > 0
+        assert row["state_bytes"] == mem.kv_cache + mem.mamba_state - column
+    full, small = rows[0], rows[-1]
+    assert full["copied_bytes"] == 0
+    assert [r["params"] for r in rows] == sorted((r["params"] for r in rows), reverse=True)
+    assert 0 < small["copied_bytes"] <= small["weights_bytes"]
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "sweep.md").read_text()
+    assert f"| {grid[0]}* |" in table and "| 50% |" in table
+
+
+def test_pareto_front_keeps_the_points_nothing_beats() -> None:
+    from megatron_elastic.eval.sweep import pareto_front
+
+    points = [(1.0, 1.0), (2.0, 0.0), (0.0, 2.0), (0.5, 0.5), (1.0, 1.0), (2.0, -1.0)]
+    assert pareto_front(points) == [True, True, True, False, True, False]
+
+
 def test_tokenizer_recorded_in_the_checkpoint_or_its_source(tmp_path) -> None:
     source = tmp_path / "elastic"
     (source / "weights").mkdir(parents=True)
