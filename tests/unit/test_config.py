@@ -21,6 +21,7 @@ from megatron_elastic.model.param_count import layer_parameter_counts
 
 ROOT = Path(__file__).parents[2]
 NANO_12B = ROOT / "examples" / "nemotron_nano_12b" / "model.yaml"
+NANO3_30B = ROOT / "examples" / "nemotron3_nano_30b" / "model.yaml"
 
 
 def test_nano_12b_recipe_has_paper_dims_and_count() -> None:
@@ -35,6 +36,27 @@ def test_nano_12b_recipe_has_paper_dims_and_count() -> None:
     assert (cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size) == (5120, 20480, 131072)
     total = count_parameters(cfg)
     assert abs(total - 12.31e9) <= 0.005 * 12.31e9, total
+
+
+def test_nemotron3_nano_recipe_has_the_published_counts() -> None:
+    """NVIDIA states 31.6B total and 3.2B active parameters (3.6B with embeddings): our counts of
+    the recipe's published dims give them (the 3.2B leaves out the input embedding lookup)."""
+    from megatron_elastic.model.param_count import count_active_parameters
+
+    cfg = load_model_config(NANO3_30B)
+    kinds = cfg.layer_kinds()
+    assert (len(kinds), kinds.count("mamba"), kinds.count("moe"), kinds.count("attention")) == (
+        52,
+        23,
+        23,
+        6,
+    )
+    assert (cfg.num_moe_experts, cfg.moe_router_topk, cfg.moe_ffn_hidden_size) == (128, 6, 1856)
+    total, active = count_parameters(cfg), count_active_parameters(cfg)
+    embedding = cfg.vocab_size * cfg.hidden_size
+    assert abs(total - 31.6e9) <= 0.005 * 31.6e9, total
+    assert abs(active - 3.6e9) <= 0.01 * 3.6e9, active
+    assert abs(active - embedding - 3.2e9) <= 0.01 * 3.2e9, active - embedding
 
 
 def test_invariant_tiny_count_equals_instantiated_model(pgs, tiny_config) -> None:
