@@ -310,6 +310,7 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             "a_file",
         ),
         ("tools/quickstart.py", ["--output", s["file"]], "a_file"),
+        ("tools/make_lm_eval_tasks.py", ["--output", s["file"], "--num-problems", "2"], "a_file"),
         # training: recipe YAML, tokenizer, dataset index, the init checkpoint's shard
         ("megatron_elastic.train", ["--config", s["yaml_bad"]], "bad.yaml"),
         ("megatron_elastic.train", [*train, f"data.tokenizer={s['tok_bad']}"], "tokenizer.json"),

@@ -24,6 +24,7 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
     "export_budget.py": ("megatron_elastic.export.run:export_budgets", {}),
     "generate.py": ("megatron_elastic.serving.run:generate_from_checkpoint", {}),
     "inspect_budgets.py": ("megatron_elastic.elastic.budget:subnet_memory", {}),
+    "make_lm_eval_tasks.py": ("megatron_elastic.eval.lm_eval_tasks:write_lm_eval_tasks", {}),
     "make_tiny_corpus.py": (
         "megatron_elastic.data.reasoning:generate_records",
         {"problem_size": "size"},

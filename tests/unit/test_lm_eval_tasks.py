@@ -1,0 +1,132 @@
+"""lm-evaluation-harness as the real client of our budgets: the local tasks that
+``tools/make_lm_eval_tasks.py`` writes, run by lm-eval's own ``hf`` model on an exported Hugging
+Face directory, give per problem the completions and the accuracy that ``evaluate.py``'s code
+gives on the elastic model at that budget, and the answer log-likelihoods we compute directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_elastic.data.reasoning import ReasoningRecord, generate_records, render_text
+from megatron_elastic.data.tokenizers import train_bpe_tokenizer
+from megatron_elastic.eval import model_completer, reasoning_accuracy
+from megatron_elastic.eval.lm_eval_tasks import (
+    GENERATE_TASK,
+    LOGLIK_TASK,
+    PROBLEMS,
+    write_lm_eval_tasks,
+)
+from megatron_elastic.export.hf import export_subnet_to_hf
+from megatron_elastic.training.lm_step import position_ids_like
+
+ROOT = Path(__file__).parents[2]
+NUM_PROBLEMS, NEW_TOKENS, SEED = 4, 8, 20250
+BUDGET = "50%"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval_tok")
+    texts = [render_text(r) for r in generate_records(60, seed=7)]
+    return root / "tokenizer.json", train_bpe_tokenizer(texts, 400, root / "tokenizer.json")
+
+
+def _lm_eval(directory: Path, tasks_dir: Path, tasks: list[str]) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megatron_elastic.platform import use_torch_nemotron_h_kernels
+
+    use_torch_nemotron_h_kernels()  # CPU: transformers' torch Mamba path, as our own loader does
+
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={directory},dtype=float32,device=cpu",
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+        batch_size=1,
+        log_samples=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer, perturbed_checkpoint, pgs):
+    """The tiny elastic model with the tokenizer's vocabulary (a padded vocabulary lets random
+    weights pick ids the tokenizer cannot decode: ``evaluate.py`` never picks them, stock
+    ``generate`` does), norms and biases off their init values; and the 50% spec of the
+    perturbed checkpoint's trained router."""
+    import dataclasses
+
+    from megatron_elastic.elastic import build_elastic_model, load_elastic_recipe
+
+    _, tok = tokenizer
+    model_cfg, elastic = load_elastic_recipe(ROOT / "examples" / "tiny" / "elastic.yaml")
+    torch.manual_seed(11)
+    net = build_elastic_model(
+        dataclasses.replace(model_cfg, vocab_size=tok.vocab_size), elastic, pgs
+    )
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("norm.weight", ".D")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("dt_bias", "conv1d_bias")):
+                p.add_(torch.randn_like(p) * 0.5)
+    _, _, router = perturbed_checkpoint
+    return net, router.decide(BUDGET, 0, None, deterministic=True).spec
+
+
+def test_invariant_lm_eval_on_an_hf_export_equals_evaluate_on_the_elastic_budget(
+    model, tokenizer, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local files only: no hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok_path, tok = tokenizer
+    model, spec = model
+    export_subnet_to_hf(model, spec, tmp_path / "hf", tokenizer_path=tok_path)
+    tasks_dir = write_lm_eval_tasks(
+        str(tmp_path / "tasks"),
+        num_problems=NUM_PROBLEMS,
+        problem_seed=SEED,
+        max_new_tokens=NEW_TOKENS,
+    )
+    rows = [json.loads(line) for line in (tasks_dir / PROBLEMS).read_text().splitlines()]
+    problems = [ReasoningRecord.from_json(r) for r in rows]
+    assert problems == generate_records(NUM_PROBLEMS, seed=SEED)  # evaluate.py's problems
+
+    results = _lm_eval(tmp_path / "hf", tasks_dir, [GENERATE_TASK, LOGLIK_TASK])
+
+    # reference: evaluate.py's completer and scorer on the elastic model at the budget
+    model.set_subnet(spec, mode="slice")
+    try:
+        complete = model_completer(model, tok, max_new_tokens=NEW_TOKENS)
+        texts = complete([r["prompt"] for r in rows])
+        accuracy = reasoning_accuracy(problems, complete)
+        logliks = []
+        with torch.no_grad():
+            for r in rows:
+                context = tok.encode(f"{r['prompt']} {r['solution']}\n####")
+                target = tok.encode(f"{r['prompt']} {r['solution']}\n#### {r['answer']}")
+                assert target[: len(context)] == context  # the answer tokenizes on its own
+                ids = torch.tensor([target])
+                logits = model(ids, position_ids_like(ids), None)[0].float()  # (s, V)
+                logp = torch.log_softmax(logits[:-1], -1)
+                cont = ids[0, len(context) :]
+                logliks.append(float(logp[len(context) - 1 :].gather(-1, cont[:, None]).sum()))
+    finally:
+        model.set_subnet(None)
+
+    samples = sorted(results["samples"][GENERATE_TASK], key=lambda s: s["doc_id"])
+    theirs = [s["resps"][0][0] for s in samples]
+    # evaluate.py judges the text before "\nQuestion:" (completion_answer)
+    assert theirs == [t.split("\nQuestion:", 1)[0] for t in texts] and all(theirs)
+    em = results["results"][GENERATE_TASK]["exact_match,none"]
+    assert em == pytest.approx(accuracy.accuracy)
+    ll_samples = sorted(results["samples"][LOGLIK_TASK], key=lambda s: s["doc_id"])
+    theirs_ll = [s["resps"][0][0][0] for s in ll_samples]
+    worst = max(abs(a / b - 1) for a, b in zip(theirs_ll, logliks, strict=True))
+    print(f"answer log-likelihoods: lm-eval (hf) vs elastic, worst rel diff {worst:.2e}")
+    assert theirs_ll == pytest.approx(logliks, rel=3e-7)  # measured 1.05e-7
