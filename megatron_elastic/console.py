@@ -41,6 +41,8 @@ _EXPECTED_WARNINGS = (
     # torch.distributed.checkpoint as called by megatron's dist_checkpointing in one process
     ("torch.distributed is disabled, unavailable or uninitialized", UserWarning, False),
     ("The argument order of load has been changed", UserWarning, False),
+    # ... and for the ShardedTensors megatron-core writes MoE experts' weights as
+    ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning, False),
 )
 
 # (logger, message regex, only where CUDA is absent): log records.

@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 _WEIGHTS = "model.safetensors"
+_FP32_TENSORS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")
+"""Kept in fp32 whatever the export dtype, as transformers keeps NemotronH's MoE router."""
 EXPORT_MANIFEST = "export_manifest.json"
 """What an export came from (checkpoint, budget), its format, dims and parameter count."""
 
@@ -163,7 +165,10 @@ def save_hf_directory(
     in the dtype of ``base_config`` (float32 without one)."""
     config = hf_config_from_model(cfg, base=base_config, use_cache=use_cache)
     dtype = _dtype(config)
-    hf_state = {k: v.to(dtype) for k, v in to_hf_state_dict(state_dict, cfg).items()}
+    hf_state = {
+        k: v if k.endswith(_FP32_TENSORS) else v.to(dtype)
+        for k, v in to_hf_state_dict(state_dict, cfg).items()
+    }
     return _write_directory(directory, config, hf_state, tokenizer_path, cfg.max_sequence_length)
 
 

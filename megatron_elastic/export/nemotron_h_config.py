@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
-from megatron_elastic.config_moe import refuse_moe_export
 from megatron_elastic.elastic.subnet import LayerChoice
 from megatron_elastic.export import remote_code
 
@@ -67,8 +66,8 @@ def _decode_floats(value: Any) -> Any:
 
 
 def hf_pattern(hf: Mapping[str, Any]) -> str:
-    """The layer pattern (``M``, ``*``, ``-``) of a NemotronH config dict; ``ValueError`` naming
-    the first layer we cannot convert (mixture-of-experts or unknown)."""
+    """The layer pattern (``M``, ``*``, ``-``, ``E``) of a NemotronH config dict; ``ValueError``
+    naming the first layer of an unknown kind."""
     blocks = hf.get("layers_block_type")
     if blocks is not None:
         unknown = [(i, b) for i, b in enumerate(blocks) if b not in _SYMBOL_OF_BLOCK]
@@ -81,12 +80,6 @@ def hf_pattern(hf: Mapping[str, Any]) -> str:
     else:
         raise ValueError("the config has neither layers_block_type nor hybrid_override_pattern")
     for i, symbol in enumerate(pattern):
-        if symbol == "E":
-            raise ValueError(
-                f"layer {i} is a mixture-of-experts layer ('moe' / 'E'); megatron-elastic models "
-                "have only Mamba, attention and MLP layers: convert a dense NemotronH (e.g. "
-                "Nemotron-H or Nemotron Nano V2), not an MoE one"
-            )
         if symbol not in LAYER_SYMBOLS:
             raise ValueError(f"layer {i} has the unsupported layer symbol {symbol!r}")
     return pattern
@@ -124,7 +117,75 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         max_sequence_length=full.max_position_embeddings,
         layernorm_epsilon=full.layer_norm_epsilon,
         init_method_std=full.initializer_range,
+        **(_moe_fields_from_hf(full) if "E" in pattern else {}),
     )
+
+
+def _moe_fields_from_hf(full: Any) -> dict[str, Any]:
+    """The ``moe_*`` :class:`ModelConfig` fields of a NemotronH MoE config, or ``ValueError`` for
+    routing that megatron-core's router does not compute (see :func:`_moe_keys`)."""
+    topk, groups, group_topk = full.num_experts_per_tok, full.n_group, full.topk_group
+    if getattr(full, "moe_latent_size", None) is not None:
+        raise ValueError("config moe_latent_size is not supported (latent MoE projections)")
+    if bool(full.norm_topk_prob) != (topk > 1):
+        raise ValueError(
+            f"config norm_topk_prob={full.norm_topk_prob} with num_experts_per_tok={topk}: "
+            "megatron-core's sigmoid router renormalises the top-k weights exactly when k > 1"
+        )
+    if groups > 1 and topk != 2 * group_topk:
+        raise ValueError(
+            f"config n_group={groups}, topk_group={group_topk}, num_experts_per_tok={topk}: "
+            "NemotronH scores a group by its top-2 experts, megatron-core by its top "
+            "num_experts_per_tok/topk_group; they agree only when that is 2"
+        )
+    return {
+        "num_moe_experts": full.n_routed_experts,
+        "moe_ffn_hidden_size": full.moe_intermediate_size,
+        "moe_router_topk": topk,
+        "moe_shared_expert_intermediate_size": full.moe_shared_expert_intermediate_size,
+        "moe_router_score_function": "sigmoid",
+        "moe_router_topk_scaling_factor": float(full.routed_scaling_factor),
+        "moe_router_enable_expert_bias": True,  # e_score_correction_bias is always there
+        "moe_router_num_groups": groups if groups > 1 else None,
+        "moe_router_group_topk": group_topk if groups > 1 else None,
+    }
+
+
+def _moe_keys(cfg: ModelConfig) -> dict[str, Any]:
+    """NemotronH's mixture-of-experts keys for ``cfg``'s ``E`` layers, or ``ValueError`` for a
+    router stock NemotronH does not compute: its router is sigmoid over all experts, top-k of
+    score + ``e_score_correction_bias``, renormalised over the k when ``norm_topk_prob``, times
+    ``routed_scaling_factor``, groups scored by their top-2 experts; and every MoE layer has one
+    shared expert."""
+    fail = "cannot be exported as stock NemotronH: "
+    if cfg.moe_router_score_function != "sigmoid":
+        raise ValueError(
+            f"moe_router_score_function={cfg.moe_router_score_function!r} {fail}"
+            "its router is sigmoid"
+        )
+    if not cfg.moe_shared_expert_intermediate_size:
+        raise ValueError(f"an MoE layer without a shared expert {fail}every MoE layer has one")
+    if cfg.num_moe_experts < 2:
+        raise ValueError(f"num_moe_experts={cfg.num_moe_experts} {fail}it needs >= 2 experts")
+    groups, group_topk = cfg.moe_router_num_groups or 1, cfg.moe_router_group_topk or 1
+    if groups > 1 and cfg.moe_router_topk != 2 * group_topk:
+        raise ValueError(
+            f"group-limited routing with moe_router_topk={cfg.moe_router_topk} and "
+            f"moe_router_group_topk={group_topk} {fail}it scores a group by its top-2 experts"
+        )
+    scaling = cfg.moe_router_topk_scaling_factor
+    return {
+        "n_routed_experts": cfg.num_moe_experts,
+        "num_experts_per_tok": cfg.moe_router_topk,
+        "moe_intermediate_size": cfg.moe_ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 1.0 if scaling is None else scaling,
+        "n_group": groups,
+        "topk_group": group_topk,
+        "norm_topk_prob": cfg.moe_router_topk > 1,
+        "moe_latent_size": None,
+    }
 
 
 def _common_keys(cfg: ModelConfig, pattern: str) -> dict[str, Any]:
@@ -185,7 +246,7 @@ def hf_config_from_model(
     was converted from) keeps its other keys. ``use_cache`` defaults to false for a model without
     attention layers (stock NemotronH's default cache fails without one), else to ``base``'s
     value or true."""
-    refuse_moe_export(cfg, "Hugging Face")
+    moe = _moe_keys(cfg) if "E" in cfg.hybrid_pattern else {}
     if cfg.layernorm_epsilon != MAMBA_NORM_EPSILON:
         raise ValueError(
             f"layernorm_epsilon={cfg.layernorm_epsilon} cannot be exported as stock NemotronH: "
@@ -221,6 +282,7 @@ def hf_config_from_model(
         mamba_num_heads=cfg.mamba_num_heads,
         mamba_head_dim=cfg.mamba_head_dim,
         use_cache=use_cache,
+        **moe,
     )
     if "layers_block_type" in out:  # newer configs: keep the list, consistent with the pattern
         out["layers_block_type"] = [_BLOCK_OF_SYMBOL[s] for s in cfg.hybrid_pattern]
