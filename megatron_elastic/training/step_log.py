@@ -46,7 +46,7 @@ import torch.distributed as dist
 from megatron_elastic import platform
 from megatron_elastic.planning.flops import StepFlops, peak_flops
 from megatron_elastic.planning.measure import CpuPeakWindow
-from megatron_elastic.training.metrics import StepRecord
+from megatron_elastic.training.metrics import DrawCounts, StepRecord
 
 __all__ = ["PeakMemory", "StepLog", "StepTimers", "router_scalars"]
 
@@ -227,6 +227,7 @@ class StepLog:
         self.peak_flops = peak_flops(name, r.logging.peak_tflops)
         self._interval = {"seconds": 0.0, "tokens": 0.0, "steps": 0}
         self._draws: collections.Counter = collections.Counter()
+        self._architectures: collections.Counter = collections.Counter()  # this replica's
         self._stage_peaks: dict[int, float] = {}
         self._times: dict[str, float] = {}
 
@@ -289,6 +290,7 @@ class StepLog:
             self._draws[None] += draws
         else:
             self._draws.update(t.sampler.sample(step, i) for i in range(draws))
+            self._architectures.update(t.step_architectures)
 
     def _check_memory(self, step: int) -> None:
         if self.planned is None or self.rank != 0:
@@ -361,11 +363,35 @@ class StepLog:
             )
             scalars.update(router)
             parts.append(text)
+        counts = self.draw_counts() if t.router is not None else None
         extra, text = self.scalars(specs)
         scalars.update(extra)
+        if counts is not None:
+            scalars.update(counts.scalars())
         t.metrics.log(
             step,
             scalars,
             f"[train] {r.stage} step {step}/{r.train.steps} loss {' '.join(parts)} "
             f"gnorm {grad_norm:.3f} lr {scalars['lr']:.2e} {text}",
+            extra=None if counts is None else counts.record(),
         )
+
+    def draw_counts(self) -> DrawCounts:
+        """Micro-batches per budget and per (budget, architecture) since the last log, over all
+        replicas: the budgets from the sampler (a function of the step), the architectures
+        gathered from every data-parallel replica (one small gather per logged step; every
+        rank logs the same steps). Resets the architecture counts (:meth:`scalars` the
+        budgets')."""
+        local, self._architectures = self._architectures, collections.Counter()
+        dp = self.trainer.pgs.dp
+        gathered = [local]
+        if dist.is_initialized() and dp.size() > 1:
+            gathered = [None] * dp.size()
+            dist.all_gather_object(gathered, local, group=dp)
+        architectures: dict[str, dict[str, int]] = {}
+        for counter in gathered:
+            for (budget, name), n in counter.items():
+                per = architectures.setdefault(budget, {})
+                per[name] = per.get(name, 0) + n
+        budgets = {name: n for name, n in self._draws.items() if name is not None}
+        return DrawCounts(budgets=budgets, architectures=architectures)
