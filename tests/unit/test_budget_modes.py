@@ -261,11 +261,6 @@ def test_invariant_full_budget_parent_step_equals_a_plain_parent_step(workspace)
         "router.full_budget=parent",
         "budget_sampling={full: 1.0}",
     )
-    parent_name = trainer.router.architecture_name(
-        trainer.router._indices_of(SubnetSpec.full(trainer.recipe.model))
-    )
-    assert trainer.step_architectures == [("full", parent_name)] * 2
-    assert trainer.router.routers["hidden"][2].bias.grad.abs().sum() > 0
     plain, plain_grads, plain_weights, _ = _one_step(
         workspace,
         "plain",
@@ -280,6 +275,11 @@ def test_invariant_full_budget_parent_step_equals_a_plain_parent_step(workspace)
     for name, grad in grads.items():
         assert torch.equal(grad, plain_grads[name]), name
         assert torch.equal(weights[name], plain_weights[name]), name
+    parent_name = trainer.router.architecture_name(
+        trainer.router._indices_of(SubnetSpec.full(trainer.recipe.model))
+    )
+    assert trainer.step_architectures == [("full", parent_name)] * 2
+    assert trainer.router.routers["hidden"][2].bias.grad.abs().sum() > 0
 
 
 def test_logged_step_counts_micro_batches_per_budget_and_architecture(workspace) -> None:
