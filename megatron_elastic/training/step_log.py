@@ -31,6 +31,9 @@ planner, a step-time breakdown, tokens/s and MFU, and the router's choices.
   budget's current deterministic architecture weighted by the micro-batches drawn for it; MFU
   (model FLOPs) and HFU (with recomputation) against the device's peak (``n/a`` on CPU unless
   ``logging.peak_tflops`` is set).
+* **Draws** (:class:`~megatron_elastic.training.metrics.DrawCounts`) over the same steps: the
+  micro-batches of each budget (from the sampler, all replicas) and of each architecture the
+  router ran for it (gathered from the data-parallel replicas at the logged step).
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def test_sandwich_steps_contain_both_extremes(n) -> None:
 
 
 def test_sandwich_refuses_a_step_of_one_micro_batch() -> None:
-    with pytest.raises(ValueError, match=r"^train\.budget_sampling_mode=sandwich .*train\.global_batch_size"):
+    one_line = r"^train\.budget_sampling_mode=sandwich .*train\.global_batch_size[^\n]*$"
+    with pytest.raises(ValueError, match=one_line):
         TrainConfig(
             steps=1,
             seq_length=8,
