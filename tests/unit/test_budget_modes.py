@@ -114,7 +114,9 @@ def test_sandwich_steps_contain_both_extremes(n) -> None:
         assert len(firsts) > 1  # shuffled
 
 
-def test_sandwich_refuses_a_step_of_one_micro_batch() -> None:
+def test_bad_sampling_settings_are_refused_in_one_line() -> None:
+    """Sandwich with one micro-batch per step (recipe and sampler), an unknown mode, and a
+    sampling mode in plain training."""
     one_line = r"^train\.budget_sampling_mode=sandwich .*train\.global_batch_size[^\n]*$"
     with pytest.raises(ValueError, match=one_line):
         TrainConfig(
@@ -128,6 +130,10 @@ def test_sandwich_refuses_a_step_of_one_micro_batch() -> None:
         BudgetSampler(MIXES[0], BUDGETS, seed=0, mode="sandwich", per_step=1)
     with pytest.raises(ValueError, match=r"choose one of \('independent'"):
         BudgetSampler(MIXES[0], BUDGETS, seed=0, mode="stratifed", per_step=4)
+    plain = [f"data.blend={ROOT}", "data.tokenizer=t", "checkpoint.save=s", "mode=plain"]
+    plain += ["elastic=null", "router=null", "budget_sampling=null", "distill.teacher=none"]
+    with pytest.raises(ValueError, match=r"mode 'plain' .* remove train\.budget_sampling_mode"):
+        load_train_recipe(FIXTURE / "stage.yaml", [*plain, "train.budget_sampling_mode=stratified"])
 
 
 # ---- learning-rate schedules ---------------------------------------------------------------
