@@ -6,11 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BUDGET_TARGETS", "LATENCY_PHASES", "SAMPLING_MODES", "RouterConfig"]
+__all__ = [
+    "BUDGET_TARGETS",
+    "FULL_BUDGET_MODES",
+    "LATENCY_PHASES",
+    "SAMPLING_MODES",
+    "RouterConfig",
+]
 
 BUDGET_TARGETS = ("params", "memory", "latency")
 LATENCY_PHASES = ("decode", "prefill")
 SAMPLING_MODES = ("hard", "soft")
+FULL_BUDGET_MODES = ("router", "parent")
 
 _SEED_MIX = 1_000_003  # a prime: (step, micro-batch) pairs map to distinct seeds
 _SEED_MOD = 2**63
@@ -83,6 +90,15 @@ class RouterConfig:
     cost (``elastic/architectures.py``); a fraction between trained budgets runs the closest
     combination too. The router's parameters are frozen and its budget loss is zero. For
     Minitron-style distillation of one pruned size and fixed-architecture baselines."""
+    full_budget: str = "router"
+    """What a training micro-batch of the full budget (fraction 1) runs. ``router`` (the
+    paper's): a Gumbel sample of the router like every budget, so early on it trains random
+    sub-networks while inference deploys the parent. ``parent``: exactly the parent, with no
+    router weights on the forward (megatron's own forward, as at inference); the task loss then
+    reaches the router only from the other budgets, and the budget loss of that micro-batch is
+    the router's expected cost under its noiseless probabilities ``softmax(scale * logits /
+    tau)`` (no Gumbel draw), which keeps teaching the full budget's logits towards the parent
+    (fractions interpolated next to it read them)."""
 
     def __post_init__(self) -> None:
         _count("anneal_steps", self.anneal_steps, 1)
@@ -126,6 +142,11 @@ class RouterConfig:
             )
         if not isinstance(self.fixed, bool):
             raise ValueError(f"RouterConfig.fixed must be true or false, got {self.fixed!r}")
+        if self.full_budget not in FULL_BUDGET_MODES:
+            raise ValueError(
+                f"RouterConfig.full_budget={self.full_budget!r}; choose one of "
+                f"{FULL_BUDGET_MODES} (router is the paper's)"
+            )
         if not 0 <= self.soft_min_weight < 1:
             raise ValueError(
                 f"RouterConfig.soft_min_weight must be in [0, 1), got {self.soft_min_weight}"

@@ -101,6 +101,9 @@ class ElasticRouter(nn.Module):
         # C(parent): the parameters or memory bytes every budget fraction is a fraction of.
         self.parent_cost = float(self.spec_cost(SubnetSpec.full(model)))
         self._fixed: dict[str | float, Indices] = {}
+        self._parent_indices: Indices | None = None
+        if config.full_budget == "parent" and not config.fixed:
+            self._parent_indices = self._indices_of(SubnetSpec.full(model))
         if config.fixed:
             self.requires_grad_(False)
             for name, (spec, _) in budget_specs(model, elastic, cost=self.spec_cost).items():
@@ -218,6 +221,8 @@ class ElasticRouter(nn.Module):
         architecture within it (``router/calibrate.py``; a few host-side cost evaluations).
         Weights are moved to ``device`` (the model's); the router may stay on the CPU. Costs one
         host sync (the chosen indices), once per decision, never inside the model's forward.
+        With ``full_budget: parent`` a training decision at fraction 1 is the parent without
+        weights (:meth:`trains_parent`; ``generator`` unused).
         """
         if generator is None and not deterministic:
             raise ValueError("decide() needs a torch.Generator unless deterministic=True")
@@ -225,6 +230,8 @@ class ElasticRouter(nn.Module):
         if self.config.fixed:
             return self._fixed_decision(budget, logits)
         tau, scale = temperature(self.config, step), logit_scale(self.config, step)
+        if not deterministic and self.trains_parent(budget):
+            return self._parent_decision(budget, logits, tau, scale)
         hard = deterministic or self.config.sampling == "hard"
         samples, probs, picks = {}, {}, {}
         for axis in self.axes:  # fixed order: the generator's draws are the same on every rank
@@ -256,6 +263,27 @@ class ElasticRouter(nn.Module):
         if weights is not None and device is not None:
             weights = weights_to(weights, device)
         return self._decision(budget, spec, weights, indices, probs)
+
+    def architecture_name(self, indices: Indices) -> str:
+        """A decision's architecture as text, its sizes per axis (one per decision, ``/`` between
+        a heterogeneous axis' layers): ``hidden=64 depth=8 attention_heads=4 ...``."""
+        return " ".join(
+            f"{a}={'/'.join(str(self.choices[a][i]) for i in indices[a])}" for a in self.axes
+        )
+
+    def trains_parent(self, budget: str | float) -> bool:
+        """Whether a training decision for ``budget`` runs the parent: ``full_budget: parent``
+        and a fraction of 1."""
+        parent = self.config.full_budget == "parent" and not self.config.fixed
+        return parent and self.encoding.fraction(budget) >= 1
+
+    def _parent_decision(self, budget: str | float, logits, tau: float, scale: float):
+        """``full_budget: parent``: the parent, no router weights (megatron's own forward), and
+        the noiseless probabilities softmax(scale * logits / tau) for the budget loss (no
+        generator draw)."""
+        indices = self._parent_indices
+        probs = {a: torch.softmax(scale * logits[a] / tau, dim=-1) for a in self.axes}
+        return self._decision(budget, self._spec(indices), None, indices, probs)
 
     def _keep(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(L,) probability that each layer is kept under the depth distribution."""

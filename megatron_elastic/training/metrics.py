@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 __all__ = [
     "BudgetLoss",
+    "DrawCounts",
     "LossSums",
     "MetricsWriter",
     "ReducedStep",
@@ -69,6 +70,29 @@ class ReducedStep:
     """Each flag summed over every rank (non-zero: raised on some rank)."""
     per_rank: list[list[float]]
     """Every rank's ``per_rank`` values, in rank order."""
+
+
+@dataclass(frozen=True)
+class DrawCounts:
+    """Micro-batches trained per budget and per architecture over the steps since the previous
+    logged step, summed over every data-parallel replica."""
+
+    budgets: dict[str, int]
+    """Budget name -> micro-batches."""
+    architectures: dict[str, dict[str, int]]
+    """Budget name -> architecture it ran (``ElasticRouter.architecture_name``) -> micro-batches."""
+
+    def scalars(self) -> dict[str, float]:
+        """``micro_batches/<budget>`` for the scalar writers."""
+        return {f"micro_batches/{k}": float(v) for k, v in sorted(self.budgets.items())}
+
+    def record(self) -> dict[str, Any]:
+        """``metrics.jsonl`` only (variable keys: not a scalar series): ``architectures``."""
+        return {
+            "architectures": {
+                b: dict(sorted(archs.items())) for b, archs in sorted(self.architectures.items())
+            }
+        }
 
 
 @dataclass(frozen=True)
@@ -193,12 +217,21 @@ class MetricsWriter:
                     resume="allow",
                 )
 
-    def log(self, step: int, scalars: dict[str, float], line: str | None = None) -> None:
+    def log(
+        self,
+        step: int,
+        scalars: dict[str, float],
+        line: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Print ``line``, write ``scalars`` everywhere and ``extra`` (JSON data that is not a
+        scalar series, e.g. :meth:`DrawCounts.record`) to ``metrics.jsonl`` only."""
         if not self.enabled:
             return
         if line:
             print(line, flush=True)
         record = {"step": step, **{k: v for k, v in scalars.items() if math.isfinite(v)}}
+        record.update(extra or {})
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb is not None:

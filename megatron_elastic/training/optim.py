@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -11,7 +12,21 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
 
-__all__ = ["OptimConfig", "build_optimizer", "cast_parameters", "sync_params", "wrap_ddp"]
+__all__ = [
+    "LR_SCHEDULES",
+    "WSD_DECAY_STYLES",
+    "OptimConfig",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "cast_parameters",
+    "sync_params",
+    "wrap_ddp",
+]
+
+LR_SCHEDULES = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
+"""``optim.lr_schedule`` -> megatron's ``OptimizerParamScheduler`` ``lr_decay_style``."""
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+"""megatron's ``lr_wsd_decay_style`` values (the shape of WSD's final decay)."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +36,7 @@ class OptimConfig:
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr: float = 3e-5
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay (``cosine``, ``wsd``)."""
     warmup_steps: int = 10
     """Linear warmup from 0 to ``lr``."""
     total_steps: int = 1000
@@ -45,6 +60,18 @@ class OptimConfig:
     ddp_bucket_size: int | None = None
     """Parameters per gradient-reduction bucket with ``overlap_grad_reduce`` (megatron's
     ``--ddp-bucket-size``); ``None``: megatron's default, max(40M, 1M x data-parallel size)."""
+    lr_schedule: str = "cosine"
+    """After the linear warmup: ``cosine`` (decay to ``min_lr`` over the rest of
+    ``total_steps``), ``wsd`` (warmup-stable-decay: ``lr`` held, then a decay to ``min_lr`` over
+    the last ``lr_decay_fraction`` of ``total_steps``, so a checkpoint taken before the decay is
+    a point of the same curve as a shorter run's) or ``constant`` (``lr`` to the end). megatron's
+    ``OptimizerParamScheduler`` computes all three."""
+    lr_decay_fraction: float = 0.2
+    """``wsd``: the fraction of ``total_steps`` the final decay takes (rounded to whole steps, at
+    least one, at most the steps after warmup); unused by the other schedules."""
+    lr_wsd_decay_style: str = "linear"
+    """``wsd``: the shape of its final decay, megatron's ``lr_wsd_decay_style`` (``linear``,
+    ``cosine``, ``exponential``, ``minus_sqrt``)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_lr <= self.lr:
@@ -67,6 +94,30 @@ class OptimConfig:
             raise ValueError(
                 f"optim.ddp_bucket_size must be a positive integer or null, got {size!r}"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"optim.lr_schedule={self.lr_schedule!r}; choose one of {tuple(LR_SCHEDULES)}"
+            )
+        fraction = self.lr_decay_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise ValueError(f"optim.lr_decay_fraction must be a number, got {fraction!r}")
+        if not 0 < fraction <= 1:
+            raise ValueError(
+                f"optim.lr_decay_fraction must be in (0, 1] (0.2: decay over the last 20% of "
+                f"the steps), got {fraction}"
+            )
+        if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ValueError(
+                f"optim.lr_wsd_decay_style={self.lr_wsd_decay_style!r}; choose one of "
+                f"{WSD_DECAY_STYLES}"
+            )
+
+    @property
+    def wsd_decay_steps(self) -> int:
+        """Steps of WSD's final decay: ``lr_decay_fraction`` of ``total_steps``, rounded, at
+        least 1 and at most the steps after warmup."""
+        steps = round(self.lr_decay_fraction * self.total_steps)
+        return min(max(steps, 1), self.total_steps - self.warmup_steps)
 
 
 def cast_parameters(model: nn.Module, params_dtype: torch.dtype) -> None:
@@ -120,7 +171,8 @@ def sync_params(ddp: DistributedDataParallel) -> None:
 def build_optimizer(
     ddp_model: nn.Module, optim: OptimConfig, *, params_dtype: torch.dtype = torch.float32
 ) -> tuple[object, OptimizerParamScheduler]:
-    """megatron's Adam(W) optimizer and its warmup + cosine schedule."""
+    """megatron's Adam(W) optimizer and its learning-rate schedule: linear warmup, then
+    ``optim.lr_schedule`` (cosine, warmup-stable-decay or constant)."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -134,17 +186,25 @@ def build_optimizer(
         overlap_param_gather=optim.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
-    scheduler = OptimizerParamScheduler(
+    return optimizer, build_lr_scheduler(optimizer, optim)
+
+
+def build_lr_scheduler(optimizer: Any, optim: OptimConfig) -> OptimizerParamScheduler:
+    """megatron's ``OptimizerParamScheduler`` for ``optim``'s schedule over ``optimizer``'s
+    parameter groups (anything with ``param_groups``): ``lr`` and ``weight_decay`` set at step 0
+    and at every ``step(1)``."""
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=optim.lr,
         min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_steps,
         lr_decay_steps=optim.total_steps,
-        lr_decay_style="cosine",
+        lr_decay_style=LR_SCHEDULES[optim.lr_schedule],
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
         wd_incr_steps=optim.total_steps,
         wd_incr_style="constant",
+        wsd_decay_steps=optim.wsd_decay_steps if optim.lr_schedule == "wsd" else None,
+        lr_wsd_decay_style=optim.lr_wsd_decay_style if optim.lr_schedule == "wsd" else None,
     )
-    return optimizer, scheduler

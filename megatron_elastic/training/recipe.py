@@ -33,7 +33,10 @@ from megatron_elastic.elastic.config import ElasticConfig, load_elastic_recipe
 from megatron_elastic.integrity import check_verify_mode
 from megatron_elastic.model.builder import Recompute
 from megatron_elastic.router.config import RouterConfig
-from megatron_elastic.training.budget_sampling import validate_budget_probs
+from megatron_elastic.training.budget_sampling import (
+    validate_budget_probs,
+    validate_sampling_mode,
+)
 from megatron_elastic.training.optim import OptimConfig
 
 __all__ = [
@@ -115,6 +118,13 @@ class TrainConfig:
     the layers recomputed per stage (fewer: more memory, less recomputation)."""
     recompute_activations: bool = False
     """Older spelling of ``recompute_granularity: full`` (every layer), kept for old recipes."""
+    budget_sampling_mode: str = "independent"
+    """How elastic training draws each micro-batch's budget from ``budget_sampling``
+    (``training/budget_sampling.py``): ``independent`` (the paper's: one draw per micro-batch),
+    ``stratified`` (each step holds ``floor(p * n)`` micro-batches of every budget, ``n`` the
+    step's micro-batches over all replicas, the rest drawn: every count within one of ``p * n``)
+    or ``sandwich`` (BigNAS: every step trains the largest and the smallest budget, the other
+    ``n - 2`` stratified; needs ``n >= 2``)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size"):
@@ -126,6 +136,7 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+        validate_sampling_mode(self.budget_sampling_mode, self.micro_batches_per_step)
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; choose one of {PRECISIONS}")
         if self.eval_interval < 0:
@@ -145,6 +156,11 @@ class TrainConfig:
         recompute = self.recompute  # validates the three fields (and fills full's defaults)
         object.__setattr__(self, "recompute_method", recompute.method)
         object.__setattr__(self, "recompute_num_layers", recompute.num_layers)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of one optimizer step over all data-parallel replicas."""
+        return self.global_batch_size // self.micro_batch_size
 
     @property
     def recompute(self) -> Recompute:
@@ -300,6 +316,10 @@ class TrainRecipe:
             raise ValueError(
                 "mode 'plain' trains the parent alone: remove 'budget_sampling' and set "
                 "distill.teacher to 'none'"
+            )
+        elif self.train.budget_sampling_mode != "independent":
+            raise ValueError(
+                "mode 'plain' trains the parent alone: remove train.budget_sampling_mode"
             )
 
 

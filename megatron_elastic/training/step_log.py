@@ -31,6 +31,9 @@ planner, a step-time breakdown, tokens/s and MFU, and the router's choices.
   budget's current deterministic architecture weighted by the micro-batches drawn for it; MFU
   (model FLOPs) and HFU (with recomputation) against the device's peak (``n/a`` on CPU unless
   ``logging.peak_tflops`` is set).
+* **Draws** (:class:`~megatron_elastic.training.metrics.DrawCounts`) over the same steps: the
+  micro-batches of each budget (from the sampler, all replicas) and of each architecture the
+  router ran for it (gathered from the data-parallel replicas at the logged step).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch.distributed as dist
 from megatron_elastic import platform
 from megatron_elastic.planning.flops import StepFlops, peak_flops
 from megatron_elastic.planning.measure import CpuPeakWindow
-from megatron_elastic.training.metrics import StepRecord
+from megatron_elastic.training.metrics import DrawCounts, StepRecord
 
 __all__ = ["PeakMemory", "StepLog", "StepTimers", "router_scalars"]
 
@@ -227,6 +230,7 @@ class StepLog:
         self.peak_flops = peak_flops(name, r.logging.peak_tflops)
         self._interval = {"seconds": 0.0, "tokens": 0.0, "steps": 0}
         self._draws: collections.Counter = collections.Counter()
+        self._architectures: collections.Counter = collections.Counter()  # this replica's
         self._stage_peaks: dict[int, float] = {}
         self._times: dict[str, float] = {}
 
@@ -289,6 +293,7 @@ class StepLog:
             self._draws[None] += draws
         else:
             self._draws.update(t.sampler.sample(step, i) for i in range(draws))
+            self._architectures.update(t.step_architectures)
 
     def _check_memory(self, step: int) -> None:
         if self.planned is None or self.rank != 0:
@@ -361,11 +366,35 @@ class StepLog:
             )
             scalars.update(router)
             parts.append(text)
+        counts = self.draw_counts() if t.router is not None else None
         extra, text = self.scalars(specs)
         scalars.update(extra)
+        if counts is not None:
+            scalars.update(counts.scalars())
         t.metrics.log(
             step,
             scalars,
             f"[train] {r.stage} step {step}/{r.train.steps} loss {' '.join(parts)} "
             f"gnorm {grad_norm:.3f} lr {scalars['lr']:.2e} {text}",
+            extra=None if counts is None else counts.record(),
         )
+
+    def draw_counts(self) -> DrawCounts:
+        """Micro-batches per budget and per (budget, architecture) since the last log, over all
+        replicas: the budgets from the sampler (a function of the step), the architectures
+        gathered from every data-parallel replica (one small gather per logged step; every
+        rank logs the same steps). Resets the architecture counts (:meth:`scalars` the
+        budgets')."""
+        local, self._architectures = self._architectures, collections.Counter()
+        dp = self.trainer.pgs.dp
+        gathered = [local]
+        if dist.is_initialized() and dp.size() > 1:
+            gathered = [None] * dp.size()
+            dist.all_gather_object(gathered, local, group=dp)
+        architectures: dict[str, dict[str, int]] = {}
+        for counter in gathered:
+            for (budget, name), n in counter.items():
+                per = architectures.setdefault(budget, {})
+                per[name] = per.get(name, 0) + n
+        budgets = {name: n for name, n in self._draws.items() if name is not None}
+        return DrawCounts(budgets=budgets, architectures=architectures)

@@ -131,7 +131,13 @@ class Trainer:
                 self.router_optimizer, self.router_scheduler = build_router_optimizer(
                     self.router, r.router
                 )
-            self.sampler = BudgetSampler(r.budget_sampling, self.elastic.budgets, r.train.seed)
+            self.sampler = BudgetSampler(
+                r.budget_sampling,
+                self.elastic.budgets,
+                r.train.seed,
+                mode=r.train.budget_sampling_mode,
+                per_step=self.dp_size * self.num_micro,
+            )
         self.runner: Runner = self._runner()
         self.step_log.attach(self.model.config, self.runner.teacher)
         self.state = StageState(
@@ -199,7 +205,7 @@ class Trainer:
         return train, valid
 
     # ----------------------------------------------------------------------------- one step
-    def _hook(self, step: int, records: list[str]):
+    def _hook(self, step: int, records: list[str], architectures: list[tuple[str, str]]):
         r, router = self.recipe, self.router
 
         def hook(i: int) -> torch.Tensor | None:
@@ -212,6 +218,7 @@ class Trainer:
                 r.router.generator(self.progress.router_step, index, device=self.device),
                 device=self.device,
             )
+            architectures.append((budget, router.architecture_name(decision.indices)))
             self.runner.set_subnet(decision.spec, decision.weights)
             return router.budget_loss(decision)
 
@@ -240,7 +247,8 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         drawn: list[str] = []  # each micro-batch's budget, in order
-        hook = None if self.router is None else self._hook(step, drawn)
+        self.step_architectures: list[tuple[str, str]] = []  # (budget, architecture) of each
+        hook = None if self.router is None else self._hook(step, drawn, self.step_architectures)
         if self.router_optimizer is not None:
             self.router_optimizer.zero_grad(set_to_none=False)
         runner.begin_step()

@@ -59,6 +59,7 @@ def _router(recipe, heterogeneous=False, **overrides) -> ElasticRouter:
         ("lr", -1.0),
         ("warmup_steps", -1),
         ("soft_min_weight", 1.0),
+        ("full_budget", "teacher"),
     ],
 )
 def test_config_rejects_bad_values(field, value) -> None:
