@@ -151,6 +151,7 @@ def _lrs(**fields) -> list[float]:
     return out
 
 
+@pytest.mark.filterwarnings("ignore:Could not determine rank:UserWarning")  # no process group here
 def test_wsd_schedule_values() -> None:
     """Warmup-stable-decay over 100 steps, 10 of warmup, the last 20% decaying linearly from
     1e-3 to 1e-4: warmup ramps from 0, the stable phase holds the peak (the constant schedule's
