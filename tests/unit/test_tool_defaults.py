@@ -32,6 +32,7 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
     "preflight.py": ("megatron_elastic.preflight:PreflightConfig", {}),
     "prepare_data.py": ("megatron_elastic.data.prepare:prepare_dataset", {}),
     "profile_latency.py": ("megatron_elastic.serving.profile:profile_latency", {}),
+    "serve.py": ("megatron_elastic.serving.api:serve", {}),
     "convert_hf_to_megatron.py": ("megatron_elastic.export.megatron_lm:save_megatron_lm", {}),
 }
 """Tool -> the library callable whose keyword defaults its options take (``{option: parameter}``
