@@ -111,6 +111,27 @@ def test_invariant_greedy_completion_equals_cached_generate(client, models, mode
     assert body["usage"]["prompt_tokens"] == sum(len(models.tokenizer.encode(p)) for p in PROMPTS)
 
 
+def test_budgets_decode_from_the_one_loaded_copy_of_the_weights(client, models) -> None:
+    """Every served budget's network is held at once (interleaved requests rebuild nothing), the
+    full budget's tensors are all views of the loaded parameters, and a smaller budget copies
+    only its non-contiguous slices (its embedding is a view too)."""
+    parent = models.checkpoint.model.parameters()
+    storages = {p.untyped_storage().data_ptr() for p in parent}
+    for name, budget in models.budgets.items():
+        net = models.session.net(budget)
+        tensors = [net.embedding, net.final_norm, net.output]
+        tensors += [t for layer in net.layers for t in layer.weights.values()]
+        size = [t.numel() * t.element_size() for t in tensors]
+        copied = sum(
+            n
+            for t, n in zip(tensors, size, strict=True)
+            if t.untyped_storage().data_ptr() not in storages
+        )
+        assert net.embedding.untyped_storage().data_ptr() in storages, name
+        assert copied == 0 if budget == "full" else 0 < copied < sum(size), name
+    assert len(models.session._nets) == len(models.budgets)
+
+
 def test_seeded_sampling_equals_cached_generate_alone(client, models) -> None:
     body = _complete(client, model="elastic@75%", prompt=PROMPTS[0], temperature=1.3, seed=11)
     assert body["choices"][0]["text"] == _expected(
