@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The OpenAI-compatible server (``tools/serve.py``) measured from outside, as a client sees it:
 time from launch to the first answered request, resident memory with one, two and three budgets
-in use, decode tokens/s of one request at a time against concurrent requests (one budget, and
-two budgets interleaved), and how long ``/health`` takes while a batch decodes.
+in use (and the MiB of weights each budget copies), decode tokens/s of one request at a time
+against concurrent requests (one budget, and two budgets interleaved), and how long ``/health``
+takes while a batch decodes.
 
     python benchmarks/bench_serve.py --checkpoint runs/quickstart/stage2/step_0000040 \\
         --tokenizer runs/quickstart/data/tokenizer.json --threads 1
@@ -58,6 +59,33 @@ def _run(base: str, bodies: list[dict], concurrent: bool) -> tuple[int, float]:
         for i in range(len(bodies)):
             ask(i)
     return sum(tokens), time.perf_counter() - start
+
+
+def weight_copies(checkpoint: str, tokenizer: str | None) -> dict[str, float]:
+    """In this process: MiB of weights each budget's serving network holds outside the loaded
+    parent's storage (copies of non-contiguous slices), and the parent's own."""
+    from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.parallel import destroy_process_groups, init_process_groups
+    from megatron_elastic.serving.api_models import load_models
+
+    models = load_models(checkpoint, init_process_groups(ParallelConfig()), tokenizer=tokenizer)
+    params = list(models.checkpoint.model.parameters())
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    out = {"parent": sum(p.numel() * p.element_size() for p in params) / 2**20}
+    for name, budget in models.budgets.items():
+        net = models.session.net(budget)
+        tensors = [net.embedding, net.final_norm, net.output]
+        tensors += [t for layer in net.layers for t in layer.weights.values()]
+        out[f"{name} copied"] = (
+            sum(
+                t.numel() * t.element_size()
+                for t in tensors
+                if t.untyped_storage().data_ptr() not in storages
+            )
+            / 2**20
+        )
+    destroy_process_groups()
+    return out
 
 
 def main() -> int:
@@ -149,6 +177,7 @@ def main() -> int:
         }
         proc.terminate()
         results["exit_code_on_sigterm"] = proc.wait(timeout=60)
+        results["weights_mib"] = weight_copies(args.checkpoint, args.tokenizer)
         print(json.dumps(results, indent=1))
     finally:
         if proc.poll() is None:

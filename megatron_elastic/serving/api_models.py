@@ -124,7 +124,7 @@ def check_checkpoint(checkpoint: str | Path, interpolate: Sequence[float] = ()) 
     """``ValueError`` for what the server cannot serve, read from the manifest (no weights): a
     damaged or missing checkpoint, a Hugging Face directory (no cached path), fractions of an
     exported one."""
-    from megatron_elastic.eval.loading import checkpoint_budgets
+    from megatron_elastic.eval.loading import budget_params, checkpoint_budgets
 
     kind, _ = checkpoint_budgets(checkpoint)
     if kind not in ("elastic", "exported"):
@@ -134,6 +134,8 @@ def check_checkpoint(checkpoint: str | Path, interpolate: Sequence[float] = ()) 
         )
     if interpolate and kind != "elastic":
         raise ValueError("--interpolate needs an elastic checkpoint (its router interpolates)")
+    if interpolate:
+        budget_params(checkpoint, list(interpolate))  # the router refuses an untrained range
 
 
 def load_models(

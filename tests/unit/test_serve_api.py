@@ -7,6 +7,7 @@ answers and exits 0 on SIGTERM while a request is in flight."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -32,6 +33,10 @@ ROOT = Path(__file__).parents[2]
 BUDGETS = ["elastic@full", "elastic@75%", "elastic@50%", "elastic@0.6"]
 PROMPTS = ["Question: What is 3 + 4?\nAnswer:", "The sum of", "x = 12; y ="]
 NEW = 10
+# The server's log-probabilities come from the cached path (chunked scan, batched rows), the
+# reference from the elastic model's own forward: summation order only. Measured worst 3.5e-7
+# (prompt and generated tokens, 75% budget); test_serving.py's logits bound.
+LOGPROB_TOL = 3e-6
 TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -222,7 +227,7 @@ def test_invariant_echo_logprobs_equal_model_log_softmax(client, models) -> None
         direct = torch.log_softmax(logits.double(), -1)
         want = direct[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
         got = torch.tensor(lp["token_logprobs"][1:], dtype=torch.float64)
-        assert (got - want).abs().max().item() < 1e-4
+        assert (got - want).abs().max().item() < LOGPROB_TOL
         values, best = direct[:-1].topk(3, -1)
         for j, top in enumerate(lp["top_logprobs"][1:]):
             # the 3 most likely tokens and the chosen one, by text (the first of equal texts)
@@ -233,7 +238,7 @@ def test_invariant_echo_logprobs_equal_model_log_softmax(client, models) -> None
             ]:
                 want_top.setdefault(tok.decode([t]), v)
             assert top.keys() == want_top.keys()
-            assert list(top.values()) == pytest.approx(list(want_top.values()), abs=1e-4)
+            assert list(top.values()) == pytest.approx(list(want_top.values()), abs=LOGPROB_TOL)
         assert len(ids) == len(tok.encode(PROMPTS[0])) + max_tokens
 
 
@@ -391,3 +396,18 @@ def test_server_process_serves_and_exits_0_on_sigterm(perturbed_checkpoint, toke
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_tool_refuses_bad_options_before_loading(perturbed_checkpoint, capsys) -> None:
+    from megatron_elastic.serving.api_models import check_checkpoint
+
+    spec = importlib.util.spec_from_file_location("serve_tool", ROOT / "tools" / "serve.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    path = str(perturbed_checkpoint[0])
+    assert tool.main(["--checkpoint", path, "--port", "0"]) == 2
+    assert capsys.readouterr().err == "error: --port must be in 1..65535, got 0\n"
+    assert tool.main(["--checkpoint", path, "--interpolate", "0.1"]) == 2
+    assert "outside the trained range" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="outside the trained range"):
+        check_checkpoint(path, [0.6, 1.5])
