@@ -182,12 +182,15 @@ def create_app(
         many = isinstance(raw, list) and raw and not isinstance(raw[0], int)
         encoded = [models.encode(p, "prompt") for p in (raw if many else [raw])]
         ids = [i for _, i in encoded]
-        _check(models, ids, request.max_tokens, "prompt")
+        max_tokens = request.max_tokens
+        if max_tokens is None:  # null: up to the context
+            max_tokens = max(models.max_sequence_length - max(map(len, ids)), 0)
+        _check(models, ids, max_tokens, "prompt")
         job = _job(
             models,
             budget,
             ids,
-            max_tokens=request.max_tokens,
+            max_tokens=max_tokens,
             request=request,
             top_logprobs=request.logprobs,
             echo=request.echo,

@@ -128,7 +128,8 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     """Text, token ids, or a list of either (one choice per prompt)."""
     max_tokens: int | None = Field(16, ge=0)
-    """Tokens to generate at most (0 with ``echo``: score the prompt only)."""
+    """Tokens to generate at most (0 with ``echo``: score the prompt only; null: up to the
+    context)."""
     echo: bool = False
     """Return the prompt before the completion (with its log-probabilities under ``logprobs``)."""
     logprobs: int | None = Field(None, ge=0, le=20)

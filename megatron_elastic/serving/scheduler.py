@@ -133,7 +133,7 @@ class Job:
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """One batch the worker ran (the server's ``/v1/stats``-like record, kept for tests)."""
+    """One batch the worker ran (kept in ``Scheduler.batches``: what tests and benchmarks see)."""
 
     budget: str | float
     rows: int

@@ -262,6 +262,10 @@ def test_stop_strings_end_the_completion(client, models) -> None:
     assert "".join(c["choices"][0]["text"] for c in chunks) == full[:3]
     length = _complete(client, model="elastic@full", prompt=PROMPTS[1], max_tokens=2)
     assert length["choices"][0]["finish_reason"] == "length"
+    # max_tokens null: up to the context (3 tokens after a prompt 3 short of it)
+    near = [5] * (models.max_sequence_length - 3)
+    unlimited = _complete(client, model="elastic@full", prompt=near, max_tokens=None)
+    assert unlimited["usage"]["completion_tokens"] == 3
 
 
 def test_chat_completion_uses_the_template(client, models) -> None:
