@@ -322,6 +322,7 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             ["--checkpoint", s["elastic_bad_manifest"], "--prompt", "x"],
             "corrupt manifest.json",
         ),
+        ("tools/serve.py", ["--checkpoint", s["elastic_bad_manifest"]], "corrupt manifest.json"),
     ]
 
 

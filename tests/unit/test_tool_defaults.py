@@ -34,6 +34,7 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
     "prepare_data.py": ("megatron_elastic.data.prepare:prepare_dataset", {}),
     "profile_latency.py": ("megatron_elastic.serving.profile:profile_latency", {}),
     "sweep_budgets.py": ("megatron_elastic.eval.sweep:sweep_budgets", {}),
+    "serve.py": ("megatron_elastic.serving.api:serve", {}),
     "convert_hf_to_megatron.py": ("megatron_elastic.export.megatron_lm:save_megatron_lm", {}),
 }
 """Tool -> the library callable whose keyword defaults its options take (``{option: parameter}``
