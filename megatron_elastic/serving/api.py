@@ -41,6 +41,8 @@ from megatron_elastic.serving.api_schema import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     error_body,
 )
 from megatron_elastic.serving.generate import SamplingConfig, check_lengths
@@ -159,6 +161,30 @@ def create_app(
             "interpolated": not isinstance(budget, str),
             "max_model_len": models.max_sequence_length,
         }
+
+    # vLLM's tokenizer endpoints: lm-evaluation-harness's "remote" tokenizer backend uses them to
+    # score log-likelihoods against a server whose tokenizer it does not have
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tok = models.tokenizer
+        return {
+            "eos_token": tok.decode([tok.eod]),
+            "bos_token": None,
+            "pad_token": None,
+            "chat_template": models.chat_template,
+            "model_max_length": models.max_sequence_length,
+            "vocab_size": tok.vocab_size,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
+        tokens = models.tokenizer.encode(request.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": models.max_sequence_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> dict[str, str]:
+        _, ids = models.encode(request.tokens, "tokens")  # ids outside the vocabulary: an error
+        return {"prompt": models.tokenizer.decode(ids)}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -62,6 +62,8 @@ class ServedModels:
         self.max_sequence_length: int = checkpoint.model_config.max_sequence_length
         self.created = now()
         self._template = None
+        self.chat_template = chat_template
+        """The Jinja chat template's source (None: none next to the tokenizer)."""
         if chat_template:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 

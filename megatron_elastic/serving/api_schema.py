@@ -17,7 +17,9 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "DetokenizeRequest",
     "StreamOptions",
+    "TokenizeRequest",
     "error_body",
 ]
 
@@ -195,3 +197,33 @@ class ChatCompletionRequest(_Request):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's tokenizer endpoint, which lm-evaluation-harness's ``remote``
+    tokenizer calls)."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    """Text to tokenize."""
+    add_special_tokens: bool = False
+    """Refused when true: the models were trained on text without added special tokens."""
+    model: str | None = None
+    """Ignored (every budget shares the tokenizer)."""
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _no_special(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("add_special_tokens: the tokenizer adds none; send false")
+        return value
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``."""
+
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
+    """Token ids to turn back into text."""
+    model: str | None = None
+    """Ignored (every budget shares the tokenizer)."""

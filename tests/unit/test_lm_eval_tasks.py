@@ -1,7 +1,9 @@
 """lm-evaluation-harness as the real client of our budgets: the local tasks that
 ``tools/make_lm_eval_tasks.py`` writes, run by lm-eval's own ``hf`` model on an exported Hugging
-Face directory, give per problem the completions and the accuracy that ``evaluate.py``'s code
-gives on the elastic model at that budget, and the answer log-likelihoods we compute directly."""
+Face directory, and by its ``local-completions`` model against ``tools/serve.py``'s server (no
+tokenizer of its own: text prompts, and the server's tokenizer endpoints for log-likelihoods),
+give per problem the completions and the accuracy that ``evaluate.py``'s code gives on the
+elastic model at that budget, and the answer log-likelihoods we compute directly."""
 
 from __future__ import annotations
 
@@ -98,8 +100,24 @@ def test_invariant_lm_eval_on_an_hf_export_equals_evaluate_on_the_elastic_budget
     assert problems == generate_records(NUM_PROBLEMS, seed=SEED)  # evaluate.py's problems
 
     results = _lm_eval(tmp_path / "hf", tasks_dir, [GENERATE_TASK, LOGLIK_TASK])
+    texts, accuracy, logliks = _reference(model, spec, tok, rows)
 
-    # reference: evaluate.py's completer and scorer on the elastic model at the budget
+    samples = sorted(results["samples"][GENERATE_TASK], key=lambda s: s["doc_id"])
+    # evaluate.py judges the text before "\nQuestion:" (completion_answer): _reference cuts there
+    assert [s["resps"][0][0] for s in samples] == texts and all(texts)
+    em = results["results"][GENERATE_TASK]["exact_match,none"]
+    assert em == pytest.approx(accuracy)
+    ll_samples = sorted(results["samples"][LOGLIK_TASK], key=lambda s: s["doc_id"])
+    theirs_ll = [s["resps"][0][0][0] for s in ll_samples]
+    worst = max(abs(a / b - 1) for a, b in zip(theirs_ll, logliks, strict=True))
+    print(f"answer log-likelihoods: lm-eval (hf) vs elastic, worst rel diff {worst:.2e}")
+    assert theirs_ll == pytest.approx(logliks, rel=3e-7)  # measured 1.05e-7
+
+
+def _reference(model, spec, tok, rows):
+    """evaluate.py's completions and accuracy, and the answers' log-likelihoods, on the elastic
+    ``model`` at ``spec``."""
+    problems = [ReasoningRecord.from_json(r) for r in rows]
     model.set_subnet(spec, mode="slice")
     try:
         complete = model_completer(model, tok, max_new_tokens=NEW_TOKENS)
@@ -110,23 +128,85 @@ def test_invariant_lm_eval_on_an_hf_export_equals_evaluate_on_the_elastic_budget
             for r in rows:
                 context = tok.encode(f"{r['prompt']} {r['solution']}\n####")
                 target = tok.encode(f"{r['prompt']} {r['solution']}\n#### {r['answer']}")
-                assert target[: len(context)] == context  # the answer tokenizes on its own
+                assert target[: len(context)] == context
                 ids = torch.tensor([target])
-                logits = model(ids, position_ids_like(ids), None)[0].float()  # (s, V)
-                logp = torch.log_softmax(logits[:-1], -1)
+                logits = model(ids, position_ids_like(ids), None)[0].float()
+                logp = torch.log_softmax(logits[:-1, : tok.vocab_size], -1)
                 cont = ids[0, len(context) :]
                 logliks.append(float(logp[len(context) - 1 :].gather(-1, cont[:, None]).sum()))
     finally:
         model.set_subnet(None)
+    return [t.split("\nQuestion:", 1)[0] for t in texts], accuracy.accuracy, logliks
 
-    samples = sorted(results["samples"][GENERATE_TASK], key=lambda s: s["doc_id"])
-    theirs = [s["resps"][0][0] for s in samples]
-    # evaluate.py judges the text before "\nQuestion:" (completion_answer)
-    assert theirs == [t.split("\nQuestion:", 1)[0] for t in texts] and all(theirs)
-    em = results["results"][GENERATE_TASK]["exact_match,none"]
-    assert em == pytest.approx(accuracy.accuracy)
-    ll_samples = sorted(results["samples"][LOGLIK_TASK], key=lambda s: s["doc_id"])
-    theirs_ll = [s["resps"][0][0][0] for s in ll_samples]
-    worst = max(abs(a / b - 1) for a, b in zip(theirs_ll, logliks, strict=True))
-    print(f"answer log-likelihoods: lm-eval (hf) vs elastic, worst rel diff {worst:.2e}")
-    assert theirs_ll == pytest.approx(logliks, rel=3e-7)  # measured 1.05e-7
+
+def test_invariant_lm_eval_against_the_server_equals_evaluate_on_the_elastic_budget(
+    perturbed_checkpoint, tokenizer, pgs, tmp_path, monkeypatch
+) -> None:
+    import socket
+    import threading
+    import time
+
+    import lm_eval
+    import uvicorn
+    from lm_eval.tasks import TaskManager
+
+    from megatron_elastic.serving.api import create_app, load_models
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local files only: no hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok_path, tok = tokenizer
+    path, model, router = perturbed_checkpoint
+    tasks_dir = write_lm_eval_tasks(
+        str(tmp_path / "tasks"),
+        num_problems=NUM_PROBLEMS,
+        problem_seed=SEED,
+        max_new_tokens=NEW_TOKENS,
+    )
+    rows = [json.loads(line) for line in (tasks_dir / PROBLEMS).read_text().splitlines()]
+    spec = router.decide(BUDGET, 0, None, deterministic=True).spec
+    texts, accuracy, logliks = _reference(model, spec, tok, rows)
+
+    models = load_models(path, pgs, tokenizer=tok_path.parent)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(models), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    common = f"base_url={url},model=elastic@{BUDGET},num_concurrent=1,max_retries=1"
+    manager = TaskManager(include_path=str(tasks_dir))
+    try:
+        generated = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=f"{common},tokenizer_backend=None,tokenized_requests=False",
+            tasks=[GENERATE_TASK],
+            task_manager=manager,
+            log_samples=True,
+        )
+        scored = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=f"{common},tokenizer_backend=remote",
+            tasks=[LOGLIK_TASK],
+            task_manager=manager,
+            log_samples=True,
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    samples = sorted(generated["samples"][GENERATE_TASK], key=lambda s: s["doc_id"])
+    assert [s["resps"][0][0] for s in samples] == texts and all(texts)
+    em = generated["results"][GENERATE_TASK]["exact_match,none"]
+    assert em == pytest.approx(accuracy)
+    ll_samples = sorted(scored["samples"][LOGLIK_TASK], key=lambda s: s["doc_id"])
+    theirs = [s["resps"][0][0][0] for s in ll_samples]
+    worst = max(abs(a / b - 1) for a, b in zip(theirs, logliks, strict=True))
+    print(f"answer log-likelihoods: lm-eval (server) vs elastic, worst rel diff {worst:.2e}")
+    assert theirs == pytest.approx(logliks, rel=3e-7)
