@@ -199,6 +199,44 @@ def test_invariant_rollback_equals_the_state_of_the_accepted_prefix(loaded, budg
         rolled.rollback(39)
 
 
+@pytest.mark.parametrize("budget", ["full", "50%"])
+def test_invariant_verification_chunk_rolls_back_to_the_accepted_tokens(loaded, budget) -> None:
+    """A speculative verification feeds k + 1 tokens as one chunk (attention over the cache and
+    the chunk; the Mamba chunk returns the state after every token); rolling back to any accepted
+    prefix gives the state a cached forward over only those tokens computes."""
+    net = ServingSession(loaded).net(budget)
+    k = 4
+    tokens = torch.randint(0, 4096, (1, 30 + k + 1), generator=torch.Generator().manual_seed(9))
+    prompt, chunk = tokens[:, :30], tokens[:, 30:]
+    worst = 0.0
+    for m in range(k + 2):  # m of the k + 1 chunk tokens accepted (0: all rejected)
+        rolled, direct = InferenceState(net, 1, 40), InferenceState(net, 1, 40)
+        forward(net, prompt, rolled)
+        forward(net, prompt, direct)
+        rolled.mark()
+        forward(net, chunk, rolled)  # one pass over the k + 1 tokens
+        rolled.rollback(30 + m)
+        if m:
+            forward(net, chunk[:, :m], direct)  # the accepted tokens alone
+        assert rolled.lengths == direct.lengths == [30 + m]
+        for index, cache in direct.layers.items():
+            other = rolled.layers[index]
+            if hasattr(cache, "ssm"):
+                pairs = [(other.conv, cache.conv), (other.ssm, cache.ssm)]
+            else:
+                pairs = [(other.key[:, : 30 + m], cache.key[:, : 30 + m])]
+                pairs.append((other.value[:, : 30 + m], cache.value[:, : 30 + m]))
+            for a, b in pairs:
+                assert a.shape == b.shape
+                worst = max(worst, (a - b).abs().max().item())
+        nxt = tokens[:, 30:31] if m == 0 else chunk[:, m - 1 : m]  # any next token will do
+        step = forward(net, nxt, rolled) - forward(net, nxt, direct)
+        assert step.abs().max().item() <= LOGITS_TOL
+    # the chunk's matmuls run at other row counts than the prefix's (BLAS kernels per shape):
+    # measured worst 9.5e-7 (full) and 7.5e-7 (50%)
+    assert worst <= 1e-5
+
+
 # -- the CLI ---------------------------------------------------------------------------------
 
 
