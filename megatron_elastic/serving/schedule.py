@@ -110,11 +110,11 @@ def _think(
     logits = forward(net, ids, state, last_only=True)[:, -1]
     out: list[int] = []
     while len(out) < limit:
-        out.append(int(logits[:, :vocab_size].argmax(-1)))  # a host check every token
+        nxt = logits[:, :vocab_size].argmax(-1, keepdim=True)  # (1, 1)
+        out.append(nxt.item())  # the host checks every token
         if out[-1] == eos_id or done(out) or len(out) == limit:
             break
-        ids = torch.tensor([[out[-1]]], dtype=torch.long, device=net.device)
-        logits = forward(net, ids, state, last_only=True)[:, -1]
+        logits = forward(net, nxt, state, last_only=True)[:, -1]
     return out
 
 
