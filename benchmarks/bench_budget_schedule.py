@@ -9,7 +9,9 @@ re-prefilled at another). Accuracy is the quickstart's (exact final answers, the
 scorer: :func:`megatron_elastic.eval.accuracy.reasoning_accuracy`); the problems are the
 quickstart evaluation's (``held_out_problems`` with its seed, tasks and size, minus the training
 corpus's questions). Times are of the whole arm (generation and scoring), medians of
-``--repeats`` rounds with the arms interleaved in each round. Accuracy does not depend on timing.
+``--repeats`` rounds with the arms interleaved in each round, as wall-clock and as this process's
+CPU time (one thread: steadier than the wall clock when other work shares the cores). Accuracy
+does not depend on timing.
 
     python benchmarks/bench_budget_schedule.py --checkpoint runs/quickstart/stage2/step_0000040 \\
         --exclude runs/quickstart/corpus/train.jsonl
@@ -98,28 +100,33 @@ def main() -> None:
         name = f"think={s.think}, answer={s.answer}"
         arms[name] = phased(s, name)
     times: dict[str, list[float]] = {name: [] for name in arms}
+    cpu: dict[str, list[float]] = {name: [] for name in arms}
     results = {}
     for _ in range(args.repeats):
         for name, complete in arms.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             results[name] = reasoning_accuracy(problems, complete, batch_size=len(problems))
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     destroy_process_groups()
 
     print(
         f"{len(problems)} held-out quickstart problems, greedy, <= {args.max_new_tokens} new "
         f"tokens, one prompt at a time, {torch.get_num_threads()} thread(s); times: median "
-        f"(min-max) of {args.repeats} interleaved rounds"
+        f"(min-max) of {args.repeats} interleaved rounds, wall clock and this process's CPU "
+        "time (on a shared machine the CPU time is the steadier figure)"
     )
     print(f"budgets: {', '.join(f'{b} = {ckpt.params(b):,} params' for b in budgets)}\n")
-    print("| arm | accuracy | time s | tokens | of which thinking |")
-    print("|---|---:|---:|---:|---:|")
+    print("| arm | accuracy | time s | CPU time s | tokens | of which thinking |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, acc in results.items():
-        ts = times[name]
+        cells = [
+            f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+            for xs in (times[name], cpu[name])
+        ]
         print(
-            f"| {name} | {acc.accuracy:.2f} ({acc.correct}/{acc.total}) | "
-            f"{statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f}) | {produced[name]} | "
-            f"{thinking.get(name, '-')} |"
+            f"| {name} | {acc.accuracy:.2f} ({acc.correct}/{acc.total}) | {cells[0]} | "
+            f"{cells[1]} | {produced[name]} | {thinking.get(name, '-')} |"
         )
 
 
