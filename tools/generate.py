@@ -7,9 +7,13 @@ loaded once and each budget only switches which slices of them run.
     python tools/generate.py --checkpoint runs/elastic --budget all --prompt "..." --prompt "..."
     python tools/generate.py --checkpoint runs/elastic --budget full --draft 50% \\
         --draft-tokens 4 --prompt "..."
+    python tools/generate.py --checkpoint runs/elastic --budget-schedule think=50%,answer=full \\
+        --prompt "..."
 
 Decoding is cached; ``--draft B`` decodes self-speculatively (the smaller budget B drafts, the
-verifier checks; greedy) and prints the acceptance rate; ``--temperature``/``--top-p``/``--seed``
+verifier checks; greedy) and prints the acceptance rate; ``--budget-schedule
+think=B1,answer=B2`` writes the worked solution at B1 and, after the answer marker ``####``, the
+final answer at B2 (re-prefilled at B2; greedy); ``--temperature``/``--top-p``/``--seed``
 sample; ``--recompute`` recomputes the sequence every token (:mod:`megatron_elastic.serving.run`).
 ``--budget`` may be repeated, comma-separated, ``all``, or with ``--interpolate`` a fraction
 between trained budgets (untrained). ``\\n`` in a prompt is a newline. Bad input (unknown budget,
@@ -52,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument(
         "--recompute", action="store_true", help="no cache: recompute the sequence every token"
+    )
+    parser.add_argument(
+        "--budget-schedule",
+        help="think=B1,answer=B2: the worked solution at B1, the final answer (after ####) at B2",
     )
     parser.take_defaults(generate_from_checkpoint)
     args = parser.parse_args(argv)

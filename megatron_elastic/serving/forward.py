@@ -4,9 +4,13 @@
 It is the slice-mode forward of the elastic model (:mod:`megatron_elastic.elastic`) restated for
 decoding on the same tensors: RMSNorm, Mamba-2 mixer (causal conv, SSD scan, gated group RMSNorm),
 GQA attention without positional embedding, squared-ReLU MLP, residual adds. Long chunks (a
-prompt) go through the chunked SSD scan with the carried-in state; short ones (a decode step, a
-speculative verification) through the exact recurrence, which also yields the per-token states
-that rollback needs. Shapes are batch-first: ``b`` rows, ``s`` new tokens.
+prompt) go through the chunked SSD scan with the carried-in state and the fused causal attention
+kernel. Short ones (a decode step, a speculative verification of k + 1 tokens) are one pass that
+costs about what its matmuls cost (1.4-1.7 one-token steps for 2-7 tokens on a CPU, where BLAS
+runs several rows at 1.4-2x one row; docs/serving.md): attention reads the cache in place
+with each query's causal mask, the conv is K shifted multiply-adds, and the SSM is the closed
+form of :func:`chunk_states`, which returns the state after every token, so a rollback slices it
+(no re-run, no per-token snapshot). Shapes are batch-first: ``b`` rows, ``s`` new tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from megatron_elastic.platform import lower_right_causal_attention
 from megatron_elastic.serving.net import ServingLayer, ServingNet
 from megatron_elastic.serving.state import AttentionCache, InferenceState, MambaCache
 
-__all__ = ["RECURRENCE_MAX_TOKENS", "forward", "layer_forward", "scan_with_state"]
+__all__ = ["RECURRENCE_MAX_TOKENS", "chunk_states", "forward", "layer_forward", "scan_with_state"]
 
 RECURRENCE_MAX_TOKENS = 16
 """Chunks up to this many tokens use the token-by-token recurrence; longer ones the chunked scan."""
@@ -70,7 +74,7 @@ def _attention(
 ) -> torch.Tensor:
     b, s, _ = x.shape
     layout = layer.attention_layout
-    per_group = layout.heads_per_group
+    per_group, groups, d = layout.heads_per_group, layer.num_groups, layer.head_dim
     q, k, v = layout.split_heads(x @ layer.weights["qkv"].T)
     start, end = min(lengths), max(lengths) + s
     if start + s == end:  # every row at the same length: a plain slice write
@@ -82,18 +86,27 @@ def _attention(
         )  # (b, s)
         rows = torch.arange(b, device=x.device)[:, None]
         cache.key[rows, query_pos], cache.value[rows, query_pos] = k, v
-    keys = cache.key[:, :end].repeat_interleave(per_group, dim=2).transpose(1, 2)  # (b, h, t, d)
-    values = cache.value[:, :end].repeat_interleave(per_group, dim=2).transpose(1, 2)
-    q = q.transpose(1, 2)  # (b, heads, s, d)
-    if start + s != end:  # rows at different lengths (decoding): each row's own causal mask
+    if start + s == end and s > RECURRENCE_MAX_TOKENS:
+        # prefill (of a prompt, or of its next chunk): causal fused kernel, no (s, t) tensor
+        keys = cache.key[:, :end].repeat_interleave(per_group, dim=2).transpose(1, 2)
+        values = cache.value[:, :end].repeat_interleave(per_group, dim=2).transpose(1, 2)
+        ctx = lower_right_causal_attention(q.transpose(1, 2), keys, values)  # (b, h, s, d)
+        return ctx.transpose(1, 2).flatten(2) @ layer.weights["proj"].T
+    # A decode step or a short chunk (a speculative verification): a group's query heads are
+    # folded into the query rows, (b, groups, per_group * s, d), so the cached keys and values
+    # are read in place (no per-head copy of the cache), with each query's own causal mask
+    # ((s, t) booleans; the fused causal kernel would run all t query rows on CPU).
+    keys = cache.key[:, :end].transpose(1, 2)  # (b, groups, t, d)
+    values = cache.value[:, :end].transpose(1, 2)
+    q = q.view(b, s, groups, per_group, d).permute(0, 2, 3, 1, 4).reshape(b, groups, -1, d)
+    mask = None
+    if s > 1 or start != end - 1:
         key_pos = torch.arange(end, device=x.device)
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # (b, 1, s, t)
-        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    elif s == 1:  # one new token per row at equal lengths sees everything
-        ctx = F.scaled_dot_product_attention(q, keys, values)
-    else:  # prefill (of a prompt, or of its next chunk): causal fused kernel, no (s, t) tensor
-        ctx = lower_right_causal_attention(q, keys, values)
-    return ctx.transpose(1, 2).flatten(2) @ layer.weights["proj"].T  # (b, s, heads * d)
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (b, s, t)
+        mask = mask[:, None, None].expand(b, 1, per_group, s, end).reshape(b, 1, -1, end)
+    ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, g, hpg * s, d)
+    ctx = ctx.view(b, groups, per_group, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+    return ctx @ layer.weights["proj"].T  # (b, s, heads * d)
 
 
 def _mamba(
@@ -106,20 +119,24 @@ def _mamba(
     groups, n = layout.num_groups, layout.state_dim
     z, xbc, dt = layout.split_in_proj(x @ w["in_proj"].T)
     window = torch.cat([cache.conv, xbc.transpose(1, 2)], dim=-1)  # (b, C, K-1+s)
-    conv = F.conv1d(window, w["conv_weight"], w["conv_bias"], groups=window.size(1))  # (b, C, s)
+    short = s <= RECURRENCE_MAX_TOKENS
+    if short:  # K shifted multiply-adds: a fraction of a conv1d call's fixed cost
+        kernel = window.size(-1) - s + 1
+        taps = window.unfold(-1, kernel, 1)  # (b, C, s, K), a view
+        conv = (taps * w["conv_weight"].view(-1, 1, kernel)).sum(-1) + w["conv_bias"][:, None]
+    else:
+        conv = F.conv1d(window, w["conv_weight"], w["conv_bias"], groups=window.size(1))
     cache.conv = window[..., s:]
-    if record:
-        cache.conv_log = torch.cat([cache.conv_log, xbc.transpose(1, 2)], dim=-1)
     xs, B, C = layout.split_conv(F.silu(conv).transpose(1, 2))
     dt = F.softplus(dt.float() + w["dt_bias"].float())  # (b, s, h)
     A = -torch.exp(w["A_log"].float())
     xs = xs.reshape(b, s, heads, p)
     B, C = B.reshape(b, s, groups, n), C.reshape(b, s, groups, n)
-    if s <= RECURRENCE_MAX_TOKENS or record:
-        y, states = _recurrence(xs, dt, A, B, C, w["D"].float(), cache.ssm)
+    if short or record:
+        y, states = chunk_states(xs, dt, A, B, C, w["D"].float(), cache.ssm)
         cache.ssm = states[:, -1]
         if record:
-            cache.ssm_log.append(states)
+            cache.log.append((window, states))
     else:
         y, cache.ssm = scan_with_state(xs, dt, A, B, C, w["D"], cache.ssm, net.chunk_size)
     gated = y.reshape(b, s, inner).to(x.dtype).float() * F.silu(z.float())
@@ -127,30 +144,35 @@ def _mamba(
     return y @ w["out_proj"].T
 
 
-def _recurrence(x, dt, A, B, C, D, state):
-    """``s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T``, ``y_t = s_t C_t + D x_t`` for a short
-    chunk, in float32, in closed form (``s_t = sum_u exp(a_u+1 + .. + a_t) dt_u x_u B_u^T +
-    exp(a_1 + .. + a_t) s_0``: no loop over tokens). Returns y (b, s, h, p) and the state after
-    each token (b, s, h, p, n)."""
-    heads, s = x.size(2), x.size(1)
-    Bh = B.float().repeat_interleave(heads // B.size(2), dim=2)  # (b, s, h, n)
-    Ch = C.float().repeat_interleave(heads // C.size(2), dim=2)
-    x32 = x.float()
-    cum = torch.cumsum(dt * A, dim=1)  # (b, s, h)
+def chunk_states(x, dt, A, B, C, D, state):
+    """The SSM over a short chunk that follows ``state`` (b, h, p, n), returning the state after
+    *every* token, which a speculative rollback picks from: ``s_t = exp(dt_t A) s_{t-1} +
+    dt_t x_t B_t^T``, ``y_t = s_t C_t + D x_t``, in float32, in closed form (no loop over
+    tokens): ``s_t = sum_{u<=t} exp(a_{u+1} + .. + a_t) dt_u x_u B_u^T + exp(a_1 + .. + a_t)
+    s_0``, the sum one batched matmul over heads. B and C stay per group (broadcast over the
+    group's heads, no per-head copies). Returns y (b, s, h, p) and states (b, s, h, p, n)."""
+    b, s, heads, p = x.shape
+    groups, n = B.size(2), B.size(3)
+    per_group = heads // groups
+    dA = dt * A  # (b, s, h)
+    cum = torch.cumsum(dA, dim=1)
+    # dt_u x_u B_u^T per token: (b, s, g, hpg, p, n)
+    inputs = (dt[..., None] * x.float()).view(b, s, groups, per_group, p, 1) * B.float().view(
+        b, s, groups, 1, 1, n
+    )
+    carried = torch.exp(cum).view(b, s, heads, 1, 1) * state[:, None]  # (b, s, h, p, n)
     if s == 1:
-        states = (torch.exp(cum)[..., None, None] * state[:, None]) + (
-            (dt[..., None] * x32)[..., None] * Bh[:, :, :, None, :]
-        )
+        states = carried + inputs.view(b, 1, heads, p, n)
     else:
+        seg = cum.transpose(1, 2)  # (b, h, s)
+        decay = seg[..., :, None] - seg[..., None, :]  # (b, h, t, u): a over (u, t]
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        decay = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(
-            ~causal[None, :, :, None], float("-inf")
-        )  # (b, t, u, h): sum of a over (u, t]
-        states = (
-            torch.einsum("btuh,buhp,buhn->bthpn", torch.exp(decay), dt[..., None] * x32, Bh)
-            + torch.exp(cum)[..., None, None] * state[:, None]
-        )
-    y = torch.einsum("bthpn,bthn->bthp", states, Ch) + x32 * D[:, None]
+        decay = torch.exp(decay.masked_fill(~causal, float("-inf")))
+        flat = inputs.view(b, s, heads, p * n).transpose(1, 2)  # (b, h, u, p n)
+        states = (decay @ flat).view(b, heads, s, p, n).transpose(1, 2) + carried
+    readout = C.float().view(b, s, groups, 1, 1, n)
+    y = (states.view(b, s, groups, per_group, p, n) * readout).sum(-1)
+    y = y.view(b, s, heads, p) + x.float() * D[:, None]
     return y, states
 
 

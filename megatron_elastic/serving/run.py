@@ -7,8 +7,10 @@ layers, sized to the budget's sub-network): each new token costs one step. A ``d
 decodes self-speculatively: the smaller budget of the same weights drafts ``draft_tokens``
 tokens, the verifier budget checks them in one pass (greedy; the output is the verifier's own
 greedy output) and the acceptance rate is reported. ``temperature`` / ``top_p`` / ``seed``
-sample instead of greedy. ``recompute`` recomputes the whole sequence at every token (the
-reference; also the only mode for a Hugging Face directory). Generation stops at the
+sample instead of greedy. ``budget_schedule`` (``think=50%,answer=full``) generates the worked
+solution at one budget and, after the answer marker, the final answer at another
+(:mod:`megatron_elastic.serving.schedule`). ``recompute`` recomputes the whole sequence at every
+token (the reference; also the only mode for a Hugging Face directory). Generation stops at the
 tokenizer's end-of-document token.
 """
 
@@ -34,6 +36,7 @@ def check_generation(
     draft: str | None,
     draft_tokens: int,
     interpolate: bool,
+    budget_schedule: str | None = None,
 ) -> str | float | None:
     """Everything that can be refused before weights are read; returns the draft budget."""
     from megatron_elastic.budgets import parse_budgets
@@ -50,6 +53,15 @@ def check_generation(
             f"a {kind} directory generates greedily by recomputation only; --draft and "
             "--temperature need a megatron checkpoint (elastic or exported)"
         )
+    if budget_schedule is not None:
+        if draft or temperature > 0 or recompute or kind != "elastic":
+            raise ValueError(
+                "--budget-schedule decodes greedily with the cache of an elastic checkpoint; "
+                "drop --draft / --temperature / --recompute"
+            )
+        from megatron_elastic.serving.schedule import BudgetSchedule
+
+        BudgetSchedule.parse(budget_schedule, trained, interpolate=interpolate)  # ValueError
     if draft is None:
         return None
     if draft_tokens <= 0:
@@ -83,6 +95,7 @@ def generate_from_checkpoint(
     top_p: float = 1.0,
     seed: int = 0,
     recompute: bool = False,
+    budget_schedule: str | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
     """Generate from every prompt of ``prompt`` (``\\n`` in one is a newline) at each of
@@ -105,6 +118,8 @@ def generate_from_checkpoint(
 
     prompts = [p.replace("\\n", "\n") for p in prompt]  # shells pass newlines awkwardly
     kind, trained = checkpoint_budgets(checkpoint)
+    if budget_schedule is not None and budget:
+        raise ValueError("--budget-schedule names the budgets; drop --budget")
     budgets = parse_budgets(
         budget or "all", trained, allow_fractions=kind == "elastic", interpolate=interpolate
     )
@@ -121,6 +136,7 @@ def generate_from_checkpoint(
         draft=draft,
         draft_tokens=draft_tokens,
         interpolate=interpolate,
+        budget_schedule=budget_schedule,
     )
     manifest = read_manifest(checkpoint)
     model_cfg = manifest_model(manifest)
@@ -136,6 +152,9 @@ def generate_from_checkpoint(
     cached = kind in ("elastic", "exported") and not recompute
     session = ServingSession(ckpt) if cached else None
     common = {"max_new_tokens": max_new_tokens, "eos_id": tok.eod, "vocab_size": tok.vocab_size}
+    if budget_schedule is not None:
+        budgets = []
+        _scheduled(session, budget_schedule, trained, interpolate, tok, prompts, ids, common, log)
     for b in budgets:
         start, note = time.perf_counter(), ""
         if not cached:
@@ -168,3 +187,25 @@ def generate_from_checkpoint(
             log(f"--- prompt {i}: {text!r}")
             log(f"{tok.decode(tokens)}\n{end}")
     destroy_process_groups()
+
+
+def _scheduled(session, text, trained, interpolate, tok, prompts, ids, common, log) -> None:
+    from megatron_elastic.serving.schedule import BudgetSchedule, scheduled_generate
+
+    schedule = BudgetSchedule.parse(text, trained, interpolate=interpolate)
+    start = time.perf_counter()
+    result = scheduled_generate(session, schedule, ids, decode=tok.decode, **common)
+    seconds = time.perf_counter() - start
+    out = result.generation
+    produced, thought = sum(len(t) for t in out.tokens), sum(result.thinking)
+    log(
+        f"=== budget schedule think={schedule.think}, answer={schedule.answer}: {produced} "
+        f"tokens in {seconds:.2f} s ({thought} thinking at {schedule.think}, "
+        f"{produced - thought} answering at {schedule.answer}) ==="
+    )
+    for i, (text_i, tokens, stopped) in enumerate(
+        zip(prompts, out.tokens, out.stopped, strict=True)
+    ):
+        end = "[end of document]" if stopped else f"[{len(tokens)} tokens, limit]"
+        log(f"--- prompt {i}: {text_i!r}")
+        log(f"{tok.decode(tokens)}\n{end}")

@@ -9,9 +9,10 @@ it keeps no per-token Mamba states for rolling back a rejected speculative suffi
 elastic layers run the active slices of the weights, not megatron's modules. So the serving path
 keeps its own state here and one functional forward (:mod:`.forward`) over the same tensors.
 
-Rollback: after :meth:`InferenceState.mark`, every forward records each token's SSM state and
-the conv inputs, so :meth:`InferenceState.rollback` can return the state to any length between
-the mark and now, exactly as if only that prefix had been fed.
+Rollback: after :meth:`InferenceState.mark`, every forward keeps the conv window it ran on and the
+SSM state after each of its tokens (which its chunk computation returns anyway, see
+:func:`.forward.chunk_states`), so :meth:`InferenceState.rollback` can return the state to any
+length between the mark and now by slicing them, exactly as if only that prefix had been fed.
 """
 
 from __future__ import annotations
@@ -39,10 +40,25 @@ class MambaCache:
 
     conv: torch.Tensor
     ssm: torch.Tensor
-    conv_log: torch.Tensor | None = None
-    """Since the mark: the conv state at the mark followed by every conv input (b, C, K-1+t)."""
-    ssm_log: list[torch.Tensor] = field(default_factory=list)
-    """Since the mark: the SSM state at the mark (b, 1, h, p, n), then one per token fed."""
+    marked: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The (conv, ssm) state at the mark."""
+    log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """Since the mark, per forward: the conv window it ran on (b, C, K-1+s: the conv state before
+    it, then its s inputs) and the SSM state after each of its tokens (b, s, h, p, n). The state
+    after any token is a slice of these: nothing is recomputed or copied to roll back."""
+
+    def state_after(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv, ssm) after the first ``tokens`` tokens fed since the mark."""
+        assert self.marked is not None
+        if tokens == 0:
+            return self.marked
+        kernel_1 = self.conv.size(-1)
+        for window, states in self.log:
+            s = states.size(1)
+            if tokens <= s:
+                return window[..., tokens : tokens + kernel_1], states[:, tokens - 1]
+            tokens -= s
+        raise AssertionError("more tokens than were fed since the mark")
 
 
 class InferenceState:
@@ -101,8 +117,7 @@ class InferenceState:
         self._mark = list(self.lengths)
         for cache in self.layers.values():
             if isinstance(cache, MambaCache):
-                cache.conv_log = cache.conv
-                cache.ssm_log = [cache.ssm.unsqueeze(1)]
+                cache.marked, cache.log = (cache.conv, cache.ssm), []
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` tokens of every row (same number of tokens fed since the mark
@@ -117,9 +132,7 @@ class InferenceState:
             raise ValueError(f"can roll back to {self._mark[0]}..{self.lengths[0]}, not {length}")
         for cache in self.layers.values():
             if isinstance(cache, MambaCache):
-                kernel_1 = cache.conv.size(-1)
-                cache.conv = cache.conv_log[..., keep : keep + kernel_1].contiguous()
-                cache.ssm = torch.cat(cache.ssm_log, dim=1)[:, keep].contiguous()
+                cache.conv, cache.ssm = cache.state_after(keep)
         # attention: positions past the new length are overwritten by the next tokens fed
         self.lengths = [m + keep for m in self._mark]
         self.commit()
@@ -129,7 +142,7 @@ class InferenceState:
         self._mark = None
         for cache in self.layers.values():
             if isinstance(cache, MambaCache):
-                cache.conv_log, cache.ssm_log = None, []
+                cache.marked, cache.log = None, []
 
 
 def _allocate(
