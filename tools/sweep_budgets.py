@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's)")
     parser.add_argument("--num-problems", type=int, help="0 skips accuracy")
     parser.add_argument("--problem-seed", type=int)
+    parser.add_argument("--tasks", nargs="+", help="reasoning-gym tasks (default: all four)")
     parser.add_argument("--problem-size", choices=PROBLEM_SIZES)
     parser.add_argument("--exclude", help="training corpus jsonl whose questions are dropped")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per problem")
