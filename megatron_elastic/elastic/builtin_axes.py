@@ -21,13 +21,12 @@ from megatron_elastic.model.param_count import (
     attention_layer_params,
     mamba_layer_params,
     mlp_layer_params,
-    moe_layer_params,
 )
 
 if TYPE_CHECKING:
     from megatron_elastic.elastic.config import ElasticConfig
 
-__all__ = ["ATTENTION_HEADS", "DEPTH", "FFN", "HIDDEN", "MAMBA_HEADS", "MAMBA_HEAD_DIM", "MOE"]
+__all__ = ["ATTENTION_HEADS", "DEPTH", "FFN", "HIDDEN", "MAMBA_HEADS", "MAMBA_HEAD_DIM"]
 
 
 def take(t: torch.Tensor, dim: int, idx: list[int] | torch.Tensor) -> torch.Tensor:
@@ -319,20 +318,6 @@ ATTENTION = LayerKind(
 MLP = LayerKind("mlp", "-", ("ffn",), lambda m, h, s: mlp_layer_params(h, s["ffn"]))
 
 
-def _moe_params(model: ModelConfig, hidden: Number, s: Mapping[str, Number]) -> Number:
-    """Total parameters (every routed expert, the router gate, the shared expert)."""
-    return moe_layer_params(
-        hidden,
-        model.num_moe_experts or 0,
-        model.moe_ffn_hidden_size or 0,
-        model.moe_shared_expert_intermediate_size or 0,
-    )
-
-
-# No elastic axes yet (issue 26 step 2): ElasticConfig.validate_for refuses parents with E layers.
-MOE = LayerKind("moe", "E", (), _moe_params)
-
 # Registration order is the router's draw order (changing it changes sampled architectures).
-register(
-    HIDDEN, ATTENTION_HEADS, MAMBA_HEADS, MAMBA_HEAD_DIM, FFN, DEPTH, MAMBA, ATTENTION, MLP, MOE
-)
+# The mixture-of-experts axes and layer kind follow in moe_axes.py.
+register(HIDDEN, ATTENTION_HEADS, MAMBA_HEADS, MAMBA_HEAD_DIM, FFN, DEPTH, MAMBA, ATTENTION, MLP)
