@@ -50,7 +50,8 @@ ROUTERS = {
         "moe_router_enable_expert_bias": False,
         "moe_router_topk": 1,
     },
-    "sigmoid_group_limited": {"moe_router_num_groups": 4, "moe_router_group_topk": 2},
+    # one of two groups of 4: kept experts are a prefix of each group (4 kept: 0, 1, 4, 5)
+    "sigmoid_group_limited": {"moe_router_num_groups": 2, "moe_router_group_topk": 1},
 }
 
 
@@ -174,6 +175,21 @@ def test_invariant_moe_slice_equals_mask(pgs, moe_config, name, soft) -> None:
     assert _rel(out["slice"], parent) > 1e-3  # the sub-network is not the parent
 
 
+@pytest.mark.parametrize("router", list(ROUTERS)[1:])
+def test_invariant_moe_slice_equals_mask_for_every_router(pgs, moe_config, router) -> None:
+    """Dropped experts take no part in the choice nor in a softmax's normaliser, however the
+    router scores (the default router is covered above)."""
+    cfg = dataclasses.replace(moe_config, **ROUTERS[router])
+    model = _model(cfg, pgs)
+    spec = SubnetSpec.homogeneous(cfg, moe_experts=4)
+    out = {}
+    with torch.no_grad():
+        for mode in ("slice", "mask"):
+            model.set_subnet(spec, mode=mode)
+            out[mode] = _logits(model)
+    assert _rel(out["slice"], out["mask"]) <= TOL
+
+
 # ---- the sliced model is the pruned model ------------------------------------------------
 
 
@@ -204,6 +220,41 @@ def test_invariant_moe_sliced_equals_pruned_model(pgs, moe_config, router) -> No
     # the counts are the pruned model's
     assert subnet_param_count(cfg, spec) == count_parameters(pruned_cfg)
     assert subnet_active_param_count(cfg, spec) == count_active_parameters(pruned_cfg)
+
+
+def test_invariant_moe_sliced_losses_and_gate_gradients_are_the_pruned_models(
+    pgs, moe_config
+) -> None:
+    """In training, the z-loss and the switch load-balancing loss run over the kept experts
+    (megatron records the pruned model's values) and the kept gate rows get the pruned gate's
+    gradient (task loss + both auxiliary losses)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+
+    cfg = dataclasses.replace(moe_config, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.1)
+    pruned_cfg = dataclasses.replace(cfg, num_moe_experts=4)
+    spec = SubnetSpec.homogeneous(cfg, moe_experts=4)
+    elastic = _model(cfg, pgs)
+    pruned = build_hybrid_model(pruned_cfg, pgs)
+    pruned.load_state_dict(elastic.sliced_state_dict(spec), strict=False)
+    elastic.set_subnet(spec, mode="slice")
+    recorded, grads = [], []
+    tracker = get_moe_metrics_tracker()
+    for model in (elastic, pruned):
+        model.train()
+        tracker.clear()
+        model(TOKENS, position_ids_like(TOKENS), None, labels=TOKENS).mean().backward()
+        recorded.append(
+            [
+                tracker.metrics[k].values[j].clone()
+                for k in ("z_loss", "load_balancing_loss")
+                for j in MOE_LAYERS
+            ]
+        )
+        grads.append([model.decoder.layers[j].mlp.router.weight.grad[:4] for j in MOE_LAYERS])
+    for a, b in zip(*recorded, strict=True):
+        assert b > 0 and _rel(a, b) <= TOL
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
 # ---- refusals ----------------------------------------------------------------------------
