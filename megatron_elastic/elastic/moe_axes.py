@@ -13,7 +13,15 @@ built-in ones of :mod:`~megatron_elastic.elastic.builtin_axes`, so their draw or
   takes no candidates.
 
 Candidates are given in ``ElasticConfig.choices`` under these names (no fields of their own).
-Importance ranking and permutation of experts are issue 26 step 3 (``rank``/``permute`` unset).
+
+Importance (issue 26 step 3) ranks from one statistic per ``E`` layer
+(:mod:`~megatron_elastic.importance.calibration`), laid out ``[reap (E), routed (E), neurons
+(E x F), shared (S)]``: per expert the sum over the tokens routed to it of its gate weight times
+the norm of its output (REAP) and how many tokens it got; per expert neuron and shared neuron the
+sum of |fc1 pre-activation|. Experts rank by REAP averaged over their tokens (a never-routed
+expert scores 0); their routing frequency is reported beside it. Experts move with their gate
+rows and ``expert_bias`` entries, neurons with their fc1 rows and fc2 columns: the permuted
+parent computes the same function.
 """
 
 from __future__ import annotations
@@ -21,12 +29,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_elastic.config import ModelConfig, ParallelConfig
-from megatron_elastic.elastic.axes import Axis, LayerKind, Number, register
+from megatron_elastic.elastic.axes import Axis, LayerKind, Number, Order, StateDict, register
+from megatron_elastic.elastic.builtin_axes import argsort, take
 from megatron_elastic.model.param_count import moe_layer_active_params, moe_layer_params
 
 if TYPE_CHECKING:
@@ -40,6 +49,7 @@ __all__ = [
     "MoEIndices",
     "expert_groups",
     "moe_indices",
+    "split_moe_stat",
 ]
 
 
@@ -106,6 +116,77 @@ def _check_shared(choices, model: ModelConfig, elastic, parallel) -> None:
         )
 
 
+def split_moe_stat(stat: torch.Tensor, model: ModelConfig):
+    """(REAP sums (E,), routed tokens (E,), expert neurons (E, F), shared neurons (S,))."""
+    e, f = model.num_moe_experts, model.moe_ffn_hidden_size
+    s = model.moe_shared_expert_intermediate_size or 0
+    reap, routed, neurons, shared = stat.split([e, e, e * f, s])
+    return reap, routed, neurons.view(e, f), shared
+
+
+def _rank_experts(stat: torch.Tensor, model: ModelConfig, options: Mapping[str, Any]):
+    """An expert: REAP, its gate weight times its output's norm averaged over the tokens routed
+    to it, ranked within its expert group; among equal scores (0: dead or never routed) the less
+    routed ranks lower (a never-routed expert changes nothing when dropped). Reported with the
+    fraction of tokens routed to it."""
+    reap, routed, _, _ = split_moe_stat(stat, model)
+    score = reap / routed.clamp(min=1)
+    groups, per = expert_groups(model), model.num_moe_experts // expert_groups(model)
+
+    def ranked(first: int) -> list[int]:  # ties (REAP 0): the less routed last
+        local = range(per)
+        return sorted(local, key=lambda i: (-score[first + i], -routed[first + i], i))
+
+    order = ranked(0) if groups == 1 else [ranked(g * per) for g in range(groups)]
+    tokens = routed.sum() / model.moe_router_topk
+    frequency = routed / tokens.clamp(min=1)
+    return order, {"reap": score.tolist(), "frequency": frequency.tolist()}
+
+
+def _rank_expert_ffn(stat: torch.Tensor, model: ModelConfig, options: Mapping[str, Any]):
+    """A routed expert's neuron: sum over its tokens of ``|X W1^T|``; each expert its own order."""
+    _, _, neurons, _ = split_moe_stat(stat, model)
+    return [argsort(n) for n in neurons], neurons.tolist()
+
+
+def _rank_shared(stat: torch.Tensor, model: ModelConfig, options: Mapping[str, Any]):
+    """A shared-expert neuron: sum over tokens of ``|X W1^T|``, as the FFN axis."""
+    shared = split_moe_stat(stat, model)[3]
+    return argsort(shared), shared.tolist()
+
+
+def _expert_key(layer: int, e: int, fc: int) -> str:
+    return f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc{fc}.weight"
+
+
+def _permute_experts(sd: StateDict, model: ModelConfig, order: Order, layer: int, blocks: int):
+    """Experts move (within their groups) with their gate rows and ``expert_bias`` entries."""
+    if expert_groups(model) > 1:
+        per = model.num_moe_experts // expert_groups(model)
+        order = [g * per + i for g, local in enumerate(order) for i in local]
+    p = f"decoder.layers.{layer}.mlp.router."
+    for key in (p + "weight", p + "expert_bias"):
+        if key in sd:
+            sd[key] = take(sd[key], 0, order)
+    old = {(e, fc): sd.pop(_expert_key(layer, e, fc)) for e in order for fc in (1, 2)}
+    for i, e in enumerate(order):
+        for fc in (1, 2):
+            sd[_expert_key(layer, i, fc)] = old[e, fc]
+
+
+def _permute_expert_ffn(sd: StateDict, model: ModelConfig, order: Order, layer: int, blocks):
+    """Each expert's neurons move in its own order (experts stay in place)."""
+    for e, neurons in enumerate(order):
+        sd[_expert_key(layer, e, 1)] = take(sd[_expert_key(layer, e, 1)], 0, neurons)
+        sd[_expert_key(layer, e, 2)] = take(sd[_expert_key(layer, e, 2)], 1, neurons)
+
+
+def _permute_shared(sd: StateDict, model: ModelConfig, order: Order, layer: int, blocks: int):
+    p = f"decoder.layers.{layer}.mlp.shared_experts."
+    sd[p + "linear_fc1.weight"] = take(sd[p + "linear_fc1.weight"], 0, order)
+    sd[p + "linear_fc2.weight"] = take(sd[p + "linear_fc2.weight"], 1, order)
+
+
 MOE_EXPERTS = Axis(
     name="moe_experts",
     kind="moe",
@@ -115,6 +196,8 @@ MOE_EXPERTS = Axis(
     unit="expert group",
     check=_check_experts,
     check_layer=_check_experts_layer,
+    rank=_rank_experts,
+    permute=_permute_experts,
 )
 MOE_EXPERT_FFN = Axis(
     name="moe_expert_ffn",
@@ -122,6 +205,8 @@ MOE_EXPERT_FFN = Axis(
     full=lambda m: m.moe_ffn_hidden_size or 0,
     label="expert FFN neurons",
     check=_check_expert_ffn,
+    rank=_rank_expert_ffn,
+    permute=_permute_expert_ffn,
 )
 MOE_SHARED_FFN = Axis(
     name="moe_shared_ffn",
@@ -129,6 +214,8 @@ MOE_SHARED_FFN = Axis(
     full=lambda m: m.moe_shared_expert_intermediate_size or 0,
     label="shared-expert FFN neurons",
     check=_check_shared,
+    rank=_rank_shared,
+    permute=_permute_shared,
 )
 
 
@@ -192,4 +279,6 @@ def moe_indices(
     return MoEIndices(kept, slice(0, expert_ffn), slice(0, shared_ffn))
 
 
-register(MOE, MOE_EXPERTS, MOE_EXPERT_FFN, MOE_SHARED_FFN)
+# Registration order is the router's draw order and the order rankings are applied in: each
+# expert's neurons are permuted (in the parent's expert numbering) before the experts move.
+register(MOE, MOE_EXPERT_FFN, MOE_SHARED_FFN, MOE_EXPERTS)
