@@ -14,7 +14,8 @@ router and :mod:`~megatron_elastic.importance.permute` loop over :func:`axes` an
 :func:`layer_kinds`. Adding an axis: write its :class:`Axis` (and, for a new kind of layer, its
 :class:`LayerKind`), :func:`register` it, and add the layer code that slices it (see
 ``tests/unit/test_axis_registry.py`` for a complete one). The built-in objects live in
-:mod:`megatron_elastic.elastic.builtin_axes`.
+:mod:`megatron_elastic.elastic.builtin_axes`, the mixture-of-experts ones in
+:mod:`megatron_elastic.elastic.moe_axes`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class Axis:
     ``-1``. ``None``: not permuted (``depth``: the layer ranking selects layers instead)."""
     ranking_key: str = ""
     """Its key in a ranking file (default: :attr:`name`)."""
+    check_layer: Callable[[int, int, ModelConfig], None] | None = None
+    """(layer, size, parent): constraints on one layer's size beyond ``[groups, full]`` (e.g. at
+    least top-k routed experts); raises ``ValueError``. Runs in :meth:`validate_layer`."""
 
     @property
     def per_layer(self) -> bool:
@@ -143,8 +147,13 @@ class Axis:
     def validate_layer(
         self, layer: int, size: int, model: ModelConfig, elastic: ElasticConfig | None
     ) -> None:
-        """``ValueError`` for a per-layer size the parent cannot run."""
+        """``ValueError`` for a per-layer size the parent cannot run. An axis the parent lacks
+        (full size 0, e.g. the shared expert's width without a shared expert) takes only 0."""
         limit, groups = self.full(model), self.groups(model, elastic)
+        if size == 0 == limit:
+            return
+        if self.check_layer is not None:
+            self.check_layer(layer, size, model)
         if groups == 1:
             if not 0 < size <= limit:
                 raise ValueError(f"layer {layer}: {self.label}={size} must be in [1, {limit}]")
@@ -175,6 +184,23 @@ class LayerKind:
     recurrent state); ``None``: stateless."""
     state_field: str = ""
     """The :class:`~megatron_elastic.elastic.budget.MemoryEstimate` field its state counts in."""
+    active_params: Callable[[ModelConfig, Number, Mapping[str, Number]], Number] | None = None
+    """(parent, hidden, sizes) -> the parameters one token touches (a mixture of experts: its
+    top-k routed experts); ``None``: all of :attr:`params`."""
+    unit_weights: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
+    """The router's soft per-unit weights of one layer from each axis's (outermost first);
+    ``None``: their outer product, flattened outermost-major (Mamba heads x channels)."""
+    timed: bool = True
+    """Whether latency tables time it (:mod:`~megatron_elastic.elastic.latency`)."""
+
+    def combine_weights(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One layer's per-unit router weights from its axes' (see :attr:`unit_weights`)."""
+        if self.unit_weights is not None:
+            return self.unit_weights(vectors)
+        w = vectors[0]
+        for v in vectors[1:]:
+            w = (w[:, None] * v[None, :]).flatten()
+        return w
 
 
 _AXES: dict[str, Axis] = {}
@@ -218,7 +244,8 @@ def registered(*objects: Axis | LayerKind) -> Iterator[None]:
 
 
 def _builtins() -> None:
-    import megatron_elastic.elastic.builtin_axes  # noqa: F401  (registers on import)
+    import megatron_elastic.elastic.builtin_axes  # (registers on import)
+    import megatron_elastic.elastic.moe_axes  # noqa: F401  (after the built-ins: draw order)
 
 
 def axes() -> tuple[Axis, ...]:

@@ -21,6 +21,8 @@ __all__ = [
     "subnet_param_count",
     "subnet_memory",
     "expected_param_count",
+    "expected_active_param_count",
+    "subnet_active_param_count",
     "expected_memory_bytes",
     "target_param_count",
     "spec_keep",
@@ -50,6 +52,24 @@ def expected_param_count(
     for kind, s, k in zip(model.layer_kinds(), sizes, keep, strict=True):
         total = total + k * layer_kind(kind).params(model, hidden, s)
     return total
+
+
+def expected_active_param_count(
+    model: ModelConfig, hidden: Number, sizes: Sizes, keep: Sequence[Number]
+) -> Number:
+    """What one token touches: :func:`expected_param_count` with each kind's
+    :attr:`~megatron_elastic.elastic.axes.LayerKind.active_params` (a mixture of experts counts
+    its top-k routed experts, not all of them)."""
+    total = embedding_params(hidden, model.vocab_size)
+    for kind, s, k in zip(model.layer_kinds(), sizes, keep, strict=True):
+        lk = layer_kind(kind)
+        total = total + k * (lk.active_params or lk.params)(model, hidden, s)
+    return total
+
+
+def subnet_active_param_count(model: ModelConfig, spec: SubnetSpec) -> int:
+    """Exact parameters one token of ``spec`` touches."""
+    return int(expected_active_param_count(model, spec.hidden, spec_sizes(spec), spec_keep(spec)))
 
 
 def subnet_param_count(model: ModelConfig, spec: SubnetSpec) -> int:

@@ -21,13 +21,12 @@ from megatron_elastic.model.param_count import (
     attention_layer_params,
     mamba_layer_params,
     mlp_layer_params,
-    moe_layer_params,
 )
 
 if TYPE_CHECKING:
     from megatron_elastic.elastic.config import ElasticConfig
 
-__all__ = ["ATTENTION_HEADS", "DEPTH", "FFN", "HIDDEN", "MAMBA_HEADS", "MAMBA_HEAD_DIM", "MOE"]
+__all__ = ["ATTENTION_HEADS", "DEPTH", "FFN", "HIDDEN", "MAMBA_HEADS", "MAMBA_HEAD_DIM"]
 
 
 def take(t: torch.Tensor, dim: int, idx: list[int] | torch.Tensor) -> torch.Tensor:
@@ -47,25 +46,40 @@ def rank_within_groups(scores: torch.Tensor, num_groups: int) -> list[list[int]]
 
 # ---- hidden ---------------------------------------------------------------------------------
 
-_READS = ("mixer.in_proj.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
+_READS = (
+    "mixer.in_proj.weight",
+    "self_attention.linear_qkv.weight",
+    "mlp.linear_fc1.weight",
+    "mlp.router.weight",  # an E layer's gate
+)
 _WRITES = ("mixer.out_proj.weight", "self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 _NORMS = (".norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight")
+
+
+def _hidden_dim(name: str) -> int | None:
+    """The dim of a parameter indexed by embedding channels (1: it reads them, 0: it writes
+    them), ``None`` if none is."""
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return 1
+    if ".mlp.experts." in name or ".mlp.shared_experts." in name:  # an E layer's experts
+        return 1 if name.endswith("linear_fc1.weight") else 0
+    if name.endswith(_READS):
+        return 1
+    if name.endswith(_WRITES):
+        return 0
+    if name == "decoder.final_norm.weight" or (
+        name.startswith("decoder.layers.") and name.endswith(_NORMS) and ".mixer." not in name
+    ):
+        return 0
+    return None
 
 
 def permute_hidden(sd: StateDict, model: ModelConfig, order: Order, layer: int, blocks: int):
     """Embedding channel ``order[i]`` becomes channel ``i`` everywhere."""
     for name in list(sd):
-        t = sd[name]
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight") or name.endswith(
-            _READS
-        ):
-            sd[name] = take(t, 1, order)
-        elif name.endswith(_WRITES):
-            sd[name] = take(t, 0, order)
-        elif name == "decoder.final_norm.weight" or (
-            name.startswith("decoder.layers.") and name.endswith(_NORMS) and ".mixer." not in name
-        ):
-            sd[name] = take(t, 0, order)
+        dim = _hidden_dim(name)
+        if dim is not None:
+            sd[name] = take(sd[name], dim, order)
 
 
 HIDDEN = Axis(
@@ -319,20 +333,6 @@ ATTENTION = LayerKind(
 MLP = LayerKind("mlp", "-", ("ffn",), lambda m, h, s: mlp_layer_params(h, s["ffn"]))
 
 
-def _moe_params(model: ModelConfig, hidden: Number, s: Mapping[str, Number]) -> Number:
-    """Total parameters (every routed expert, the router gate, the shared expert)."""
-    return moe_layer_params(
-        hidden,
-        model.num_moe_experts or 0,
-        model.moe_ffn_hidden_size or 0,
-        model.moe_shared_expert_intermediate_size or 0,
-    )
-
-
-# No elastic axes yet (issue 26 step 2): ElasticConfig.validate_for refuses parents with E layers.
-MOE = LayerKind("moe", "E", (), _moe_params)
-
 # Registration order is the router's draw order (changing it changes sampled architectures).
-register(
-    HIDDEN, ATTENTION_HEADS, MAMBA_HEADS, MAMBA_HEAD_DIM, FFN, DEPTH, MAMBA, ATTENTION, MLP, MOE
-)
+# The mixture-of-experts axes and layer kind follow in moe_axes.py.
+register(HIDDEN, ATTENTION_HEADS, MAMBA_HEADS, MAMBA_HEAD_DIM, FFN, DEPTH, MAMBA, ATTENTION, MLP)

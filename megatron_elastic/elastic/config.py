@@ -125,12 +125,9 @@ class ElasticConfig:
 
     def validate_for(self, model: ModelConfig, parallel: ParallelConfig | None = None) -> None:
         """Raise ``ValueError`` for candidates the parent (or its TP split) cannot realise."""
-        if "moe" in model.layer_kinds():
-            raise ValueError(
-                f"ModelConfig.hybrid_pattern {model.hybrid_pattern!r} has 'E' layers: MoE layers "
-                "are not elastic yet (issue 26 step 2); use a parent without 'E' layers"
-            )
         parallel = parallel or ParallelConfig()
+        if "moe" in model.layer_kinds():
+            _check_moe_parent(model, parallel)
         candidates = self.axis_choices(model)
         for axis, choices in candidates.items():
             registry.axis(axis).validate(choices, model, self, parallel)
@@ -162,6 +159,22 @@ class ElasticConfig:
                     "rank the layers with tools/estimate_importance.py (its ranking keeps them), "
                     "drop that depth choice, or set min_attention_layers=0"
                 )
+
+
+def _check_moe_parent(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """What elastic ``E`` layers do not run yet, refused before anything is built."""
+    if parallel.tensor_parallel_size > 1:
+        raise ValueError(
+            f"ParallelConfig.tensor_parallel_size={parallel.tensor_parallel_size} with 'E' layers: "
+            "elastic MoE layers run at tensor_parallel_size=1 until expert parallelism lands "
+            "(issue 26 step 5); use tensor_parallel_size=1"
+        )
+    if model.moe_router_load_balancing_type in ("seq_aux_loss", "global_aux_loss"):
+        raise ValueError(
+            f"ModelConfig.moe_router_load_balancing_type={model.moe_router_load_balancing_type!r}: "
+            "elastic MoE sub-networks apply aux_loss (and the z-loss) only (issue 26 step 2); "
+            "use aux_loss or none"
+        )
 
 
 def elastic_from_dict(data: dict[str, Any], where: str) -> ElasticConfig:

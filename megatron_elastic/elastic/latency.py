@@ -40,9 +40,8 @@ PHASES = ("decode", "prefill")
 
 def _grids() -> dict[str, tuple[str, ...]]:
     """The axes each timed table is indexed by: hidden, then the layer kind's axes. A kind with
-    no elastic axis (``moe`` until issue 26 step 2, whose parents ElasticConfig refuses) is not
-    timed."""
-    grids = {k.name: ("hidden", *k.axes) for k in layer_kinds() if k.axes}
+    no elastic axis, or not ``timed`` (``moe``: issue 26 step 4), is not timed."""
+    grids = {k.name: ("hidden", *k.axes) for k in layer_kinds() if k.axes and k.timed}
     return {**grids, "base": ("hidden",)}
 
 
@@ -152,6 +151,12 @@ def expected_latency(
     """Seconds per token of (expected) sizes per layer (``keep``: probability each layer runs);
     the same form as :func:`~megatron_elastic.elastic.budget.expected_param_count`."""
     grids = _grids()
+    untimed = sorted({k for k in model.layer_kinds() if k not in grids})
+    if untimed:
+        raise ValueError(
+            f"latency budgets of parents with {untimed} layers are not supported yet (issue 26 "
+            "step 4); use router.budget_target: params or memory"
+        )
     total = interpolate(table.table(phase, "base"), [table.grids["hidden"]], [hidden])
     for kind, s, k in zip(model.layer_kinds(), sizes, keep, strict=True):
         total = total + k * _layer_latency(table, phase, grids[kind], kind, hidden, s)

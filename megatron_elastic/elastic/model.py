@@ -28,6 +28,8 @@ from megatron_elastic.elastic.layers import (
     hidden_mask,
 )
 from megatron_elastic.elastic.mamba import ElasticMambaMixer
+from megatron_elastic.elastic.moe import ElasticMoELayer
+from megatron_elastic.elastic.moe_axes import expert_groups, moe_indices
 from megatron_elastic.elastic.subnet import (
     SubnetSpec,
     attention_indices,
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 
-_WIDTH_MODULE = {"mamba": "mixer", "attention": "self_attention", "mlp": "mlp"}
+_WIDTH_MODULE = {"mamba": "mixer", "attention": "self_attention", "mlp": "mlp", "moe": "mlp"}
 """The module of each layer kind whose width is elastic."""
 
 
@@ -216,6 +218,12 @@ class ElasticHybridModel(HybridModel):
                 choice.width,
                 tp_size,
             )
+        elif choice.kind == "moe":
+            idx = moe_indices(
+                model.num_moe_experts,
+                expert_groups(model),
+                *(choice.size(a) for a in ("moe_experts", "moe_expert_ffn", "moe_shared_ffn")),
+            )
         else:
             idx = ffn_indices(
                 model.ffn_hidden_size, self.elastic_config.ffn_nesting_blocks, choice.width, tp_size
@@ -334,6 +342,7 @@ def elastic_stack_spec(model: ModelConfig) -> ModuleSpec:
         mlp=ElasticMLP,
         norm=ElasticRMSNorm,
         stack=ElasticHybridStack,
+        moe=ElasticMoELayer,
     )
 
 

@@ -16,6 +16,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from torch import nn
 
 from megatron_elastic.model.layouts import MambaLayout
@@ -36,7 +37,11 @@ class ActivationStats:
 
     - MLP: (ffn,) sum of |fc1 pre-activation| per neuron;
     - Mamba: (heads, head_dim) sum of squares of the x projection ``LN(X) W_x^T``;
-    - attention: (heads,) sum of squares of each head's attention output."""
+    - attention: (heads,) sum of squares of each head's attention output;
+    - MoE: ``[reap (E), routed (E), neurons (E x F), shared (S)]``: per expert the sum over the
+      tokens routed to it of gate weight x its output's norm, and their count; per expert and
+      shared-expert neuron the sum of |fc1 pre-activation|
+      (:func:`~megatron_elastic.elastic.moe_axes.split_moe_stat`)."""
     tokens: int = 0
 
 
@@ -62,7 +67,13 @@ class _HookRegistry:
         }
         for layer in self.model.decoder.layers:
             j = layer.layer_number - 1
+            moe = [m for m in layer.modules() if isinstance(m, MoELayer)]
+            experts = {id(m) for e in moe for m in e.modules()}
             for module in layer.modules():
+                if isinstance(module, MoELayer):
+                    self._moe(module, j)
+                if id(module) in experts and isinstance(module, MLP):
+                    continue  # an expert: the MoE statistic covers it
                 for cls, handler in handlers.items():
                     if isinstance(module, cls):
                         handler(module, j)
@@ -98,6 +109,26 @@ class _HookRegistry:
 
         self.handles.append(module.in_proj.register_forward_hook(hook))
 
+    def _moe(self, module: MoELayer, j: int) -> None:
+        if module.tp_group.size() > 1 or module.num_local_experts != module.config.num_moe_experts:
+            raise ValueError(
+                "importance estimation of 'E' (mixture-of-experts) layers runs at "
+                "tensor_parallel_size=1 without expert parallelism (issue 26 step 5)"
+            )
+        routed = {}
+
+        def router_hook(_m, _inp, out):
+            routed["probs"], routed["map"] = out
+
+        def layer_hook(_m, args, kwargs, _out):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            x = hidden.reshape(-1, hidden.size(-1))
+            stat = _moe_statistic(module, x, routed.pop("probs"), routed.pop("map"))
+            _accumulate(self.stats["layers"], j, stat)
+
+        self.handles.append(module.router.register_forward_hook(router_hook))
+        self.handles.append(module.register_forward_hook(layer_hook, with_kwargs=True))
+
     def _attention(self, module: SelfAttention, j: int) -> None:
         heads = module.num_attention_heads_per_partition
 
@@ -107,6 +138,23 @@ class _HookRegistry:
             _accumulate(self.stats["layers"], j, per_head)
 
         self.handles.append(module.linear_proj.register_forward_pre_hook(hook))
+
+
+def _moe_statistic(module: MoELayer, x: torch.Tensor, probs, routing_map) -> torch.Tensor:
+    """One ``E`` layer's statistic for the tokens ``x`` (its experts rerun on their tokens)."""
+    act = module.config.activation_func
+    reap, routed, neurons = [], [], []
+    for e, expert in enumerate(module.experts.local_experts):
+        tokens = routing_map[:, e].nonzero().squeeze(-1)
+        pre = expert.linear_fc1(x[tokens])[0].float()
+        out = expert.linear_fc2(act(pre).to(x.dtype))[0].float()
+        reap.append((probs[tokens, e].float() * out.norm(dim=-1)).sum())
+        routed.append(torch.tensor(float(len(tokens)), device=x.device))
+        neurons.append(pre.abs().sum(0))
+    parts = [torch.stack(reap), torch.stack(routed), *neurons]
+    if module.shared_experts is not None:
+        parts.append(module.shared_experts.linear_fc1(x)[0].float().abs().sum(0))
+    return torch.cat([p.reshape(-1) for p in parts])
 
 
 def _gather_tp(t: torch.Tensor, pgs: ProcessGroupCollection) -> torch.Tensor:

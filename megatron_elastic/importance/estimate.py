@@ -98,6 +98,14 @@ def rank_model(model: ElasticHybridModel, ranking: Ranking, pgs: ProcessGroupCol
     """Permute ``model``'s weights in place (every rank its shard) into ``ranking``'s order."""
     local = {n: p.detach() for n, p in model.named_parameters()}
     full = gather_full_tensors(model, local, pgs)
+    # E layers' routers hold a buffer that moves with the experts (not split over TP)
+    biases = {
+        f"decoder.layers.{layer.layer_number - 1}.mlp.router.expert_bias": router.expert_bias
+        for layer in model.decoder.layers
+        if (router := getattr(getattr(layer, "mlp", None), "router", None)) is not None
+        and router.expert_bias is not None
+    }
+    full.update({key: bias.detach() for key, bias in biases.items()})
     ranked = apply_ranking(
         full,
         model.model_config,
@@ -105,3 +113,5 @@ def rank_model(model: ElasticHybridModel, ranking: Ranking, pgs: ProcessGroupCol
         ffn_nesting_blocks=model.elastic_config.ffn_nesting_blocks,
     )
     load_full_state_dict(model, ranked, pgs)
+    for key, bias in biases.items():
+        bias.copy_(ranked[key])

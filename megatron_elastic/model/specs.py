@@ -189,13 +189,15 @@ def local_hybrid_stack_spec(
     mlp: type = MLP,
     norm: Any = RMSNorm,
     stack: type = LocalNormHybridStack,
+    moe: type | None = None,
 ) -> ModuleSpec:
     """The hybrid stack on megatron-core's local modules.
 
     ``mixer_params`` are constructor arguments of the Mamba mixer that megatron's
     ``TransformerConfig`` does not carry (``d_conv``, ``chunk_size``). The keyword arguments let
-    a caller (e.g. the elastic model) swap in subclasses of the mixer, attention, MLP, norm or
-    stack while keeping everything else, including parameter names. The core attention is
+    a caller (e.g. the elastic model) swap in subclasses of the mixer, attention, MLP, norm,
+    stack or ``MoELayer`` (``moe``) while keeping everything else, including parameter names.
+    The core attention is
     :class:`CausalCoreAttention` at every CP size: torch's fused causal kernel, where megatron's
     local ``DotProductAttention`` materialises (b*heads, s, s) scores and refuses CP; it has no
     parameters, so checkpoints are the same as with megatron's.
@@ -250,25 +252,26 @@ def local_hybrid_stack_spec(
                     sharded_state_dict_keys_map=dict(FUSED_NORMS["mlp"]),
                 ),
             ),
-            moe_layer=local_moe_layer_spec(norm),
+            moe_layer=local_moe_layer_spec(norm, moe),
         ),
     )
 
 
-def local_moe_layer_spec(norm: Any = RMSNorm) -> ModuleSpec:
+def local_moe_layer_spec(norm: Any = RMSNorm, moe: type | None = None) -> ModuleSpec:
     """An ``E`` layer on megatron-core's local modules: our pre-norm, then megatron's
     ``MoELayer`` as its local backend builds it (``TopKRouter``, ``SequentialMLP`` experts of
     ``ColumnParallelLinear`` / ``RowParallelLinear``, ``SharedExpertMLP``), the residual added by
     ``MoETransformerLayer``. Runs on CPU and GPU. The pre-norm is not fused into a linear in TE's
     spec either (tokens are permuted between the norm and the experts), so the norm's name is the
-    same in both."""
+    same in both. ``moe``: a subclass of ``MoELayer`` to build instead (the elastic one)."""
+    # num_experts only asserts it is set; the layer reads TransformerConfig's.
+    mlp = get_moe_module_spec(use_te=False, num_experts=1, moe_grouped_gemm=False)
+    if moe is not None:
+        mlp = partial(moe, *mlp.args, **mlp.keywords)  # megatron builds it as a partial
     return ModuleSpec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm,
-            # num_experts only asserts it is set; the layer reads TransformerConfig's.
-            mlp=get_moe_module_spec(use_te=False, num_experts=1, moe_grouped_gemm=False),
-            mlp_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add
         ),
     )
 

@@ -424,11 +424,9 @@ class ElasticRouter(nn.Module):
                 layers.append(None)
                 gates.append(None)
                 continue
-            w = None  # outer product over the kind's axes, outermost-major (heads x channels)
-            for axis, size in c.sizes:
-                v = nested(axis, j, size)
-                w = v if w is None else (w[:, None] * v[None, :]).flatten()
-            layers.append(w)
+            # the kind combines its axes' weights (default: outer product, heads x channels)
+            kind = registry.layer_kind(c.kind)
+            layers.append(kind.combine_weights([nested(a, j, size) for a, size in c.sizes]))
             gates.append(keep[j])
         hidden = prefix_weights(probs["hidden"][0], self.sizes_hidden, spec.hidden)
         return SubnetWeights(hidden=hidden, layers=tuple(layers), gates=tuple(gates))

@@ -1,6 +1,6 @@
 """The mixture-of-experts parent (issue 26 step 1): ``E`` layers are megatron-core's ``MoELayer``
 and compute what a reference written here from the raw weights computes; parameter counts (total
-and active); config validation; the elastic side refuses MoE parents.
+and active); config validation; the elastic side refuses what MoE parents cannot run yet.
 
 The reference (:func:`reference_moe_layer`) reads only the layer's tensors (norm weight, router
 gate, expert bias, each expert's fc1/fc2, the shared expert) and the config, in float64.
@@ -289,15 +289,19 @@ def test_moe_config_errors_name_the_field(moe_config, change, field) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_elastic_side_refuses_moe_parents(pgs, moe_config) -> None:
+def test_elastic_side_refuses_what_moe_parents_cannot_run_yet(pgs, moe_config) -> None:
+    """MoE parents are elastic (issue 26 step 2, tests/unit/test_moe_elastic.py) at TP 1 only."""
+    from megatron_elastic.config import ParallelConfig
     from megatron_elastic.elastic import build_elastic_model
 
     elastic = ElasticConfig(budgets={"half": 0.5})
+    elastic.validate_for(moe_config)
+    tp2 = ParallelConfig(tensor_parallel_size=2)
     for refuse in (
-        lambda: elastic.validate_for(moe_config),
-        lambda: build_elastic_model(moe_config, elastic, pgs),
+        lambda: elastic.validate_for(moe_config, tp2),
+        lambda: build_elastic_model(moe_config, elastic, pgs, tp2),
     ):
-        with pytest.raises(ValueError, match=r"MoE layers are not elastic yet \(issue 26 step 2\)"):
+        with pytest.raises(ValueError, match=r"tensor_parallel_size=1 .*\(issue 26 step 5\)"):
             refuse()
 
 

@@ -1,0 +1,475 @@
+"""Elastic mixture-of-experts layers (issue 26 step 2): the ``moe_experts``, ``moe_expert_ffn`` and
+``moe_shared_ffn`` axes.
+
+Invariants: the full budget is the parent; slice == mask (outputs and router-weight gradients)
+for fewer, narrower experts and a narrower shared expert, homogeneous and per layer; the sliced
+model IS a model pruned to the kept experts (a fresh megatron ``MoELayer`` built with
+``num_moe_experts=kept`` and loaded with the kept prefix computes the same logits: routing
+renormalises over the kept experts exactly as the pruned model's); its parameter counts (total,
+active) are the sliced tensors' and what one token touches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_elastic.config import ModelConfig, ParallelConfig, load_model_config
+from megatron_elastic.elastic import ElasticConfig, SubnetSpec, SubnetWeights, build_elastic_model
+from megatron_elastic.elastic.budget import (
+    subnet_active_param_count,
+    subnet_memory,
+    subnet_param_count,
+)
+from megatron_elastic.model import build_hybrid_model
+from megatron_elastic.model.param_count import count_active_parameters, count_parameters
+from megatron_elastic.router import ElasticRouter, RouterConfig, fit_to_budgets
+from megatron_elastic.training.lm_step import position_ids_like
+
+MOE_YAML = Path(__file__).parents[2] / "tests" / "fixtures" / "hybrid_moe_small.yaml"
+MOE_LAYERS = (1, 3)  # "ME*E"
+TOL = 1e-6
+"""Relative to the logits' scale: the same float32 products summed in another order (mask mode
+adds exact zeros; the pruned model's dispatcher permutes tokens). Measured worst 4.9e-7."""
+
+ROUTERS = {
+    "sigmoid_bias_shared": {},  # Nemotron 3's
+    "softmax_top3_no_shared": {
+        "moe_router_score_function": "softmax",
+        "moe_router_enable_expert_bias": False,
+        "moe_router_topk_scaling_factor": None,
+        "moe_shared_expert_intermediate_size": None,
+        "moe_router_topk": 3,
+    },
+    "softmax_pre_top1": {
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": True,
+        "moe_router_enable_expert_bias": False,
+        "moe_router_topk": 1,
+    },
+    # one of two groups of 4: kept experts are a prefix of each group (4 kept: 0, 1, 4, 5)
+    "sigmoid_group_limited": {"moe_router_num_groups": 2, "moe_router_group_topk": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def moe_config() -> ModelConfig:
+    return load_model_config(MOE_YAML)
+
+
+def _elastic(budgets=None, **choices) -> ElasticConfig:
+    return ElasticConfig(budgets=budgets or {"full": 1.0}, choices=choices)
+
+
+def _randomise(model) -> None:
+    """Decisive routing, a bias that changes the choice, an MoE output that matters; every weight
+    drawn here (megatron's init streams depend on what ran before)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router.weight" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "experts" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif "layernorm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("A_log"):  # Mamba's A = -exp(A_log), A in [-16, -1]
+                p.copy_(torch.empty(p.shape).uniform_(1, 16, generator=g).log())
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 - 3)
+            elif p.std() > 0:  # (constants, e.g. norm weights and D, stay as megatron sets them)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+
+
+def _model(cfg: ModelConfig, pgs, elastic: ElasticConfig | None = None):
+    torch.manual_seed(0)
+    model = build_elastic_model(cfg, elastic or _elastic(), pgs)
+    _randomise(model)
+    return model.eval()
+
+
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, tokens=TOKENS) -> torch.Tensor:
+    return model(tokens, position_ids_like(tokens), None)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _floor(grad: torch.Tensor) -> float:
+    """Absolute floor of a gradient comparison: 1e-5 of its largest entry (float32 sums over
+    tokens that partly cancel), at least 1e-8."""
+    return max(1e-8, 1e-5 * grad.abs().max().item())
+
+
+def _moe_weights(cfg: ModelConfig, spec: SubnetSpec, soft: bool) -> SubnetWeights:
+    """Router weights on the MoE layers only: scalars (hard), or one per kept neuron (soft)."""
+    g = torch.Generator().manual_seed(3)
+    layers = []
+    for c in spec.layers:
+        if c.kind != "moe":
+            layers.append(None)
+            continue
+        e, f, s = (c.size(a) for a in ("moe_experts", "moe_expert_ffn", "moe_shared_ffn"))
+        n = e * f + s if soft else None
+        w = torch.rand(n, generator=g) + 0.5 if soft else torch.tensor(1.0)
+        layers.append(w.requires_grad_())
+    return SubnetWeights(layers=tuple(layers))
+
+
+# ---- full budget == parent ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+def test_invariant_moe_full_budget_is_the_parent(pgs, moe_config, mode) -> None:
+    model = _model(moe_config, pgs)
+    full = SubnetSpec.full(moe_config)
+    with torch.no_grad():
+        model.set_subnet(None)
+        parent = _logits(model)
+        model.set_subnet(full, mode=mode)  # no weights: megatron's own forward, bit for bit
+        assert torch.equal(_logits(model), parent)
+        model.set_subnet(full, _moe_weights(moe_config, full, soft=False), mode=mode)
+        assert model.subnet is not None  # the elastic layers ran
+        assert _rel(_logits(model), parent) <= TOL
+
+
+# ---- slice == mask -----------------------------------------------------------------------
+
+SUBNETS = {
+    "fewer_experts": dict(moe_experts=4),
+    "narrower_experts": dict(moe_expert_ffn=8),
+    "narrower_shared": dict(moe_shared_ffn=12),
+    "all_and_hidden": dict(moe_experts=6, moe_expert_ffn=12, moe_shared_ffn=8, hidden=24),
+}
+
+
+def _spec(cfg: ModelConfig, name: str) -> SubnetSpec:
+    if name == "per_layer":  # layer 1 and layer 3 differ on every MoE axis
+        return SubnetSpec.heterogeneous(
+            cfg,
+            moe_experts=[8, 3, 8, 6],
+            moe_expert_ffn=[16, 12, 16, 4],
+            moe_shared_ffn=[24, 24, 24, 16],
+        )
+    return SubnetSpec.homogeneous(cfg, **SUBNETS[name])
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("name", [*SUBNETS, "per_layer"])
+def test_invariant_moe_slice_equals_mask(pgs, moe_config, name, soft) -> None:
+    model = _model(moe_config, pgs)
+    spec = _spec(moe_config, name)
+    with torch.no_grad():
+        model.set_subnet(None)
+        parent = _logits(model)
+    out, grads = {}, {}
+    for mode in ("slice", "mask"):
+        weights = _moe_weights(moe_config, spec, soft)
+        model.set_subnet(spec, weights, mode=mode)
+        out[mode] = _logits(model)
+        out[mode].square().mean().backward()
+        grads[mode] = [weights.layers[j].grad for j in MOE_LAYERS]
+    assert _rel(out["slice"], out["mask"]) <= TOL
+    for a, b in zip(grads["slice"], grads["mask"], strict=True):
+        # a router weight's gradient is a sum over tokens and channels that partly cancels
+        # (a scalar's is ~5e-6 here): relative 1e-4 above a floor (measured worst 1.8e-5).
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=_floor(b))
+    assert _rel(out["slice"], parent) > 1e-3  # the sub-network is not the parent
+
+
+@pytest.mark.parametrize("router", list(ROUTERS)[1:])
+def test_invariant_moe_slice_equals_mask_for_every_router(pgs, moe_config, router) -> None:
+    """Dropped experts take no part in the choice nor in a softmax's normaliser, however the
+    router scores (the default router is covered above)."""
+    cfg = dataclasses.replace(moe_config, **ROUTERS[router])
+    model = _model(cfg, pgs)
+    spec = SubnetSpec.homogeneous(cfg, moe_experts=4)
+    out = {}
+    with torch.no_grad():
+        for mode in ("slice", "mask"):
+            model.set_subnet(spec, mode=mode)
+            out[mode] = _logits(model)
+    assert _rel(out["slice"], out["mask"]) <= TOL
+
+
+# ---- the sliced model is the pruned model ------------------------------------------------
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_invariant_moe_sliced_equals_pruned_model(pgs, moe_config, router) -> None:
+    """A model built with ``num_moe_experts=kept`` (and the kept widths), loaded with the sliced
+    weights (gate rows and expert_bias of the kept prefix, experts renumbered), computes what
+    slice mode computes: the routing renormalises over the kept experts as the pruned model's."""
+    cfg = dataclasses.replace(moe_config, **ROUTERS[router])
+    shared = 12 if cfg.moe_shared_expert_intermediate_size else None
+    sizes = dict(moe_experts=4, moe_expert_ffn=8, moe_shared_ffn=shared or 0)
+    elastic = _model(cfg, pgs)
+    spec = SubnetSpec.homogeneous(cfg, **sizes)
+    pruned_cfg = dataclasses.replace(
+        cfg, num_moe_experts=4, moe_ffn_hidden_size=8, moe_shared_expert_intermediate_size=shared
+    )
+    pruned = build_hybrid_model(pruned_cfg, pgs).eval()
+    sliced = elastic.sliced_state_dict(spec)
+    missing, unexpected = pruned.load_state_dict(sliced, strict=False)
+    assert not unexpected and all("_extra_state" in k for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        elastic.set_subnet(spec, mode="slice")
+        got, want = _logits(elastic), _logits(pruned)
+        elastic.set_subnet(None)
+        parent = _logits(elastic)
+    assert _rel(got, want) <= TOL, _rel(got, want)
+    assert _rel(want, parent) > 1e-3
+    # the counts are the pruned model's
+    assert subnet_param_count(cfg, spec) == count_parameters(pruned_cfg)
+    assert subnet_active_param_count(cfg, spec) == count_active_parameters(pruned_cfg)
+
+
+def test_invariant_moe_sliced_losses_and_gate_gradients_are_the_pruned_models(
+    pgs, moe_config
+) -> None:
+    """In training, the z-loss and the switch load-balancing loss run over the kept experts
+    (megatron records the pruned model's values) and the kept gate rows get the pruned gate's
+    gradient (task loss + both auxiliary losses)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+
+    cfg = dataclasses.replace(moe_config, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.1)
+    pruned_cfg = dataclasses.replace(cfg, num_moe_experts=4)
+    spec = SubnetSpec.homogeneous(cfg, moe_experts=4)
+    elastic = _model(cfg, pgs)
+    pruned = build_hybrid_model(pruned_cfg, pgs)
+    pruned.load_state_dict(elastic.sliced_state_dict(spec), strict=False)
+    elastic.set_subnet(spec, mode="slice")
+    recorded, grads = [], []
+    tracker = get_moe_metrics_tracker()
+    for model in (elastic, pruned):
+        model.train()
+        tracker.clear()
+        model(TOKENS, position_ids_like(TOKENS), None, labels=TOKENS).mean().backward()
+        recorded.append(
+            [
+                tracker.metrics[k].values[j].clone()
+                for k in ("z_loss", "load_balancing_loss")
+                for j in MOE_LAYERS
+            ]
+        )
+        grads.append([model.decoder.layers[j].mlp.router.weight.grad[:4] for j in MOE_LAYERS])
+    for a, b in zip(*recorded, strict=True):
+        assert b > 0 and _rel(a, b) <= TOL
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=_floor(b))
+
+
+# ---- refusals ----------------------------------------------------------------------------
+
+
+def test_moe_sizes_the_parent_cannot_route_are_refused(moe_config, small_config) -> None:
+    cfg = moe_config  # top-2 of 8 experts, shared expert 24
+    cases = [
+        (lambda: _elastic(moe_experts=(1, 4)).validate_for(cfg), "fewer than moe_router_topk=2"),
+        (
+            lambda: SubnetSpec.heterogeneous(cfg, moe_experts=[8, 1, 8, 8]).validate(cfg),
+            "layer 1: 1 routed experts is fewer than moe_router_topk=2",
+        ),
+        (lambda: _elastic(moe_expert_ffn=(32,)).validate_for(cfg), "at most 16"),
+        (
+            lambda: _elastic(moe_shared_ffn=(8,)).validate_for(
+                dataclasses.replace(cfg, moe_shared_expert_intermediate_size=None)
+            ),
+            "has no shared expert",
+        ),
+        (lambda: _elastic(moe_experts=(4,)).validate_for(small_config), "no 'E'"),
+        (
+            lambda: _elastic().validate_for(cfg, ParallelConfig(tensor_parallel_size=2)),
+            "tensor_parallel_size=1 until expert parallelism lands",
+        ),
+        (
+            lambda: _elastic().validate_for(
+                dataclasses.replace(cfg, moe_router_load_balancing_type="seq_aux_loss")
+            ),
+            "aux_loss .and the z-loss. only",
+        ),
+    ]
+    grouped = dataclasses.replace(cfg, moe_router_num_groups=4, moe_router_group_topk=1)
+    cases += [  # one group of 4 keeps 1 expert per group: top-2 cannot be met within it
+        (lambda: _elastic(moe_experts=(4,)).validate_for(grouped), "fewer than moe_router_topk"),
+        (lambda: _elastic(moe_experts=(6,)).validate_for(grouped), "kept per expert group"),
+    ]
+    for refuse, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            refuse()
+        assert "\n" not in str(err.value)
+    _elastic(moe_experts=(2, 4), moe_expert_ffn=(8,), moe_shared_ffn=(12,)).validate_for(cfg)
+    _elastic(moe_experts=(8,)).validate_for(grouped)
+
+
+# ---- counting ----------------------------------------------------------------------------
+
+
+def test_moe_subnet_counts_are_the_sliced_tensors_and_what_a_token_touches(pgs, moe_config) -> None:
+    cfg = moe_config
+    model = _model(cfg, pgs)
+    spec = _spec(cfg, "per_layer")
+    sliced = model.sliced_state_dict(spec)
+    params = sum(t.numel() for k, t in sliced.items() if not k.endswith("expert_bias"))
+    assert subnet_param_count(cfg, spec) == params
+    # One token touches its top-k kept experts' slices: the others get no gradient.
+    model.set_subnet(spec, mode="slice")
+    model.train()
+    token = torch.tensor([[5]])
+    model(token, position_ids_like(token), None, labels=token).sum().backward()
+    untouched = 0
+    for j in MOE_LAYERS:
+        c = spec.layers[j]
+        kept = model.decoder.layers[j].mlp.experts.local_experts[: c.size("moe_experts")]
+        hit = [e for e in kept if e.linear_fc1.weight.grad.abs().sum() > 0]
+        assert len(hit) == cfg.moe_router_topk, j
+        untouched += (len(kept) - len(hit)) * 2 * cfg.hidden_size * c.size("moe_expert_ffn")
+    assert subnet_active_param_count(cfg, spec) == params - untouched
+    # deployment memory holds every kept expert; MoE layers add no inference state
+    memory, full = (subnet_memory(cfg, s, seq_length=64) for s in (spec, SubnetSpec.full(cfg)))
+    assert memory.weights == 2 * params
+    assert (memory.kv_cache, memory.mamba_state) == (full.kv_cache, full.mamba_state)
+
+
+# ---- routing -----------------------------------------------------------------------------
+
+
+def test_the_router_draws_the_moe_axes_and_fits_a_budget(pgs, moe_config) -> None:
+    cfg = moe_config
+    target = SubnetSpec.homogeneous(cfg, moe_experts=4)
+    fraction = subnet_param_count(cfg, target) / count_parameters(cfg)
+    elastic = _elastic({"full": 1.0, "small": fraction}, moe_experts=(4, 6))
+    router = ElasticRouter(cfg, elastic, RouterConfig(anneal_steps=20, seed=3))
+    assert {"moe_experts", "moe_expert_ffn", "moe_shared_ffn"} <= set(router.axes)
+    assert router.choices["moe_experts"] == (4, 6, 8)
+    decision = router.decide("small", 0, torch.Generator().manual_seed(0))
+    assert decision.spec.layers[1].size("moe_experts") in (4, 6, 8)
+    router.budget_loss(decision).backward()
+    assert router.routers["moe_experts"][2].weight.grad.abs().sum() > 0
+    fit_to_budgets(router, 60)
+    chosen = router.decide("small", 60, None, deterministic=True).spec
+    assert chosen == target
+    assert router.decide("full", 60, None, deterministic=True).spec == SubnetSpec.full(cfg)
+    # soft sampling: per-neuron weights (routed experts, then the shared expert) drive the model
+    soft = ElasticRouter(cfg, elastic, RouterConfig(anneal_steps=20, seed=3, sampling="soft"))
+    decision = soft.decide("small", 0, torch.Generator().manual_seed(1))
+    c = decision.spec.layers[1]
+    e, f, s = (c.size(a) for a in ("moe_experts", "moe_expert_ffn", "moe_shared_ffn"))
+    assert decision.weights.layers[1].shape == (e * f + s,)
+    model = _model(cfg, pgs, elastic)
+    model.set_subnet(decision.spec, decision.weights, mode="slice")
+    _logits(model).square().mean().backward()
+    assert soft.routers["moe_experts"][2].weight.grad.abs().sum() > 0
+
+
+# ---- importance (step 3) -----------------------------------------------------------------
+
+
+def _ranked(cfg: ModelConfig, pgs, plant=None, tokens: torch.Tensor = TOKENS):
+    """(the parent's logits, its ranking, the parent ranked in place by ``rank_model``, what
+    estimate_importance runs) from calibration on TOKENS."""
+    from megatron_elastic.importance import collect_activation_stats, rank_from_stats
+    from megatron_elastic.importance.estimate import rank_model
+
+    model = _model(cfg, pgs)
+    if plant is not None:
+        with torch.no_grad():
+            plant(model)
+    stats = collect_activation_stats(model, [{"tokens": tokens}], pgs)
+    ranking = rank_from_stats(cfg, stats)
+    with torch.no_grad():
+        before = _logits(model)
+    rank_model(model, ranking, pgs)
+    return before, ranking, model
+
+
+@pytest.mark.parametrize("router", ["sigmoid_bias_shared", "sigmoid_group_limited"])
+def test_invariant_moe_ranking_permutation_leaves_the_function_unchanged(
+    pgs, moe_config, router
+) -> None:
+    """Experts move with their gate rows and expert_bias entries, each expert's neurons and the
+    shared expert's with their fc1 rows / fc2 columns, hidden channels through every MoE
+    weight: the permuted parent computes the same logits, and a ranked sub-network keeps the
+    best experts (its logits differ from the unranked one's)."""
+    cfg = dataclasses.replace(moe_config, **ROUTERS[router])
+    parent, ranking, ranked = _ranked(cfg, pgs)
+    identity = {
+        "moe_experts": _identity_experts(cfg),
+        "moe_expert_ffn": [list(range(16))] * 8,
+        "moe_shared_ffn": list(range(24)),
+    }
+    for axis, unranked in identity.items():
+        orders = ranking.orders[axis]
+        assert set(orders) == set(MOE_LAYERS)
+        assert any(orders[j] != unranked for j in MOE_LAYERS), axis  # the test permutes
+    assert ranking.hidden != sorted(ranking.hidden)
+    spec = SubnetSpec.homogeneous(cfg, moe_experts=4, moe_expert_ffn=8, moe_shared_ffn=12)
+    unranked = _model(cfg, pgs)
+    with torch.no_grad():
+        assert _rel(_logits(ranked), parent) <= TOL
+        unranked.set_subnet(spec)
+        ranked.set_subnet(spec)
+        assert _rel(_logits(ranked), _logits(unranked)) > 1e-3
+
+
+def _identity_experts(cfg: ModelConfig):
+    if cfg.moe_router_group_topk:
+        per = cfg.num_moe_experts // cfg.moe_router_num_groups
+        return [list(range(per))] * cfg.moe_router_num_groups
+    return list(range(cfg.num_moe_experts))
+
+
+def test_a_planted_dead_expert_and_dead_neurons_rank_last(pgs, moe_config) -> None:
+    """Expert 2 of layer 1 is routed to but outputs nothing (fc2 zero): REAP ranks it last
+    although its routing frequency is not the lowest; a neuron with a zero fc1 row ranks last in
+    its expert (each expert has its own order, applied before the experts move), and in the
+    shared expert; a never-routed expert ranks below a dead one."""
+
+    def plant(model) -> None:
+        moe = model.decoder.layers[1].mlp
+        moe.router.weight.mul_(0.1)  # balanced routing: every expert gets tokens
+        moe.router.expert_bias.zero_()
+        moe.experts.local_experts[2].linear_fc2.weight.zero_()
+        moe.experts.local_experts[7].linear_fc1.weight[5].zero_()
+        moe.shared_experts.linear_fc1.weight[7].zero_()
+        layer3 = model.decoder.layers[3].mlp
+        layer3.experts.local_experts[6].linear_fc2.weight.zero_()
+        layer3.router.weight.mul_(0.1)
+        layer3.router.expert_bias.zero_()
+        layer3.router.expert_bias[4] = -10.0  # never chosen
+
+    tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    _, ranking, ranked = _ranked(moe_config, pgs, plant, tokens)
+    scores = ranking.scores["moe_experts"]["1"]
+    frequency = scores["frequency"]
+    assert ranking.orders["moe_experts"][1][-1] == 2 and scores["reap"][2] == 0
+    assert min(frequency) > 0  # every expert is routed to (REAP 0 is the planted one's alone)
+    assert frequency[2] > min(frequency)  # routing frequency alone would not find it
+    assert sum(frequency) == pytest.approx(moe_config.moe_router_topk)
+    assert ranking.orders["moe_expert_ffn"][1][7][-1] == 5
+    assert len({tuple(o) for o in ranking.orders["moe_expert_ffn"][1]}) == 8  # own orders
+    assert ranking.orders["moe_shared_ffn"][1][-1] == 7
+    # layer 3: expert 4 is never routed to (bias -10), expert 6 is dead: both score 0, and the
+    # one never routed to ranks last (dropping it changes nothing)
+    layer3 = ranking.scores["moe_experts"]["3"]
+    assert layer3["frequency"][4] == 0 < layer3["frequency"][6]
+    assert ranking.orders["moe_experts"][3][-2:] == [6, 4]
+    # the ranked weights: the dead expert last, expert 7's dead neuron last wherever it went
+    moe = ranked.decoder.layers[1].mlp
+    experts = moe.experts.local_experts
+    assert experts[7].linear_fc2.weight.abs().max() == 0
+    position = ranking.orders["moe_experts"][1].index(7)
+    assert position != 7  # (expert 7 moved: its neurons must move with it)
+    assert experts[position].linear_fc1.weight[-1].abs().max() == 0
+    assert moe.shared_experts.linear_fc1.weight[-1].abs().max() == 0
