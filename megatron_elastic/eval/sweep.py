@@ -188,6 +188,7 @@ def sweep_budgets(
 
     from megatron_elastic.checkpoint import manifest_model, read_manifest
     from megatron_elastic.config import ParallelConfig
+    from megatron_elastic.elastic.budget import subnet_active_param_count
     from megatron_elastic.eval import open_checkpoint
     from megatron_elastic.eval.loading import checkpoint_budgets
     from megatron_elastic.eval.run import evaluate_budget, prepare_inputs
@@ -240,7 +241,7 @@ def sweep_budgets(
             row = evaluate_budget(ckpt, budget, inputs)
             row["trained"] = isinstance(budget, str)
             row["fraction"] = fractions[budget] if isinstance(budget, str) else budget
-            row["active_params"] = _active_params(model_cfg, row["params"])
+            row["active_params"] = subnet_active_param_count(model_cfg, ckpt.spec(budget))
             net = session.net(budget)
             row.update(decode_speed(net, prompt, speed))
             row.update(serving_memory(net, ckpt.model, capacity))
@@ -258,13 +259,6 @@ def sweep_budgets(
     log(table)
     log(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'pareto.png'}")
     return rows
-
-
-def _active_params(model_cfg, total: int) -> int:
-    """Without MoE layers every parameter is active (an elastic checkpoint has none yet:
-    ``ElasticConfig.validate_for`` refuses them until issue 26's expert axes)."""
-    assert "moe" not in model_cfg.layer_kinds(), "elastic MoE checkpoints are refused earlier"
-    return total
 
 
 def _quality(row: dict[str, Any]) -> tuple[str, float]:

@@ -241,8 +241,8 @@ def load_hf_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, 
 
 
 def _homogeneous(layers: Sequence[LayerChoice]) -> bool:
-    sizes = {(c.kind, c.width, c.head_dim) for c in layers}
-    return len(sizes) == len({kind for kind, _, _ in sizes})
+    sizes = {(c.kind, c.sizes) for c in layers}
+    return len(sizes) == len({kind for kind, _ in sizes})
 
 
 @torch.no_grad()
@@ -270,6 +270,11 @@ def export_subnet_to_hf(
         cfg = standalone_config(parent, spec)
         config = save_hf_directory(directory, cfg, state, tokenizer_path)
         fmt = "hf"
+    elif any(c.kind == "moe" for c in active):
+        raise ValueError(
+            "this MoE budget's layers differ per layer, which only the remote-code model holds, "
+            "and it has no MoE layers: export a homogeneous MoE budget"
+        )
     else:
         pattern = layer_pattern(active)
         cfg = dataclasses.replace(parent, hidden_size=spec.hidden, hybrid_pattern=pattern)

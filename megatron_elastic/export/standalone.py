@@ -46,19 +46,44 @@ def standalone_config(parent: ModelConfig, spec: SubnetSpec) -> ModelConfig:
         sizes[field] = max(widths, default=getattr(parent, field))
     head_dims = [c.head_dim for c in active if c.kind == "mamba"]
     sizes["mamba_head_dim"] = max(head_dims, default=parent.mamba_head_dim)
-    homogeneous = all(c.width == sizes[_WIDTH_FIELD[c.kind]] for c in active) and all(
+    dense = [c for c in active if c.kind in _WIDTH_FIELD]
+    homogeneous = all(c.width == sizes[_WIDTH_FIELD[c.kind]] for c in dense) and all(
         d == sizes["mamba_head_dim"] for d in head_dims
     )
+    moe = _moe_sizes([c for c in active if c.kind == "moe"], homogeneous)
     return dataclasses.replace(
         parent,
         hybrid_pattern="".join(_SYMBOL[c.kind] for c in active),
         hidden_size=spec.hidden,
         **sizes,
+        **moe,
         layer_widths=None if homogeneous else tuple(c.width for c in active),
         layer_mamba_head_dims=None
         if homogeneous
         else tuple(c.head_dim if c.kind == "mamba" else 0 for c in active),
     )
+
+
+def _moe_sizes(layers: list, homogeneous: bool) -> dict[str, int | None]:
+    """The ``moe_*`` sizes of the active ``E`` layers, one value per axis: a plain megatron MoE
+    model has one expert count, expert width and shared width for all its MoE layers."""
+    if not layers:
+        return {}
+    per_axis = {
+        axis: {c.size(axis) for c in layers}
+        for axis in ("moe_experts", "moe_expert_ffn", "moe_shared_ffn")
+    }
+    if not homogeneous or any(len(v) > 1 for v in per_axis.values()):
+        raise ValueError(
+            "this budget's MoE layers (or its other layers) differ per layer; a plain megatron "
+            "MoE model holds one size per axis: export a homogeneous MoE budget"
+        )
+    shared = per_axis["moe_shared_ffn"].pop()
+    return {
+        "num_moe_experts": per_axis["moe_experts"].pop(),
+        "moe_ffn_hidden_size": per_axis["moe_expert_ffn"].pop(),
+        "moe_shared_expert_intermediate_size": shared or None,
+    }
 
 
 @torch.no_grad()

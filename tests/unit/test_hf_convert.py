@@ -223,6 +223,58 @@ def test_invariant_moe_parent_exports_to_stock_hf_and_round_trips_bit_exact(pgs,
     assert greedy.tokens == theirs[:, tokens.size(1) :].tolist()
 
 
+def test_invariant_moe_budget_exports_to_stock_hf_and_matches_the_elastic_model(
+    pgs, tmp_path
+) -> None:
+    """A budget of an elastic MoE parent with fewer, narrower experts, a narrower shared expert
+    and a narrower hidden size exports as a stock NemotronH directory with that many experts,
+    whose logits are the elastic model's at the budget; per-layer MoE sizes are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
+    from megatron_elastic.export.hf import export_subnet_to_hf
+
+    cfg = load_model_config(MOE)
+    sizes = {"moe_experts": [4, 8], "moe_expert_ffn": [8, 16], "moe_shared_ffn": [12, 24]}
+    elastic = ElasticConfig(budgets={"full": 1.0}, hidden_choices=(24, 32), choices=sizes)
+    torch.manual_seed(8)
+    model = build_elastic_model(cfg, elastic, pgs).eval()
+    with torch.no_grad():
+        _perturb(model.named_parameters())
+        for name, p in model.named_parameters():
+            if "router.weight" in name:
+                p.normal_(0, 0.5)
+            elif "experts" in name:
+                p.normal_(0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.normal_(0, 0.3)
+    spec = SubnetSpec.homogeneous(
+        cfg, hidden=24, moe_experts=4, moe_expert_ffn=8, moe_shared_ffn=12
+    )
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    model.set_subnet(spec, mode="slice")
+    try:
+        with torch.no_grad():
+            ours = model(tokens, position_ids_like(tokens), None)
+    finally:
+        model.set_subnet(None)
+    export_subnet_to_hf(model, spec, tmp_path / "hf")
+    use_torch_nemotron_h_kernels()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_cfg = hf.config
+    assert (hf_cfg.n_routed_experts, hf_cfg.moe_intermediate_size) == (4, 8)
+    assert (hf_cfg.moe_shared_expert_intermediate_size, hf_cfg.hidden_size) == (12, 24)
+    with torch.no_grad():
+        diff = (hf(tokens).logits - ours).abs().max() / ours.abs().max()
+    print(f"elastic MoE budget -> HF: max |logits diff| / max |logits| = {diff.item():.3g}")
+    assert diff.item() <= 1e-6  # measured 0 (bitwise) on this draw; the parent's bound
+    per_layer = SubnetSpec.heterogeneous(cfg, moe_experts=[0, 4, 0, 8])
+    with pytest.raises(ValueError, match="differ per layer"):
+        export_subnet_to_hf(model, per_layer, tmp_path / "per_layer")
+    assert not (tmp_path / "per_layer").exists()
+
+
 def test_moe_routers_nemotron_h_cannot_compute_are_refused() -> None:
     import dataclasses
 
