@@ -166,6 +166,21 @@ def test_invariant_hf_to_megatron_to_hf_round_trip_is_bit_exact(tmp_path) -> Non
 MOE = ROOT / "tests" / "fixtures" / "hybrid_moe_small.yaml"
 
 
+def _perturb_moe(model) -> None:
+    """:func:`_perturb`, and decisive routing, an expert bias that changes the choice, and an
+    MoE output of the residual's order: every MoE tensor matters."""
+    with torch.no_grad():
+        _perturb(model.named_parameters())
+        for name, p in model.named_parameters():
+            if "router.weight" in name:
+                p.normal_(0, 0.5)
+            elif "experts" in name:
+                p.normal_(0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.normal_(0, 0.3)
+
+
 def test_invariant_moe_parent_exports_to_stock_hf_and_round_trips_bit_exact(pgs, tmp_path) -> None:
     """A hybrid MoE parent (sigmoid router with a nonzero expert bias, scaled and renormalised
     top-2, a shared expert) as stock NemotronH ``moe`` layers: transformers computes its logits and
@@ -179,16 +194,7 @@ def test_invariant_moe_parent_exports_to_stock_hf_and_round_trips_bit_exact(pgs,
     cfg = load_model_config(MOE)
     torch.manual_seed(6)
     model = build_hybrid_model(cfg, pgs).eval()
-    with torch.no_grad():  # decisive routing, a bias that changes the choice, every tensor matters
-        _perturb(model.named_parameters())
-        for name, p in model.named_parameters():
-            if "router.weight" in name:
-                p.normal_(0, 0.5)
-            elif "experts" in name:
-                p.normal_(0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("expert_bias"):
-                b.normal_(0, 0.3)
+    _perturb_moe(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     config = save_hf_directory(tmp_path / "hf", cfg, state)
     assert config["hybrid_override_pattern"] == "ME*E" and config["n_routed_experts"] == 8
@@ -239,16 +245,7 @@ def test_invariant_moe_budget_exports_to_stock_hf_and_matches_the_elastic_model(
     elastic = ElasticConfig(budgets={"full": 1.0}, hidden_choices=(24, 32), choices=sizes)
     torch.manual_seed(8)
     model = build_elastic_model(cfg, elastic, pgs).eval()
-    with torch.no_grad():
-        _perturb(model.named_parameters())
-        for name, p in model.named_parameters():
-            if "router.weight" in name:
-                p.normal_(0, 0.5)
-            elif "experts" in name:
-                p.normal_(0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("expert_bias"):
-                b.normal_(0, 0.3)
+    _perturb_moe(model)
     spec = SubnetSpec.homogeneous(
         cfg, hidden=24, moe_experts=4, moe_expert_ffn=8, moe_shared_ffn=12
     )

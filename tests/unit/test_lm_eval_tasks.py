@@ -81,21 +81,33 @@ def model(tokenizer, perturbed_checkpoint, pgs):
     return net, router.decide(BUDGET, 0, None, deterministic=True).spec
 
 
-def test_invariant_lm_eval_on_an_hf_export_equals_evaluate_on_the_elastic_budget(
-    model, tokenizer, tmp_path, monkeypatch
-) -> None:
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local files only: no hub
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tok_path, tok = tokenizer
-    model, spec = model
-    export_subnet_to_hf(model, spec, tmp_path / "hf", tokenizer_path=tok_path)
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """The tasks folder ``make_lm_eval_tasks.py`` writes, and its problems' rows."""
     tasks_dir = write_lm_eval_tasks(
-        str(tmp_path / "tasks"),
+        str(tmp_path_factory.mktemp("lm_eval_tasks")),
         num_problems=NUM_PROBLEMS,
         problem_seed=SEED,
         max_new_tokens=NEW_TOKENS,
     )
     rows = [json.loads(line) for line in (tasks_dir / PROBLEMS).read_text().splitlines()]
+    return tasks_dir, rows
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch) -> None:
+    """Local files only: lm-eval's datasets never reach a hub."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_invariant_lm_eval_on_an_hf_export_equals_evaluate_on_the_elastic_budget(
+    model, tokenizer, tasks, tmp_path
+) -> None:
+    tasks_dir, rows = tasks
+    tok_path, tok = tokenizer
+    model, spec = model
+    export_subnet_to_hf(model, spec, tmp_path / "hf", tokenizer_path=tok_path)
     problems = [ReasoningRecord.from_json(r) for r in rows]
     assert problems == generate_records(NUM_PROBLEMS, seed=SEED)  # evaluate.py's problems
 
@@ -140,7 +152,7 @@ def _reference(model, spec, tok, rows):
 
 
 def test_invariant_lm_eval_against_the_server_equals_evaluate_on_the_elastic_budget(
-    perturbed_checkpoint, tokenizer, pgs, tmp_path, monkeypatch
+    perturbed_checkpoint, tokenizer, tasks, pgs
 ) -> None:
     import socket
     import threading
@@ -152,17 +164,9 @@ def test_invariant_lm_eval_against_the_server_equals_evaluate_on_the_elastic_bud
 
     from megatron_elastic.serving.api import create_app, load_models
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local files only: no hub
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok_path, tok = tokenizer
+    tasks_dir, rows = tasks
     path, model, router = perturbed_checkpoint
-    tasks_dir = write_lm_eval_tasks(
-        str(tmp_path / "tasks"),
-        num_problems=NUM_PROBLEMS,
-        problem_seed=SEED,
-        max_new_tokens=NEW_TOKENS,
-    )
-    rows = [json.loads(line) for line in (tasks_dir / PROBLEMS).read_text().splitlines()]
     spec = router.decide(BUDGET, 0, None, deterministic=True).spec
     texts, accuracy, logliks = _reference(model, spec, tok, rows)
 
