@@ -46,6 +46,7 @@ from megatron_elastic.serving.api_schema import (
     error_body,
 )
 from megatron_elastic.serving.generate import SamplingConfig, check_lengths
+from megatron_elastic.serving.schedule import BudgetSchedule
 from megatron_elastic.serving.scheduler import Choice, Job, Scheduler
 
 __all__ = ["ServedModels", "create_app", "load_models", "serve"]
@@ -54,6 +55,29 @@ __all__ = ["ServedModels", "create_app", "load_models", "serve"]
 def _sampling(request: CompletionRequest | ChatCompletionRequest) -> SamplingConfig:
     seed = request.seed if request.seed is not None else secrets.randbits(62)
     return SamplingConfig(request.temperature, request.top_p, seed)
+
+
+def _budget(
+    models: ServedModels, request: CompletionRequest | ChatCompletionRequest
+) -> str | float | BudgetSchedule:
+    """The budget ``request`` runs at, or its :class:`BudgetSchedule` (``budget_schedule``)."""
+    budget = models.resolve(request.model)
+    phases = request.budget_schedule
+    if phases is None:
+        return budget
+    if request.temperature != 0:
+        raise ApiError("budget_schedule decodes greedily: send temperature 0", param="temperature")
+    if getattr(request, "logprobs", None) or getattr(request, "echo", False):
+        raise ApiError("budget_schedule returns no log-probabilities", param="logprobs")
+    extra = {"marker": phases["marker"]} if "marker" in phases else {}
+    try:
+        return BudgetSchedule(
+            think=models.resolve(phases["think"], "budget_schedule.think"),
+            answer=models.resolve(phases["answer"], "budget_schedule.answer"),
+            **extra,
+        )
+    except ValueError as e:  # an empty marker
+        raise ApiError(str(e), param="budget_schedule.marker") from e
 
 
 def _check(models: ServedModels, ids: list[list[int]], max_tokens: int, param: str) -> None:
@@ -66,7 +90,7 @@ def _check(models: ServedModels, ids: list[list[int]], max_tokens: int, param: s
 
 def _job(
     models: ServedModels,
-    budget: str | float,
+    budget: str | float | BudgetSchedule,
     prompts: list[list[int]],
     *,
     max_tokens: int,
@@ -203,7 +227,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
-        budget = models.resolve(request.model)
+        budget = _budget(models, request)
         raw = request.prompt
         many = isinstance(raw, list) and raw and not isinstance(raw[0], int)
         encoded = [models.encode(p, "prompt") for p in (raw if many else [raw])]
@@ -292,7 +316,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
-        budget = models.resolve(request.model)
+        budget = _budget(models, request)
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         text, ids = models.encode(models.render_chat(messages), "messages")
         limit = request.token_limit

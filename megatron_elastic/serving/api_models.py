@@ -13,6 +13,7 @@ from megatron_elastic.serving.api_format import now
 from megatron_elastic.serving.api_schema import ApiError
 from megatron_elastic.serving.engine import decode_batch
 from megatron_elastic.serving.generate import ServingSession
+from megatron_elastic.serving.schedule import BudgetSchedule, scheduled_generate
 from megatron_elastic.serving.scheduler import Choice
 
 __all__ = ["MODEL_PREFIX", "ServedModels", "check_checkpoint", "find_chat_template", "load_models"]
@@ -71,12 +72,12 @@ class ServedModels:
             env.globals["raise_exception"] = _template_error
             self._template = env.from_string(chat_template)
 
-    def resolve(self, name: str) -> str | float:
+    def resolve(self, name: str, param: str = "model") -> str | float:
         if name not in self.budgets:
             raise ApiError(
                 f"the model {name!r} does not exist; served: {sorted(self.budgets)}",
                 status=404,
-                param="model",
+                param=param,
                 code="model_not_found",
             )
         return self.budgets[name]
@@ -111,11 +112,36 @@ class ServedModels:
         except Exception as e:  # jinja's errors: the template does not fit these messages
             raise ApiError(f"the chat template failed: {e}", param="messages") from e
 
-    def run_batch(self, budget: str | float, rows: list[Choice]) -> None:
-        """On the model thread: decode ``rows`` at ``budget``."""
-        net = self.session.net(budget)
+    def run_batch(self, budget: str | float | BudgetSchedule, rows: list[Choice]) -> None:
+        """On the model thread: decode ``rows`` at ``budget`` (or by its phases)."""
         tok = self.tokenizer
-        decode_batch(net, rows, eos_id=tok.eod, vocab_size=tok.vocab_size)
+        if isinstance(budget, BudgetSchedule):
+            for row in rows:
+                self._run_scheduled(budget, row)
+            return
+        decode_batch(self.session.net(budget), rows, eos_id=tok.eod, vocab_size=tok.vocab_size)
+
+    def _run_scheduled(self, schedule: BudgetSchedule, row: Choice) -> None:
+        """One row through :func:`scheduled_generate`; its tokens reach the client when both
+        phases are done (a stop string still ends the text where it starts)."""
+        if row.cancelled:
+            row.finish("cancelled")
+            return
+        tok = self.tokenizer
+        out = scheduled_generate(
+            self.session,
+            schedule,
+            [row.prompt],
+            decode=tok.decode,
+            max_new_tokens=row.max_tokens,
+            eos_id=tok.eod,
+            vocab_size=tok.vocab_size,
+        ).generation
+        for token in out.tokens[0]:
+            if row.on_token(token, None):
+                row.finish("stop")
+                return
+        row.finish("stop" if out.stopped[0] else "length")
 
 
 def _template_error(message: str) -> None:

@@ -89,6 +89,12 @@ class _Request(BaseModel):
     """Not supported: must be 0."""
     logit_bias: dict[str, float] | None = None
     """Not supported: must be empty."""
+    budget_schedule: dict[str, str] | None = None
+    """Extension: a served model per phase of the request, ``{"think": "elastic@50%",
+    "answer": "elastic@full"}`` (and optionally ``"marker"``, the text that ends the thinking;
+    default ``####``, the reasoning data's answer mark): the worked solution at one budget until
+    the marker, the answer re-prefilled at the other (:mod:`megatron_elastic.serving.schedule`);
+    greedy, without log-probabilities. ``model`` then only names the request."""
 
     @field_validator("n")
     @classmethod
@@ -109,6 +115,20 @@ class _Request(BaseModel):
     def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value:
             raise ValueError("logit_bias is not supported; leave it empty")
+        return value
+
+    @field_validator("budget_schedule")
+    @classmethod
+    def _phases(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and not {"think", "answer"} <= set(value) <= {
+            "think",
+            "answer",
+            "marker",
+        }:
+            raise ValueError(
+                f"give a model for 'think' and for 'answer' (and optionally a 'marker'), got "
+                f"{sorted(value)}"
+            )
         return value
 
     @field_validator("stop")

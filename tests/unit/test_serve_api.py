@@ -288,6 +288,44 @@ def test_chat_completion_uses_the_template(client, models) -> None:
     assert all(len(t["top_logprobs"]) == 2 for t in choice["logprobs"]["content"])
 
 
+def test_budget_schedule_equals_scheduled_generate(client, models) -> None:
+    """A request whose thinking runs at 50% and answer at full (budget_schedule) gives the text
+    scheduled_generate gives by hand; the marker is text the 50% budget writes after 3 tokens, so
+    the answer phase runs; bad schedules get error objects."""
+    from megatron_elastic.serving.schedule import BudgetSchedule, scheduled_generate
+
+    tok, prompt = models.tokenizer, "Question: 7 + 5 = ?\nAnswer:"
+    marker = tok.decode(_generated(models, "elastic@50%", prompt)[:3])
+    phases = {"think": "elastic@50%", "answer": "elastic@full", "marker": marker}
+    got = _complete(client, model="elastic@full", prompt=prompt, budget_schedule=phases)
+    by_hand = scheduled_generate(
+        models.session,
+        BudgetSchedule("50%", "full", marker=marker),
+        [tok.encode(prompt)],
+        decode=tok.decode,
+        max_new_tokens=NEW,
+        eos_id=tok.eod,
+        vocab_size=tok.vocab_size,
+    )
+    assert 0 < by_hand.thinking[0] < len(by_hand.generation.tokens[0])  # both phases ran
+    assert got["choices"][0]["text"] == tok.decode(by_hand.generation.tokens[0])
+    assert got["choices"][0]["text"] != _expected(models, "elastic@50%", prompt)
+    post = lambda **b: client.post(
+        "/v1/completions",
+        json={"model": "elastic@full", "prompt": prompt, "temperature": 0, **b},
+    )
+    _error(post(budget_schedule={"think": "elastic@50%"}), 400, "budget_schedule")
+    _error(
+        post(budget_schedule={**phases, "think": "elastic@3%"}),
+        404,
+        "budget_schedule.think",
+        "model_not_found",
+    )
+    _error(post(budget_schedule=phases, temperature=0.5), 400, "temperature")
+    _error(post(budget_schedule=phases, logprobs=1), 400, "logprobs")
+    _error(post(budget_schedule={**phases, "marker": ""}), 400, "budget_schedule.marker")
+
+
 def _error(response, status: int, param: str | None, code: str | None = None) -> str:
     assert response.status_code == status, response.text
     error = response.json()["error"]
