@@ -14,7 +14,7 @@ __all__ = [
     "RouterConfig",
 ]
 
-BUDGET_TARGETS = ("params", "memory", "latency")
+BUDGET_TARGETS = ("params", "active_params", "memory", "latency")
 LATENCY_PHASES = ("decode", "prefill")
 SAMPLING_MODES = ("hard", "soft")
 FULL_BUDGET_MODES = ("router", "parent")
@@ -52,7 +52,9 @@ class RouterConfig:
     """Factor on the logits from ``anneal_steps`` on (grows linearly); a large scale makes the
     Gumbel noise negligible, so late samples agree with the deterministic argmax."""
     budget_target: str = "params"
-    """What a budget fraction constrains: ``params`` (parameter count), ``memory`` (bf16 weights
+    """What a budget fraction constrains: ``params`` (parameter count), ``active_params`` (what
+    one token touches: an MoE layer counts its top-k routed experts; equal to ``params`` without
+    MoE layers), ``memory`` (bf16 weights
     + KV cache + Mamba state at ``memory_seq_length``) or ``latency`` (seconds per token from the
     measured table ``latency_table``: a budget of 0.5 runs at twice the parent's tokens/s)."""
     latency_table: str = ""

@@ -16,6 +16,7 @@ from megatron_elastic.config import ModelConfig
 from megatron_elastic.elastic import axes as registry
 from megatron_elastic.elastic.architectures import budget_specs, closest_homogeneous_spec
 from megatron_elastic.elastic.budget import (
+    expected_active_param_count,
     expected_memory_bytes,
     expected_param_count,
     spec_keep,
@@ -168,6 +169,8 @@ class ElasticRouter(nn.Module):
         model, cfg = self.model_config, self.config
         if cfg.budget_target == "params":
             return expected_param_count(model, hidden, sizes, keep)
+        if cfg.budget_target == "active_params":
+            return expected_active_param_count(model, hidden, sizes, keep)
         if cfg.budget_target == "latency":
             return expected_latency(
                 model, self.latency_table, hidden, sizes, keep, cfg.latency_phase
@@ -175,7 +178,8 @@ class ElasticRouter(nn.Module):
         return expected_memory_bytes(model, hidden, sizes, keep, seq_length=cfg.memory_seq_length)
 
     def expected_cost(self, decision: RouterDecision) -> torch.Tensor:
-        """C(expected sizes): parameters, memory bytes or seconds per token (differentiable)."""
+        """C(expected sizes): parameters, active parameters, memory bytes or seconds per token
+        (differentiable)."""
         return self._cost(decision.hidden, decision.sizes, decision.keep)
 
     @torch.no_grad()

@@ -373,6 +373,30 @@ def test_the_router_draws_the_moe_axes_and_fits_a_budget(pgs, moe_config) -> Non
     assert soft.routers["moe_experts"][2].weight.grad.abs().sum() > 0
 
 
+def test_an_active_params_budget_counts_what_a_token_touches(moe_config) -> None:
+    """``budget_target: active_params``: the parent's cost is its active parameters, and a fit
+    budget lands on the sub-network whose active share is the fraction (all experts at half
+    width); a ``params`` router reads the same fraction as a share of all parameters and picks
+    another sub-network."""
+    from megatron_elastic.elastic.budget import subnet_active_param_count
+
+    cfg = moe_config
+    target = SubnetSpec.homogeneous(cfg, moe_expert_ffn=8)
+    fraction = subnet_active_param_count(cfg, target) / count_active_parameters(cfg)
+    elastic = _elastic({"full": 1.0, "small": fraction}, moe_experts=(4,), moe_expert_ffn=(8,))
+    router = ElasticRouter(
+        cfg, elastic, RouterConfig(anneal_steps=20, seed=3, budget_target="active_params")
+    )
+    assert router.parent_cost == count_active_parameters(cfg) < count_parameters(cfg)
+    assert router.spec_cost(target) == subnet_active_param_count(cfg, target)
+    fit_to_budgets(router, 60)
+    assert router.decide("small", 60, None, deterministic=True).spec == target
+    by_params = ElasticRouter(cfg, elastic, RouterConfig(anneal_steps=20, seed=3))
+    assert by_params.spec_cost(target) == subnet_param_count(cfg, target)
+    fit_to_budgets(by_params, 60)  # the same fraction of all parameters is another sub-network
+    assert by_params.decide("small", 60, None, deterministic=True).spec != target
+
+
 # ---- importance (step 3) -----------------------------------------------------------------
 
 
