@@ -36,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_elastic.checkpoint import load_extra, manifest_model, read_manifest
     from megatron_elastic.elastic.architectures import budget_specs
-    from megatron_elastic.elastic.budget import subnet_param_count, target_param_count
+    from megatron_elastic.elastic.budget import (
+        subnet_active_param_count,
+        subnet_param_count,
+        target_param_count,
+    )
     from megatron_elastic.elastic.config import load_elastic_recipe
     from megatron_elastic.model import count_parameters
+    from megatron_elastic.model.param_count import count_active_parameters
     from megatron_elastic.router import router_from_state
 
     if args.config:
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 source += f"; its plain argmax, {raw - 1:+.2%} off target, was calibrated"
             specs[name] = (spec, source)
     parent = count_parameters(model)
+    parent_active = count_active_parameters(model)
     print(
         f"parent: {parent:,} params; mode {elastic.mode}; "
         f"{'heterogeneous' if elastic.heterogeneous else 'homogeneous'}"
@@ -75,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  {'layer':>5} {'kind':<10} {'width':>7} {'head_dim':>8} {'active':>7}")
         for i, c in enumerate(spec.layers):
-            unit = {"attention": "heads", "mamba": "heads", "mlp": "neurons"}[c.kind]
+            unit = {"attention": "heads", "mamba": "heads", "mlp": "neurons"}.get(c.kind)
+            if c.kind == "moe":  # width: routed experts kept
+                shared = c.size("moe_shared_ffn")
+                unit = f"experts x {c.size('moe_expert_ffn')} neurons, shared {shared}"
             hd = str(c.head_dim) if c.kind == "mamba" else "-"
             print(
                 f"  {i:>5} {c.kind:<10} {c.width:>7} {hd:>8} {'yes' if c.active else 'skip':>7}"
@@ -85,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  params {params:,} ({params / parent:.2%} of parent, {params / target - 1:+.2%} vs "
             f"target)"
         )
+        if "moe" in model.layer_kinds():  # what a token touches: top-k of the kept experts
+            active = subnet_active_param_count(model, spec)
+            print(f"  active params {active:,} ({active / parent_active:.2%} of the parent's)")
         print(
             f"  memory @ seq {args.seq_length} x batch {args.batch_size}, bf16: weights "
             f"{mem.weights / MIB:,.1f} MiB, KV cache {mem.kv_cache / MIB:,.1f} MiB, Mamba state "

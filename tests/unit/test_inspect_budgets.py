@@ -12,7 +12,7 @@ import yaml
 
 from megatron_elastic.elastic import SubnetSpec
 from megatron_elastic.elastic.architectures import budget_specs, spec_from_choices
-from megatron_elastic.elastic.budget import subnet_param_count
+from megatron_elastic.elastic.budget import subnet_active_param_count, subnet_param_count
 from megatron_elastic.elastic.config import load_elastic_recipe
 
 ROOT = Path(__file__).parents[2]
@@ -28,7 +28,7 @@ def _run(config: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "nemotron_nano_12b"])
+@pytest.mark.parametrize("recipe", ["tiny", "nemotron_nano_12b", "nemotron3_nano_30b"])
 def test_prints_one_line_per_budget_with_exact_params(recipe) -> None:
     path = ROOT / "examples" / recipe / "elastic.yaml"
     done = _run(path)
@@ -41,6 +41,11 @@ def test_prints_one_line_per_budget_with_exact_params(recipe) -> None:
         params = int(lines[name])
         assert params == subnet_param_count(model, spec)
         assert abs(params / parent - elastic.budgets[name]) < 0.02
+    # an MoE parent: what one token touches too (top-k of the kept experts)
+    active = [int(n.replace(",", "")) for n in re.findall(r"active params ([\d,]+)", done.stdout)]
+    specs = [spec for spec, _ in budget_specs(model, elastic).values()]
+    moe = "moe" in model.layer_kinds()
+    assert active == ([subnet_active_param_count(model, s) for s in specs] if moe else [])
 
 
 def test_bad_recipes_give_clear_errors(tmp_path, run_cli) -> None:
