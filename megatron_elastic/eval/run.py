@@ -127,8 +127,9 @@ def prepare_inputs(
     batch_size: int,
 ) -> EvalInputs:
     """The tokenizer, validation batches and problems that :func:`evaluate_budget` measures
-    ``checkpoint``'s budgets on (process groups already initialised). ``ValueError`` for a
-    missing tokenizer or dataset, or a ``seq_length`` the model cannot run."""
+    ``checkpoint``'s budgets on. Needs no process group: call it before creating them, so that
+    ``ValueError`` for a missing tokenizer or dataset, or a ``seq_length`` the model cannot run,
+    leaves nothing behind."""
     from megatron_elastic.checkpoint import manifest_model, read_manifest
     from megatron_elastic.eval import validation_batches
     from megatron_elastic.eval.hf_model import (
@@ -242,28 +243,25 @@ def evaluate_checkpoint(
     pruned = architectures_from
     kind, trained = checkpoint_budgets(checkpoint, architectures_from=pruned)
     chosen = parse_budgets(budgets, trained, allow_fractions=kind == "elastic" or bool(pruned))
+    # before any process group exists: bad input fails here and leaves nothing behind
+    inputs = prepare_inputs(
+        checkpoint,
+        data=data,
+        split=split,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        max_samples=max_samples,
+        cache_dir=cache_dir,
+        tokenizer=tokenizer,
+        num_problems=num_problems,
+        problem_seed=problem_seed,
+        tasks=tasks,
+        problem_size=problem_size,
+        exclude=exclude,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     pgs = init_process_groups(ParallelConfig())
-    try:
-        inputs = prepare_inputs(
-            checkpoint,
-            data=data,
-            split=split,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            max_samples=max_samples,
-            cache_dir=cache_dir,
-            tokenizer=tokenizer,
-            num_problems=num_problems,
-            problem_seed=problem_seed,
-            tasks=tasks,
-            problem_size=problem_size,
-            exclude=exclude,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
-    except BaseException:
-        destroy_process_groups()  # bad input: leave no process group behind
-        raise
     problems = inputs.problems
     ckpt = open_checkpoint(checkpoint, pgs, architectures_from=pruned)
     rows = []

@@ -211,25 +211,26 @@ def sweep_budgets(
             f"--prompt-tokens + --new-tokens = {capacity} exceeds the model's "
             f"max_sequence_length {model_cfg.max_sequence_length}"
         )
+    # before any process group exists: bad input fails here and leaves nothing behind
+    inputs = prepare_inputs(
+        checkpoint,
+        data=data,
+        split=split,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        max_samples=max_samples,
+        cache_dir=None,
+        tokenizer=tokenizer,
+        num_problems=num_problems,
+        problem_seed=problem_seed,
+        tasks=tasks,
+        problem_size=problem_size,
+        exclude=exclude,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     pgs = init_process_groups(ParallelConfig())
     try:
-        inputs = prepare_inputs(
-            checkpoint,
-            data=data,
-            split=split,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            max_samples=max_samples,
-            cache_dir=None,
-            tokenizer=tokenizer,
-            num_problems=num_problems,
-            problem_seed=problem_seed,
-            tasks=tasks,
-            problem_size=problem_size,
-            exclude=exclude,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
         ckpt = open_checkpoint(checkpoint, pgs)
         fractions = ckpt.router.elastic_config.budgets
         grid = budget_grid(list(fractions.values()), interpolate)

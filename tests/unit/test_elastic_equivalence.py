@@ -10,6 +10,7 @@ import torch
 
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, SubnetWeights, build_elastic_model
 from megatron_elastic.model import build_hybrid_model
+from megatron_elastic.platform import seed_model_parallel_rng
 from megatron_elastic.training.lm_step import position_ids_like
 
 ELASTIC = ElasticConfig(budgets={"full": 1.0, "half": 0.5}, ffn_nesting_blocks=2)
@@ -25,7 +26,9 @@ terms, not of the result). Every other router gradient: 2e-6 relative."""
 
 @pytest.fixture(scope="module")
 def models(pgs, small_config):
-    torch.manual_seed(0)  # the same draw whichever tests ran before (the bounds were measured)
+    # the same draw whichever tests ran before (the bounds were measured): the default stream and
+    # megatron's named model-parallel streams, which parameter initialisation also draws from
+    seed_model_parallel_rng(0, tp_rank=0)
     base = build_hybrid_model(small_config, pgs)
     elastic = build_elastic_model(small_config, ELASTIC, pgs)
     elastic.load_state_dict(base.state_dict())
@@ -109,7 +112,9 @@ def attention_free(pgs, small_config):
     the elastic layers do the parent's arithmetic exactly."""
     cfg = dataclasses.replace(small_config, hybrid_pattern="M-M-")
     elastic_cfg = dataclasses.replace(ELASTIC, min_attention_layers=0)
-    torch.manual_seed(0)  # the same draw whichever tests ran before (the bounds were measured)
+    # the same draw whichever tests ran before (the bounds were measured): the default stream and
+    # megatron's named model-parallel streams, which parameter initialisation also draws from
+    seed_model_parallel_rng(0, tp_rank=0)
     base = build_hybrid_model(cfg, pgs)
     with torch.no_grad():
         for name, p in base.named_parameters():
