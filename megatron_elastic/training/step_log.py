@@ -173,6 +173,11 @@ class PeakMemory:
         elif measure:
             self._cpu.start()
 
+    def close(self) -> None:
+        """Drop an open window unread (the step raised)."""
+        if self._cpu is not None:
+            self._cpu.close()
+
     def read(self) -> float:
         """Peak bytes since :meth:`begin` (0.0: not measured)."""
         if self.cuda:

@@ -311,7 +311,11 @@ class Trainer:
             f"{self.num_micro} micro-batches/step, {self.dtype}"
         )
         for step in range(self.progress.step + 1, r.train.steps + 1):
-            record = self.train_step(step)
+            try:
+                record = self.train_step(step)
+            except BaseException:
+                self.step_log.memory.close()  # else it outlives this trainer, in-process
+                raise
             self.step_log.end(step, done=record.taken)
             if not record.taken:
                 losses = {k: dataclasses.asdict(v) for k, v in record.losses.items()}

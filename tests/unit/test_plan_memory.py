@@ -7,6 +7,7 @@ steps: benchmarks/bench_memory.py (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import subprocess
 import sys
@@ -517,3 +518,57 @@ def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
     assert result["replay_peak_bytes"] == 3 * mib
     # at the last recorded event (the third allocation) the replay lacks the first two frees
     assert result["untracked_free_bytes"] == 2 * mib
+
+
+def test_cpu_window_peak_survives_garbage_collected_after_its_baseline() -> None:
+    """The trainer's CPU peak window (planning/measure.py) reads its baseline after collecting
+    unreachable cycles: an earlier object's tensor freed by a later collection would otherwise
+    lower the live-bytes counter below the baseline and hide the window's peak (seen in the
+    full suite: a trainer built after other tests logged no memory)."""
+    from megatron_elastic.planning.measure import CpuPeakWindow, track_all_threads
+
+    mib = 1024**2
+
+    class Cycle:
+        pass
+
+    previous = track_all_threads()
+    try:
+        garbage = Cycle()
+        garbage.self, garbage.tensor = garbage, torch.ones(64 * mib // 4)
+        del garbage  # unreachable, still allocated until a collection
+        window = CpuPeakWindow()
+        gc.collect()  # Python's automatic collection, say while the trainer builds its model
+        window.start()
+        held = torch.empty(mib // 4)
+        peak = window.stop()
+        del held
+    finally:
+        track_all_threads(previous)
+    assert abs(peak - mib) <= 1024, peak  # the window's 1 MiB (less the baseline's probe)
+
+
+def test_cpu_measurements_leave_each_other_running() -> None:
+    """``measure_cpu_peak`` restores the all-thread counting it found (a live trainer window
+    relies on it), and a window closed unread (a step that raised) lets later windows open."""
+    from megatron_elastic.planning.measure import (
+        CpuPeakWindow,
+        measure_cpu_peak,
+        track_all_threads,
+    )
+
+    previous = track_all_threads(True)
+    try:
+        with measure_cpu_peak():
+            torch.empty(16)
+        assert track_all_threads(True) is True
+        window = CpuPeakWindow()
+        window.start()
+        window.close()
+        assert not window.running and not torch.autograd._profiler_enabled()
+        other = CpuPeakWindow()
+        other.start()
+        assert other.running
+        other.stop()
+    finally:
+        track_all_threads(previous)

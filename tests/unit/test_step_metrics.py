@@ -113,6 +113,21 @@ def test_memory_warning_fires_when_the_plan_is_exceeded(workspace):
 
 
 @pytest.mark.slow
+def test_a_step_that_raises_closes_its_memory_window(workspace, monkeypatch):
+    """A step that raises closes the CPU peak window it opened: kineto runs one profiler per
+    process, so a window left open would silence the memory log of every later trainer."""
+    from megatron_elastic.training import trainer
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer, "forward_backward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(workspace, "raised", "train.steps=2")
+    assert not torch.autograd._profiler_enabled()
+
+
+@pytest.mark.slow
 def test_step_timers_are_logged_and_fit_in_the_step(logged):
     """data, forward (megatron's forward-compute), backward, grads sync (finalize_model_grads)
     and optimizer are each timed on every logged step; the frozen teacher's forward lies inside
