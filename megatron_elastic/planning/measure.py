@@ -68,13 +68,16 @@ def cpu_peak(prof, window: str) -> dict:
     events = prof.profiler.kineto_results.events()
     span = next(e for e in events if e.name() == window)
     start, end = span.start_ns(), span.start_ns() + span.duration_ns()
-    peak = replay_peak = live = start_bytes = 0
+    peak = replay_peak = live = 0
+    start_bytes = None
     when = start
     for ts, delta, total in allocations:
         live += delta
         if ts < start:
             start_bytes = total
         elif ts <= end:
+            if start_bytes is None:  # no event before the window: the counter before its first
+                start_bytes = total - delta  # (not 0: a trainer may have left counting on)
             if total > peak:
                 peak, when = total, ts
             replay_peak = max(replay_peak, live)
@@ -86,10 +89,13 @@ def cpu_peak(prof, window: str) -> dict:
     )
     return {
         "peak_bytes": peak,
-        "start_bytes": start_bytes,
+        "start_bytes": start_bytes or 0,
         "peak_ops": [name for _, name in ops],
         "replay_peak_bytes": replay_peak,
-        "untracked_free_bytes": live - allocations[-1][2] if allocations else 0,
+        # the counter less the replay (from the counter's value before the first event)
+        "untracked_free_bytes": (
+            allocations[0][2] - allocations[0][1] + live - allocations[-1][2] if allocations else 0
+        ),
     }
 
 

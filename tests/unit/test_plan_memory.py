@@ -500,8 +500,11 @@ def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
     from megatron_elastic.planning.measure import cpu_peak, track_all_threads
 
     mib = 1024**2
+    previous = track_all_threads()
     try:
-        track_all_threads()
+        # live and counted before the profile (as a trainer's model is after its window turned
+        # counting on): the window's figures start from the counter's value, not from 0
+        kept = torch.empty(mib)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with record_function("window"):
                 for _ in range(3):
@@ -510,10 +513,9 @@ def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
                     thread.start()
                     thread.join()
     finally:
-        track_all_threads(False)
+        track_all_threads(previous)
     result = cpu_peak(prof, "window")
-    # Relative to the window's start: an earlier test's trainer may have left the all-thread
-    # counter on (training/step_log.py), so what was live before the window is counted too.
+    assert result["start_bytes"] >= kept.nbytes
     assert result["peak_bytes"] - result["start_bytes"] == mib
     assert result["replay_peak_bytes"] == 3 * mib
     # at the last recorded event (the third allocation) the replay lacks the first two frees
