@@ -278,6 +278,11 @@ class ParallelConfig:
     context_parallel_size: int = 1
     """Ranks the sequence is split across for the whole forward pass (megatron's load-balanced
     chunking: rank ``r`` of ``CP`` holds chunks ``r`` and ``2*CP-1-r`` of ``2*CP``)."""
+    expert_model_parallel_size: int = 1
+    """Ranks the routed experts of every MoE layer are split across (megatron's EP: each holds
+    ``num_moe_experts / EP`` experts and tokens travel to them through the token dispatcher).
+    EP ranks are carved out of the data- and context-parallel ranks, as in megatron, so it does
+    not enlarge :attr:`model_parallel_size`; a parent without MoE layers needs 1."""
     distributed_timeout_minutes: int = 10
     """Timeout of every process group (megatron's ``--distributed-timeout-minutes``, default 10):
     a collective that waits longer, e.g. on a rank that hung or died, ends the process with an
@@ -290,6 +295,7 @@ class ParallelConfig:
             "tensor_parallel_size",
             "pipeline_parallel_size",
             "context_parallel_size",
+            "expert_model_parallel_size",
             "distributed_timeout_minutes",
         )
         if not isinstance(self.sequence_parallel, bool):

@@ -40,6 +40,10 @@ def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCol
             dist.init_process_group(
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
+    if parallel.expert_model_parallel_size > 1:  # wired with issue 26's step 5
+        raise ValueError(
+            "parallel.expert_model_parallel_size > 1 is not supported yet; set it to 1"
+        )
     world = dist.get_world_size()
     model_parallel = parallel.model_parallel_size
     if world % model_parallel != 0:
