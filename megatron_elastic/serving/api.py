@@ -32,9 +32,9 @@ from megatron_elastic.serving.api_format import (
     ChoiceResult,
     chat_logprobs,
     completion_logprobs,
-    text_length,
     new_id,
     now,
+    text_length,
     usage,
 )
 from megatron_elastic.serving.api_models import ServedModels, check_checkpoint, load_models
