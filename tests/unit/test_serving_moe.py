@@ -172,3 +172,50 @@ def test_moe_serving_memory_is_the_planners_count(moe_model, moe_config, name) -
     assert mem["state_bytes"] == plan.kv_cache + plan.mamba_state - column
     # kept experts, their kept neurons and the kept hidden width are prefixes: all views
     assert mem["copied_bytes"] == 0
+
+
+def test_server_serves_an_elastic_moe_checkpoint(moe_config, pgs, tmp_path) -> None:
+    """``serving/api.py`` loads an elastic MoE checkpoint and answers greedy completions at the
+    full budget and an MoE sub-budget with the elastic model's own (recomputed) greedy tokens."""
+    from fastapi.testclient import TestClient
+
+    from megatron_elastic.checkpoint import save_checkpoint
+    from megatron_elastic.data.tokenizers import train_bpe_tokenizer
+    from megatron_elastic.router import ElasticRouter, RouterConfig, router_state
+    from megatron_elastic.serving.api import create_app, load_models
+
+    cfg = dataclasses.replace(moe_config, vocab_size=320)  # the tokenizer's 300 ids fit
+    small = {"hidden": 24, "moe_experts": 4, "moe_expert_ffn": 8, "moe_shared_ffn": 12}
+    elastic = ElasticConfig(
+        budgets={"full": 1.0, "small": 0.7},
+        hidden_choices=(24, 32),
+        choices={"moe_experts": (4,), "moe_expert_ffn": (8,), "moe_shared_ffn": (12,)},
+        budget_choices={"small": small},
+    )
+    torch.manual_seed(0)
+    model = build_elastic_model(cfg, elastic, pgs)
+    _randomise(model)
+    router = ElasticRouter(cfg, elastic, RouterConfig(anneal_steps=1, fixed=True))
+    save_checkpoint(tmp_path / "ckpt", model, cfg, kind="elastic", extra=router_state(router))
+    texts = [f"Question: What is {a} + {b}?\nAnswer: {a + b}" for a in range(20) for b in range(9)]
+    train_bpe_tokenizer(texts, 300, tmp_path / "tok" / "tokenizer.json")
+    models = load_models(tmp_path / "ckpt", pgs, tokenizer=tmp_path / "tok")
+    tok, prompt = models.tokenizer, "Question: What is 3 + 4?\nAnswer:"
+    with TestClient(create_app(models, batch_window_s=0.05)) as client:
+        for budget in ("full", "small"):
+            body = {"model": f"elastic@{budget}", "prompt": prompt, "max_tokens": NEW}
+            response = client.post("/v1/completions", json={**body, "temperature": 0})
+            assert response.status_code == 200, response.text
+            spec = None if budget == "full" else SubnetSpec.homogeneous(cfg, **small)
+            model.set_subnet(spec, mode="slice")
+            try:
+                want = greedy_generate(
+                    model,
+                    [tok.encode(prompt)],
+                    max_new_tokens=NEW,
+                    eos_id=tok.eod,
+                    vocab_size=tok.vocab_size,
+                ).tokens[0]
+            finally:
+                model.set_subnet(None)
+            assert response.json()["choices"][0]["text"] == tok.decode(want), budget
