@@ -8,10 +8,10 @@ network's weights are what the budget's parameter count says."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
+from moe_fixture import MOE_YAML, ROUTERS, moe_elastic_model, randomise_moe
 
 from megatron_elastic.config import ModelConfig, load_model_config
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
@@ -22,52 +22,14 @@ from megatron_elastic.serving import InferenceState, build_serving_net, cached_g
 from megatron_elastic.serving.speculative import speculative_generate
 from megatron_elastic.training.lm_step import position_ids_like
 
-MOE_YAML = Path(__file__).parents[2] / "tests" / "fixtures" / "hybrid_moe_small.yaml"
 NEW = 10
 LOGITS_TOL = 3e-6
 """Max |cached - recomputed| logits (scale ~1): fp32 summation order only (chunked scan vs the
 recurrence, tokens gathered per expert vs megatron's dispatcher). Measured worst 1.3e-6."""
 
-ROUTERS = {
-    "sigmoid_bias_shared": {},  # Nemotron 3's
-    "softmax_top3_no_shared": {
-        "moe_router_score_function": "softmax",
-        "moe_router_enable_expert_bias": False,
-        "moe_router_topk_scaling_factor": None,
-        "moe_shared_expert_intermediate_size": None,
-        "moe_router_topk": 3,
-    },
-    "sigmoid_group_limited": {"moe_router_num_groups": 2, "moe_router_group_topk": 1},
-}
-
-
-def _randomise(model) -> None:
-    """Decisive routing, a bias that changes the choice, MoE outputs that matter."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "router.weight" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "experts" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif "layernorm" in name or name.endswith("norm.weight"):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif name.endswith("A_log"):
-                p.copy_(torch.empty(p.shape).uniform_(1, 16, generator=g).log())
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 - 3)
-            elif p.std() > 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("expert_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-
 
 def _model(cfg: ModelConfig, pgs):
-    torch.manual_seed(0)
-    model = build_elastic_model(cfg, ElasticConfig(budgets={"full": 1.0}), pgs)
-    _randomise(model)
-    return model.eval()
+    return moe_elastic_model(cfg, pgs)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +106,9 @@ def test_invariant_moe_speculative_equals_verifier_greedy(moe_model, moe_config)
     verifier = build_serving_net(
         moe_model, cfg, SubnetSpec.homogeneous(cfg, moe_experts=6, moe_expert_ffn=12)
     )
-    draft = build_serving_net(moe_model, cfg, _spec(cfg, "homogeneous"))
+    draft = build_serving_net(
+        moe_model, cfg, SubnetSpec.homogeneous(cfg, moe_experts=4, moe_expert_ffn=12)
+    )
     prompts = [[5, 9, 17], [3, 1, 4, 1, 5, 9, 2, 6]]
     expected = cached_generate(verifier, prompts, max_new_tokens=NEW)
     for k in (1, 3):
@@ -194,7 +158,7 @@ def test_server_serves_an_elastic_moe_checkpoint(moe_config, pgs, tmp_path) -> N
     )
     torch.manual_seed(0)
     model = build_elastic_model(cfg, elastic, pgs)
-    _randomise(model)
+    randomise_moe(model)
     router = ElasticRouter(cfg, elastic, RouterConfig(anneal_steps=1, fixed=True))
     save_checkpoint(tmp_path / "ckpt", model, cfg, kind="elastic", extra=router_state(router))
     texts = [f"Question: What is {a} + {b}?\nAnswer: {a + b}" for a in range(20) for b in range(9)]
