@@ -312,8 +312,8 @@ def _static_bytes(cfg: MemoryPlanConfig, stage: _Stage) -> dict[str, float]:
         buffer = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
     dispatch = dispatch_buffer_tokens(cfg)
     if buffer or dispatch:
-        label = "SP / MoE dispatch gather" if dispatch else "SP gather"
-        static[f"megatron global buffer ({label})"] = (
+        label = " / ".join(["SP"] * bool(buffer) + ["MoE dispatch"] * bool(dispatch))
+        static[f"megatron global buffer ({label} gather)"] = (
             max(buffer, dispatch) * m.hidden_size * prof.act_bytes
         )
     return static
@@ -329,10 +329,9 @@ def _stored_activations(
     layers = cfg.layers()
     t, th = _tokens(cfg)
     a = prof.act_bytes
-    per_kind: dict[str, float] = {"mamba": 0.0, "attention": 0.0, "mlp": 0.0}
+    kinds = m.layer_kinds()  # the kinds the model has (mamba, attention, mlp, moe)
+    per_kind = {k: 0.0 for k in ("mamba", "attention", "mlp", "moe") if k in kinds}
     counts = {"mamba": 0, "attention": 0, "mlp": 0, "moe": 0}
-    if "moe" in m.layer_kinds():
-        per_kind["moe"] = 0.0
     for j in stage.layers:
         layer = layers[j]
         per_kind[layer.kind] += _stored_bytes(cfg, layer, hidden, stage.rebuilt[j])
