@@ -32,6 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "bench_memory_worker.py"
 MODEL = ROOT / "examples" / "tiny" / "model.yaml"
+MOE_MODEL = Path(__file__).resolve().parent / "bench_memory_moe.yaml"
+"""The parent of the ``moe-*`` configurations (mixture-of-experts ``E`` layers, one process:
+expert parallelism is not wired into the trainer yet)."""
 MIB = 1024**2
 
 # name, seq, micro-batch size, micro-batches, parallel, recompute (True: every layer; N: the
@@ -47,7 +50,15 @@ CONFIGS = [
     ("pp2-seq512-recompute", 512, 2, 4, {"pipeline_parallel_size": 2}, True),
     ("tp2-sp-seq512", 512, 2, 2, {"tensor_parallel_size": 2, "sequence_parallel": True}, False),
     ("cp2-seq512", 512, 2, 2, {"context_parallel_size": 2}, False),
+    ("moe-seq512", 512, 2, 2, {}, False),
+    ("moe-seq1024", 1024, 2, 2, {}, False),
+    ("moe-seq1024-recompute", 1024, 2, 2, {}, True),
 ]
+
+
+def model_of(name: str) -> Path:
+    """The parent a configuration trains: ``moe-*`` the MoE one, the others examples/tiny's."""
+    return MOE_MODEL if name.startswith("moe-") else MODEL
 
 
 def _free_port() -> int:
@@ -74,6 +85,20 @@ def pending_reason(parallel: dict) -> str | None:
     if p.context_parallel_size > 1 and config.context_parallel_size != p.context_parallel_size:
         return "context parallelism is not built into the model yet"
     return None
+
+
+def prepare(root: Path, model: Path) -> Path:
+    """The work directory of ``model``'s configurations (tokenizer, data, parent checkpoint),
+    written once: ``root`` for examples/tiny, ``root/<model name>`` for another parent."""
+    workdir = root if model == MODEL else root / model.stem
+    if not (workdir / "parent").exists():
+        subprocess.run(
+            [sys.executable, str(WORKER), "prepare", str(workdir), str(model)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+    return workdir
 
 
 def predict(recipe_path: Path, world: int, profile: str) -> list[float]:
@@ -127,19 +152,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = platform.cuda_available()
     profile = "gpu-bf16" if cuda else "cpu-fp32"
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_memory_"))
-    if not (workdir / "parent").exists():
-        subprocess.run(
-            [sys.executable, str(WORKER), "prepare", str(workdir), str(MODEL)],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_memory_"))
     import yaml
     from bench_memory_worker import recipe_dict
 
     print(
-        f"tiny parent ({MODEL.relative_to(ROOT)}), elastic student at the full budget + frozen "
+        f"tiny parent ({MODEL.relative_to(ROOT)}; moe-*: {MOE_MODEL.relative_to(ROOT)}), "
+        "elastic student at the full budget + frozen "
         f"teacher + router, {args.steps} steps; profile {profile}; measured: "
         + ("torch.cuda.max_memory_allocated" if cuda else "CPU allocator peak, all threads")
     )
@@ -164,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             print(f"{prefix} {'':>5} pending: {reason}")
             continue
+        workdir = prepare(root, model_of(name))
         run = {
             "name": name,
-            "model_yaml": str(MODEL),
+            "model_yaml": str(model_of(name)),
             "parallel": p,
             "seq_length": seq,
             "micro_batch_size": mbs,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -224,7 +225,10 @@ def check_memory(recipe, config: PreflightConfig, cuda: bool) -> CheckResult:
     ``config.headroom``; on CPU against this host's memory divided among its ranks."""
     from megatron_elastic.planning import plan_config_from_recipe, plan_memory
 
-    world = config.world_size or recipe.parallel.model_parallel_size
+    p = recipe.parallel
+    # Unknown world: the smallest that runs the recipe (EP is carved out of DP x CP).
+    ep, cp = p.expert_model_parallel_size, p.context_parallel_size
+    world = config.world_size or p.model_parallel_size * (ep // math.gcd(ep, cp))
     keep = 1 - config.headroom
 
     def peak(profile: str | None) -> tuple[float, str]:
@@ -237,7 +241,7 @@ def check_memory(recipe, config: PreflightConfig, cuda: bool) -> CheckResult:
     except ValueError as exc:
         return CheckResult("memory", False, False, f"could not plan: {exc}")
     fix = (
-        "raise parallel.tensor/pipeline/context_parallel_size, or set "
+        "raise parallel.tensor/pipeline/context/expert_model_parallel_size, or set "
         "parallel.sequence_parallel=true, train.recompute_activations=true, "
         "optim.use_distributed_optimizer=true, or a smaller train.micro_batch_size"
     )

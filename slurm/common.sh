@@ -290,12 +290,14 @@ launch_stage() {
   fi
   local cmd=("$python" -m megatron_elastic.train --config "$recipe" "${overrides[@]}" "${extra[@]}")
 
-  local tp pp cp sp dp='' world=${SLURM_NTASKS:-}
+  local tp pp cp ep sp dp='' world=${SLURM_NTASKS:-}
   tp=$(_override_value parallel.tensor_parallel_size "${overrides[@]}" "${extra[@]}")
   pp=$(_override_value parallel.pipeline_parallel_size "${overrides[@]}" "${extra[@]}")
   cp=$(_override_value parallel.context_parallel_size "${overrides[@]}" "${extra[@]}")
   sp=$(_override_value parallel.sequence_parallel "${overrides[@]}" "${extra[@]}")
+  ep=$(_override_value parallel.expert_model_parallel_size "${overrides[@]}" "${extra[@]}")
   cp=${cp:-1}
+  ep=${ep:-1}
   # The world is TP x PP x CP x DP: one model replica spans TP x PP x CP ranks.
   if [ -n "$world" ] && [ -n "$tp" ] && [ -n "$pp" ]; then
     if [ $((world % (tp * pp * cp))) -ne 0 ]; then
@@ -306,6 +308,11 @@ launch_stage() {
     if [ -n "${DP:-}" ] && [ "$DP" != "$dp" ]; then
       die "DP=$DP but $world tasks = TP=$tp x PP=$pp x CP=$cp x DP=$dp: change DP or the" \
         "task count"
+    fi
+    # Expert parallelism is carved out of the DP x CP ranks (megatron's layout).
+    if [ $(((dp * cp) % ep)) -ne 0 ]; then
+      die "EP=$ep does not divide DP x CP = $dp x $cp = $((dp * cp)) ranks (expert parallelism" \
+        "is carved out of them): choose an EP that divides $((dp * cp))"
     fi
   fi
   site_env
@@ -319,7 +326,7 @@ launch_stage() {
   [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job: submit with sbatch (or DRY_RUN=1)"
   _rendezvous
   log "job $SLURM_JOB_ID: $world tasks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)," \
-    "TP ${tp:-recipe} PP ${pp:-recipe}${dp:+ DP $dp} CP $cp SP ${sp:-recipe};" \
+    "TP ${tp:-recipe} PP ${pp:-recipe}${dp:+ DP $dp} CP $cp EP $ep SP ${sp:-recipe};" \
     "rendezvous $MASTER_ADDR:$MASTER_PORT; working directory $PWD;" \
     "restart ${SLURM_RESTART_COUNT:-0} of the job"
   log "srun line (RANK=SLURM_PROCID, WORLD_SIZE=SLURM_NTASKS, LOCAL_RANK=SLURM_LOCALID):"

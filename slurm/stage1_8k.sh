@@ -15,7 +15,7 @@
 #                    frozen teacher [required]
 #   SAVE_DIR         this stage's checkpoints, metrics.jsonl, tensorboard/
 #                    [runs/nemotron_nano_12b/stage1_8k]; an existing one is resumed
-#   RECIPE, TP, PP, SP, CP, DP, DATA_CACHE, EXTRA_OVERRIDES, MAX_RESTARTS, CONTAINER_IMAGE,
+#   RECIPE, TP, PP, SP, CP, EP, DP, DATA_CACHE, EXTRA_OVERRIDES, MAX_RESTARTS, CONTAINER_IMAGE,
 #   CONTAINER_MOUNTS, SRUN_ARGS, ENV_FILE, PYTHON, DRY_RUN=1, ...: see slurm/README.md
 # Relative paths are relative to the job's working directory (where sbatch was run).
 # Arguments given to sbatch override the #SBATCH lines below, e.g. the tiny CPU recipe on one
@@ -58,6 +58,7 @@ RECIPE=${RECIPE:-$REPO/examples/nemotron_nano_12b/stage1_8k.yaml}
 TP=${TP:-4}
 PP=${PP:-1}
 CP=${CP:-1}
+EP=${EP:-1}
 SP=${SP:-}
 SAVE_DIR=${SAVE_DIR:-runs/nemotron_nano_12b/stage1_8k}
 require_env TOKENIZER "the tokenizer the data was prepared with (tokenizer.json or .model)"
@@ -68,6 +69,7 @@ require_checkpoint PARENT
 require_int TP
 require_int PP
 require_int CP
+require_int EP
 require_bool SP
 
 launch_stage "$RECIPE" \
@@ -79,4 +81,5 @@ launch_stage "$RECIPE" \
   "parallel.tensor_parallel_size=$TP" \
   "parallel.pipeline_parallel_size=$PP" \
   "parallel.context_parallel_size=$CP" \
+  "parallel.expert_model_parallel_size=$EP" \
   ${SP:+"parallel.sequence_parallel=$SP"}

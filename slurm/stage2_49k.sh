@@ -17,7 +17,7 @@
 #                    starting point [runs/nemotron_nano_12b/stage1_8k]
 #   SAVE_DIR         this stage's checkpoints, metrics.jsonl, tensorboard/
 #                    [runs/nemotron_nano_12b/stage2_49k]; an existing one is resumed
-#   RECIPE, TP, PP, SP, CP, DP, DATA_CACHE, EXTRA_OVERRIDES, MAX_RESTARTS, CONTAINER_IMAGE,
+#   RECIPE, TP, PP, SP, CP, EP, DP, DATA_CACHE, EXTRA_OVERRIDES, MAX_RESTARTS, CONTAINER_IMAGE,
 #   CONTAINER_MOUNTS, SRUN_ARGS, ENV_FILE, PYTHON, DRY_RUN=1, ...: see slurm/README.md
 # Relative paths are relative to the job's working directory (where sbatch was run). Arguments
 # given to sbatch override the #SBATCH lines below (see slurm/stage1_8k.sh and slurm/README.md).
@@ -59,6 +59,7 @@ RECIPE=${RECIPE:-$REPO/examples/nemotron_nano_12b/stage2_49k.yaml}
 TP=${TP:-4}
 PP=${PP:-1}
 CP=${CP:-1}
+EP=${EP:-1}
 SP=${SP:-}
 STAGE1_DIR=${STAGE1_DIR:-runs/nemotron_nano_12b/stage1_8k}
 SAVE_DIR=${SAVE_DIR:-runs/nemotron_nano_12b/stage2_49k}
@@ -70,6 +71,7 @@ require_checkpoint PARENT
 require_int TP
 require_int PP
 require_int CP
+require_int EP
 require_bool SP
 # Stage 2 starts from stage 1's newest checkpoint, unless it is resuming its own.
 if [ ! -f "$SAVE_DIR/latest.json" ] && [ ! -f "$STAGE1_DIR/latest.json" ]; then
@@ -85,4 +87,5 @@ launch_stage "$RECIPE" \
   "parallel.tensor_parallel_size=$TP" \
   "parallel.pipeline_parallel_size=$PP" \
   "parallel.context_parallel_size=$CP" \
+  "parallel.expert_model_parallel_size=$EP" \
   ${SP:+"parallel.sequence_parallel=$SP"}

@@ -5,12 +5,13 @@
     python tools/plan_memory.py --recipe RECIPE.yaml parallel.sequence_parallel=false
 
 Prints, for the busiest rank of every pipeline stage: student weights, the fp32 gradient buffer,
-optimizer state (sharded over data parallelism with the distributed optimizer), the frozen
-teacher, the router, the stored activations of 1F1B's in-flight micro-batches per layer kind
-(with/without recompute, SP, CP), the working sets of one layer's backward and of the teacher's
-forward, and the logits + KD temporaries on the last stage; the last line is
-``peak GiB per GPU: X``. Overrides ``section.key=value`` are applied as by the trainer. The
-formulas are in ``megatron_elastic/planning/memory.py`` and measured by
+optimizer state (sharded over data parallelism with the distributed optimizer; routed experts
+split over ``parallel.expert_model_parallel_size`` and their state over expert-DP = DP x CP / EP),
+the frozen teacher, the router, the stored activations of 1F1B's in-flight micro-batches per layer
+kind (with/without recompute, SP, CP; MoE layers: ``planning/moe.py``), the working sets of
+one layer's backward and of the teacher's forward, and the logits + KD temporaries on the last
+stage; the last line is ``peak GiB per GPU: X``. Overrides ``section.key=value`` are applied as
+by the trainer. The formulas are in ``megatron_elastic/planning/memory.py`` and measured by
 ``benchmarks/bench_memory.py``.
 """
 
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         "--world-size",
         type=int,
         default=128,
-        help="ranks (GPUs) of the job; data parallelism is world / (TP x PP x CP) "
-        "[128: the 12B recipes' 16 nodes x 8 GPUs]",
+        help="ranks (GPUs) of the job; data parallelism is world / (TP x PP x CP), expert "
+        "parallelism is carved out of DP x CP [128: the stage recipes' 16 nodes x 8 GPUs]",
     )
     parser.add_argument(
         "--profile",

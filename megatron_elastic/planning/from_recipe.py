@@ -7,11 +7,26 @@ from megatron_elastic.planning.memory import LayerShape, MemoryPlanConfig
 __all__ = ["plan_config_from_recipe"]
 
 
+def _layer_shape(choice) -> LayerShape:
+    """A :class:`LayerShape` of one layer of a sub-network (a ``LayerChoice``)."""
+    if choice.kind != "moe":
+        return LayerShape(choice.kind, choice.width, choice.head_dim, choice.active)
+    return LayerShape(
+        "moe",
+        choice.width,
+        active=choice.active,
+        expert_ffn=choice.size("moe_expert_ffn"),
+        shared_ffn=choice.size("moe_shared_ffn"),
+    )
+
+
 def plan_config_from_recipe(recipe, *, world_size: int, profile: str | None = None):
     """The :class:`MemoryPlanConfig` of a :class:`~megatron_elastic.training.recipe.TrainRecipe`
-    run on ``world_size`` ranks. ``profile``: default ``cpu-fp32`` for ``train.precision: fp32``,
-    else ``gpu-bf16``. The student is the largest budget's architecture (the router may pick any
-    budget per micro-batch; the largest bounds memory)."""
+    run on ``world_size`` ranks (data parallelism: world / (TP x PP x CP); expert parallelism,
+    ``parallel.expert_model_parallel_size``, is carved out of DP x CP). ``profile``: default
+    ``cpu-fp32`` for ``train.precision: fp32``, else ``gpu-bf16``. The student is the largest
+    budget's architecture (the router may pick any budget per micro-batch; the largest bounds
+    memory)."""
     from megatron_elastic.elastic.architectures import budget_specs
     from megatron_elastic.router import ElasticRouter
 
@@ -47,7 +62,7 @@ def plan_config_from_recipe(recipe, *, world_size: int, profile: str | None = No
         name = max(elastic.budgets, key=elastic.budgets.get)
         spec, _ = budget_specs(recipe.model, elastic)[name]
         hidden = spec.hidden
-        layers = tuple(LayerShape(c.kind, c.width, c.head_dim, c.active) for c in spec.layers)
+        layers = tuple(_layer_shape(c) for c in spec.layers)
         router = ElasticRouter(recipe.model, elastic, recipe.router)
         router_params = sum(t.numel() for t in router.parameters())
     return MemoryPlanConfig(

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_elastic.config import ModelConfig
 from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 from megatron_elastic.model.param_count import layer_parameter_counts
 from megatron_elastic.planning.memory_config import (
@@ -39,6 +38,12 @@ from megatron_elastic.planning.memory_config import (
     LayerShape,
     MemoryPlanConfig,
     Profile,
+)
+from megatron_elastic.planning.moe import (
+    dispatch_buffer_tokens,
+    moe_activation_terms,
+    moe_largest_weight,
+    moe_layer_weights,
 )
 
 __all__ = [
@@ -85,6 +90,9 @@ def layer_activation_terms(
         # output; the gate's bf16 f(x) - x.
         terms = {"norm + gate (12h+4 B)": th * (12 * h + 4)}
     a = prof.act_bytes
+    if layer.kind == "moe":  # routed copies, shared expert, router (planning/moe.py)
+        terms.update(moe_activation_terms(cfg, layer, h, t, th))
+        return terms
     if layer.kind == "mlp":
         f = layer.width / tp
         # relu result (relu + pow), pow result (router-weight mul), weighted result (fc2 input)
@@ -175,25 +183,39 @@ def kd_loss_bytes(cfg: MemoryPlanConfig) -> float:
 
 
 # --------------------------------------------------------------------------- parameters
-def _stage_weights(cfg: MemoryPlanConfig, stage: _Stage) -> float:
-    """Weights of one rank of a stage (the parent's sizes: slice mode keeps the full weights).
-    Every layer's pre-norm is replicated over TP, the rest of it (:mod:`~.model.param_count`)
-    is split; the first stage holds the input embedding, the last the output layer and the final
-    norm (:func:`~.model.param_count.embedding_params`), each a ``V / TP``-row shard."""
+def _stage_weights(cfg: MemoryPlanConfig, stage: _Stage) -> tuple[float, float]:
+    """Weights of one rank of a stage (the parent's sizes: slice mode keeps the full weights):
+    (the weights sharded over DP by the distributed optimizer, the routed experts sharded over
+    expert-DP). Every layer's pre-norm is replicated over TP, the rest of it
+    (:mod:`~.model.param_count`) is split; an ``E`` layer's router is replicated and its routed
+    experts split over EP (:func:`~.planning.moe.moe_layer_weights`); the first stage holds the
+    input embedding, the last the output layer and the final norm
+    (:func:`~.model.param_count.embedding_params`), each a ``V / TP``-row shard."""
     m, tp = cfg.model, cfg.parallel.tensor_parallel_size
     h = m.hidden_size
-    counts = layer_parameter_counts(m)
-    params = sum(h + (counts[j] - h) / tp for j in stage.layers)
+    counts, kinds = layer_parameter_counts(m), m.layer_kinds()
+    dense, routed = 0.0, 0.0
+    for j in stage.layers:
+        if kinds[j] == "moe":
+            layer_dense, layer_routed = moe_layer_weights(cfg)
+            dense, routed = dense + layer_dense, routed + layer_routed
+        else:
+            dense += h + (counts[j] - h) / tp
     table = m.vocab_size / tp * h
-    return params + ((table if stage.first else 0) + (table + h if stage.last else 0))
+    dense += (table if stage.first else 0) + (table + h if stage.last else 0)
+    return dense, routed
 
 
-def _largest_weight(m: ModelConfig, tp: int, first: bool, last: bool) -> float:
+def _largest_weight(cfg: MemoryPlanConfig, first: bool, last: bool) -> float:
     """Elements of the largest weight matrix shard on a stage (its gradient is a transient):
-    an FFN matrix, the fused ``linear_qkv`` or the packed Mamba ``in_proj``
-    (:mod:`~.model.layouts`), or a vocabulary table."""
+    an FFN matrix, the fused ``linear_qkv``, the packed Mamba ``in_proj``
+    (:mod:`~.model.layouts`), an expert's or the router's matrix, or a vocabulary table."""
+    m, tp = cfg.model, cfg.parallel.tensor_parallel_size
     h, sizes = m.hidden_size, [0.0]
     for kind, (width, head_dim) in zip(m.layer_kinds(), m.layer_sizes(), strict=True):
+        if kind == "moe":
+            sizes.append(moe_largest_weight(cfg))
+            continue
         if kind == "mlp":
             rows = width
         elif kind == "attention":
@@ -269,22 +291,31 @@ def _static_bytes(cfg: MemoryPlanConfig, stage: _Stage) -> dict[str, float]:
     (sharded over DP by the distributed optimizer), the frozen teacher, the router, megatron's
     SP gather buffer."""
     m, p, prof = cfg.model, cfg.parallel, PROFILES[cfg.profile]
-    params = _stage_weights(cfg, stage)
+    dense, routed = _stage_weights(cfg, stage)
+    params = dense + routed
     dp_shard = cfg.data_parallel_size if cfg.distributed_optimizer else 1
+    edp_shard = cfg.expert_data_parallel_size if cfg.distributed_optimizer else 1
     static = {
         "student weights": params * prof.param_bytes,
         "gradients (fp32 buffer)": params * 4,
-        "optimizer state": params * prof.optimizer_bytes / dp_shard,
+        "optimizer state": (dense / dp_shard + routed / edp_shard) * prof.optimizer_bytes,
         "teacher weights": params * prof.param_bytes if cfg.teacher else 0.0,
         "router (fp32 + grads + Adam)": 16 * cfg.router_params,
     }
     # megatron keeps one persistent "mpu" buffer per dtype (parallel_state's
     # GlobalMemoryBuffer), as large as its largest request: under SP, megatron's linears
     # all-gather their inputs (s, b, h) into it. (No attention asks for it: every core
-    # attention is our causal SDPA, model/attention.py.)
+    # attention is our causal SDPA, model/attention.py.) megatron's all-gather MoE dispatcher
+    # gathers the tokens of the TP x EP ranks into it too.
+    buffer = 0.0
     if p.sequence_parallel_active:
         buffer = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
-        static["megatron global buffer (SP gather)"] = buffer * m.hidden_size * prof.act_bytes
+    dispatch = dispatch_buffer_tokens(cfg)
+    if buffer or dispatch:
+        label = " / ".join(["SP"] * bool(buffer) + ["MoE dispatch"] * bool(dispatch))
+        static[f"megatron global buffer ({label} gather)"] = (
+            max(buffer, dispatch) * m.hidden_size * prof.act_bytes
+        )
     return static
 
 
@@ -298,8 +329,9 @@ def _stored_activations(
     layers = cfg.layers()
     t, th = _tokens(cfg)
     a = prof.act_bytes
-    per_kind: dict[str, float] = {"mamba": 0.0, "attention": 0.0, "mlp": 0.0}
-    counts = {"mamba": 0, "attention": 0, "mlp": 0}
+    kinds = m.layer_kinds()  # the kinds the model has (mamba, attention, mlp, moe)
+    per_kind = {k: 0.0 for k in ("mamba", "attention", "mlp", "moe") if k in kinds}
+    counts = {"mamba": 0, "attention": 0, "mlp": 0, "moe": 0}
     for j in stage.layers:
         layer = layers[j]
         per_kind[layer.kind] += _stored_bytes(cfg, layer, hidden, stage.rebuilt[j])
@@ -327,11 +359,10 @@ def _backward_working_set(cfg: MemoryPlanConfig, stage: _Stage) -> float:
     view's gradient and the full-size buffer it lands in); with recompute, j's forward is first
     rebuilt in full."""
     m, prof = cfg.model, PROFILES[cfg.profile]
-    tp = cfg.parallel.tensor_parallel_size
     hidden = cfg.student_hidden or m.hidden_size
     layers = cfg.layers()
     t, th = _tokens(cfg)
-    weight_grad = 2 * _largest_weight(m, tp, stage.first, stage.last) * prof.param_bytes
+    weight_grad = 2 * _largest_weight(cfg, stage.first, stage.last) * prof.param_bytes
     grads = (th + t) * hidden * prof.act_bytes  # under SP the input's gradient is all-gathered
     backward, freed = 0.0, 0.0
     for j in reversed(stage.layers):
@@ -344,9 +375,8 @@ def _backward_working_set(cfg: MemoryPlanConfig, stage: _Stage) -> float:
 def _teacher_working_set(cfg: MemoryPlanConfig, stage: _Stage) -> float:
     """The frozen teacher's forward: the largest one layer of the parent keeps while it runs
     (nothing is saved for backward)."""
-    m = cfg.model
-    full = [LayerShape(k, w, d) for k, (w, d) in zip(m.layer_kinds(), m.layer_sizes(), strict=True)]
-    return max((_layer_bytes(cfg, full[j], m.hidden_size) for j in stage.layers), default=0)
+    full, h = cfg.parent_layers(), cfg.model.hidden_size
+    return max((_layer_bytes(cfg, full[j], h) for j in stage.layers), default=0)
 
 
 def _plan_stage(cfg: MemoryPlanConfig, stage: _Stage) -> StagePlan:

@@ -39,13 +39,18 @@ class LayerShape:
     """One layer of the student as it runs (the largest budget's sub-network)."""
 
     kind: str
-    """``mamba``, ``attention`` or ``mlp``."""
+    """``mamba``, ``attention``, ``mlp`` or ``moe``."""
     width: int
-    """Query heads, Mamba heads or FFN neurons (whole model, not per rank)."""
+    """Query heads, Mamba heads, FFN neurons or kept routed experts (whole model, not per
+    rank)."""
     head_dim: int = 0
     """Mamba channels per head (0 for other kinds)."""
     active: bool = True
     """Skipped layers store nothing."""
+    expert_ffn: int = 0
+    """Neurons of every kept routed expert (``moe`` layers; 0 for other kinds)."""
+    shared_ffn: int = 0
+    """Neurons of the shared expert (``moe`` layers; 0: none, or another kind)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,8 @@ class MemoryPlanConfig:
     model: ModelConfig
     """The parent (the teacher, and the student's full size)."""
     parallel: ParallelConfig
-    """TP, PP (and layout), SP, CP."""
+    """TP, PP (and layout), SP, CP, EP (``expert_model_parallel_size``, carved out of DP x CP as
+    in megatron)."""
     seq_length: int
     """Tokens per sample."""
     micro_batch_size: int
@@ -112,14 +118,48 @@ class MemoryPlanConfig:
                 f"student_layers lists {len(self.student_layers)} layers, the model has "
                 f"{self.model.num_layers}"
             )
+        self._check_expert_parallel()
         object.__setattr__(self, "stages", self.parallel.stage_layer_counts(self.model.num_layers))
 
+    def _check_expert_parallel(self) -> None:
+        ep, p = self.parallel.expert_model_parallel_size, self.parallel
+        if ep == 1:
+            return
+        field = f"ParallelConfig.expert_model_parallel_size={ep}"
+        if "moe" not in self.model.layer_kinds():
+            raise ValueError(f"{field} without 'E' (mixture-of-experts) layers; set it to 1")
+        if self.model.num_moe_experts % ep:
+            raise ValueError(
+                f"{field} does not divide num_moe_experts={self.model.num_moe_experts}: every EP "
+                "rank holds the same number of experts; use a divisor"
+            )
+        dp_cp = self.data_parallel_size * p.context_parallel_size
+        if dp_cp % ep:
+            raise ValueError(
+                f"{field} does not divide data-parallel x context-parallel ranks = "
+                f"{self.data_parallel_size} x {p.context_parallel_size} (megatron carves EP out "
+                "of them); use a divisor, or more ranks"
+            )
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        """Ranks the routed experts' optimizer state is sharded over (megatron's
+        expert-data-parallel group): DP x CP / EP."""
+        p = self.parallel
+        return self.data_parallel_size * p.context_parallel_size // p.expert_model_parallel_size
+
     def layers(self) -> tuple[LayerShape, ...]:
-        if self.student_layers is not None:
-            return self.student_layers
+        """The student's layers (the parent's unless ``student_layers`` is given)."""
+        return self.parent_layers() if self.student_layers is None else self.student_layers
+
+    def parent_layers(self) -> tuple[LayerShape, ...]:
+        """The parent's layers (the frozen teacher's)."""
+        m = self.model
+        expert = m.moe_ffn_hidden_size or 0
+        shared = m.moe_shared_expert_intermediate_size or 0
         return tuple(
             LayerShape(kind, width, head_dim)
-            for kind, (width, head_dim) in zip(
-                self.model.layer_kinds(), self.model.layer_sizes(), strict=True
-            )
+            if kind != "moe"
+            else LayerShape(kind, width, expert_ffn=expert, shared_ffn=shared)
+            for kind, (width, head_dim) in zip(m.layer_kinds(), m.layer_sizes(), strict=True)
         )

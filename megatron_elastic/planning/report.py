@@ -24,6 +24,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"SP {'on' if p.sequence_parallel_active else 'off'}, recompute "
         f"{_recompute(cfg)}, distributed optimizer "
         f"{'on' if cfg.distributed_optimizer else 'off'}"
+        + (f", EP {p.expert_model_parallel_size}" if "moe" in cfg.model.layer_kinds() else "")
     )
     names = [f"stage {s.stage}" for s in plan.stages]
     rows: list[tuple[str, list[float]]] = []
@@ -42,7 +43,9 @@ def format_plan(plan: MemoryPlan) -> str:
         "layers per stage: "
         + ", ".join(
             f"stage {s.stage}: {s.layers['mamba']} M / {s.layers['attention']} * / "
-            f"{s.layers['mlp']} - ({s.in_flight} micro-batch(es) in flight)"
+            f"{s.layers['mlp']} -"
+            + (f" / {s.layers['moe']} E" if s.layers.get("moe") else "")
+            + f" ({s.in_flight} micro-batch(es) in flight)"
             for s in plan.stages
         )
     )

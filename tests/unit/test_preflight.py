@@ -205,3 +205,15 @@ def test_require_environment_stops_with_one_line(fake_gpu, tmp_path):
         preflight.require_environment(recipe, preflight.PreflightConfig(), log=lines.append)
     assert "\n" not in str(info.value)
     assert lines[-1] == "preflight: 1 required check(s) failed: memory"
+
+
+def test_memory_check_plans_an_expert_parallel_recipe_without_a_world_size(fake_gpu):
+    """Without a world size the check plans the smallest world that runs the recipe: the 30B
+    stage-1 layout (TP 1 x PP 2, EP 8 carved out of DP x CP) needs DP 8, 16 ranks; at 128 ranks
+    (its 16 x 8 H100) the experts' Adam state is sharded 8 ways and it fits."""
+    fake_gpu()
+    recipe = load_train_recipe(ROOT / "examples" / "nemotron3_nano_30b" / "stage1_8k.yaml")
+    alone = preflight.check_memory(recipe, preflight.PreflightConfig(), cuda=True)
+    assert "could not plan" not in alone.message and "world 16)" in alone.message, alone.message
+    full = preflight.check_memory(recipe, preflight.PreflightConfig(world_size=128), cuda=True)
+    assert full.ok and "world 128)" in full.message, full.message

@@ -29,6 +29,7 @@ from megatron_elastic.training.trainer import preflight
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
 NANO = EXAMPLES / "nemotron_nano_12b"
+NANO3 = EXAMPLES / "nemotron3_nano_30b"
 TINY = EXAMPLES / "tiny"
 ALL_YAML = sorted(EXAMPLES.rglob("*.yaml"))
 
@@ -57,6 +58,8 @@ def test_examples_hold_stage_recipes() -> None:
         "tiny/stage2.yaml",
         "nemotron_nano_12b/stage1_8k.yaml",
         "nemotron_nano_12b/stage2_49k.yaml",
+        "nemotron3_nano_30b/stage1_8k.yaml",
+        "nemotron3_nano_30b/stage2_49k.yaml",
     } <= names, names
 
 
@@ -103,6 +106,44 @@ def test_12b_stage2_is_the_papers(nano) -> None:
     # Stage 2 starts from stage 1's save directory; the teacher stays the frozen ranked parent.
     assert s2.checkpoint.init == s1.checkpoint.save
     assert s2.distill.teacher_checkpoint == s1.distill.teacher_checkpoint == s1.checkpoint.init
+
+
+def _launch_layout(path: Path) -> dict[str, int]:
+    """TP, PP, CP, EP of the launch line in a recipe's header comment."""
+    line = next(x for x in path.read_text().splitlines() if "sbatch slurm/" in x)
+    return {k: int(v) for k, v in re.findall(r"\b(TP|PP|CP|EP)=(\d+)", line)}
+
+
+def test_30b_recipes_are_the_curriculum_on_nemotron3_nano(nano) -> None:
+    """The 30B stage recipes: the 12B curriculum (context, token counts, budget weights largest to
+    smallest, stage 2 from stage 1) on the Nemotron 3 Nano parent and Star Elastic's family, with
+    the layout their comments launch."""
+    s1, s2 = (load_train_recipe(NANO3 / f) for f in ("stage1_8k.yaml", "stage2_49k.yaml"))
+    assert s1.budget_sampling == pytest.approx({"30B": 1 / 3, "23B": 1 / 3, "12B": 1 / 3})
+    assert s2.budget_sampling == pytest.approx({"30B": 0.5, "23B": 0.3, "12B": 0.2})
+    for ours, theirs in zip((s1, s2), nano, strict=True):
+        assert ours.stage == theirs.stage and ours.mode == "elastic"
+        assert ours.train.seq_length == theirs.train.seq_length
+        assert _tokens(ours) == _tokens(theirs)
+        assert ours.model.num_moe_experts == 128 and ours.model.moe_router_topk == 6
+        assert ours.router.budget_target == "params"
+        assert ours.router.anneal_steps == s1.train.steps + s2.train.steps
+        p = ours.parallel
+        assert p.tensor_parallel_size == 1  # elastic MoE layers: TP 1 (issue 26 step 5)
+        assert ours.model.num_moe_experts % p.expert_model_parallel_size == 0
+        dp_cp = 128 // p.model_parallel_size * p.context_parallel_size
+        assert dp_cp % p.expert_model_parallel_size == 0  # EP is carved out of DP x CP
+        assert p.expert_model_parallel_size <= 8  # the token dispatch stays inside a node
+    assert s2.checkpoint.init == s1.checkpoint.save
+    assert s2.distill.teacher_checkpoint == s1.distill.teacher_checkpoint == s1.checkpoint.init
+    for recipe, name in ((s1, "stage1_8k.yaml"), (s2, "stage2_49k.yaml")):
+        p = recipe.parallel
+        assert _launch_layout(NANO3 / name) == {
+            "TP": p.tensor_parallel_size,
+            "PP": p.pipeline_parallel_size,
+            "CP": p.context_parallel_size,
+            "EP": p.expert_model_parallel_size,
+        }
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["stage1", "stage2"])
@@ -461,7 +502,7 @@ def _slurm_dry_run(tmp_path: Path, script: str, **env: str) -> subprocess.Comple
     base = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("SLURM_") and k not in ("TP", "PP", "SP", "CP", "DP", "RECIPE")
+        if not k.startswith("SLURM_") and k not in ("TP", "PP", "SP", "CP", "EP", "DP", "RECIPE")
     }
     inputs = {
         "DATA_PREFIX": str(tmp_path / "train"),
@@ -492,6 +533,41 @@ def test_slurm_passes_sp_and_cp_through(tmp_path: Path) -> None:
     command = done.stderr.splitlines()[-1]
     assert "parallel.sequence_parallel" not in command, command
     assert "parallel.context_parallel_size=1" in command, command
+
+
+def test_slurm_passes_ep_through(tmp_path: Path) -> None:
+    """EP becomes parallel.expert_model_parallel_size (default 1, the 12B recipes'); the 30B
+    recipe's own launch line passes the world-size checks."""
+    done = _slurm_dry_run(tmp_path, "stage1_8k.sh")
+    assert "parallel.expert_model_parallel_size=1" in done.stderr.splitlines()[-1]
+    recipe = str(ROOT / "examples" / "nemotron3_nano_30b" / "stage2_49k.yaml")
+    done = _slurm_dry_run(
+        tmp_path, "stage2_49k.sh", RECIPE=recipe, TP="1", PP="2", CP="4", EP="8",
+        SLURM_NTASKS="128",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    command = done.stderr.splitlines()[-1]
+    assert "parallel.expert_model_parallel_size=8" in command, command
+    assert "nemotron3_nano_30b/stage2_49k.yaml" in command, command
+
+
+@pytest.mark.parametrize("script", ["stage1_8k.sh", "stage2_49k.sh"])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EP": "0"}, "EP must be a positive integer, got '0'"),
+        ({"EP": "two"}, "EP must be a positive integer, got 'two'"),
+        (
+            {"TP": "4", "CP": "2", "EP": "3", "SLURM_NTASKS": "128"},
+            "EP=3 does not divide DP x CP = 16 x 2 = 32",
+        ),
+    ],
+)
+def test_slurm_refuses_bad_ep(tmp_path: Path, script: str, env, message: str) -> None:
+    done = _slurm_dry_run(tmp_path, script, **env)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr, done.stderr
+    assert "dry run" not in done.stderr
 
 
 @pytest.mark.parametrize(
