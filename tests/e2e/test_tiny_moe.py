@@ -156,7 +156,8 @@ def _hf_logits(elastic: Path, export: Path) -> dict[str, dict]:
     checks = {}
     try:
         ckpt = open_checkpoint(elastic, pgs)
-        tokens = torch.randint(0, 393, (2, 48), generator=torch.Generator().manual_seed(0))
+        vocab = ckpt.model_config.vocab_size
+        tokens = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
         for budget in ckpt.budgets():
             ckpt.set_budget(budget)
             spec = ckpt.spec(budget)
@@ -218,13 +219,18 @@ def test_reduced_tiny_moe_pipeline(tmp_path) -> None:
 
     # Both stages trained from their init and logged every budget; stage 2 resumed stage 1's
     # router (the anneal continues) and its checkpoint loads for evaluation below.
+    temperatures = {}
     for stage in ("stage1", "stage2"):
         records = [json.loads(x) for x in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        temperatures[stage] = [r["router/temperature"] for r in records if "router/temp" in str(r)]
         losses = [r for r in records if any(k.startswith("loss/") for k in r)]
         assert losses and losses[-1]["step"] == 3, stage
         logged = {k.split("/", 1)[1] for r in losses for k in r if k.startswith("loss/")}
         assert logged & set(BUDGETS), (stage, logged)
         assert all(math.isfinite(v) for r in losses for k, v in r.items() if "loss/" in k)
+
+    # The Gumbel temperature anneals on from where stage 1 left it (stage 2 loaded its router).
+    assert temperatures["stage2"][0] < temperatures["stage1"][-1] < temperatures["stage1"][0]
 
     # Every budget evaluates from the stage-2 checkpoint: sizes ordered, losses finite.
     rows = {
