@@ -159,8 +159,10 @@ class ElasticMoELayer(MoELayer):
             pos = kept[local]
             y = self._expert(xs, local, pos, st, w, routed_w[pos])
             outs.append((y * ps[:, None]).to(x.dtype))
-        width = st.hidden if w is not None else x.size(-1)
-        y = torch.cat(outs) if outs else tokens.new_zeros(0, width)
+        # No kept expert here (a layout nesting does not produce): an empty output that still
+        # depends on the gathered tokens and probabilities, so backward runs their collectives
+        # on every rank (else the other ranks' reduce-scatter waits for this one).
+        y = torch.cat(outs) if outs else (tokens[:0] * probs[:0, None]).to(x.dtype)
         y = dispatcher.combine_preprocess(y)
         y = dispatcher.token_combine(y)
         return dispatcher.combine_postprocess(y)
