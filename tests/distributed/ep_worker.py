@@ -39,7 +39,7 @@ from megatron_elastic.model.sharding import gather_full_tensors, load_full_state
 from megatron_elastic.parallel import destroy_process_groups, init_process_groups
 from megatron_elastic.router import finalize_router_grads
 from megatron_elastic.training import forward_backward
-from megatron_elastic.training.optim import OptimConfig, wrap_ddp
+from megatron_elastic.training.optim import OptimConfig, build_optimizer, wrap_ddp
 
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 24
 ELASTIC = ElasticConfig(budgets={"full": 1.0, "small": 0.5}, moe_expert_nesting_blocks=2)
@@ -93,6 +93,33 @@ def randomise(model: nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif "experts" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def optimizer_step(model, ddp, batches, pgs) -> dict:
+    """One step of the trainer's optimizer (megatron's Adam, a dense and an expert parameter
+    group, gradient clipping at a norm the gradients exceed) on the sub-budget's gradients: the
+    gradient norm it reports (summed over the EP ranks' experts) and the updated weights."""
+    spec = specs(model.model_config)["fewer_experts"]
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, clip_grad=0.05)
+    optimizer, scheduler = build_optimizer(ddp, optim)
+    scheduler.step(1)
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward(
+        ddp,
+        batches,
+        pgs,
+        num_micro_batches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH_SIZE,
+        micro_batch_hook=lambda i: model.set_subnet(spec, mode="slice"),
+    )
+    finalize_model_grads([ddp], pg_collection=pgs)
+    ok, norm, _ = optimizer.step()
+    assert ok
+    model.set_subnet(None)
+    local = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"grad_norm": torch.tensor(norm), "weights": gather_full_tensors(model, local, pgs)}
 
 
 def main() -> None:
@@ -162,6 +189,7 @@ def main() -> None:
                 "router_grads": router_grads,
             }
             model.set_subnet(None)
+    results["step"] = optimizer_step(model, ddp, batches, pgs)
     results["coords"] = {"ep": pgs.ep.size(), "ep_rank": pgs.ep.rank(), "dp": dp}
     results["dispatcher"] = type(model.decoder.layers[1].mlp.token_dispatcher).__name__
     out = work / f"ep{args.ep}"

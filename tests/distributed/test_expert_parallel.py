@@ -2,7 +2,8 @@
 gradients and the router-weight gradients of one process, for the MoE parent, the full budget
 and a sub-budget with fewer experts (4 of 8: 2 kept on each EP rank), in slice and mask mode,
 through megatron's DDP and ``finalize_model_grads`` (expert gradients reduced over the expert-
-data-parallel group with megatron's expert scaling) as the trainer runs them. Every rank is
+data-parallel group with megatron's expert scaling) as the trainer runs them, and one step of the
+trainer's optimizer (gradient norm over every rank's experts, clipping). Every rank is
 checked: its loss, the gradients of the parameters it holds (its own experts, by the parent's
 expert numbers) and its router gradients; the EP ranks together hold every gradient."""
 
@@ -96,3 +97,18 @@ def test_invariant_expert_parallel_matches_single_process(runs, case) -> None:
 def _expert(name: str) -> int:
     """The parent's expert number in ``decoder.layers.J.mlp.experts.local_experts.E....``."""
     return int(name.split(".")[6])
+
+
+def test_invariant_an_optimizer_step_under_expert_parallelism_matches_single_process(runs) -> None:
+    """The trainer's optimizer (megatron's, dense and expert parameters in their own groups)
+    clips by the global gradient norm, the experts' share summed over the EP ranks: the norm and
+    every updated weight are the single process's."""
+    ref, ranks = runs
+    want = ref["step"]
+    for r in ranks:
+        where = f"EP rank {r['coords']['ep_rank']} step"
+        got = r["step"]
+        assert_close(got["grad_norm"], want["grad_norm"], RTOL_GRAD, f"{where} grad norm")
+        assert want["grad_norm"] > 0.05  # clipping acted
+        for name, w in got["weights"].items():
+            assert_close(w, want["weights"][name], RTOL_GRAD, f"{where} {name}")
