@@ -19,10 +19,14 @@ from closeness import assert_close  # (pytest puts this directory on sys.path)
 WORKER = Path(__file__).with_name("ep_worker.py")
 MODEL = Path(__file__).parents[1] / "fixtures" / "hybrid_moe_small.yaml"
 # Bounds relative to the reference's max |value| per tensor (closeness.assert_close); the issue
-# asks <= 1e-5 for each. Measured worst over both ranks and every case (2-core x86 CPU, gloo):
-RTOL_LOSS = 1e-6  # loss: measured 0 (bitwise equal)
-RTOL_GRAD = 1e-5  # model gradients: measured TBD
-RTOL_ROUTER_GRAD = 1e-5  # router-weight gradients: measured TBD
+# asks <= 1e-5 for each. Each is about 3x the worst measured over both ranks and every case
+# (2-core x86 CPU, gloo; CLOSENESS_LOG):
+RTOL_LOSS = 3e-7  # loss: measured 9.8e-8 (one float32 ulp of 4.86)
+RTOL_GRAD = 1e-6  # model gradients: measured 2.9e-7 (layer 3 expert fc2, max |g| 6.1e-4)
+RTOL_ROUTER_GRAD = 3e-7  # router-weight gradients: measured 1.1e-7 (layer 3's, max |g| 2.1e-3)
+RTOL_NORM = 1e-6  # the optimizer's gradient norm: measured 0 (bitwise)
+RTOL_STEP = 5e-6  # weights after one Adam step: measured 1.7e-6 (output layer; Adam divides
+# each gradient by its own magnitude, so a gradient's rounding moves its update relatively more)
 CASES = [
     ("parent", "parent"),
     ("full", "slice"),
@@ -108,7 +112,7 @@ def test_invariant_an_optimizer_step_under_expert_parallelism_matches_single_pro
     for r in ranks:
         where = f"EP rank {r['coords']['ep_rank']} step"
         got = r["step"]
-        assert_close(got["grad_norm"], want["grad_norm"], RTOL_GRAD, f"{where} grad norm")
+        assert_close(got["grad_norm"], want["grad_norm"], RTOL_NORM, f"{where} grad norm")
         assert want["grad_norm"] > 0.05  # clipping acted
         for name, w in got["weights"].items():
-            assert_close(w, want["weights"][name], RTOL_GRAD, f"{where} {name}")
+            assert_close(w, want["weights"][name], RTOL_STEP, f"{where} {name}")

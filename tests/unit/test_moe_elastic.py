@@ -510,7 +510,7 @@ def test_a_planted_dead_expert_and_dead_neurons_rank_last(pgs, moe_config) -> No
         ("sigmoid_group_limited", 4, (0, 2, 4, 6)),  # 2 groups x 2 blocks each
     ],
 )
-def test_kept_experts_are_a_prefix_of_every_nesting_block_and_slice_equals_mask(
+def test_invariant_moe_slice_equals_mask_with_expert_nesting_blocks(
     pgs, moe_config, router, blocks, kept
 ) -> None:
     """``moe_expert_nesting_blocks``: 4 kept experts are the first of every block (so every EP
