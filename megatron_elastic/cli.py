@@ -17,6 +17,7 @@ stderr and exit status 2, without a traceback. Anything else is a bug and keeps 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import sys
@@ -111,6 +112,18 @@ def options(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
     """The parsed arguments as keyword arguments of the library function a tool calls: all but
     ``--verbose`` (the parser's own) and ``drop``."""
     return {k: v for k, v in vars(args).items() if k not in ("verbose", *drop)}
+
+
+def gather(options: dict[str, Any], **configs: type) -> dict[str, Any]:
+    """``options`` (see :func:`options`) with the fields of each config dataclass moved into one
+    instance of it under its keyword: ``gather(opts, inputs=EvalInputsConfig)`` for a library
+    function taking ``inputs: EvalInputsConfig`` (fields the tool has no option for keep the
+    dataclass's defaults)."""
+    out = dict(options)
+    for name, config_type in configs.items():
+        fields = {f.name for f in dataclasses.fields(config_type)}
+        out[name] = config_type(**{k: out.pop(k) for k in list(out) if k in fields})
+    return out
 
 
 def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

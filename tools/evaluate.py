@@ -28,8 +28,11 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    from megatron_elastic.data.reasoning import PROBLEM_SIZES
-    from megatron_elastic.eval.run import evaluate_checkpoint
+    from megatron_elastic.eval.run import (
+        EvalInputsConfig,
+        add_input_options,
+        evaluate_checkpoint,
+    )
 
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -44,31 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ELASTIC",
         help="run --checkpoint (ranked or parent) at this elastic checkpoint's router choices",
     )
-    parser.add_argument("--data", help="indexed dataset prefix for the loss (omit to skip)")
-    parser.add_argument(
-        "--split",
-        help="train,valid,test proportions; the loss uses the valid share (default: all of --data)",
-    )
-    parser.add_argument("--seq-length", type=int)
-    parser.add_argument("--micro-batch-size", type=int)
-    parser.add_argument("--max-samples", type=int, help="cap on validation samples (default all)")
-    parser.add_argument("--cache-dir", help="megatron's dataset index cache (default: by --data)")
-    parser.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's)")
-    parser.add_argument("--num-problems", type=int, help="0 skips accuracy")
-    parser.add_argument("--problem-seed", type=int)
-    parser.add_argument("--tasks", nargs="+", help="reasoning-gym tasks (default: all four)")
-    parser.add_argument(
-        "--problem-size",
-        choices=PROBLEM_SIZES,
-        help="problem size, as make_tiny_corpus.py --problem-size (the training corpus's)",
-    )
-    parser.add_argument("--exclude", help="training corpus jsonl whose questions are dropped")
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--batch-size", type=int, help="prompts generated at once")
+    add_input_options(parser)
     parser.add_argument("--output", help="results JSON")
     parser.take_defaults(evaluate_checkpoint)
     args = parser.parse_args(argv)
-    evaluate_checkpoint(**cli.options(args))
+    evaluate_checkpoint(**cli.gather(cli.options(args), inputs=EvalInputsConfig))
     return 0
 
 

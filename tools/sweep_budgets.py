@@ -20,35 +20,24 @@ from megatron_elastic import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    from megatron_elastic.data.reasoning import PROBLEM_SIZES
-    from megatron_elastic.eval.sweep import sweep_budgets
+    from megatron_elastic.eval.run import EvalInputsConfig, add_input_options
+    from megatron_elastic.eval.sweep import SpeedConfig, sweep_budgets
 
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="elastic checkpoint (trained router)")
     parser.add_argument(
         "--interpolate", type=int, help="interpolated fractions between the trained budgets"
     )
-    parser.add_argument("--data", help="indexed dataset prefix for the loss (omit to skip)")
-    parser.add_argument("--split", help="train,valid,test proportions; the loss uses valid")
-    parser.add_argument("--seq-length", type=int)
-    parser.add_argument("--micro-batch-size", type=int)
-    parser.add_argument("--max-samples", type=int, help="cap on validation samples (default all)")
-    parser.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's)")
-    parser.add_argument("--num-problems", type=int, help="0 skips accuracy")
-    parser.add_argument("--problem-seed", type=int)
-    parser.add_argument("--tasks", nargs="+", help="reasoning-gym tasks (default: all four)")
-    parser.add_argument("--problem-size", choices=PROBLEM_SIZES)
-    parser.add_argument("--exclude", help="training corpus jsonl whose questions are dropped")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per problem")
-    parser.add_argument("--batch-size", type=int, help="problems generated at once")
+    add_input_options(parser)
     parser.add_argument("--prompt-tokens", type=int, help="timed prompt length")
     parser.add_argument("--new-tokens", type=int, help="tokens decoded per timed round")
     parser.add_argument("--repeats", type=int, help="timed rounds per budget")
     parser.add_argument("--output", help="folder for sweep.md, sweep.json and pareto.png")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    parser.take_defaults(sweep_budgets)
+    for library in (SpeedConfig, sweep_budgets):
+        parser.take_defaults(library)
     args = parser.parse_args(argv)
-    sweep_budgets(**cli.options(args))
+    sweep_budgets(**cli.gather(cli.options(args), inputs=EvalInputsConfig, speed=SpeedConfig))
     return 0
 
 

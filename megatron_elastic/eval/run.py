@@ -31,6 +31,8 @@ from typing import Any
 
 __all__ = [
     "EvalInputs",
+    "EvalInputsConfig",
+    "add_input_options",
     "evaluate_budget",
     "evaluate_checkpoint",
     "format_table",
@@ -108,24 +110,75 @@ class EvalInputs:
     """Problems generated at once."""
 
 
-def prepare_inputs(
-    checkpoint: str,
-    *,
-    data: str | None,
-    split: str,
-    seq_length: int,
-    micro_batch_size: int,
-    max_samples: int | None,
-    cache_dir: str | None,
-    tokenizer: str | None,
-    num_problems: int,
-    problem_seed: int,
-    tasks: Sequence[str] | None,
-    problem_size: str,
-    exclude: str | None,
-    max_new_tokens: int,
-    batch_size: int,
-) -> EvalInputs:
+@dataclasses.dataclass(frozen=True)
+class EvalInputsConfig:
+    """What to measure each budget on: the options ``tools/evaluate.py`` and
+    ``tools/sweep_budgets.py`` share, stated (with their defaults) once."""
+
+    data: str | None = None
+    """Indexed dataset prefix for the validation loss (None: no loss)."""
+    split: str = "0,1,0"
+    """train,valid,test proportions of ``data``; the loss uses the valid share."""
+    seq_length: int = 256
+    """Tokens per validation sequence (at most the model's ``max_sequence_length``)."""
+    micro_batch_size: int = 4
+    """Validation sequences per forward pass."""
+    max_samples: int | None = None
+    """Cap on validation sequences (None: all of the valid share)."""
+    cache_dir: str | None = None
+    """megatron's dataset index cache (None: beside ``data``)."""
+    tokenizer: str | None = None
+    """Tokenizer file (None: the checkpoint's)."""
+    num_problems: int = 100
+    """Held-out reasoning problems for the accuracy (0: no accuracy)."""
+    problem_seed: int = 20250
+    """Seed the problems are drawn with (use one other than the training corpus's)."""
+    tasks: tuple[str, ...] | None = None
+    """reasoning-gym tasks (None: all four)."""
+    problem_size: str = "standard"
+    """Problem size (``data.reasoning.PROBLEM_SIZES``)."""
+    exclude: str | None = None
+    """Training corpus JSONL whose questions are dropped from the problems."""
+    max_new_tokens: int = 128
+    """Tokens generated per problem."""
+    batch_size: int = 16
+    """Problems generated at once."""
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+
+
+def add_input_options(parser) -> None:
+    """The command-line options of :class:`EvalInputsConfig` (``tools/evaluate.py`` and
+    ``tools/sweep_budgets.py``), defaults taken from it."""
+    from megatron_elastic.data.reasoning import PROBLEM_SIZES
+
+    parser.add_argument("--data", help="indexed dataset prefix for the loss (omit to skip)")
+    parser.add_argument(
+        "--split",
+        help="train,valid,test proportions; the loss uses the valid share (default: all of --data)",
+    )
+    parser.add_argument("--seq-length", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--max-samples", type=int, help="cap on validation samples (default all)")
+    parser.add_argument("--cache-dir", help="megatron's dataset index cache (default: by --data)")
+    parser.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's)")
+    parser.add_argument("--num-problems", type=int, help="0 skips accuracy")
+    parser.add_argument("--problem-seed", type=int)
+    parser.add_argument("--tasks", nargs="+", help="reasoning-gym tasks (default: all four)")
+    parser.add_argument(
+        "--problem-size",
+        choices=PROBLEM_SIZES,
+        help="problem size, as make_tiny_corpus.py --problem-size (the training corpus's)",
+    )
+    parser.add_argument("--exclude", help="training corpus jsonl whose questions are dropped")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per problem")
+    parser.add_argument("--batch-size", type=int, help="problems generated at once")
+    parser.take_defaults(EvalInputsConfig)
+
+
+def prepare_inputs(checkpoint: str, config: EvalInputsConfig) -> EvalInputs:
     """The tokenizer, validation batches and problems that :func:`evaluate_budget` measures
     ``checkpoint``'s budgets on. Needs no process group: call it before creating them, so that
     ``ValueError`` for a missing tokenizer or dataset, or a ``seq_length`` the model cannot run,
@@ -139,6 +192,7 @@ def prepare_inputs(
     )
     from megatron_elastic.eval.loading import load_eval_tokenizer
 
+    c = config
     hf_dir = read_hf_directory(checkpoint) if is_hf_directory(checkpoint) else None
     if hf_dir is not None:
         max_length = hf_dir.max_sequence_length
@@ -146,30 +200,30 @@ def prepare_inputs(
         manifest = read_manifest(checkpoint)
         model_cfg = manifest_model(manifest)
         max_length = model_cfg.max_sequence_length
-    if max_length is not None and seq_length > max_length:
+    if max_length is not None and c.seq_length > max_length:
         raise ValueError(
-            f"--seq-length {seq_length} exceeds the model's max_sequence_length {max_length}"
+            f"--seq-length {c.seq_length} exceeds the model's max_sequence_length {max_length}"
         )
     problems = held_out_problems(
-        num_problems, seed=problem_seed, tasks=tasks, size=problem_size, exclude=exclude
+        c.num_problems, seed=c.problem_seed, tasks=c.tasks, size=c.problem_size, exclude=c.exclude
     )
     tok = None
-    if (data or problems) and hf_dir is not None:
-        tok = load_hf_eval_tokenizer(tokenizer, hf_dir)
-    elif data or problems:
-        tok = load_eval_tokenizer(tokenizer, manifest, model_cfg)
+    if (c.data or problems) and hf_dir is not None:
+        tok = load_hf_eval_tokenizer(c.tokenizer, hf_dir)
+    elif c.data or problems:
+        tok = load_eval_tokenizer(c.tokenizer, manifest, model_cfg)
     batches = None
-    if data:
+    if c.data:
         batches = validation_batches(
-            data,
+            c.data,
             tok,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            split=split,
-            max_samples=max_samples,
-            cache_dir=cache_dir,
+            seq_length=c.seq_length,
+            micro_batch_size=c.micro_batch_size,
+            split=c.split,
+            max_samples=c.max_samples,
+            cache_dir=c.cache_dir,
         )
-    return EvalInputs(tok, batches, problems, max_length, max_new_tokens, batch_size)
+    return EvalInputs(tok, batches, problems, max_length, c.max_new_tokens, c.batch_size)
 
 
 def evaluate_budget(ckpt, budget: str | float, inputs: EvalInputs) -> dict[str, Any]:
@@ -211,29 +265,16 @@ def evaluate_checkpoint(
     *,
     budgets: str = "all",
     architectures_from: str | None = None,
-    data: str | None = None,
-    split: str = "0,1,0",
-    seq_length: int = 256,
-    micro_batch_size: int = 4,
-    max_samples: int | None = None,
-    cache_dir: str | None = None,
-    tokenizer: str | None = None,
-    num_problems: int = 100,
-    problem_seed: int = 20250,
-    tasks: Sequence[str] | None = None,
-    problem_size: str = "standard",
-    exclude: str | None = None,
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
+    inputs: EvalInputsConfig | None = None,
     output: str | None = None,
     log: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
     """Evaluate ``budgets`` (see :func:`megatron_elastic.budgets.parse_budgets`; fractions on an
-    elastic checkpoint or with ``architectures_from``) of ``checkpoint``: the loss on ``data``'s
-    ``split`` valid share (skipped without ``data``) and accuracy on ``num_problems`` problems
-    (0 skips it). Logs one line per budget and the table; writes ``output`` (JSON) when given.
-    Returns the results. Unknown budgets, a missing tokenizer or dataset: ``ValueError`` before
-    any weight is read."""
+    elastic checkpoint or with ``architectures_from``) of ``checkpoint`` on ``inputs`` (None:
+    the defaults): the loss on ``data``'s valid share (skipped without ``data``) and accuracy on
+    ``num_problems`` problems (0 skips it). Logs one line per budget and the table; writes
+    ``output`` (JSON) when given. Returns the results. Unknown budgets, a missing tokenizer or
+    dataset: ``ValueError`` before any weight is read."""
     from megatron_elastic.budgets import parse_budgets
     from megatron_elastic.config import ParallelConfig
     from megatron_elastic.eval import open_checkpoint
@@ -244,29 +285,13 @@ def evaluate_checkpoint(
     kind, trained = checkpoint_budgets(checkpoint, architectures_from=pruned)
     chosen = parse_budgets(budgets, trained, allow_fractions=kind == "elastic" or bool(pruned))
     # before any process group exists: bad input fails here and leaves nothing behind
-    inputs = prepare_inputs(
-        checkpoint,
-        data=data,
-        split=split,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        max_samples=max_samples,
-        cache_dir=cache_dir,
-        tokenizer=tokenizer,
-        num_problems=num_problems,
-        problem_seed=problem_seed,
-        tasks=tasks,
-        problem_size=problem_size,
-        exclude=exclude,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
+    inputs = inputs or EvalInputsConfig()
+    prepared = prepare_inputs(checkpoint, inputs)
     pgs = init_process_groups(ParallelConfig())
-    problems = inputs.problems
     ckpt = open_checkpoint(checkpoint, pgs, architectures_from=pruned)
     rows = []
     for budget in chosen:
-        rows.append(evaluate_budget(ckpt, budget, inputs))
+        rows.append(evaluate_budget(ckpt, budget, prepared))
         log(f"evaluated budget {budget}")
     destroy_process_groups()
 
@@ -275,12 +300,12 @@ def evaluate_checkpoint(
         "checkpoint": str(Path(checkpoint).resolve()),
         "kind": kind,
         "architectures_from": str(Path(pruned).resolve()) if pruned else None,
-        "data": data,
-        "split": split if data else None,
-        "seq_length": seq_length,
-        "num_problems": len(problems),
-        "problem_seed": problem_seed,
-        "max_new_tokens": max_new_tokens,
+        "data": inputs.data,
+        "split": inputs.split if inputs.data else None,
+        "seq_length": inputs.seq_length,
+        "num_problems": len(prepared.problems),
+        "problem_seed": inputs.problem_seed,
+        "max_new_tokens": inputs.max_new_tokens,
         "results": rows,
     }
     if output:

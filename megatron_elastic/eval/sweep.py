@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from megatron_elastic.eval.run import EvalInputsConfig
+
 __all__ = ["SpeedConfig", "budget_grid", "decode_speed", "pareto_front", "serving_memory"]
 
 _say = functools.partial(print, flush=True)
@@ -160,22 +162,8 @@ def sweep_budgets(
     checkpoint: str,
     *,
     interpolate: int = 4,
-    data: str | None = None,
-    split: str = "0,1,0",
-    seq_length: int = 256,
-    micro_batch_size: int = 4,
-    max_samples: int | None = None,
-    tokenizer: str | None = None,
-    num_problems: int = 100,
-    problem_seed: int = 20250,
-    tasks: Sequence[str] | None = None,
-    problem_size: str = "standard",
-    exclude: str | None = None,
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
-    prompt_tokens: int = 32,
-    new_tokens: int = 64,
-    repeats: int = 5,
+    inputs: EvalInputsConfig | None = None,
+    speed: SpeedConfig | None = None,
     output: str = "runs/sweep",
     progress: bool = True,
     log: Callable[[str], None] = _say,
@@ -195,8 +183,8 @@ def sweep_budgets(
     from megatron_elastic.parallel import destroy_process_groups, init_process_groups
     from megatron_elastic.serving import ServingSession
 
-    speed = SpeedConfig(prompt_tokens, new_tokens, repeats)
-    if not data and num_problems <= 0:
+    inputs, speed = inputs or EvalInputsConfig(), speed or SpeedConfig()
+    if not inputs.data and inputs.num_problems <= 0:
         raise ValueError("give --data (validation loss) or --num-problems > 0 (accuracy) to rank")
     kind, trained = checkpoint_budgets(checkpoint)
     if kind != "elastic":
@@ -205,41 +193,25 @@ def sweep_budgets(
             "elastic checkpoint (evaluate an exported one with tools/evaluate.py)"
         )
     model_cfg = manifest_model(read_manifest(checkpoint))
-    capacity = prompt_tokens + new_tokens
+    capacity = speed.prompt_tokens + speed.new_tokens
     if capacity > model_cfg.max_sequence_length:
         raise ValueError(
             f"--prompt-tokens + --new-tokens = {capacity} exceeds the model's "
             f"max_sequence_length {model_cfg.max_sequence_length}"
         )
     # before any process group exists: bad input fails here and leaves nothing behind
-    inputs = prepare_inputs(
-        checkpoint,
-        data=data,
-        split=split,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        max_samples=max_samples,
-        cache_dir=None,
-        tokenizer=tokenizer,
-        num_problems=num_problems,
-        problem_seed=problem_seed,
-        tasks=tasks,
-        problem_size=problem_size,
-        exclude=exclude,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
+    prepared = prepare_inputs(checkpoint, inputs)
     pgs = init_process_groups(ParallelConfig())
     try:
         ckpt = open_checkpoint(checkpoint, pgs)
         fractions = ckpt.router.elastic_config.budgets
         grid = budget_grid(list(fractions.values()), interpolate)
         budgets = sorted([*trained, *grid], key=lambda b: -(fractions[b] if b in trained else b))
-        prompt = _speed_prompt(inputs, model_cfg.vocab_size, prompt_tokens)
+        prompt = _speed_prompt(prepared, model_cfg.vocab_size, speed.prompt_tokens)
         session = ServingSession(ckpt, keep=1)
         rows = []
         for budget in tqdm(budgets, desc="budgets", unit="budget", disable=not progress):
-            row = evaluate_budget(ckpt, budget, inputs)
+            row = evaluate_budget(ckpt, budget, prepared)
             row["trained"] = isinstance(budget, str)
             row["fraction"] = fractions[budget] if isinstance(budget, str) else budget
             row["active_params"] = subnet_active_param_count(model_cfg, ckpt.spec(budget))

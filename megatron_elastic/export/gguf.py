@@ -1,5 +1,6 @@
-"""A budget as a GGUF file that llama.cpp runs (architecture ``nemotron_h``), written with the
-``gguf`` package. Tensor names and transforms: the table of :mod:`.gguf_mapping`.
+"""A budget as a GGUF file that llama.cpp runs (architecture ``nemotron_h``, or
+``nemotron_h_moe`` for a parent with ``E`` layers), written with the ``gguf`` package. Tensor
+names and transforms: the table of :mod:`.gguf_mapping`.
 
 What llama.cpp's NemotronH can hold, read from its loader (``src/models/nemotron-h.cpp``):
 
@@ -24,6 +25,20 @@ What llama.cpp's NemotronH can hold, read from its loader (``src/models/nemotron
   the manifest says so (``placeholder_attention_layer``) and counts its zero parameters apart.
 - ``head_count`` of layer 0 decides whether llama.cpp reads ``key_length`` at all, so every
   non-attention layer carries the largest attention head count (unused there).
+
+Mixture of experts (``nemotron_h_moe``, ``src/models/nemotron-h.cpp``): an MoE layer is a
+feed-forward layer (``feed_forward_length > 0``) with ``ffn_gate_inp``; llama.cpp routes with
+``build_moe_ffn``: sigmoid scores (hard-coded), ``exp_probs_b`` added for the choice only, top
+``expert_used_count``, the chosen scores renormalised when ``expert_weights_norm`` and multiplied
+by ``expert_weights_scale``, squared-ReLU experts, plus the always-on shared expert
+(``ffn_up_shexp`` / ``ffn_down_shexp``). With ``expert_group_count`` > 1 it keeps the
+``expert_group_used_count`` groups whose top-2 biased scores sum highest. That is megatron's
+sigmoid router (which renormalises for top-k > 1 and scores a group by its top
+``topk // group_topk``) exactly when the router is sigmoid, a shared expert exists, and, for
+group-limited routing, ``topk // group_topk == 2``; anything else is refused by
+:func:`check_gguf_exportable`, as are per-layer MoE sizes (one expert count and width in the
+file) and a parent with plain ``-`` MLP layers beside ``E`` layers (``nemotron_h_moe`` makes every
+feed-forward layer an MoE layer). Checked with llama-cpp-python 0.3.36.
 
 Tokenizer: a byte-level BPE ``tokenizer.json`` (GPT-2 split regex, no prefix space, no
 normalizer: what :func:`~megatron_elastic.data.tokenizers.train_bpe_tokenizer` makes) is written
@@ -50,7 +65,6 @@ import numpy as np
 import torch
 
 from megatron_elastic.config import LAYER_SYMBOLS, ModelConfig
-from megatron_elastic.config_moe import refuse_moe_export
 from megatron_elastic.elastic.model import ElasticHybridModel
 from megatron_elastic.elastic.subnet import SubnetSpec
 from megatron_elastic.export.hf import EXPORT_MANIFEST, MAMBA_NORM_EPSILON
@@ -58,6 +72,7 @@ from megatron_elastic.export.hf import EXPORT_MANIFEST, MAMBA_NORM_EPSILON
 __all__ = [
     "GGUF_ARCH",
     "GGUF_FILE",
+    "GGUF_MOE_ARCH",
     "GGUF_TYPES",
     "check_gguf_exportable",
     "export_subnet_to_gguf",
@@ -68,6 +83,10 @@ GGUF_TYPES = ("f32", "f16", "q8_0")
 """Tensor types an export can request (``dtype``); llama.cpp runs each on CPU for these tensors."""
 GGUF_ARCH = "nemotron_h"
 """llama.cpp architecture name written into ``general.architecture``."""
+GGUF_MOE_ARCH = "nemotron_h_moe"
+"""The architecture of a budget with MoE (``E``) layers."""
+LLAMA_CPP_VERSION = "llama-cpp-python 0.3.36"
+"""The llama.cpp build the MoE refusals were checked against."""
 GGUF_FILE = "model.gguf"
 """File name inside the export directory."""
 _KIND_SYMBOL = {kind: symbol for symbol, kind in LAYER_SYMBOLS.items()}
@@ -79,9 +98,11 @@ _KIND_SYMBOL = {kind: symbol for symbol, kind in LAYER_SYMBOLS.items()}
 def check_gguf_exportable(parent: ModelConfig, spec: SubnetSpec) -> None:
     """``ValueError`` (one line: why, and what to do) when llama.cpp's ``nemotron_h`` cannot
     compute ``spec``'s function: Mamba layers of different shapes, or a parent whose norm
-    epsilon is not megatron's Mamba-norm epsilon. Needs only the configs, not the weights."""
-    refuse_moe_export(parent, "GGUF")
+    epsilon is not megatron's Mamba-norm epsilon, or MoE layers llama.cpp's ``nemotron_h_moe``
+    would route differently (see the module docstring). Needs only the configs, not the
+    weights."""
     spec.validate(parent)
+    _check_moe(parent, spec)
     mamba = sorted({(c.width, c.head_dim) for c in spec.layers if c.active and c.kind == "mamba"})
     if len(mamba) > 1:
         shapes = ", ".join(f"{h} heads x {d}" for h, d in mamba)
@@ -95,6 +116,40 @@ def check_gguf_exportable(parent: ModelConfig, spec: SubnetSpec) -> None:
             f"GGUF cannot hold this model: llama.cpp's nemotron_h uses one norm epsilon for every "
             f"norm, but layernorm_epsilon={parent.layernorm_epsilon} differs from megatron's "
             f"Mamba-norm epsilon {MAMBA_NORM_EPSILON}; export it with --format hf or megatron-lm"
+        )
+
+
+def _refuse_moe(feature: str) -> None:
+    raise ValueError(
+        f"GGUF cannot hold this MoE model: llama.cpp's {GGUF_MOE_ARCH} ({LLAMA_CPP_VERSION}) "
+        f"does not support {feature}; export it with --format hf or megatron-lm instead"
+    )
+
+
+def _check_moe(parent: ModelConfig, spec: SubnetSpec) -> None:
+    moe = [c for c in spec.layers if c.active and c.kind == "moe"]
+    if not moe:
+        return
+    if parent.moe_router_score_function != "sigmoid":
+        _refuse_moe(f"a {parent.moe_router_score_function} router (its router is sigmoid)")
+    if any(c.kind == "mlp" for c in spec.layers if c.active):
+        _refuse_moe("plain MLP ('-') layers beside MoE ('E') layers (every FFN layer is MoE)")
+    if any(c.size("moe_shared_ffn") == 0 for c in moe):
+        _refuse_moe("MoE layers without a shared expert (every MoE layer has one)")
+    groups, group_topk = parent.moe_router_num_groups, parent.moe_router_group_topk
+    per_group = parent.moe_router_topk // group_topk if group_topk else 2
+    if groups and groups > 1 and per_group != 2:
+        _refuse_moe(
+            f"group-limited routing scoring a group by its top {per_group} "
+            "experts (moe_router_topk // moe_router_group_topk; llama.cpp sums the top 2)"
+        )
+    sizes = {
+        (c.size("moe_experts"), c.size("moe_expert_ffn"), c.size("moe_shared_ffn")) for c in moe
+    }
+    if len(sizes) > 1:
+        _refuse_moe(
+            "per-layer MoE sizes (one expert count and widths per file); export a "
+            "homogeneous MoE budget"
         )
 
 
@@ -193,6 +248,7 @@ def _tensor_type(name: str, tensor: torch.Tensor, dtype: str):
     keep_f32 = (
         tensor.dim() <= 1
         or name.endswith("_norm.weight")
+        or ".ffn_gate_inp." in name  # the router, as the converter keeps it
         or ".ssm_conv1d." in name
         or not name.endswith(".weight")
     )
@@ -222,7 +278,8 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Block:
-    """One GGUF layer: its kind, width (FFN neurons / query heads / Mamba heads), KV heads."""
+    """One GGUF layer: its kind, width (FFN / expert neurons, query heads, Mamba heads), KV
+    heads."""
 
     kind: str
     width: int
@@ -266,12 +323,15 @@ def _write_gguf(
     from gguf import GGUFWriter, LlamaFileType
 
     fill_heads = max((b.width for b in blocks if b.kind == "attention"), default=1)
-    writer = GGUFWriter(str(file), GGUF_ARCH)
+    moe = any(b.kind == "moe" for b in blocks)
+    writer = GGUFWriter(str(file), GGUF_MOE_ARCH if moe else GGUF_ARCH)
     writer.add_name(name)
     writer.add_context_length(cfg.max_sequence_length)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(len(blocks))
-    writer.add_feed_forward_length([b.width if b.kind == "mlp" else 0 for b in blocks])
+    writer.add_feed_forward_length([b.width if b.kind in ("mlp", "moe") else 0 for b in blocks])
+    if moe:
+        _write_moe_keys(writer, cfg)
     writer.add_head_count([b.width if b.kind == "attention" else fill_heads for b in blocks])
     writer.add_head_count_kv([b.kv_heads for b in blocks])
     writer.add_key_length(cfg.head_dim)
@@ -296,6 +356,23 @@ def _write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return dict(sorted(types.items()))
+
+
+def _write_moe_keys(writer, cfg: ModelConfig) -> None:
+    """llama.cpp's MoE keys for megatron's sigmoid router of ``cfg`` (a standalone config)."""
+    from gguf import ExpertGatingFuncType
+
+    writer.add_expert_count(cfg.num_moe_experts)
+    writer.add_expert_used_count(cfg.moe_router_topk)
+    writer.add_expert_feed_forward_length(cfg.moe_ffn_hidden_size)
+    writer.add_expert_shared_feed_forward_length(cfg.moe_shared_expert_intermediate_size)
+    writer.add_expert_shared_count(1)
+    writer.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_weights_norm(cfg.moe_router_topk > 1)  # megatron's sigmoid renormalises
+    writer.add_expert_weights_scale(float(cfg.moe_router_topk_scaling_factor or 1.0))
+    if cfg.moe_router_group_topk:
+        writer.add_expert_group_count(cfg.moe_router_num_groups)
+        writer.add_expert_group_used_count(cfg.moe_router_group_topk)
 
 
 @torch.no_grad()
@@ -331,7 +408,11 @@ def export_subnet_to_gguf(
     state = standalone_state_dict(model, spec)
 
     blocks = [
-        _Block(c.kind, c.width, cfg.num_query_groups if c.kind == "attention" else 0)
+        _Block(
+            c.kind,
+            c.size("moe_expert_ffn") if c.kind == "moe" else c.width,
+            cfg.num_query_groups if c.kind == "attention" else 0,
+        )
         for c in active
     ]
     placeholder = not any(b.kind == "attention" for b in blocks)
@@ -350,7 +431,7 @@ def export_subnet_to_gguf(
         **(metadata or {}),
         "format": "gguf",
         "file": GGUF_FILE,
-        "architecture": GGUF_ARCH,
+        "architecture": GGUF_MOE_ARCH if "moe" in cfg.layer_kinds() else GGUF_ARCH,
         "dtype": dtype,
         "tensor_types": types,
         "params": subnet_param_count(parent, spec),

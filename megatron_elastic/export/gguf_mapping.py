@@ -15,6 +15,12 @@ same index) and the transform llama.cpp's loader needs, read from llama.cpp's co
   (:meth:`~megatron_elastic.model.layouts.AttentionLayout.split`, as for HF; query heads
   group-major, which is how ggml broadcasts grouped K/V heads).
 
+- an MoE layer's routed experts (``local_experts.{e}``) are stacked into one tensor per
+  projection (``ffn_up_exps`` (experts, ffn, hidden), ``ffn_down_exps`` (experts, hidden, ffn):
+  ggml's ``{hidden, ffn, experts}`` / ``{ffn, hidden, experts}``, what
+  ``src/models/nemotron-h.cpp`` creates for ``nemotron_h_moe``); the router's expert bias is
+  ``exp_probs_b.bias`` (zeros when the router has none: llama.cpp requires the tensor).
+
 Everything else is the same tensor under a new name. A torch ``(out, in)`` weight is ggml's
 ``{in, out}``, so matrices need no transpose. Sizes are read from the tensors, so per-layer FFN
 widths and attention heads (heterogeneous budgets) go through the same table.
@@ -32,6 +38,7 @@ from megatron_elastic.config import LAYER_SYMBOLS
 from megatron_elastic.model.layouts import AttentionLayout
 
 __all__ = [
+    "GGUF_EXPERT_MAPPINGS",
     "GGUF_GLOBAL_MAPPINGS",
     "GGUF_LAYER_MAPPINGS",
     "GGUFLayout",
@@ -111,8 +118,8 @@ class GGUFMapping:
     transform: str = "same"
     """Key of :data:`TRANSFORMS`."""
 
-    def megatron_name(self, layer: int | None) -> str:
-        return self.megatron.format(layer=layer)
+    def megatron_name(self, layer: int | None, expert: int | None = None) -> str:
+        return self.megatron.format(layer=layer, expert=expert)
 
     def gguf_names(self, layer: int | None) -> tuple[str, ...]:
         return tuple(t.format(bid=layer) for t in self.gguf)
@@ -160,9 +167,29 @@ GGUF_LAYER_MAPPINGS: dict[str, tuple[GGUFMapping, ...]] = {
         _map(_M + "mlp.linear_fc1.weight", (MODEL_TENSOR.FFN_UP, _W)),
         _map(_M + "mlp.linear_fc2.weight", (MODEL_TENSOR.FFN_DOWN, _W)),
     ),
+    "moe": (
+        _map(_M + "pre_mlp_layernorm.weight", (MODEL_TENSOR.ATTN_NORM, _W)),
+        _map(_M + "mlp.router.weight", (MODEL_TENSOR.FFN_GATE_INP, _W)),
+        _map(_M + "mlp.router.expert_bias", (MODEL_TENSOR.FFN_EXP_PROBS_B, "bias")),
+        _map(_M + "mlp.shared_experts.linear_fc1.weight", (MODEL_TENSOR.FFN_UP_SHEXP, _W)),
+        _map(_M + "mlp.shared_experts.linear_fc2.weight", (MODEL_TENSOR.FFN_DOWN_SHEXP, _W)),
+    ),
 }
 """Tensors of one layer of each kind (``ModelConfig.layer_kinds()``); llama.cpp calls every
 layer's pre-norm ``attn_norm``."""
+
+GGUF_EXPERT_MAPPINGS: tuple[GGUFMapping, ...] = (
+    GGUFMapping(
+        _M + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
+        (_name(MODEL_TENSOR.FFN_UP_EXP, _W),),
+    ),
+    GGUFMapping(
+        _M + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
+        (_name(MODEL_TENSOR.FFN_DOWN_EXP, _W),),
+    ),
+)
+"""An MoE layer's per-expert tensors (``{expert}``: 0 .. experts-1) -> one GGUF tensor each,
+stacked over the experts (expert-major)."""
 
 _KIND_SYMBOL = {kind: symbol for symbol, kind in LAYER_SYMBOLS.items()}
 
@@ -173,9 +200,12 @@ def to_gguf_tensors(
     """megatron ``HybridModel`` tensors (TP=1, PP=1; layers numbered like ``kinds``) -> GGUF
     tensors (fp32, contiguous). ``ValueError`` for a missing or left-over tensor."""
     src = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    out: dict[str, torch.Tensor] = {}
+    for i, kind in enumerate(kinds):
+        if kind == "moe":
+            out.update(_stack_experts(src, i))
     plan = [(m, None, "global") for m in GGUF_GLOBAL_MAPPINGS]
     plan += [(m, i, kind) for i, kind in enumerate(kinds) for m in GGUF_LAYER_MAPPINGS[kind]]
-    out: dict[str, torch.Tensor] = {}
     for mapping, layer, kind in plan:
         name = mapping.megatron_name(layer)
         if name not in src:
@@ -189,4 +219,23 @@ def to_gguf_tensors(
             f"{len(src)} tensor(s) do not belong to a {''.join(_KIND_SYMBOL[k] for k in kinds)!r} "
             f"model: {sorted(src)[:6]}"
         )
+    return out
+
+
+def _stack_experts(src: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """Pop MoE layer ``layer``'s routed experts from ``src`` and stack each projection; a router
+    without an expert bias gets a zero one (llama.cpp requires the tensor; zeros choose alike)."""
+    router = src.get(_M.format(layer=layer) + "mlp.router.weight")
+    if router is None:
+        raise ValueError(f"the state dict lacks layer {layer}'s MoE router (a moe layer)")
+    bias = _M.format(layer=layer) + "mlp.router.expert_bias"
+    src.setdefault(bias, torch.zeros(router.size(0)))
+    out = {}
+    for mapping in GGUF_EXPERT_MAPPINGS:
+        names = [mapping.megatron_name(layer, e) for e in range(router.size(0))]
+        missing = [n for n in names if n not in src]
+        if missing:
+            raise ValueError(f"the state dict lacks {missing[0]!r} (layer {layer} is a moe layer)")
+        stacked = torch.stack([src.pop(n).detach().float().cpu() for n in names])
+        out[mapping.gguf_names(layer)[0]] = stacked.contiguous()
     return out

@@ -10,7 +10,8 @@ offers every registered name (:func:`megatron_elastic.export.run.export_budgets`
 - ``megatron-lm``: the layout Megatron-LM's ``pretrain_hybrid.py --load DIR --finetune
   --use-checkpoint-args`` and Megatron-Bridge load (:mod:`.megatron_lm`); homogeneous budgets.
 - ``hf``: stock NemotronH, or the bundled remote-code model when heterogeneous (:mod:`.hf`).
-- ``gguf``: ``model.gguf`` for llama.cpp (:mod:`.gguf`); no heterogeneous Mamba budget.
+- ``gguf``: ``model.gguf`` for llama.cpp (:mod:`.gguf`; ``nemotron_h_moe`` for MoE budgets); no
+  heterogeneous Mamba budget, no per-layer MoE sizes.
 """
 
 from __future__ import annotations

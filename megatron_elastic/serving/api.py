@@ -34,6 +34,7 @@ from megatron_elastic.serving.api_format import (
     completion_logprobs,
     new_id,
     now,
+    text_length,
     usage,
 )
 from megatron_elastic.serving.api_models import ServedModels, check_checkpoint, load_models
@@ -272,7 +273,15 @@ def create_app(
             else:
                 text = event.get("text", "")
                 if request.logprobs is not None and event.get("tokens"):
-                    lp = completion_logprobs(models.tokenizer, event["tokens"], event["logprobs"])
+                    # text_offset continues the choice's text (with the echoed prompt) as the
+                    # whole response counts it: from the tokens already sent (r has this event)
+                    before = r.tokens[: len(r.tokens) - len(event["tokens"])]
+                    if request.echo:
+                        before = r.prompt + before
+                    at = text_length(models.tokenizer, before)
+                    lp = completion_logprobs(
+                        models.tokenizer, event["tokens"], event["logprobs"], offset=at
+                    )
             reason = event.get("finish_reason")
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 

@@ -13,7 +13,14 @@ from typing import Any
 from megatron_elastic.data.tokenizers import Tokenizer
 from megatron_elastic.serving.engine import TokenLogprob
 
-__all__ = ["ChoiceResult", "chat_logprobs", "completion_logprobs", "new_id", "usage"]
+__all__ = [
+    "ChoiceResult",
+    "chat_logprobs",
+    "completion_logprobs",
+    "new_id",
+    "text_length",
+    "usage",
+]
 
 
 def new_id(prefix: str) -> str:
@@ -54,6 +61,11 @@ def _top(tok: Tokenizer, entry: TokenLogprob) -> dict[str, float]:
         top.setdefault(tok.decode([t]), lp)
     top.setdefault(tok.decode([entry.token]), entry.logprob)
     return top
+
+
+def text_length(tok: Tokenizer, tokens: Sequence[int]) -> int:
+    """Characters of ``tokens`` decoded one by one (how ``text_offset`` counts)."""
+    return sum(len(tok.decode([t])) for t in tokens)
 
 
 def completion_logprobs(

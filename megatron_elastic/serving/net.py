@@ -7,6 +7,11 @@ their full size), copies only where the active rows are not contiguous (Mamba an
 trimmed within groups, FFN neurons within nesting blocks). So the full budget costs no extra
 memory and a smaller budget at most a copy of its own (smaller) weights, held while it is the
 active budget. A plain (exported) model serves its parameters as they are.
+
+A mixture-of-experts (``E``) layer keeps the kept experts' tensors (a prefix of the parent's
+experts, renumbered ``0..kept-1``, their kept neurons), the router's gate rows and expert bias for
+them, and the shared expert's kept neurons; :class:`MoERouting` carries megatron's routing options
+(one set for the model), so the serving forward routes exactly as megatron's router does.
 """
 
 from __future__ import annotations
@@ -23,7 +28,42 @@ from megatron_elastic.elastic.model import ElasticHybridModel
 from megatron_elastic.elastic.subnet import SubnetSpec
 from megatron_elastic.model.layouts import AttentionLayout, MambaLayout
 
-__all__ = ["ServingLayer", "ServingNet", "build_serving_net"]
+__all__ = ["MoERouting", "ServingLayer", "ServingNet", "build_serving_net"]
+
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class MoERouting:
+    """megatron's top-k routing options (``TransformerConfig.moe_router_*``) of the ``E`` layers."""
+
+    topk: int
+    """Experts per token (the parent's; kept experts are never fewer)."""
+    score_function: str
+    """``sigmoid`` or ``softmax``."""
+    pre_softmax: bool
+    """Softmax before the top-k (softmax router only)."""
+    num_groups: int | None
+    """Expert groups of group-limited routing (``None``: not group-limited)."""
+    group_topk: int | None
+    """Groups each token may route to."""
+    scaling_factor: float | None
+    """Multiplies the (renormalised) top-k weights."""
+    router_dtype: torch.dtype | None
+    """The gate's output dtype (``None``: the hidden states')."""
+
+    @classmethod
+    def of(cls, config) -> MoERouting:
+        """The options of a megatron ``TransformerConfig``."""
+        return cls(
+            config.moe_router_topk,
+            config.moe_router_score_function,
+            config.moe_router_pre_softmax,
+            config.moe_router_num_groups,
+            config.moe_router_group_topk,
+            config.moe_router_topk_scaling_factor,
+            _ROUTER_DTYPES.get(config.moe_router_dtype),
+        )
 
 
 @dataclass(frozen=True)
@@ -33,10 +73,12 @@ class ServingLayer:
     index: int
     """Layer number in the model that holds the weights (0-based)."""
     kind: str
-    """``mamba``, ``attention`` or ``mlp``."""
+    """``mamba``, ``attention``, ``mlp`` or ``moe``."""
     weights: dict[str, torch.Tensor]
     """``norm`` and the mixer's tensors: Mamba ``in_proj, conv_weight (C, 1, K), conv_bias,
-    dt_bias, A_log, D, norm_weight, out_proj``; attention ``qkv, proj``; MLP ``fc1, fc2``."""
+    dt_bias, A_log, D, norm_weight, out_proj``; attention ``qkv, proj``; MLP ``fc1, fc2``; MoE
+    ``router`` (experts, hidden), ``fc1.{e}, fc2.{e}`` per kept expert and, with a shared expert,
+    ``shared_fc1, shared_fc2``."""
     num_heads: int = 0
     """Active Mamba heads, or active attention query heads."""
     head_dim: int = 0
@@ -45,6 +87,10 @@ class ServingLayer:
     """Mamba groups (B/C), or attention key/value groups."""
     state_dim: int = 0
     """Mamba state size (0 for other kinds)."""
+    num_experts: int = 0
+    """Kept routed experts (an MoE layer)."""
+    expert_bias: torch.Tensor | None = None
+    """The router's per-expert score bias (a buffer, not a weight: added for the choice only)."""
 
     @cached_property
     def attention_layout(self) -> AttentionLayout:
@@ -77,6 +123,8 @@ class ServingNet:
     """Mamba scan chunk for prefills."""
     conv_kernel: int
     max_sequence_length: int
+    moe: MoERouting | None = None
+    """Routing of the ``E`` layers (``None``: the model has none)."""
 
     @property
     def vocab_size(self) -> int:
@@ -129,8 +177,26 @@ def _layer(j: int, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> ServingLaye
         w = {short: sd[prefix + name] for name, short in _ATTENTION.items()}
         a = AttentionLayout.from_rows(w["qkv"].size(0), cfg.num_query_groups, cfg.head_dim)
         return ServingLayer(j, "attention", w, a.num_heads, a.head_dim, a.num_groups)
+    if prefix + "mlp.router.weight" in sd:
+        return _moe_layer(j, sd, prefix)
     w = {short: sd[prefix + name] for name, short in _MLP.items()}
     return ServingLayer(j, "mlp", w)
+
+
+def _moe_layer(j: int, sd: dict[str, torch.Tensor], prefix: str) -> ServingLayer:
+    router = sd[prefix + "mlp.router.weight"]
+    w = {"norm": sd[prefix + "pre_mlp_layernorm.weight"], "router": router}
+    for e in range(router.size(0)):
+        expert = f"{prefix}mlp.experts.local_experts.{e}."
+        w[f"fc1.{e}"] = sd[expert + "linear_fc1.weight"]
+        w[f"fc2.{e}"] = sd[expert + "linear_fc2.weight"]
+    if prefix + "mlp.shared_experts.linear_fc1.weight" in sd:
+        w["shared_fc1"] = sd[prefix + "mlp.shared_experts.linear_fc1.weight"]
+        w["shared_fc2"] = sd[prefix + "mlp.shared_experts.linear_fc2.weight"]
+    bias = sd.get(prefix + "mlp.router.expert_bias")
+    if bias is not None:  # megatron keeps it in float32 whatever the model's dtype
+        bias = bias.float()
+    return ServingLayer(j, "moe", w, num_experts=router.size(0), expert_bias=bias)
 
 
 @torch.no_grad()
@@ -151,6 +217,7 @@ def build_serving_net(
         sd = model.sliced_state_dict(spec, copy=False)
     else:
         sd = {k: v.detach() for k, v in model.named_parameters()}
+        sd.update((k, b) for k, b in model.named_buffers() if k.endswith("router.expert_bias"))
     indices = sorted({int(k.split(".")[2]) for k in sd if k.startswith("decoder.layers.")})
     embedding = sd["embedding.word_embeddings.weight"]
     return ServingNet(
@@ -164,4 +231,5 @@ def build_serving_net(
         chunk_size=model_config.mamba_chunk_size,
         conv_kernel=model_config.mamba_conv_kernel,
         max_sequence_length=model_config.max_sequence_length,
+        moe=MoERouting.of(model.config) if "E" in model_config.hybrid_pattern else None,
     )

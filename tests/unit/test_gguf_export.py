@@ -384,3 +384,85 @@ def test_export_budget_cli_writes_gguf_that_llama_cpp_runs(
     spec = router.decide("50%", 0, None, deterministic=True).spec
     _, rel = _compare(result, elastic_model, spec, (sequences, None), "CLI 50%")
     assert rel <= F16_CACHE_TOL
+
+
+# ---- mixture of experts: llama.cpp's nemotron_h_moe ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_setup(pgs):
+    """The tiny MoE parent (ME*E; sigmoid router, expert bias, scaled top-2, shared expert) and
+    token inputs of its vocabulary."""
+    from moe_fixture import MOE_YAML
+
+    from megatron_elastic.config import load_model_config
+
+    cfg = load_model_config(MOE_YAML)
+    gen = torch.Generator().manual_seed(12)
+    sequences = torch.randint(0, cfg.vocab_size, (2, SEQ_LEN), generator=gen)
+    prompts = torch.randint(0, cfg.vocab_size, (2, PROMPT_LEN), generator=gen)
+    return cfg, (sequences, prompts)
+
+
+def _moe_matches(model, spec, inputs, tmp_path, label: str) -> dict:
+    manifest = export_subnet_to_gguf(model, spec, tmp_path)
+    assert manifest["architecture"] == "nemotron_h_moe"
+    assert manifest["params"] == subnet_param_count(model.model_config, spec)
+    result = _run_llama_cpp(tmp_path / GGUF_FILE, *inputs)
+    _, rel = _compare(result, model, spec, inputs, label)
+    assert rel <= F32_TOL, label
+    _greedy_matches(result, model, spec, inputs, label)
+    return manifest
+
+
+@pytest.mark.parametrize("router", ["sigmoid_bias_shared", "sigmoid_group_limited"])
+def test_invariant_gguf_moe_budgets_match_in_llama_cpp(pgs, moe_setup, router, tmp_path) -> None:
+    """The parent and a budget with fewer, narrower experts, a narrower shared expert and a
+    narrower hidden size, as llama.cpp's nemotron_h_moe: its logits and greedy tokens are the
+    elastic model's (Nemotron 3's router, and its group-limited variant)."""
+    from moe_fixture import ROUTERS, moe_elastic_model
+
+    cfg = dataclasses.replace(moe_setup[0], **ROUTERS[router])
+    model = moe_elastic_model(cfg, pgs)
+    full = SubnetSpec.full(cfg)
+    small = SubnetSpec.homogeneous(
+        cfg, hidden=24, moe_experts=4, moe_expert_ffn=8, moe_shared_ffn=12
+    )
+    for name, spec in (("full", full), ("small", small)):
+        label = f"MoE {router} {name}"
+        manifest = _moe_matches(model, spec, moe_setup[1], tmp_path / name, label)
+        assert manifest["dims"]["pattern"] == "ME*E"
+
+
+def test_gguf_moe_features_llama_cpp_cannot_run_are_refused(pgs, moe_setup, tmp_path) -> None:
+    """One line naming llama-cpp-python's version and the feature, before anything is written."""
+    from moe_fixture import ROUTERS
+
+    cfg = moe_setup[0]
+    version = r"nemotron_h_moe \(llama-cpp-python 0\.3\.36\) does not support"
+    cases = [
+        (dataclasses.replace(cfg, **ROUTERS["softmax_top3_no_shared"]), None, "a softmax router"),
+        (
+            dataclasses.replace(cfg, moe_shared_expert_intermediate_size=None),
+            None,
+            "without a shared expert",
+        ),
+        (
+            dataclasses.replace(
+                cfg, moe_router_topk=4, moe_router_num_groups=2, moe_router_group_topk=1
+            ),
+            None,
+            "by its top 4 experts",
+        ),
+        (dataclasses.replace(cfg, hybrid_pattern="ME*-"), None, r"plain MLP \('-'\) layers"),
+        (cfg, SubnetSpec.heterogeneous(cfg, moe_experts=[0, 4, 0, 8]), "per-layer MoE sizes"),
+    ]
+    for parent, spec, why in cases:
+        with pytest.raises(ValueError, match=f"{version} .*{why}"):
+            check_gguf_exportable(parent, spec or SubnetSpec.full(parent))
+    from moe_fixture import moe_elastic_model
+
+    model = moe_elastic_model(cfg, pgs)
+    with pytest.raises(ValueError, match="per-layer MoE sizes"):
+        export_subnet_to_gguf(model, cases[-1][1], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

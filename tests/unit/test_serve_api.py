@@ -145,7 +145,11 @@ def test_seeded_sampling_equals_cached_generate_alone(client, models) -> None:
 
 
 def test_streaming_equals_non_streaming(client) -> None:
-    for extra in ({"temperature": 0}, {"temperature": 1.0, "seed": 5, "logprobs": 2}):
+    """Streamed chunks add up to the whole response: text, finish reason, usage and every
+    log-probability field (tokens, text offsets continuing across chunks, with and without the
+    echoed prompt)."""
+    sampled = {"temperature": 1.0, "seed": 5, "logprobs": 2}
+    for extra in ({"temperature": 0}, sampled, {**sampled, "echo": True}):
         body = {"model": "elastic@50%", "prompt": PROMPTS[:2], "max_tokens": NEW, **extra}
         whole = _complete(client, **body)
         chunks = _stream(
@@ -158,10 +162,9 @@ def test_streaming_equals_non_streaming(client) -> None:
             assert "".join(c["text"] for c in mine) == choice["text"]
             assert mine[-1]["finish_reason"] == choice["finish_reason"]
             if "logprobs" in extra:
-                streamed = [
-                    lp for c in mine if c["logprobs"] for lp in c["logprobs"]["token_logprobs"]
-                ]
-                assert streamed == choice["logprobs"]["token_logprobs"]
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    streamed = [v for c in mine if c["logprobs"] for v in c["logprobs"][key]]
+                    assert streamed == choice["logprobs"][key], key
         assert chunks[-1]["usage"] == whole["usage"]
     chat = {
         "model": "elastic@full",

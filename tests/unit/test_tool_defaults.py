@@ -20,7 +20,10 @@ TOOLS = Path(__file__).parents[2] / "tools"
 
 LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
     "estimate_importance.py": ("megatron_elastic.importance.run:rank_parent", {}),
-    "evaluate.py": ("megatron_elastic.eval.run:evaluate_checkpoint", {}),
+    "evaluate.py": (
+        "megatron_elastic.eval.run:evaluate_checkpoint,megatron_elastic.eval.run:EvalInputsConfig",
+        {},
+    ),
     "export_budget.py": ("megatron_elastic.export.run:export_budgets", {}),
     "generate.py": ("megatron_elastic.serving.run:generate_from_checkpoint", {}),
     "inspect_budgets.py": ("megatron_elastic.elastic.budget:subnet_memory", {}),
@@ -33,12 +36,16 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
     "preflight.py": ("megatron_elastic.preflight:PreflightConfig", {}),
     "prepare_data.py": ("megatron_elastic.data.prepare:prepare_dataset", {}),
     "profile_latency.py": ("megatron_elastic.serving.profile:profile_latency", {}),
-    "sweep_budgets.py": ("megatron_elastic.eval.sweep:sweep_budgets", {}),
+    "sweep_budgets.py": (
+        "megatron_elastic.eval.sweep:sweep_budgets,megatron_elastic.eval.sweep:SpeedConfig,"
+        "megatron_elastic.eval.run:EvalInputsConfig",
+        {},
+    ),
     "serve.py": ("megatron_elastic.serving.api:serve", {}),
     "convert_hf_to_megatron.py": ("megatron_elastic.export.megatron_lm:save_megatron_lm", {}),
 }
-"""Tool -> the library callable whose keyword defaults its options take (``{option: parameter}``
-where the names differ)."""
+"""Tool -> the library callables (comma-separated: a function and the config dataclasses it takes)
+whose keyword defaults its options take (``{option: parameter}`` where the names differ)."""
 
 NO_LIBRARY = ("convert_megatron_lm.py", "convert_megatron_to_hf.py", "inspect_model.py")
 NO_LIBRARY += ("quickstart.py",)
@@ -75,13 +82,17 @@ def _library_defaults(tool: str) -> dict[str, object]:
     """``{option dest: default}`` of the tool's library callable."""
     if tool not in LIBRARY:
         return {}
-    target, renamed = LIBRARY[tool]
-    module, name = target.split(":")
-    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    targets, renamed = LIBRARY[tool]
     dest = {parameter: option for option, parameter in renamed.items()}
-    return {
-        dest.get(p.name, p.name): p.default for p in parameters.values() if p.default is not p.empty
-    }
+    defaults = {}
+    for target in targets.split(","):
+        module, name = target.split(":")
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        for p in parameters.values():
+            if p.default is not p.empty:
+                assert dest.get(p.name, p.name) not in defaults, (tool, p.name)  # stated once
+                defaults[dest.get(p.name, p.name)] = p.default
+    return defaults
 
 
 def _plain(value: object) -> object:
