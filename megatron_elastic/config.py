@@ -400,6 +400,18 @@ def check_parallel_fit(model: ModelConfig, parallel: ParallelConfig) -> None:
                 f"ModelConfig.{name}={value} is not divisible by tensor_parallel_size={tp}; "
                 f"tensor_parallel_size must divide it (possible sizes: {ok[-6:]})"
             )
+    ep, experts = parallel.expert_model_parallel_size, model.num_moe_experts
+    if ep > 1 and (not experts or experts % ep):
+        why = (
+            f"ModelConfig.num_moe_experts={experts} is not divisible by it (every EP rank holds "
+            "as many routed experts)"
+            if experts
+            else f"the parent {model.hybrid_pattern!r} has no 'E' (mixture-of-experts) layers"
+        )
+        raise ValueError(
+            f"ParallelConfig.expert_model_parallel_size={ep}: {why}; use an EP dividing the "
+            f"routed experts, or 1"
+        )
     cp = parallel.context_parallel_size
     if cp > 1:
         check_mamba_context_parallel(

@@ -4,6 +4,7 @@ megatron-core's model-parallel groups, returned as an explicit ``ProcessGroupCol
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import torch
@@ -19,7 +20,9 @@ __all__ = ["destroy_process_groups", "init_process_groups"]
 
 def init_process_groups(parallel: ParallelConfig, *, seed: int = 1234) -> ProcessGroupCollection:
     """Initialise torch.distributed (from torchrun/SLURM env vars, or a single local process) and
-    megatron-core's tensor/pipeline/data-parallel groups; seed the model-parallel RNG streams.
+    megatron-core's tensor/pipeline/data/context/expert-parallel groups (``pgs.ep``: the ranks
+    sharing one layer's routed experts, ``pgs.expt_dp``: the replicas of one expert, over which
+    megatron's DDP reduces expert gradients); seed the model-parallel RNG streams.
 
     Returns the process groups to pass explicitly to every model and helper.
     """
@@ -40,10 +43,6 @@ def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCol
             dist.init_process_group(
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
-    if parallel.expert_model_parallel_size > 1:  # wired with issue 26's step 5
-        raise ValueError(
-            "parallel.expert_model_parallel_size > 1 is not supported yet; set it to 1"
-        )
     world = dist.get_world_size()
     model_parallel = parallel.model_parallel_size
     if world % model_parallel != 0:
@@ -52,12 +51,23 @@ def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCol
             f"pipeline_parallel_size x context_parallel_size = {model_parallel}; launch a "
             f"multiple of {model_parallel} processes"
         )
+    ep = parallel.expert_model_parallel_size
+    data_context = world // (parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+    if data_context % ep:
+        raise ValueError(
+            f"ParallelConfig.expert_model_parallel_size={ep} must divide the {data_context} data x "
+            f"context parallel ranks of a world of {world} (EP is carved from them); launch a "
+            f"multiple of {world // data_context * math.lcm(ep, parallel.context_parallel_size)} "
+            f"processes or choose an EP dividing {data_context}"
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        # experts split over EP ranks; within an expert, megatron's default expert-TP (= TP)
+        expert_model_parallel_size=ep,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     pgs = ProcessGroupCollection.use_mpu_process_groups()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,14 @@ class ElasticConfig:
     """FFN neurons nest as a prefix within each of this many equal blocks, so that every tensor-
     parallel rank keeps the same number of active neurons. Must be a multiple of the TP size;
     independent of it, so a model trained at one TP size means the same at another."""
+    moe_expert_nesting_blocks: int = 1
+    """Routed experts nest as a prefix within each of this many equal blocks of consecutive
+    experts (within every routing group of group-limited routing too), so that every expert-
+    parallel rank, which holds whole blocks, keeps the same number of active experts. Must be a
+    multiple of ``ParallelConfig.expert_model_parallel_size``; independent of it, so a model
+    trained at one EP size means the same at another. Importance lays its ranking out across the
+    blocks (best expert first in block 0, second best first in block 1, ...), so a size keeps the
+    globally best experts."""
     layer_ranking: tuple[int, ...] | None = None
     """Layers from most to least important (importance estimation writes it); depth ``d`` keeps
     the first ``d``. ``None``: keep the first ``d`` layers of the stack."""
@@ -73,8 +82,10 @@ class ElasticConfig:
                     f"ElasticConfig.budgets[{name!r}]={frac!r}: a budget is a fraction of the "
                     "parent's parameters in (0, 1]"
                 )
-        if self.ffn_nesting_blocks <= 0:
-            raise ValueError("ElasticConfig.ffn_nesting_blocks must be positive")
+        for name in ("ffn_nesting_blocks", "moe_expert_nesting_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ElasticConfig.{name} must be a positive integer, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"ElasticConfig.mode={self.mode!r}; choose one of {MODES}")
         extra, normal_extra = dict(self.choices), {}
@@ -128,6 +139,7 @@ class ElasticConfig:
         parallel = parallel or ParallelConfig()
         if "moe" in model.layer_kinds():
             _check_moe_parent(model, parallel)
+        _check_expert_nesting(model, self, parallel)
         candidates = self.axis_choices(model)
         for axis, choices in candidates.items():
             registry.axis(axis).validate(choices, model, self, parallel)
@@ -166,14 +178,37 @@ def _check_moe_parent(model: ModelConfig, parallel: ParallelConfig) -> None:
     if parallel.tensor_parallel_size > 1:
         raise ValueError(
             f"ParallelConfig.tensor_parallel_size={parallel.tensor_parallel_size} with 'E' layers: "
-            "elastic MoE layers run at tensor_parallel_size=1 until expert parallelism lands "
-            "(issue 26 step 5); use tensor_parallel_size=1"
+            "elastic MoE layers do not split an expert's neurons over tensor-parallel ranks "
+            "(expert TP); use tensor_parallel_size=1 and split the experts with "
+            "expert_model_parallel_size"
         )
     if model.moe_router_load_balancing_type in ("seq_aux_loss", "global_aux_loss"):
         raise ValueError(
             f"ModelConfig.moe_router_load_balancing_type={model.moe_router_load_balancing_type!r}: "
             "elastic MoE sub-networks apply aux_loss (and the z-loss) only (issue 26 step 2); "
             "use aux_loss or none"
+        )
+
+
+def _check_expert_nesting(model: ModelConfig, elastic: ElasticConfig, parallel) -> None:
+    """Expert nesting blocks: whole blocks per EP rank, whole blocks per routing group (or whole
+    routing groups per block), equal blocks of experts."""
+    blocks, ep = elastic.moe_expert_nesting_blocks, parallel.expert_model_parallel_size
+    field = f"ElasticConfig.moe_expert_nesting_blocks={blocks}"
+    if blocks % ep:
+        raise ValueError(
+            f"{field} must be a multiple of expert_model_parallel_size={ep} (every EP rank keeps "
+            f"the same experts' prefix of whole blocks); use {ep * max(1, blocks // ep)}"
+        )
+    if blocks == 1:
+        return
+    experts = model.num_moe_experts or 0
+    groups = model.moe_router_num_groups if model.moe_router_group_topk else 1
+    if not experts or experts % math.lcm(blocks, groups):
+        raise ValueError(
+            f"{field}: the parent's num_moe_experts={experts} (routing groups: {groups}) do not "
+            f"split into {math.lcm(blocks, groups)} equal blocks of experts; use 1 or a divisor "
+            "of the routed experts"
         )
 
 

@@ -221,7 +221,7 @@ class ElasticHybridModel(HybridModel):
         elif choice.kind == "moe":
             idx = moe_indices(
                 model.num_moe_experts,
-                expert_groups(model),
+                expert_groups(model, self.elastic_config),
                 *(choice.size(a) for a in ("moe_experts", "moe_expert_ffn", "moe_shared_ffn")),
             )
         else:

@@ -13,7 +13,14 @@ tokens routed to it; the shared expert its kept neurons. ``mask`` mode runs ever
 experts' logits (and bias) are ``-inf`` (so they are never chosen and take no share of a softmax),
 dropped neurons are zeroed. Optional router weights multiply the kept neurons' activations: a
 scalar, or one weight per routed-expert neuron (expert-major) then per shared-expert neuron.
-Tensor-parallel size 1 (``ElasticConfig.validate_for`` refuses more).
+
+Routed experts run through megatron's token dispatcher (``allgather``: the one of megatron 0.19
+that runs on gloo; ``alltoall`` builds a CUDA stream on construction), in both modes: the routing
+map and probabilities are widened to one column per parent expert (dropped experts' columns
+empty), so under expert parallelism (``pgs.ep``) tokens travel to the rank holding their expert
+and back exactly as in the parent. Kept experts nest per ``ElasticConfig.moe_expert_nesting_blocks``
+(a multiple of EP), so every EP rank keeps the same number of them. Tensor-parallel size 1
+(``ElasticConfig.validate_for`` refuses more).
 """
 
 from __future__ import annotations
@@ -55,18 +62,20 @@ class ElasticMoELayer(MoELayer):
 
     def sliced(self, st: ActiveWidth) -> dict[str, torch.Tensor]:
         """This module's parameters (and ``router.expert_bias``) cut to ``st``, named as in a
-        model built with the kept sizes: kept expert ``i`` becomes ``local_experts.{i}``."""
+        model built with the kept sizes: kept expert ``i`` becomes ``local_experts.{i}``. Under
+        expert parallelism a rank holds (and returns) only its own kept experts, still numbered
+        among all kept ones, so the ranks' dicts together are the one-process dict."""
         idx: MoEIndices = st.indices
-        h, kept = st.hidden, list(idx.experts)
-        rows = torch.tensor(kept, dtype=torch.long, device=self.router.weight.device)
-        if kept == list(range(len(kept))):
+        h, kept = st.hidden, idx.experts
+        rows = self._kept_columns(kept, self.router.weight.device)
+        if kept == tuple(range(len(kept))):
             rows = slice(0, len(kept))
         out = {"router.weight": self.router.weight[rows][:, :h]}
         if self.router.expert_bias is not None:
             out["router.expert_bias"] = self.router.expert_bias[rows]
-        for i, e in enumerate(kept):
-            expert = self.experts.local_experts[e]
-            prefix = f"experts.local_experts.{i}."
+        for local, pos in self._local_kept(kept).items():
+            expert = self.experts.local_experts[local]
+            prefix = f"experts.local_experts.{pos}."
             out[prefix + "linear_fc1.weight"] = expert.linear_fc1.weight[idx.expert_ffn, :h]
             out[prefix + "linear_fc2.weight"] = expert.linear_fc2.weight[:h, idx.expert_ffn]
         if self.shared_experts is not None:
@@ -74,6 +83,19 @@ class ElasticMoELayer(MoELayer):
             out["shared_experts.linear_fc1.weight"] = shared.linear_fc1.weight[idx.shared_ffn, :h]
             out["shared_experts.linear_fc2.weight"] = shared.linear_fc2.weight[:h, idx.shared_ffn]
         return out
+
+    def _local_kept(self, kept: tuple[int, ...]) -> dict[int, int]:
+        """This rank's kept experts: local index -> position among all kept experts."""
+        first, count = self.local_expert_indices[0], self.num_local_experts
+        return {e - first: pos for pos, e in enumerate(kept) if first <= e < first + count}
+
+    def _kept_columns(self, kept: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The kept experts as an index tensor, built once per expert set (no copy per step)."""
+        cache = self.__dict__.setdefault("_columns", {})
+        key = (kept, str(device))
+        if key not in cache:
+            cache[key] = torch.tensor(kept, dtype=torch.long, device=device)
+        return cache[key]
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         st = self.active
@@ -86,38 +108,64 @@ class ElasticMoELayer(MoELayer):
         router, sliced = self.router, st.mode == "slice"
         router._maintain_float32_expert_bias()
         dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, x.dtype)
-        bias = router.expert_bias
+        bias, columns = router.expert_bias, self._kept_columns(idx.experts, x.device)
+        w = self.sliced(st) if sliced else None
         if sliced:
-            w = self.sliced(st)
             logits = router_gating_linear(x, w["router.weight"], None, dtype)
             bias = w.get("router.expert_bias")
         else:
             logits = router_gating_linear(x, router.weight, None, dtype)
             dropped = torch.ones(logits.size(-1), dtype=torch.bool, device=logits.device)
-            dropped[list(idx.experts)] = False
+            dropped = dropped.index_fill(0, columns, False)
             logits = logits.masked_fill(dropped, float("-inf"))
             bias = None if bias is None else bias.masked_fill(dropped, float("-inf"))
         probs, routing_map = self._route(logits, bias, len(idx.experts))
+        if sliced:  # the dispatcher's layout: one column per parent expert, dropped ones empty
+            full = (len(x), self.config.num_moe_experts)
+            probs = probs.new_zeros(full).index_copy(1, columns, probs)
+            routing_map = routing_map.new_zeros(full).index_copy(1, columns, routing_map)
         if router.enable_expert_bias and torch.is_grad_enabled():
-            with torch.no_grad():  # megatron's bias-update counts, for the kept experts
-                counts = routing_map.sum(0).to(router.local_tokens_per_expert.dtype)
-                if sliced:
-                    router.local_tokens_per_expert[list(idx.experts)] += counts
-                else:
-                    router.local_tokens_per_expert += counts
-        routed_w, shared_w = self._unit_weights(st.weight, idx)
-        out = x.new_zeros(len(x), st.hidden if sliced else x.size(-1))
-        for pos, e in enumerate(idx.experts):
-            col = pos if sliced else e  # its column of the routing map
-            tokens = routing_map[:, col].nonzero().squeeze(-1)
-            y = self._expert(x[tokens], e, pos, st, w if sliced else None, routed_w[pos])
-            out = out.index_add(0, tokens, (y * probs[tokens, col, None]).to(out.dtype))
+            with torch.no_grad():  # megatron's bias-update counts (dropped experts get none)
+                router.local_tokens_per_expert += routing_map.sum(0).to(
+                    router.local_tokens_per_expert.dtype
+                )
+        out = self._routed(x, probs, routing_map, st, w)
         if self.shared_experts is not None:
-            out = out + self._shared(x, st, w if sliced else None, shared_w)
+            out = out + self._shared(x, st, w, self._unit_weights(st.weight, idx)[1])
         out = out.view(*shape[:-1], out.size(-1))
         if not sliced:
             out = out * hidden_mask(out.size(-1), st.hidden, out)
         return out, None
+
+    def _routed(self, x, probs, routing_map, st: ActiveWidth, w) -> torch.Tensor:
+        """The routed experts through megatron's token dispatcher: tokens travel to the EP rank
+        holding their experts (all-gathered over the TP x EP group), each of this rank's kept
+        experts runs on its tokens (a dropped expert has none), and the weighted outputs travel
+        back (reduce-scattered). The dispatcher reads the token counts on the host once per
+        layer (megatron's own synchronisation: dropless routing sizes its buffers by them)."""
+        idx: MoEIndices = st.indices
+        dispatcher = self.token_dispatcher
+        tokens, probs = dispatcher.dispatch_preprocess(x, routing_map, probs)
+        tokens, probs = dispatcher.token_dispatch(tokens, probs)
+        tokens, per_expert, probs = dispatcher.dispatch_postprocess(tokens, probs)
+        counts = per_expert.tolist()  # a host tensor already (no further synchronisation)
+        routed_w, _ = self._unit_weights(st.weight, idx)
+        kept, outs = self._local_kept(idx.experts), []
+        for local, (xs, ps) in enumerate(
+            zip(tokens.split(counts), probs.split(counts), strict=True)
+        ):
+            if local not in kept:
+                continue  # dropped: routed no tokens
+            pos = kept[local]
+            y = self._expert(xs, local, pos, st, w, routed_w[pos])
+            outs.append((y * ps[:, None]).to(x.dtype))
+        # No kept expert here (a layout nesting does not produce): an empty output that still
+        # depends on the gathered tokens and probabilities, so backward runs their collectives
+        # on every rank (else the other ranks' reduce-scatter waits for this one).
+        y = torch.cat(outs) if outs else (tokens[:0] * probs[:0, None]).to(x.dtype)
+        y = dispatcher.combine_preprocess(y)
+        y = dispatcher.token_combine(y)
+        return dispatcher.combine_postprocess(y)
 
     def _route(self, logits: torch.Tensor, bias, num_experts: int):
         """megatron's top-k routing on (kept or masked) logits, with its z-loss and switch
@@ -170,10 +218,10 @@ class ElasticMoELayer(MoELayer):
         routed = weight[: len(idx.experts) * ffn].view(len(idx.experts), ffn)
         return list(routed), weight[len(idx.experts) * ffn :]
 
-    def _expert(self, x, e: int, pos: int, st: ActiveWidth, w, weight) -> torch.Tensor:
-        """Routed expert ``e`` (kept position ``pos``) on the tokens ``x`` routed to it (dropped
-        experts get none, so mask mode skips them too)."""
-        expert, act = self.experts.local_experts[e], self.config.activation_func
+    def _expert(self, x, local: int, pos: int, st: ActiveWidth, w, weight) -> torch.Tensor:
+        """This rank's routed expert ``local`` (kept position ``pos``) on the tokens ``x``
+        routed to it."""
+        expert, act = self.experts.local_experts[local], self.config.activation_func
         fc1, fc2 = expert.linear_fc1, expert.linear_fc2
         if w is not None:
             prefix = f"experts.local_experts.{pos}."

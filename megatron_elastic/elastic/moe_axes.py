@@ -26,6 +26,7 @@ parent computes the same function.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,15 +48,25 @@ __all__ = [
     "MOE_EXPERT_FFN",
     "MOE_SHARED_FFN",
     "MoEIndices",
+    "deal_over_blocks",
     "expert_groups",
     "moe_indices",
+    "routing_groups",
     "split_moe_stat",
 ]
 
 
-def expert_groups(model: ModelConfig, elastic: ElasticConfig | None = None) -> int:
-    """Group-limited routing picks experts within groups: a size keeps the same prefix of each."""
+def routing_groups(model: ModelConfig) -> int:
+    """Group-limited routing picks experts within this many groups (1: not group-limited)."""
     return model.moe_router_num_groups if model.moe_router_group_topk else 1
+
+
+def expert_groups(model: ModelConfig, elastic: ElasticConfig | None = None) -> int:
+    """The blocks routed experts nest in: a size keeps the same prefix of each. The finest
+    common split of the routing groups (group-limited routing picks experts within each) and
+    ``ElasticConfig.moe_expert_nesting_blocks`` (each expert-parallel rank holds whole ones)."""
+    blocks = elastic.moe_expert_nesting_blocks if elastic is not None else 1
+    return math.lcm(routing_groups(model), blocks)
 
 
 def _too_few_experts(size: int, model: ModelConfig) -> str | None:
@@ -67,12 +78,12 @@ def _too_few_experts(size: int, model: ModelConfig) -> str | None:
             f"parent's); keep at least {k}"
         )
     group_topk = model.moe_router_group_topk
-    if group_topk and k > group_topk * (size // expert_groups(model)):
-        within = group_topk * (size // expert_groups(model))
+    if group_topk and k > group_topk * (size // routing_groups(model)):
+        within = group_topk * (size // routing_groups(model))
         return (
             f"{size} routed experts leave {within} in the moe_router_group_topk={group_topk} "
             f"selected groups, fewer than moe_router_topk={k}; keep at least "
-            f"{-(-k // group_topk) * expert_groups(model)}"
+            f"{-(-k // group_topk) * routing_groups(model)}"
         )
     return None
 
@@ -82,7 +93,7 @@ def _check_experts(choices, model: ModelConfig, elastic, parallel: ParallelConfi
         _no_moe_layer(choices, model, "moe_experts")
         return
     for size in choices:
-        if size % expert_groups(model):
+        if size % expert_groups(model, elastic):
             continue  # the generic check names the groups
         why = _too_few_experts(size, model)
         if why is not None:
@@ -126,21 +137,36 @@ def split_moe_stat(stat: torch.Tensor, model: ModelConfig):
 
 def _rank_experts(stat: torch.Tensor, model: ModelConfig, options: Mapping[str, Any]):
     """An expert: REAP, its gate weight times its output's norm averaged over the tokens routed
-    to it, ranked within its expert group; among equal scores (0: dead or never routed) the less
-    routed ranks lower (a never-routed expert changes nothing when dropped). Reported with the
-    fraction of tokens routed to it."""
+    to it, ranked within its routing group; among equal scores (0: dead or never routed) the less
+    routed ranks lower (a never-routed expert changes nothing when dropped). With
+    ``moe_expert_nesting_blocks`` (``options``) the ranking is dealt across the nesting blocks
+    of its group (:func:`deal_over_blocks`), so each block's prefix holds the best experts and a
+    size keeps the group's best. Reported with the fraction of tokens routed to it."""
     reap, routed, _, _ = split_moe_stat(stat, model)
     score = reap / routed.clamp(min=1)
-    groups, per = expert_groups(model), model.num_moe_experts // expert_groups(model)
+    groups, per = routing_groups(model), model.num_moe_experts // routing_groups(model)
+    blocks = math.lcm(groups, options.get("moe_expert_nesting_blocks") or 1) // groups
 
     def ranked(first: int) -> list[int]:  # ties (REAP 0): the less routed last
-        local = range(per)
-        return sorted(local, key=lambda i: (-score[first + i], -routed[first + i], i))
+        local = sorted(range(per), key=lambda i: (-score[first + i], -routed[first + i], i))
+        return deal_over_blocks(local, blocks)
 
     order = ranked(0) if groups == 1 else [ranked(g * per) for g in range(groups)]
     tokens = routed.sum() / model.moe_router_topk
     frequency = routed / tokens.clamp(min=1)
     return order, {"reap": score.tolist(), "frequency": frequency.tolist()}
+
+
+def deal_over_blocks(ranked: Sequence[int], blocks: int) -> list[int]:
+    """Lay a best-first ranking out over ``blocks`` equal blocks of consecutive positions as
+    cards are dealt: the best first in block 0, the second best first in block 1, ..., so the
+    first ``n`` positions of every block hold the ``n x blocks`` best (EP rank ``r`` holds blocks
+    ``r x B/EP ...``: each rank keeps the same number, together the best)."""
+    per = len(ranked) // blocks
+    laid = [0] * len(ranked)
+    for i, unit in enumerate(ranked):
+        laid[(i % blocks) * per + i // blocks] = unit
+    return laid
 
 
 def _rank_expert_ffn(stat: torch.Tensor, model: ModelConfig, options: Mapping[str, Any]):
@@ -161,8 +187,8 @@ def _expert_key(layer: int, e: int, fc: int) -> str:
 
 def _permute_experts(sd: StateDict, model: ModelConfig, order: Order, layer: int, blocks: int):
     """Experts move (within their groups) with their gate rows and ``expert_bias`` entries."""
-    if expert_groups(model) > 1:
-        per = model.num_moe_experts // expert_groups(model)
+    if routing_groups(model) > 1:
+        per = model.num_moe_experts // routing_groups(model)
         order = [g * per + i for g, local in enumerate(order) for i in local]
     p = f"decoder.layers.{layer}.mlp.router."
     for key in (p + "weight", p + "expert_bias"):
@@ -193,7 +219,7 @@ MOE_EXPERTS = Axis(
     full=lambda m: m.num_moe_experts or 0,
     label="routed experts",
     groups=expert_groups,
-    unit="expert group",
+    unit="expert block",
     check=_check_experts,
     check_layer=_check_experts_layer,
     rank=_rank_experts,

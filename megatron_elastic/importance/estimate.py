@@ -77,7 +77,12 @@ def estimate_importance(
     stats = collect_activation_stats(model, batches, pgs)
     elastic = model.elastic_config
     top = min(elastic.mamba_head_dim_choices) if elastic.mamba_head_dim_choices else None
-    ranking = rank_from_stats(model.model_config, stats, mamba_top_channels=top)
+    ranking = rank_from_stats(
+        model.model_config,
+        stats,
+        mamba_top_channels=top,
+        moe_expert_nesting_blocks=elastic.moe_expert_nesting_blocks,
+    )
     if rank_layers:
         order, errors = iterative_layer_ranking(
             model.model_config.num_layers,

@@ -120,6 +120,7 @@ def rank_parent(
         "seq_length": seq_length,
         "backend": backend,
         "ffn_nesting_blocks": elastic.ffn_nesting_blocks,
+        "moe_expert_nesting_blocks": elastic.moe_expert_nesting_blocks,
         "layer_ranking": ranking.layers,
         "min_attention_layers": elastic.min_attention_layers,
     }

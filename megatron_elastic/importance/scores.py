@@ -37,12 +37,19 @@ class Ranking:
 
 
 def rank_from_stats(
-    model: ModelConfig, stats: ActivationStats, *, mamba_top_channels: int | None = None
+    model: ModelConfig,
+    stats: ActivationStats,
+    *,
+    mamba_top_channels: int | None = None,
+    moe_expert_nesting_blocks: int = 1,
 ) -> Ranking:
     """Width rankings from calibration statistics: embedding channels by the sum of |LN(X)| (all
     norms); every per-layer axis by its :attr:`~megatron_elastic.elastic.axes.Axis.rank` of its
     layers' statistics (``builtin_axes`` states each formula)."""
-    options = {"mamba_top_channels": mamba_top_channels}
+    options = {
+        "mamba_top_channels": mamba_top_channels,
+        "moe_expert_nesting_blocks": moe_expert_nesting_blocks,
+    }
     ranking = Ranking(
         hidden=torch.argsort(stats.hidden, descending=True, stable=True).tolist(),
         orders={},

@@ -149,6 +149,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel_active,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

@@ -4,8 +4,11 @@ Which dimension a parameter is split along, and in which segments, is read from 
 megatron-core sets on it (``tensor_model_parallel``, ``partition_dim`` and, for the Mamba mixer's
 packed ``in_proj``/``conv1d``, ``partition_sizes``): each segment is split across ranks separately,
 so a TP shard of ``in_proj`` is ``[z_r, x_r, B_r, C_r, dt_r]``, not a contiguous slice.
-Pipeline stages hold layers under local indices; :func:`global_parameter_names` maps them to the
-full model's names.
+Pipeline stages hold layers under local indices, and expert-parallel ranks their routed experts
+(``local_experts.{i}`` of EP rank ``r`` is the parent's expert ``r x E/EP + i``);
+:func:`global_parameter_names` maps both to the full model's names, so :func:`load_full_state_dict`
+loads each rank's experts and :func:`gather_full_tensors` returns them under the parent's names
+(experts are not gathered over EP ranks: each returns its own, as a pipeline stage its layers).
 """
 
 from __future__ import annotations
@@ -26,19 +29,30 @@ __all__ = [
 ]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(?=\.)")
 
 
 def global_parameter_names(model: nn.Module) -> dict[str, str]:
-    """Local parameter name -> name in the unsplit model (layer indices made global)."""
+    """Local parameter name -> name in the unsplit model (layer indices made global; under expert
+    parallelism a rank's local expert ``i`` is the parent's expert ``first + i``)."""
     offsets = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    first_expert = {
+        i: layer.mlp.local_expert_indices[0]
+        for i, layer in enumerate(model.decoder.layers)
+        if hasattr(getattr(layer, "mlp", None), "local_expert_indices")
+    }
     names = {}
     for name, _ in model.named_parameters():
         match = _LAYER.match(name)
-        names[name] = (
-            f"decoder.layers.{offsets[int(match.group(1))]}.{name[match.end() :]}"
-            if match
-            else name
-        )
+        if not match:
+            names[name] = name
+            continue
+        local, rest = int(match.group(1)), name[match.end() :]
+        expert = _LOCAL_EXPERT.match(rest)
+        if expert and first_expert.get(local):
+            number = first_expert[local] + int(expert.group(2))
+            rest = f"{expert.group(1)}{number}{rest[expert.end() :]}"
+        names[name] = f"decoder.layers.{offsets[local]}.{rest}"
     return names
 
 

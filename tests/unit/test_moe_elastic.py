@@ -291,7 +291,7 @@ def test_moe_sizes_the_parent_cannot_route_are_refused(moe_config, small_config)
         (lambda: _elastic(moe_experts=(4,)).validate_for(small_config), "no 'E'"),
         (
             lambda: _elastic().validate_for(cfg, ParallelConfig(tensor_parallel_size=2)),
-            "tensor_parallel_size=1 until expert parallelism lands",
+            "do not split an expert's neurons over tensor-parallel ranks",
         ),
         (
             lambda: _elastic().validate_for(
@@ -303,7 +303,7 @@ def test_moe_sizes_the_parent_cannot_route_are_refused(moe_config, small_config)
     grouped = dataclasses.replace(cfg, moe_router_num_groups=4, moe_router_group_topk=1)
     cases += [  # one group of 4 keeps 1 expert per group: top-2 cannot be met within it
         (lambda: _elastic(moe_experts=(4,)).validate_for(grouped), "fewer than moe_router_topk"),
-        (lambda: _elastic(moe_experts=(6,)).validate_for(grouped), "kept per expert group"),
+        (lambda: _elastic(moe_experts=(6,)).validate_for(grouped), "kept per expert block"),
     ]
     for refuse, match in cases:
         with pytest.raises(ValueError, match=match) as err:
@@ -497,3 +497,131 @@ def test_a_planted_dead_expert_and_dead_neurons_rank_last(pgs, moe_config) -> No
     assert position != 7  # (expert 7 moved: its neurons must move with it)
     assert experts[position].linear_fc1.weight[-1].abs().max() == 0
     assert moe.shared_experts.linear_fc1.weight[-1].abs().max() == 0
+
+
+# ---- expert parallelism (step 5): nesting blocks, the dealt ranking, refusals -------------
+
+
+@pytest.mark.parametrize(
+    "router,blocks,kept",
+    [
+        ("sigmoid_bias_shared", 2, (0, 1, 4, 5)),  # EP 2 holds 0-3 and 4-7: 2 kept on each
+        ("sigmoid_bias_shared", 4, (0, 2, 4, 6)),
+        ("sigmoid_group_limited", 4, (0, 2, 4, 6)),  # 2 groups x 2 blocks each
+    ],
+)
+def test_invariant_moe_slice_equals_mask_with_expert_nesting_blocks(
+    pgs, moe_config, router, blocks, kept
+) -> None:
+    """``moe_expert_nesting_blocks``: 4 kept experts are the first of every block (so every EP
+    rank, holding whole blocks, keeps as many), and slice == mask on them."""
+    cfg = dataclasses.replace(moe_config, **ROUTERS[router])
+    elastic = ElasticConfig(
+        budgets={"full": 1.0}, moe_expert_nesting_blocks=blocks, choices={"moe_experts": (4,)}
+    )
+    model = _model(cfg, pgs, elastic)
+    spec = SubnetSpec.homogeneous(cfg, moe_experts=4, moe_expert_ffn=12)
+    out = {}
+    with torch.no_grad():
+        for mode in ("slice", "mask"):
+            model.set_subnet(spec, mode=mode)
+            for j in MOE_LAYERS:
+                assert model.decoder.layers[j].mlp.active.indices.experts == kept
+            out[mode] = _logits(model)
+    assert _rel(out["slice"], out["mask"]) <= TOL
+
+
+def test_deal_over_blocks_puts_the_best_first_in_every_block() -> None:
+    from megatron_elastic.elastic.moe_axes import deal_over_blocks
+
+    ranked = [3, 7, 1, 0, 2, 5, 4, 6]  # best first
+    assert deal_over_blocks(ranked, 1) == ranked
+    assert deal_over_blocks(ranked, 2) == [3, 1, 2, 4, 7, 0, 5, 6]
+    assert deal_over_blocks(ranked, 4) == [3, 2, 7, 5, 1, 4, 0, 6]
+
+
+@pytest.mark.parametrize("router", ["sigmoid_bias_shared", "sigmoid_group_limited"])
+def test_importance_with_nesting_blocks_keeps_the_best_experts_on_every_rank(
+    pgs, moe_config, router
+) -> None:
+    """The ranking dealt over 2 nesting blocks: the 4 experts a size of 4 keeps (the first 2 of
+    each block, one block per EP rank) are the 4 best by REAP (the 2 best of each routing group
+    when group-limited: there every group is a block already)."""
+    from megatron_elastic.elastic.moe_axes import expert_groups, moe_indices
+    from megatron_elastic.importance import collect_activation_stats, rank_from_stats
+    from megatron_elastic.importance.estimate import estimate_importance
+
+    cfg = dataclasses.replace(moe_config, **ROUTERS[router])
+    model = _model(cfg, pgs)
+    tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    stats = collect_activation_stats(model, [{"tokens": tokens}], pgs)
+    plain = rank_from_stats(cfg, stats)
+    dealt = rank_from_stats(cfg, stats, moe_expert_nesting_blocks=2)
+    elastic = ElasticConfig(budgets={"full": 1.0}, moe_expert_nesting_blocks=2)
+    with_blocks = _model(cfg, pgs, elastic)  # estimate_importance deals over the model's blocks
+    estimated = estimate_importance(with_blocks, [{"tokens": tokens}], pgs, rank_layers=False)
+    assert estimated.orders["moe_experts"] == dealt.orders["moe_experts"]
+    positions = moe_indices(8, expert_groups(cfg, elastic), 4, 16, 0).experts
+    assert positions == (0, 1, 4, 5)  # 2 on each EP rank
+    for j in MOE_LAYERS:
+        reap = dealt.scores["moe_experts"][str(j)]["reap"]
+        assert reap == plain.scores["moe_experts"][str(j)]["reap"]
+        laid, best = _flat(cfg, dealt.orders["moe_experts"][j]), plain.orders["moe_experts"][j]
+        groups = best if cfg.moe_router_group_topk else [best]
+        per = len(groups[0])
+        top = {g * per + e for g, order in enumerate(groups) for e in order[: 4 // len(groups)]}
+        assert {laid[p] for p in positions} == top, (laid, best)
+        for g in range(len(groups)):  # no tie at the cut decides it
+            scores = sorted((reap[g * per + e] for e in range(per)), reverse=True)
+            assert scores[4 // len(groups) - 1] > scores[4 // len(groups)]
+
+
+def _flat(cfg: ModelConfig, order) -> list[int]:
+    """An expert order (per routing group when group-limited) in the parent's numbering."""
+    if not cfg.moe_router_group_topk:
+        return order
+    return [g * len(local) + e for g, local in enumerate(order) for e in local]
+
+
+def test_expert_parallel_settings_that_cannot_split_are_refused(
+    pgs, moe_config, small_config
+) -> None:
+    from megatron_elastic.config import check_parallel_fit
+    from megatron_elastic.parallel import init_process_groups
+
+    ep2 = ParallelConfig(expert_model_parallel_size=2)
+    cases = [
+        (lambda: check_parallel_fit(small_config, ep2), "expert_model_parallel_size=2: the "),
+        (
+            lambda: check_parallel_fit(
+                dataclasses.replace(moe_config, num_moe_experts=6),
+                ParallelConfig(expert_model_parallel_size=4),
+            ),
+            "num_moe_experts=6 is not divisible",
+        ),
+        (lambda: init_process_groups(ep2), "must divide the 1 data x context parallel ranks"),
+        (
+            lambda: _elastic().validate_for(moe_config, ep2),
+            "moe_expert_nesting_blocks=1 must be a multiple of expert_model_parallel_size=2",
+        ),
+        (
+            lambda: ElasticConfig(budgets={"f": 1.0}, moe_expert_nesting_blocks=3).validate_for(
+                moe_config
+            ),
+            "do not split into 3 equal blocks",
+        ),
+        (
+            lambda: ElasticConfig(
+                budgets={"f": 1.0}, moe_expert_nesting_blocks=2, choices={"moe_experts": (3,)}
+            ).validate_for(moe_config, ep2),
+            r"choices \[3\] are not possible: routed experts are kept per expert block",
+        ),
+        (lambda: ElasticConfig(budgets={"f": 1.0}, moe_expert_nesting_blocks=0), "positive"),
+    ]
+    for refuse, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            refuse()
+        assert "\n" not in str(err.value)
+    assert pgs.ep.size() == 1 and pgs.tp.size() == 1  # the refused init left the groups alone
+    check_parallel_fit(moe_config, ParallelConfig(expert_model_parallel_size=8))
+    ElasticConfig(budgets={"f": 1.0}, moe_expert_nesting_blocks=4).validate_for(moe_config, ep2)
