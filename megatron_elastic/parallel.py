@@ -71,7 +71,9 @@ def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCol
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    platform.seed_model_parallel_rng(seed, tp_rank=pgs.tp.rank())
+    platform.seed_model_parallel_rng(
+        seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank()
+    )
     return pgs
 
 

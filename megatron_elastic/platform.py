@@ -277,24 +277,28 @@ def _mixed_precision_optimizer_on_cpu() -> None:
         cls.__init__ = cpu_init  # type: ignore[method-assign]
 
 
-def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
+def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
     """Seed the default and the named model-parallel RNG streams, on GPU or CPU.
 
     Same seeds as megatron's ``model_parallel_cuda_manual_seed``: data-parallel stream ``seed``,
-    tensor-parallel stream ``seed + 2718 + tp_rank``, expert stream ``seed + 1024``.
+    tensor-parallel stream ``seed + 2718 + tp_rank``, expert stream ``seed + 1024 + 100 *
+    ep_rank + etp_rank`` (each expert-parallel rank initialises its own experts differently).
     """
     from megatron.core.tensor_parallel import random as mp_random
 
     torch.manual_seed(seed)
     if cuda_available():
-        mp_random.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0)
+        mp_random.model_parallel_cuda_manual_seed(
+            seed, tp_rank=tp_rank, ep_rank=ep_rank, etp_rank=etp_rank
+        )
         return
     apply()
     tracker = mp_random.get_cuda_rng_tracker()
     tracker.reset()
     tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
-    tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+    expert_seed = seed + 1024 + 100 * ep_rank + etp_rank
+    tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, expert_seed)
 
 
 def apply() -> None:
@@ -348,6 +352,29 @@ def apply() -> None:
     # get_cuda_rng_tracker() returns this module-level singleton; on CPU it must not touch CUDA.
     mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _expert_weights_from_the_expert_stream()
+
+
+def _expert_weights_from_the_expert_stream() -> None:
+    """On GPU megatron draws expert weights from the expert-parallel RNG stream (seeded per EP
+    rank); its CPU initialisation (``use_cpu_initialization``) draws every weight from the
+    default generator, so each EP rank's local expert ``i`` would start equal. Build expert
+    linears inside the expert stream on CPU too (the default stream, and so every replicated
+    weight, is left as if they were not drawn)."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.tensor_parallel import random as mp_random
+
+    for cls in (layers.ColumnParallelLinear, layers.RowParallelLinear):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def expert_init(self, *args: Any, _init=init, **kwargs: Any) -> None:
+            if not kwargs.get("is_expert", False):
+                return _init(self, *args, **kwargs)
+            with mp_random.get_cuda_rng_tracker().fork(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME):
+                return _init(self, *args, **kwargs)
+
+        cls.__init__ = expert_init  # type: ignore[method-assign]
 
 
 def use_torch_nemotron_h_kernels() -> None:

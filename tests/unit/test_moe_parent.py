@@ -314,3 +314,25 @@ def test_every_format_refuses_moe_models_until_it_writes_them(moe_config) -> Non
     for target, refuse in (("Megatron-LM", lambda: megatron_lm_args(moe_config)),):
         with pytest.raises(ValueError, match=f"{target} export of a model with 'E'"):
             refuse()
+
+
+def test_expert_weights_come_from_each_expert_parallel_ranks_stream(pgs, moe_config) -> None:
+    """Each EP rank draws its local experts from the expert stream seeded by its rank (as megatron
+    does on GPU; on CPU platform.py builds expert linears inside that stream), so EP ranks do not
+    start with equal experts, while every replicated weight is drawn from the default stream
+    alone, equal on every rank. Checked in one process: building with ``ep_rank`` 0 and 1
+    changes exactly the routed experts' weights."""
+    from megatron_elastic.platform import seed_model_parallel_rng
+
+    built = []
+    try:
+        for ep_rank in (0, 1):
+            seed_model_parallel_rng(7, tp_rank=0, ep_rank=ep_rank)
+            built.append(dict(build_hybrid_model(moe_config, pgs).named_parameters()))
+    finally:
+        seed_model_parallel_rng(1234, tp_rank=0)  # as init_process_groups seeded the session
+    experts = [n for n in built[0] if ".experts." in n and "shared" not in n]
+    assert experts
+    for name, p in built[0].items():
+        equal = torch.equal(p, built[1][name])
+        assert equal != (name in experts), name
