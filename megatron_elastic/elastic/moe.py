@@ -97,6 +97,19 @@ class ElasticMoELayer(MoELayer):
             cache[key] = torch.tensor(kept, dtype=torch.long, device=device)
         return cache[key]
 
+    @staticmethod
+    def _bias_counts(routing_map: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Tokens per parent expert for megatron's expert-bias update (bias += rate x sign(mean
+        - count) at the step's end): the kept experts' own counts, and for each dropped expert
+        the kept experts' mean, so a sub-network's tokens are balanced as a pruned model's
+        would be (the mean is the kept experts') and do not read as under-use of the experts it
+        dropped (a count of 0 would raise their bias every step they were dropped)."""
+        counts = routing_map.sum(0).to(torch.float32)
+        if len(columns) < counts.numel():
+            dropped = torch.ones_like(counts, dtype=torch.bool).index_fill(0, columns, False)
+            counts = counts.masked_fill(dropped, 0.0) + dropped * counts.sum() / len(columns)
+        return counts
+
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         st = self.active
         if st is None:
@@ -125,10 +138,8 @@ class ElasticMoELayer(MoELayer):
             probs = probs.new_zeros(full).index_copy(1, columns, probs)
             routing_map = routing_map.new_zeros(full).index_copy(1, columns, routing_map)
         if router.enable_expert_bias and torch.is_grad_enabled():
-            with torch.no_grad():  # megatron's bias-update counts (dropped experts get none)
-                router.local_tokens_per_expert += routing_map.sum(0).to(
-                    router.local_tokens_per_expert.dtype
-                )
+            with torch.no_grad():
+                router.local_tokens_per_expert += self._bias_counts(routing_map, columns)
         out = self._routed(x, probs, routing_map, st, w)
         if self.shared_experts is not None:
             out = out + self._shared(x, st, w, self._unit_weights(st.weight, idx)[1])

@@ -625,3 +625,38 @@ def test_expert_parallel_settings_that_cannot_split_are_refused(
     assert pgs.ep.size() == 1 and pgs.tp.size() == 1  # the refused init left the groups alone
     check_parallel_fit(moe_config, ParallelConfig(expert_model_parallel_size=8))
     ElasticConfig(budgets={"f": 1.0}, moe_expert_nesting_blocks=4).validate_for(moe_config, ep2)
+
+
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+def test_sub_networks_count_dropped_experts_as_balanced_for_the_bias_update(
+    pgs, moe_config, mode
+) -> None:
+    """megatron updates ``expert_bias`` at each step's end by sign(mean - tokens routed) per
+    expert. A sub-network's tokens count for its kept experts (their own counts: a pruned
+    model's balance), and each dropped expert counts as the kept experts' mean: with a count of
+    0 every dropped expert read as under-used and its bias rose every step it was dropped,
+    skewing the parent's routing (seen in examples/tiny_moe: +0.03..0.09 on the experts small
+    budgets drop). The bias update then moves the kept experts as it would in the pruned model
+    and leaves a dropped one within rounding of unchanged."""
+    from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
+    cfg = moe_config
+    assert cfg.moe_router_enable_expert_bias
+    model = _model(cfg, pgs)
+    spec = SubnetSpec.homogeneous(cfg, moe_experts=4, moe_expert_ffn=8, moe_shared_ffn=12)
+    model.set_subnet(spec, mode=mode)
+    kept = list(range(4))
+    routers = [model.decoder.layers[j].mlp.router for j in MOE_LAYERS]
+    for r in routers:
+        r.local_tokens_per_expert.zero_()
+    model(TOKENS, position_ids_like(TOKENS), None)  # grad enabled: a training forward
+    for r in routers:
+        counts = r.local_tokens_per_expert.clone()
+        assert counts[kept].sum() == TOKENS.numel() * cfg.moe_router_topk
+        mean = counts[kept].mean()
+        assert torch.allclose(counts[4:], mean.expand(4), rtol=1e-6, atol=0)
+        bias = r.expert_bias.clone()
+        new = get_updated_expert_bias(counts, bias, 1e-3, pgs.tp_dp_cp)
+        want = bias[kept] + torch.sign(mean - counts[kept]) * 1e-3  # the pruned model's update
+        assert torch.equal(new[kept], want)
+        assert ((new[4:] - bias[4:]).abs() <= 1e-3).all()
