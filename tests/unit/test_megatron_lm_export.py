@@ -488,3 +488,39 @@ def test_moe_what_megatron_lm_cannot_hold_is_refused_in_one_line(pgs, tmp_path) 
     args.moe_shared_expert_gate = True
     with pytest.raises(ValueError, match=r"moe_shared_expert_gate=True: .* gated shared expert"):
         _model_config_from_args(args, "args")
+
+
+def test_invariant_moe_megatron_lm_round_trips_through_the_converters_bit_exact(
+    run_cli, pgs, tmp_path
+) -> None:
+    """An MoE Megatron-LM checkpoint through the tools: -> parent -> Megatron-LM
+    (``convert_megatron_lm.py``), and -> Hugging Face -> Megatron-LM (``convert_megatron_to_hf``,
+    ``convert_hf_to_megatron --format megatron-lm``): the same weights and config."""
+    cfg = load_model_config(MOE_YAML)
+    model = build_hybrid_model(cfg, pgs)
+    randomise_moe(model)
+    source = tmp_path / "source"
+    save_megatron_lm(source, model, cfg)
+    out = {name: tmp_path / name for name in ("parent", "again", "hf", "from_hf")}
+    parent, again, hf, from_hf = (str(out[k]) for k in ("parent", "again", "hf", "from_hf"))
+    for done in run_cli(
+        [
+            (CONVERT, ["import", "--load", str(source), "--output", parent]),
+            (CONVERT, ["export", "--checkpoint", parent, "--output", again]),
+            ("tools/convert_megatron_to_hf.py", ["--checkpoint", str(source), "--output", hf]),
+            ("tools/convert_hf_to_megatron.py",
+             ["--hf", hf, "--output", from_hf, "--format", "megatron-lm"]),
+        ]
+    ):  # fmt: skip
+        assert done["rc"] == 0, done["stderr"][-3000:] + str(done["traceback"])
+    a = read_megatron_lm(source)
+    for name in ("again", "from_hf"):
+        b = read_megatron_lm(out[name])
+        expected = a.model_config
+        if name == "from_hf":  # an HF config has no training-only balancing losses
+            losses = ("moe_aux_loss_coeff", "moe_z_loss_coeff")
+            expected = dataclasses.replace(
+                expected, **{k: getattr(b.model_config, k) for k in losses}
+            )
+        assert b.model_config == expected, name
+        _assert_same_weights(a, b, pgs)
