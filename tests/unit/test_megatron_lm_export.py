@@ -43,9 +43,11 @@ CONVERT = "tools/convert_megatron_lm.py"
 
 
 @pytest.fixture(scope="module")
-def exported(perturbed_checkpoint, tmp_path_factory, run_cli):
+def exported(perturbed_checkpoint, tmp_path_factory, run_cli, pgs):
     """Every trained budget of the tiny elastic checkpoint exported as Megatron-LM, and the
-    whole elastic parent (with its router) converted: (root, results)."""
+    whole elastic parent (with its router) converted; in the same CLI process (one start), the
+    tiny MoE parent's Megatron-LM checkpoint (``moe/source``) through the converters:
+    (root, results)."""
     from megatron_elastic.data.tokenizers import train_bpe_tokenizer
 
     path, _, _ = perturbed_checkpoint
@@ -53,11 +55,22 @@ def exported(perturbed_checkpoint, tmp_path_factory, run_cli):
     texts = [f"Question: what is {a} + {b}? Answer: {a + b}" for a in range(40) for b in range(9)]
     train_bpe_tokenizer(texts, 300, root / "tokenizer.json")
     tokenizer = ["--tokenizer", str(root / "tokenizer.json")]
+    moe_cfg = load_model_config(MOE_YAML)
+    moe_model = build_hybrid_model(moe_cfg, pgs)
+    randomise_moe(moe_model)
+    moe = {name: str(root / "moe" / name) for name in ("source", "parent", "again", "hf", "hf_mlm")}
+    save_megatron_lm(moe["source"], moe_model, moe_cfg)
     results = run_cli(
         [
             (EXPORT, ["--checkpoint", str(path), "--all", "--format", "megatron-lm",
                       "--output", str(root / "budgets"), *tokenizer]),
             (CONVERT, ["export", "--checkpoint", str(path), "--output", str(root / "whole")]),
+            (CONVERT, ["import", "--load", moe["source"], "--output", moe["parent"]]),
+            (CONVERT, ["export", "--checkpoint", moe["parent"], "--output", moe["again"]]),
+            ("tools/convert_megatron_to_hf.py",
+             ["--checkpoint", moe["source"], "--output", moe["hf"]]),
+            ("tools/convert_hf_to_megatron.py",
+             ["--hf", moe["hf"], "--output", moe["hf_mlm"], "--format", "megatron-lm"]),
         ]
     )  # fmt: skip
     for done in results:
@@ -491,33 +504,19 @@ def test_moe_what_megatron_lm_cannot_hold_is_refused_in_one_line(pgs, tmp_path) 
 
 
 def test_invariant_moe_megatron_lm_round_trips_through_the_converters_bit_exact(
-    run_cli, pgs, tmp_path
+    exported, pgs
 ) -> None:
-    """An MoE Megatron-LM checkpoint through the tools: -> parent -> Megatron-LM
-    (``convert_megatron_lm.py``), and -> Hugging Face -> Megatron-LM (``convert_megatron_to_hf``,
-    ``convert_hf_to_megatron --format megatron-lm``): the same weights and config."""
-    cfg = load_model_config(MOE_YAML)
-    model = build_hybrid_model(cfg, pgs)
-    randomise_moe(model)
-    source = tmp_path / "source"
-    save_megatron_lm(source, model, cfg)
-    out = {name: tmp_path / name for name in ("parent", "again", "hf", "from_hf")}
-    parent, again, hf, from_hf = (str(out[k]) for k in ("parent", "again", "hf", "from_hf"))
-    for done in run_cli(
-        [
-            (CONVERT, ["import", "--load", str(source), "--output", parent]),
-            (CONVERT, ["export", "--checkpoint", parent, "--output", again]),
-            ("tools/convert_megatron_to_hf.py", ["--checkpoint", str(source), "--output", hf]),
-            ("tools/convert_hf_to_megatron.py",
-             ["--hf", hf, "--output", from_hf, "--format", "megatron-lm"]),
-        ]
-    ):  # fmt: skip
-        assert done["rc"] == 0, done["stderr"][-3000:] + str(done["traceback"])
-    a = read_megatron_lm(source)
-    for name in ("again", "from_hf"):
-        b = read_megatron_lm(out[name])
+    """An MoE Megatron-LM checkpoint through the tools (``exported`` ran them): -> parent ->
+    Megatron-LM (``convert_megatron_lm.py``), and -> Hugging Face -> Megatron-LM
+    (``convert_megatron_to_hf``, ``convert_hf_to_megatron --format megatron-lm``): the same
+    weights and config."""
+    root, _ = exported
+    a = read_megatron_lm(root / "moe" / "source")
+    assert "E" in a.model_config.hybrid_pattern
+    for name in ("again", "hf_mlm"):
+        b = read_megatron_lm(root / "moe" / name)
         expected = a.model_config
-        if name == "from_hf":  # an HF config has no training-only balancing losses
+        if name == "hf_mlm":  # an HF config has no training-only balancing losses
             losses = ("moe_aux_loss_coeff", "moe_z_loss_coeff")
             expected = dataclasses.replace(
                 expected, **{k: getattr(b.model_config, k) for k in losses}
