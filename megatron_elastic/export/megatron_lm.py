@@ -16,10 +16,11 @@ A directory written here holds::
 The weights carry the names of megatron-core's Transformer-Engine hybrid spec (fused
 ``layer_norm_weight``\\ s and TE ``_extra_state``\\ s, :mod:`.te_mapping`), so Megatron-LM's
 ``pretrain_hybrid.py --load DIR --finetune --use-checkpoint-args`` and Megatron-Bridge build their
-default model and load it. The ``args`` carry the hybrid pattern and every dimension, and only
-types Megatron-LM unpickles with ``weights_only=True``. An elastic parent may also carry the
-router (``megatron_elastic`` in the common state, plain data and tensors), which Megatron-LM
-ignores and :func:`read_megatron_lm` returns.
+default model and load it. The ``args`` carry the hybrid pattern and every dimension, and only types
+Megatron-LM unpickles with ``weights_only=True``; a model with ``E`` layers also carries the MoE
+arguments (:mod:`.megatron_lm_moe`) and its experts under megatron's expert keys. An elastic parent
+may also carry the router (``megatron_elastic`` in the common state, plain data and tensors), which
+Megatron-LM ignores and :func:`read_megatron_lm` returns.
 """
 
 from __future__ import annotations

@@ -84,8 +84,7 @@ def moe_run_config(cfg: Any) -> dict[str, Any]:
     ``TransformerConfig`` names (``HybridModelProvider`` is one)."""
     if "E" not in cfg.hybrid_pattern:
         return {}
-    runtime = {k: v for k, v in MOE_RUNTIME.items() if k != "moe_single_grouped_weight"}
-    return {field: getattr(cfg, field) for field in MOE_ARGS.values()} | runtime
+    return {field: getattr(cfg, field) for field in MOE_ARGS.values()} | MOE_RUNTIME
 
 
 def moe_fields_from_args(get: Callable[[str, Any], Any], where: str) -> dict[str, Any]:

@@ -1,18 +1,23 @@
 """megatron-core's own Transformer-Engine hybrid model, buildable without Transformer Engine.
 
-The reference for what a Megatron-LM / Megatron-Bridge checkpoint must hold is the model those
-tools build by default: ``HybridModel`` with ``megatron.core.models.hybrid.hybrid_layer_specs.
+The reference for what a Megatron-LM / Megatron-Bridge checkpoint must hold is the model those tools
+build by default: ``HybridModel`` with ``megatron.core.models.hybrid.hybrid_layer_specs.
 hybrid_stack_spec``. Without CUDA, Transformer Engine cannot be imported and megatron-core's TE
 wrappers are placeholders, so each TE class in that spec is replaced here by a stand-in with the
 parameters and checkpoint entries of the TE module (read from transformer_engine's source:
 ``LayerNormLinear`` registers ``weight`` and ``layer_norm_weight``, ``Linear`` ``weight``, the
-``RMSNorm`` op ``weight``; every one has ``_extra_state``, an empty uint8 tensor without FP8)
-and the TE wrapper's sharding (the same axis maps as megatron's tensor-parallel linears, which
-the stand-ins inherit). Everything else (which modules exist, where norms are fused, the layer
-classes, the Mamba mixer's checkpoint layout, the model's prefixes) is megatron-core's own.
+``RMSNorm`` op ``weight``, ``GroupedLinear`` one ``weight{i}`` per GEMM; every one has
+``_extra_state``, an empty uint8 tensor without FP8) and the TE wrapper's sharding (the same axis
+maps as megatron's tensor-parallel linears, which the stand-ins inherit; the grouped linears'
+per-expert shards as megatron's ``TEGroupedLinear`` writes them). The ``E`` layer is built by
+megatron's own ``TESpecProvider`` with the grouped-linear stand-ins in place (``TEGroupedMLP``
+experts, as on a GPU; without TE megatron would fall back to ``SequentialMLP``). Everything else
+(which modules exist, where norms are fused, the layer classes, the Mamba mixer's checkpoint layout,
+the model's prefixes) is megatron-core's own.
 
-The stand-in fused norm also computes (RMS norm, then the linear), so the reference model runs
-forward on CPU; its Mamba mixer is ours (megatron's mixer with a CPU scan, same parameters).
+The stand-in fused norm also computes (RMS norm, then the linear), and the grouped linears run each
+expert's rows through its weight, so the reference model runs forward on CPU; its Mamba mixer is
+ours (megatron's mixer with a CPU scan, same parameters).
 """
 
 from __future__ import annotations
