@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LOAD_BALANCING_TYPES", "SCORE_FUNCTIONS", "check_moe", "refuse_moe_export"]
+__all__ = ["LOAD_BALANCING_TYPES", "SCORE_FUNCTIONS", "check_moe"]
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 """megatron's router score functions we support (``sqrtsoftplus`` is not a NemotronH router)."""
@@ -151,14 +151,4 @@ def _check_groups(cfg: Any, experts: int, k: int) -> None:
             f"{k} with {group_topk} of {groups} expert groups: megatron scores a group by its top "
             f"moe_router_topk // moe_router_group_topk experts and picks the top-k among the "
             f"{within} experts of the chosen groups, so top-k must lie in [{group_topk}, {within}]",
-        )
-
-
-def refuse_moe_export(cfg: Any, target: str) -> None:
-    """``ValueError`` for a model with ``E`` layers: no format writes MoE layers yet, and writing
-    the rest would give a config without its experts."""
-    if "E" in cfg.hybrid_pattern:
-        raise ValueError(
-            f"{target} export of a model with 'E' (mixture-of-experts) layers is not supported "
-            "yet (issue 26 step 6); export a parent without 'E' layers"
         )

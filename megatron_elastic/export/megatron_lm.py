@@ -16,10 +16,11 @@ A directory written here holds::
 The weights carry the names of megatron-core's Transformer-Engine hybrid spec (fused
 ``layer_norm_weight``\\ s and TE ``_extra_state``\\ s, :mod:`.te_mapping`), so Megatron-LM's
 ``pretrain_hybrid.py --load DIR --finetune --use-checkpoint-args`` and Megatron-Bridge build their
-default model and load it. The ``args`` carry the hybrid pattern and every dimension, and only
-types Megatron-LM unpickles with ``weights_only=True``. An elastic parent may also carry the
-router (``megatron_elastic`` in the common state, plain data and tensors), which Megatron-LM
-ignores and :func:`read_megatron_lm` returns.
+default model and load it. The ``args`` carry the hybrid pattern and every dimension, and only types
+Megatron-LM unpickles with ``weights_only=True``; a model with ``E`` layers also carries the MoE
+arguments (:mod:`.megatron_lm_moe`) and its experts under megatron's expert keys. An elastic parent
+may also carry the router (``megatron_elastic`` in the common state, plain data and tensors), which
+Megatron-LM ignores and :func:`read_megatron_lm` returns.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch import nn
 
 from megatron_elastic.checkpoint import replace_directory
 from megatron_elastic.config import ModelConfig, config_from_dict
-from megatron_elastic.config_moe import refuse_moe_export
+from megatron_elastic.export.megatron_lm_moe import moe_args, moe_fields_from_args, moe_run_config
 from megatron_elastic.export.te_mapping import te_empty_extra_state, te_extra_state_keys
 from megatron_elastic.integrity import ALGORITHM, digest_files, list_files, verify_files
 
@@ -99,7 +100,6 @@ def _vocab_divisor(vocab_size: int) -> int:
 
 
 def _check_representable(cfg: ModelConfig) -> None:
-    refuse_moe_export(cfg, "Megatron-LM")
     if cfg.is_heterogeneous:
         raise ValueError(
             "Megatron-LM and Megatron-Bridge build one size per layer kind; this model has "
@@ -157,8 +157,8 @@ def megatron_lm_args(
         attention_dropout=0.0,
         hidden_dropout=0.0,
         init_method_std=cfg.init_method_std,
-        num_experts=None,
         mtp_num_layers=None,
+        **moe_args(cfg),
         # vocabulary and tokenizer
         padded_vocab_size=cfg.vocab_size,
         make_vocab_size_divisible_by=_vocab_divisor(cfg.vocab_size),
@@ -225,6 +225,7 @@ def bridge_run_config(
         "fp16": params_dtype == torch.float16,
         "tensor_model_parallel_size": 1,
         "pipeline_model_parallel_size": 1,
+        **moe_run_config(cfg),
     }
     return {
         "model": model,
@@ -238,22 +239,22 @@ def bridge_run_config(
 
 def te_sharded_state_dict(model: nn.Module, cfg: ModelConfig) -> dict[str, Any]:
     """``model``'s sharded state dict as megatron's TE hybrid spec has it: every TE module's
-    ``_extra_state`` present with TE's value (no FP8 state), norms already under their fused
-    names (our spec's keys map). Modules that are megatron's own in both specs (the output
-    layer) keep theirs."""
+    ``_extra_state`` present with TE's value (no FP8 state; one per expert for the experts'
+    grouped linears), norms already under their fused names (our spec's keys map). Modules that
+    are megatron's own in both specs (the output layer, the MoE router) keep theirs."""
     state = dict(model.sharded_state_dict())
-    present = {
-        obj.key: name
-        for name, obj in state.items()
-        if isinstance(obj, ShardedObject) and obj.key.endswith("._extra_state")
-    }
+    present: dict[str, list[str]] = {}
+    for name, obj in state.items():
+        if isinstance(obj, ShardedObject) and obj.key.endswith("._extra_state"):
+            present.setdefault(obj.key, []).append(name)
     assert present, "a megatron model without any extra state"
-    template = state[next(iter(present.values()))]
-    for key in te_extra_state_keys(cfg.layer_kinds()):
-        if key in present:
-            name = present[key]
+    # an unsharded module's entry (an expert's has the expert axis)
+    template = next(state[n[0]] for n in present.values() if state[n[0]].global_shape == (1,))
+    shared = cfg.moe_shared_expert_intermediate_size is not None
+    for key in te_extra_state_keys(cfg.layer_kinds(), moe_shared_expert=shared):
+        for name in present.get(key, ()):
             state[name] = dataclasses.replace(state[name], data=te_empty_extra_state())
-        else:  # a module that is a TE module only in the TE spec (the final norm)
+        if key not in present:  # a module that is a TE module only in the TE spec (norms)
             state[key] = dataclasses.replace(template, key=key, data=te_empty_extra_state())
     return state
 
@@ -305,7 +306,6 @@ def _model_config_from_args(args: Any, where: str) -> ModelConfig:
     if not pattern:
         raise ValueError(f"{where}: args carry no hybrid layer pattern (a GPT checkpoint?)")
     refusals = {
-        "num_experts": (get("num_experts"), None, "mixture-of-experts layers"),
         "mtp_num_layers": (get("mtp_num_layers") or None, None, "multi-token-prediction layers"),
         "swiglu": (get("swiglu", False), False, "SwiGLU MLPs (NemotronH's are squared-ReLU)"),
         "squared_relu": (get("squared_relu", True), True, "MLPs other than squared-ReLU"),
@@ -345,6 +345,7 @@ def _model_config_from_args(args: Any, where: str) -> ModelConfig:
     missing = [k for k, v in values.items() if v is None]
     if missing:
         raise ValueError(f"{where}: args lack what {missing} is built from")
+    values |= moe_fields_from_args(get, where)
     return config_from_dict(ModelConfig, values, where=where)
 
 

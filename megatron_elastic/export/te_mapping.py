@@ -17,6 +17,14 @@ the same keys and sharding:
   store ``None`` there and our norms nothing. :data:`TE_MODULES` lists the modules that are TE
   modules in the TE spec; :func:`te_extra_states` gives their TE values.
 
+Mixture-of-experts (``E``) layers have no fused norm (tokens are permuted between the norm and
+the experts, so TE's spec keeps a ``TENorm`` ``pre_mlp_layernorm``, named as ours). Their
+experts have one checkpoint key per linear with the expert axis prepended
+(``mlp.experts.experts.linear_fc1.weight``, one shard per expert), the layout megatron's
+``TEGroupedMLP`` (grouped GEMM, the TE spec's) and ``SequentialMLP`` (ours) share; TE's grouped
+linears also store one ``_extra_state`` shard per expert under the same key, where megatron's
+local linears store ``None``.
+
 ``TEDotProductAttention`` stores nothing in a checkpoint unless its softmax offset is learnable
 (megatron's wrapper drops its extra state), so core attention appears in neither table.
 """
@@ -30,6 +38,7 @@ import torch
 __all__ = [
     "FUSED_NORMS",
     "GLOBAL_TE_MODULES",
+    "MOE_SHARED_TE_MODULES",
     "TE_MODULES",
     "te_empty_extra_state",
     "te_extra_state_keys",
@@ -39,6 +48,7 @@ FUSED_NORMS: Mapping[str, Mapping[str, str]] = {
     "mamba": {"norm.": "mixer.in_proj.layer_norm_"},
     "attention": {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
     "mlp": {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+    "moe": {},
 }
 """Per layer kind: local-spec name prefix -> TE-spec name prefix (within a layer)."""
 
@@ -46,9 +56,22 @@ TE_MODULES: Mapping[str, tuple[str, ...]] = {
     "mamba": ("mixer.in_proj", "mixer.out_proj"),
     "attention": ("self_attention.linear_qkv", "self_attention.linear_proj"),
     "mlp": ("mlp.linear_fc1", "mlp.linear_fc2"),
+    "moe": (
+        "pre_mlp_layernorm",
+        "mlp.experts.experts.linear_fc1",
+        "mlp.experts.experts.linear_fc2",
+    ),
 }
 """Per layer kind: the modules (within a layer) that are Transformer-Engine modules in the TE
-spec, each with an ``_extra_state`` entry."""
+spec, each with an ``_extra_state`` entry (under its checkpoint key: the experts' is one key
+for all experts)."""
+
+MOE_SHARED_TE_MODULES: tuple[str, ...] = (
+    "mlp.shared_experts.linear_fc1",
+    "mlp.shared_experts.linear_fc2",
+)
+"""The TE modules of an ``E`` layer's shared expert (``TEColumnParallelLinear`` /
+``TERowParallelLinear``, no fused norm), present when the model has one."""
 
 GLOBAL_TE_MODULES: tuple[str, ...] = ("decoder.final_norm",)
 """TE modules outside the layers: ``HybridStack`` builds its final norm with ``TENorm``."""
@@ -60,15 +83,21 @@ def te_empty_extra_state() -> torch.Tensor:
 
 
 def te_extra_state_keys(
-    layer_kinds: Iterable[str], *, post_process: bool = True, first_layer: int = 0
+    layer_kinds: Iterable[str],
+    *,
+    post_process: bool = True,
+    first_layer: int = 0,
+    moe_shared_expert: bool = False,
 ) -> list[str]:
     """Checkpoint keys of every TE module's ``_extra_state`` for a stack of ``layer_kinds``
     (global layer numbering from ``first_layer``); ``post_process``: the stack has the final
-    norm."""
+    norm; ``moe_shared_expert``: its ``E`` layers have a shared expert."""
+    shared = MOE_SHARED_TE_MODULES if moe_shared_expert else ()
+    modules = {kind: TE_MODULES[kind] + (shared if kind == "moe" else ()) for kind in TE_MODULES}
     keys = [
         f"decoder.layers.{first_layer + i}.{module}._extra_state"
         for i, kind in enumerate(layer_kinds)
-        for module in TE_MODULES[kind]
+        for module in modules[kind]
     ]
     if post_process:
         keys += [f"{module}._extra_state" for module in GLOBAL_TE_MODULES]

@@ -306,14 +306,18 @@ def test_elastic_side_refuses_what_moe_parents_cannot_run_yet(pgs, moe_config) -
             refuse()
 
 
-def test_every_format_refuses_moe_models_until_it_writes_them(moe_config) -> None:
-    """The formats that do not write experts yet refuse rather than write a config without them
-    (Hugging Face writes them: tests/unit/test_hf_convert.py; GGUF: test_gguf_export.py)."""
-    from megatron_elastic.export.megatron_lm import megatron_lm_args
+def test_every_format_accepts_a_homogeneous_moe_budget(moe_config) -> None:
+    """Every export format writes MoE layers now (issue 26 step 6): none refuses the parent or a
+    homogeneous MoE budget before writing (each format's own test loads them in its consumer:
+    test_hf_convert.py, test_gguf_export.py, test_megatron_lm_export.py)."""
+    from megatron_elastic.elastic.subnet import SubnetSpec
+    from megatron_elastic.export.registry import EXPORTERS, ExportOptions
 
-    for target, refuse in (("Megatron-LM", lambda: megatron_lm_args(moe_config)),):
-        with pytest.raises(ValueError, match=f"{target} export of a model with 'E'"):
-            refuse()
+    small = SubnetSpec.homogeneous(moe_config, moe_experts=4, moe_expert_ffn=8, moe_shared_ffn=12)
+    budgets = {"full": SubnetSpec.full(moe_config), "small": small}
+    assert {"megatron", "megatron-lm", "hf", "gguf"} <= set(EXPORTERS)
+    for exporter in EXPORTERS.values():
+        exporter.check(moe_config, budgets, ExportOptions())
 
 
 def test_expert_weights_come_from_each_expert_parallel_ranks_stream(pgs, moe_config) -> None:
