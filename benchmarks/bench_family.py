@@ -34,15 +34,16 @@ routers), ``depth_floor`` / ``depth_no_floor`` (depth 6-10 with ``min_attention_
 They are behind the flag because the default study's time goes to seeds and finished schedules.
 
 Time (``--resume`` continues an interrupted run), estimated, not yet run in full: at most about
-2.9 hours on 2 idle cores. Single-thread CPU seconds per training step, timed on 2026-12-07 as
-the difference of a 2-step and a 6-step run of each kind at the default sizes (a shared machine,
-so upper bounds): pretraining 0.93, stage 1 1.78, stage 2 2.32, Minitron 2.28. The study trains
-1,600 pretraining steps, 7 x (100 + 40) elastic steps and 6 x 426 Minitron steps (9,200 s), plus
-~6 s of set-up per stage (82 stages), ranking and data (~100 s) and measurement (~500 s; the old
-study's 361 s scaled by its rows). The same figures over-predict the old study's logged training
-time (3,800 s against ~2,800 s) by ~36%, so ~2.1 hours is the likelier figure. ``--ablations``
-adds about 0.9 hours by the same figures (two scratch pretrainings of 1,600 steps are most of
-it). ``--reduced``: one seed, 3 steps a stage, every arm (``tests/e2e/test_bench_family.py``).
+3.0 hours on 2 idle cores, likelier about 2.1. Single-thread CPU seconds per training step,
+timed on 2026-12-07 as the difference of a 2-step and a 6-step run of each kind at the default
+sizes (a shared machine, so upper bounds): pretraining 0.93, stage 1 1.78, stage 2 2.32,
+Minitron 2.28 (75%) and 2.55 (50%). The study trains 1,600 pretraining steps, 7 x (100 + 40)
+elastic steps and 6 x 426 Minitron steps (9,600 s), plus ~6 s of set-up per stage (82 stages),
+ranking and data (~100 s) and measurement (~500 s; the old study's 361 s scaled by its rows):
+~10,700 s. The same figures over-predict the old study's logged training time (3,900 s against
+~2,800 s) by ~39%; scaled alike, ~2.1 hours. ``--ablations`` adds about 0.9 hours by the same
+figures (two scratch pretrainings of 1,600 steps are most of it). ``--reduced``: one seed, 3
+steps a stage, every arm (``tests/e2e/test_bench_family.py``).
 
 Results: ``<output>/report.md`` (tables, printed at the end), ``report.json`` and
 ``family_cost.png`` / ``family_arms.png``. Logs of every step in ``<output>/logs``.
