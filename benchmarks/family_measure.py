@@ -49,6 +49,7 @@ class Evaluator:
         self.probe[:, -s:] = tokens[:, :s]
         self.control = self.probe.clone()
         self.control[:, :s] = torch.roll(tokens[:, :s], 1, dims=0)
+        self.cross_check: dict[str, float] | None = None
 
     @torch.no_grad()
     def recall(self, model) -> float:
@@ -77,6 +78,12 @@ class Evaluator:
 
     def measure(self, model, *, curve_only: bool = False) -> dict[str, Any]:
         sums, counts = self.per_sequence(model)
+        if self.cross_check is None:  # the first model: the per-sequence sums against the
+            # project's validation_loss, once (report.json's ``cross_check``)
+            self.cross_check = {
+                "per_sequence": sum(sums) / sum(counts),
+                "validation_loss": validation_loss(model, self.short).loss,
+            }
         out: dict[str, Any] = {
             "loss_short": sum(sums) / sum(counts),
             "seq_loss_sum": sums,
@@ -215,4 +222,5 @@ def measure(runs: dict[str, Any], valid: Path, tokenizer: Path) -> dict[str, Any
         res["minitron"][key] = rows
     if "scratch" in runs:
         res["scratch"] = {b: curve(ev, pgs, save, None) for b, save in runs["scratch"].items()}
+    res["cross_check"] = ev.cross_check
     return res

@@ -74,6 +74,9 @@ def test_reduced_family_benchmark_reports_every_arm(family) -> None:
             assert row["loss_short"] == pytest.approx(sum(row["seq_loss_sum"]) / sum(n))
             assert sequences in (None, n) and len(n) >= 8
             sequences = n
+    # The per-sequence sums give the project's validation loss (measured once, both ways).
+    check = res["cross_check"]
+    assert check["per_sequence"] == pytest.approx(check["validation_loss"], rel=1e-9)
     for kind in ("untrained/router", "untrained/fixed"):
         assert set(res[kind]) == {"0.6", "0.85"}
     for budget in ("75%", "50%"):
