@@ -1,7 +1,11 @@
 """Report of ``bench_family.py``: its measurements (``family_measure.py``) as markdown tables,
-plots, ``report.json`` and a one-line headline. The cost section compares tokens: for each
-smaller size, the tokens a Minitron-style or a scratch run needs to reach the elastic child's
-validation loss (linear between its checkpoints).
+plots, ``report.json`` and a one-line headline. The cost sections compare one elastic run with
+Minitron-style compression of each smaller size, given the architecture and with a search:
+tokens (and model FLOPs, the frozen teacher's forward counted for both) each needs to reach
+the elastic children's validation loss at two levels (the end of stage 1 and of stage 2, both
+finished schedules), read on curves whose points are finished schedules too; and per-seed
+paired loss differences at equal tokens with bootstrap intervals (``family_stats.py``). The
+other arms' tables are ``family_report_arms.py``'s.
 """
 
 from __future__ import annotations
@@ -12,347 +16,259 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from family_measure import BUDGETS, SMALLER, UNTRAINED, measure
+from family_measure import SMALLER, measure
+from family_report_arms import _fmt, _table, arm_sections, arms_plot
+from family_stats import paired_difference, tokens_to_match
 
-
-def tokens_to_match(points: list[dict[str, float]], target: float) -> tuple[float | None, str]:
-    """Tokens at which the curve's validation loss first reaches ``target`` (linear between
-    checkpoints): (tokens, "") or (the first checkpoint's tokens, "<=") or (None, ">")."""
-    prev = None
-    for p in points:
-        if p["loss_short"] <= target:
-            if prev is None:
-                return p["tokens"], "<="
-            f = (prev["loss_short"] - target) / (prev["loss_short"] - p["loss_short"])
-            return prev["tokens"] + f * (p["tokens"] - prev["tokens"]), ""
-        prev = p
-    return None, ">"
-
-
-def at_tokens(points: list[dict[str, float]], tokens: float) -> dict[str, float]:
-    """The checkpoint closest to ``tokens``."""
-    return min(points, key=lambda p: abs(p["tokens"] - tokens))
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def _spread(values: list[float], digits: int = 4) -> str:
-    """Mean, and the half-range of the seeds when there are several."""
-    if len(values) == 1:
-        return _fmt(values[0], digits)
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+LEVELS = ("stage1", "stage2")
+"""The elastic run's points the Minitron arms must match: its children after stage 1 (its
+tokens so far) and after stage 2 (the whole run)."""
 
 
 def _tok(x: float | None, how: str = "") -> str:
     return f"{how} {x / 1e3:,.0f}k".strip() if x is not None else how
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+def _mean_sd(values: list[float], digits: int = 2) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def curves(row: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """A size's two Minitron curves, points sorted by tokens charged to the arm: ``given`` (each
+    horizon run's final loss at its tokens) and ``search`` (the winner's short run at every
+    candidate's tokens together, then each continuation at those plus its own)."""
+    search_tokens = sum(c["tokens"] for c in row["candidates"].values() if "tokens" in c)
+    winner = row["candidates"][row["winner"]]
+    given = sorted(row["given"].values(), key=lambda p: p["tokens"])
+    search = [{**winner, "tokens": search_tokens}] + [
+        {**p, "tokens": search_tokens + p["tokens"]}
+        for p in sorted(row["continued"].values(), key=lambda p: p["tokens"])
+    ]
+    return {"given": given, "search": search}
+
+
+def _flops_at(row: dict[str, Any], arm: str, tokens: float) -> float:
+    """Model FLOPs of an arm's ``tokens``: the search arm's candidates at their own cost, the
+    rest at the winner's (given: the router's architecture)."""
+    cands = row["candidates"]
+    if arm == "given":
+        router = cands["router"]
+        return tokens * cands.get(router.get("same_as"), router)["flops_per_token"]
+    trained = {k: c for k, c in cands.items() if "tokens" in c}
+    spent = sum(c["tokens"] * c["flops_per_token"] for c in trained.values())
+    search_tokens = sum(c["tokens"] for c in trained.values())
+    return spent + (tokens - search_tokens) * trained[row["winner"]]["flops_per_token"]
+
+
+def ratios(res: dict[str, Any], seed: int, level: str) -> dict[str, Any]:
+    """Family over elastic at one level for one seed: tokens and FLOPs of each arm, summed over
+    the smaller sizes, over the elastic run's up to that level; ``bound``: '>' when a size never
+    matched (its whole curve counted), '<=' when one matched at its first point."""
+    stages = LEVELS[: LEVELS.index(level) + 1]
+    tokens = sum(res["tokens"][st] for st in stages)
+    flops = sum(res["flops"][f"elastic_s{seed}/{st}"]["flops"] for st in stages)
+    out: dict[str, Any] = {"elastic_tokens": tokens, "elastic_flops": flops}
+    for arm in ("given", "search"):
+        total_t = total_f = 0.0
+        marks = set()
+        sizes = {}
+        for budget in SMALLER:
+            row = res["minitron"][f"s{seed}/{budget}"]
+            points = curves(row)[arm]
+            target = res[f"elastic_s{seed}/{level}"][budget]["loss_short"]
+            t, how = tokens_to_match(points, target)
+            t = points[-1]["tokens"] if t is None else t
+            marks.add(how)
+            total_t += t
+            total_f += _flops_at(row, arm, t)
+            sizes[budget] = {"tokens": t, "how": how, "first": points[0]["tokens"]}
+        bound = ">" if ">" in marks else "<=" if "<=" in marks else ""
+        out[arm] = {
+            "tokens": total_t / tokens,
+            "flops": total_f / flops,
+            "bound": bound,
+            "sizes": sizes,
+        }
+    return out
 
 
 def cost_section(res: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     seeds, tokens = res["seeds"], res["tokens"]
-    elastic_t = tokens["elastic"]
-    share = elastic_t / len(SMALLER)
-    summary: dict[str, Any] = {"minitron_ratio": {}, "scratch_ratio": None}
-    rows = []
-    family_match: dict[int, list[tuple[float | None, str]]] = {s: [] for s in seeds}
-    scratch_match = []
-    for budget in SMALLER:
-        child = [res[f"elastic_s{s}/stage2"][budget]["loss_short"] for s in seeds]
-        equal, match_txt = [], []
-        for s in seeds:
-            pts = res["minitron"][f"s{s}/{budget}"]
-            equal.append(at_tokens(pts, share)["loss_short"])
-            t, how = tokens_to_match(pts, child[seeds.index(s)])
-            family_match[s].append((t if t is not None else pts[-1]["tokens"], how))
-            match_txt.append(_tok(t if t is not None else pts[-1]["tokens"], how))
-        spts = res["scratch"][budget]
-        t, how = tokens_to_match(spts, statistics.fmean(child))
-        scratch_match.append((t if t is not None else spts[-1]["tokens"], how))
-        rows.append(
-            [
-                budget,
-                f"{res['elastic_s0/stage2'][budget]['params']:,}",
-                _spread(child),
-                _spread(equal),
-                " / ".join(match_txt),
-                _fmt(spts[-1]["loss_short"]),
-                _tok(*scratch_match[-1]),
-            ]
-        )
+    summary: dict[str, Any] = {"levels": {}}
     lines = [
-        "### Cost: one elastic run against compressing or pretraining each size",
+        "### Cost: one elastic run against Minitron-style compression of each smaller size",
         "",
-        f"Elastic: one run of {_tok(elastic_t)} tokens (stage 1 {_tok(tokens['stage1'])} + "
-        f"stage 2 {_tok(tokens['stage2'])}) trains every budget. Minitron-style: each smaller "
-        f"size pruned from the same ranked parent and distilled alone from the same teacher; "
-        f"'equal tokens' is its checkpoint nearest {_tok(share)} tokens (the elastic run's "
-        f"tokens split over {len(SMALLER)} sizes). Scratch: the size's architecture pretrained "
-        f"with the parent's recipe ({_tok(tokens['pretrain'])} tokens). Validation loss on "
-        "held-out problems at stage 1's context; ± is half the range over seeds "
-        f"{', '.join(map(str, seeds))} (scratch: seed 0's architecture, one seed).",
-        "",
-        *_table(
-            [
-                "budget",
-                "params",
-                "elastic child",
-                "Minitron, equal tokens",
-                "Minitron tokens to match (per seed)",
-                "scratch, final",
-                "scratch tokens to match",
-            ],
-            rows,
-        ),
-        "",
-    ]
-    for s in seeds:
-        total = sum(t for t, _ in family_match[s])
-        summary["minitron_ratio"][s] = (total / elastic_t, _bound(family_match[s]))
-    total = sum(t for t, _ in scratch_match)
-    summary["scratch_ratio"] = (total / elastic_t, _bound(scratch_match))
-    ratios = ", ".join(
-        f"seed {s}: {b} {r:.2f}x".replace("  ", " ")
-        for s, (r, b) in summary["minitron_ratio"].items()
-    )
-    r, b = summary["scratch_ratio"]
-    lines += [
-        f"Tokens the family needs to match every elastic child, over the elastic run's: "
-        f"Minitron-style {ratios} (paper: 7x vs Minitron-SSM); from scratch {b} {r:.2f}x "
-        f"(paper: 360x vs pretraining; here the parent's own pretraining is only "
-        f"{tokens['pretrain'] / elastic_t:.1f}x the elastic run). '>': a size never matched "
-        "within its run (its whole run counted); '<=': it matched at its first checkpoint.",
-        "",
-    ]
-    return lines, summary
-
-
-def _bound(matches: list[tuple[float, str]]) -> str:
-    """How a sum of tokens-to-match bounds the true sum: '>' if any size never matched, '<='
-    if some matched at their first checkpoint, '' if exact."""
-    marks = {how for _, how in matches}
-    return ">" if ">" in marks else "<=" if "<=" in marks else ""
-
-
-def arm_table(res, arms: list[tuple[str, str]], budgets=BUDGETS, *, recall=False) -> list[str]:
-    header = ["budget", *[f"{label}" for _, label in arms]]
-    rows = []
-    for budget in budgets:
-        cells = [budget]
-        for key, _ in arms:
-            r = res[key][budget]
-            cell = f"{_fmt(r['loss_short'])} / {_fmt(r['loss_long'])}"
-            if recall:
-                cell += f" / {_fmt(r['recall'], 3)}"
-            cells.append(cell)
-        rows.append(cells)
-    return _table(header, rows)
-
-
-def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    seeds = res["seeds"]
-    lines, summary = cost_section(res)
-    lines += [
-        "### Curriculum: stage 1 only vs stage 1 + stage 2",
-        "",
-        "Cells: validation loss at stage 1's context / at twice stage 2's (long), per seed.",
-        "",
-        *arm_table(
-            res,
-            [
-                (f"elastic_s{s}/{st}", f"seed {s} {'stage 1 only' if st == 'stage1' else '1 + 2'}")
-                for s in seeds
-                for st in ("stage1", "stage2")
-            ],
-        ),
-        "",
-        "### Sampling in stage 2: weighted 0.5/0.3/0.2 vs uniform (seed 0)",
-        "",
-        *arm_table(res, [("elastic_s0/stage2", "weighted"), ("uniform", "uniform")]),
-        "",
-        "### Router: learned homogeneous vs fixed homogeneous vs learned heterogeneous (seed 0)",
-        "",
-        "Fixed: full depth, widths closest to the budget's parameters (no router). Cells: short "
-        "/ long loss. Params and kept layers below.",
-        "",
-        *arm_table(
-            res,
-            [
-                ("elastic_s0/stage2", "router (homogeneous)"),
-                ("fixed", "fixed homogeneous"),
-                ("heterogeneous", "router (heterogeneous)"),
-                ("baseline", "no elastic training"),
-            ],
-        ),
-        "",
-        *_table(
-            ["budget", "router params", "fixed params", "heterogeneous params"],
-            [
-                [b]
-                + [
-                    f"{res[k][b]['params']:,} `{res[k][b]['pattern']}`"
-                    for k in ("elastic_s0/stage2", "fixed", "heterogeneous")
-                ]
-                for b in BUDGETS
-            ],
-        ),
-        "",
-        "### Untrained budgets (seed 0's elastic checkpoint, no training at these fractions)",
+        f"Elastic: one run of {_tok(tokens['elastic'])} tokens (stage 1 "
+        f"{_tok(tokens['stage1'])} + stage 2 {_tok(tokens['stage2'])}) trains every budget. "
+        "Minitron-style: each smaller size pruned from the same ranked parent and distilled "
+        "alone from the same teacher, in separate runs at "
+        + ", ".join(f"{h:g}" for h in res["horizons"])
+        + " x the elastic run's tokens, each a finished cosine schedule. *Given*: the seed's "
+        "router architecture. *Search*: every candidate distilled for "
+        f"{_tok(tokens['search_candidate'])} tokens, the best (trainer's held-out split) "
+        "continued; all candidates' tokens charged. Ratios: the family's tokens (model FLOPs, "
+        "student 3x forward + teacher forward per micro-batch, `planning/flops.py`) to reach "
+        "each child's validation loss, summed over the sizes, over the elastic run's up to "
+        "that point. '>': a size never matched (its longest run counted); '<=': matched at its "
+        "first point. Mean ± sd over seeds.",
         "",
     ]
     rows = []
-    s0 = res["elastic_s0/stage2"]
-    for f in UNTRAINED:
-        lower = max((b for b in BUDGETS if _frac(b) < f), key=_frac)
-        upper = min((b for b in BUDGETS if _frac(b) > f), key=_frac)
-        for label, r in (
-            ("router interpolation", res["untrained/router"][str(f)]),
-            ("fixed width-only, same cost", res["untrained/fixed"][str(f)]),
-            (f"nearest trained below ({lower})", s0[lower]),
-            (f"nearest trained above ({upper})", s0[upper]),
-        ):
-            rows.append(
-                [str(f), label, f"{r['params']:,}", _fmt(r["loss_short"]), _fmt(r["loss_long"])]
-            )
-    lines += [
-        *_table(["fraction", "architecture", "params", "short loss", "long loss"], rows),
-        "",
-        "### Depth: which layers each budget drops, and long-context recall",
-        "",
-        "Depth choices 6-10 of the 10 layers (the tiny recipe's 8-10 let the two rankings drop "
-        "the same layers), trained with the default `min_attention_layers: 1` and with 0, each "
-        "with its own ranking and seed 0. Layer ranking, most important first: "
-        + "; ".join(f"{k}: {v}" for k, v in res.get("rankings", {}).items())
-        + ". Pattern: `M` Mamba, `*` attention, `-` MLP, `.` dropped. Recall: how much lower "
-        "the loss (nats/token) on a span at the end of a long sequence is when the sequence "
-        "began with the same span than when it began with another; higher copies more from far "
-        "back, 0 copies nothing.",
-        "",
-    ]
-    rows = []
-    for key, label in (
-        ("depth_floor", "min_attention_layers 1"),
-        ("depth_no_floor", "min_attention_layers 0"),
-    ):
-        for b in BUDGETS:
-            r = res[key][b]
+    for level in LEVELS:
+        per = [ratios(res, s, level) for s in seeds]
+        summary["levels"][level] = {str(s): r for s, r in zip(seeds, per, strict=True)}
+        for arm in ("given", "search"):
+            bound = {r[arm]["bound"] for r in per}
+            mark = ">" if ">" in bound else "<=" if "<=" in bound else ""
             rows.append(
                 [
-                    label,
-                    b,
-                    f"`{r['pattern']}`",
-                    str(r["pattern"].count("*")),
-                    f"{r['params']:,}",
-                    _fmt(r["loss_short"]),
-                    _fmt(r["loss_long"]),
-                    _fmt(r["recall"], 3),
+                    "end of stage 1" if level == "stage1" else "end of stage 2",
+                    "architecture given" if arm == "given" else "with search",
+                    f"{mark} {_mean_sd([r[arm]['tokens'] for r in per])}".strip(),
+                    f"{mark} {_mean_sd([r[arm]['flops'] for r in per])}".strip(),
+                    " / ".join(f"{r[arm]['bound']}{r[arm]['tokens']:.2f}" for r in per),
                 ]
             )
     lines += _table(
-        [
-            "constraint",
-            "budget",
-            "layers",
-            "attention",
-            "params",
-            "short loss",
-            "long loss",
-            "recall",
-        ],
+        ["elastic level", "Minitron", "tokens ratio", "FLOPs ratio", "tokens ratio per seed"],
         rows,
     )
-    return "\n".join(lines) + "\n", summary
+    summary["paired"] = paired_differences(res)
+    lines += ["", *search_table(res), "", *paired_table(res, summary["paired"])]
+    return lines, summary
 
 
-def _frac(budget: str) -> float:
-    return 1.0 if budget == "full" else float(budget.rstrip("%")) / 100
+def search_table(res: dict[str, Any]) -> list[str]:
+    """Each seed's and size's candidates: architecture, short-run losses, the winner."""
+    rows = []
+    for key, row in res["minitron"].items():
+        for name, c in row["candidates"].items():
+            if "same_as" in c:
+                rows.append([key, name, f"= {c['same_as']}", "", "", "", ""])
+                continue
+            arch = " ".join(f"{a}={v}" for a, v in c["choices"].items() if v)
+            rows.append(
+                [
+                    key,
+                    name + (" **(winner)**" if name == row["winner"] else ""),
+                    f"`{arch}`",
+                    f"{c['params']:,}",
+                    _fmt(c["select_loss"]),
+                    _fmt(c["loss_short"]),
+                    _tok(c["tokens"]),
+                ]
+            )
+    head = ["seed/size", "candidate", "architecture", "params", "selection loss", "valid loss"]
+    return [
+        "#### Minitron search: the candidates (selection loss: the trainer's held-out split; "
+        "valid loss: the report's problems)",
+        "",
+        *_table([*head, "tokens"], rows),
+    ]
 
 
-def plots(res: dict[str, Any], out: Path) -> list[Path]:
+def equal_tokens(row: dict[str, Any], tokens: float) -> dict[str, Any]:
+    """The given-architecture horizon run whose tokens are nearest ``tokens``."""
+    return min(row["given"].values(), key=lambda p: abs(p["tokens"] - tokens))
+
+
+def paired_differences(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per seed and size: the elastic child's loss minus Minitron's (architecture given) at
+    equal tokens (the elastic run's tokens split over the sizes), on the same sequences."""
+    share = res["tokens"]["elastic"] / len(SMALLER)
+    out = {}
+    for seed in res["seeds"]:
+        for budget in SMALLER:
+            child = res[f"elastic_s{seed}/stage2"][budget]
+            other = equal_tokens(res["minitron"][f"s{seed}/{budget}"], share)
+            out[f"s{seed}/{budget}"] = {
+                "elastic": child["loss_short"],
+                "minitron": other["loss_short"],
+                "minitron_tokens": other["tokens"],
+                **paired_difference(child, other, seed=seed),
+            }
+    return out
+
+
+def paired_table(res: dict[str, Any], paired: dict[str, dict[str, Any]]) -> list[str]:
+    rows = [
+        [
+            *key.split("/"),
+            _fmt(d["elastic"]),
+            f"{_fmt(d['minitron'])} ({_tok(d['minitron_tokens'])})",
+            f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]",
+        ]
+        for key, d in paired.items()
+    ]
+    share = res["tokens"]["elastic"] / len(SMALLER)
+    return [
+        f"#### Equal tokens: elastic child minus Minitron given the architecture ({_tok(share)} "
+        "tokens each size), per seed; [95% bootstrap interval over the held-out sequences]; "
+        "negative: the elastic child is better",
+        "",
+        *_table(["seed", "budget", "elastic child", "Minitron", "difference"], rows),
+    ]
+
+
+def cost_plot(res: dict[str, Any], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, axes = plt.subplots(1, len(SMALLER), figsize=(11, 4), squeeze=False)
     for ax, budget in zip(axes[0], SMALLER, strict=True):
         for s in res["seeds"]:
-            pts = res["minitron"][f"s{s}/{budget}"]
-            ax.plot(
-                [p["tokens"] / 1e3 for p in pts],
-                [p["loss_short"] for p in pts],
-                "o-",
-                label=f"Minitron-style, seed {s}",
-            )
+            c = curves(res["minitron"][f"s{s}/{budget}"])
+            for arm, style in (("given", "o-"), ("search", "^--")):
+                ax.plot(
+                    [p["tokens"] / 1e3 for p in c[arm]],
+                    [p["loss_short"] for p in c[arm]],
+                    style,
+                    color=f"C{s}",
+                    label=f"Minitron {arm}, seed {s}",
+                )
             child = res[f"elastic_s{s}/stage2"][budget]["loss_short"]
-            ax.axhline(child, ls="--", color=f"C{s}", label=f"elastic child, seed {s}")
-        pts = res["scratch"][budget]
-        ax.plot(
-            [p["tokens"] / 1e3 for p in pts],
-            [p["loss_short"] for p in pts],
-            "s-",
-            color="C3",
-            label="from scratch",
-        )
+            ax.axhline(child, ls=":", color=f"C{s}", label=f"elastic child, seed {s}")
+        for p in res.get("scratch", {}).get(budget, [])[-1:]:
+            ax.axhline(p["loss_short"], color="C7", ls="-.", label="from scratch, final")
         ax.axvline(res["tokens"]["elastic"] / 1e3, color="gray", ls=":", label="elastic run")
         ax.set_title(f"{budget} budget")
-        ax.set_xlabel("tokens (thousands)")
+        ax.set_xlabel("tokens charged (thousands)")
         ax.set_ylabel("validation loss")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 3.0))
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
-    paths.append(out / "family_cost.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(out / "family_cost.png", dpi=110)
     plt.close(fig)
-
-    arms = [
-        ("elastic_s0/stage1", "stage 1 only"),
-        ("elastic_s0/stage2", "elastic (1 + 2)"),
-        ("uniform", "uniform stage 2"),
-        ("fixed", "fixed homogeneous"),
-        ("heterogeneous", "heterogeneous"),
-        ("depth_floor", "depth 6-10"),
-        ("depth_no_floor", "depth 6-10, no attention floor"),
-        ("baseline", "no elastic training"),
-    ]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(arms)
-    for ax, metric, title in (
-        (axes[0], "loss_short", "validation loss, stage 1 context"),
-        (axes[1], "loss_long", "validation loss, long context"),
-    ):
-        for i, (key, label) in enumerate(arms):
-            values = [res[key][b][metric] for b in BUDGETS]
-            ax.bar([j + i * width for j in range(len(BUDGETS))], values, width, label=label)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(BUDGETS))], list(BUDGETS))
-        ax.set_title(title)
-        top = max(res[k][b][metric] for k, _ in arms[:-1] for b in BUDGETS)
-        ax.set_ylim(0, top * 1.25)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "family_arms.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    return out / "family_cost.png"
 
 
 def headline(summary: dict[str, Any]) -> str:
     """The cost result in one line (the benchmark's last line)."""
-    minitron = ", ".join(
-        f"{b} {r:.2f}x (seed {s})".strip() for s, (r, b) in summary["minitron_ratio"].items()
-    )
-    r, b = summary["scratch_ratio"]
+    parts = []
+    for arm, label in (("given", "architecture given"), ("search", "with search")):
+        per = summary["levels"]["stage2"].values()
+        tokens = [r[arm]["tokens"] for r in per]
+        flops = [r[arm]["flops"] for r in per]
+        bound = ">" if any(r[arm]["bound"] == ">" for r in per) else ""
+        parts.append(
+            f"{label} {bound}{statistics.fmean(tokens):.2f}x tokens "
+            f"({statistics.fmean(flops):.2f}x FLOPs)"
+        )
     return (
-        f"tokens to reach equal validation loss, family over elastic: Minitron-style {minitron}; "
-        f"from scratch {b} {r:.2f}x (paper: 7x vs Minitron-SSM, 360x vs pretraining)"
+        "tokens to reach equal validation loss, family over elastic (mean of "
+        f"seeds {', '.join(summary['levels']['stage2'])}): Minitron-style "
+        + "; ".join(parts)
+        + " (paper: 7x vs Minitron-SSM)"
     )
+
+
+def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    lines, summary = cost_section(res)
+    lines += ["", *arm_sections(res)]
+    return "\n".join(lines) + "\n", summary
 
 
 def measure_and_report(
@@ -361,9 +277,10 @@ def measure_and_report(
     """Measure, write ``report.md``/``report.json``/plots; returns the report and its headline."""
     res = measure(runs, valid, tokenizer)
     text, summary = report(res)
-    figures = plots(res, out)
+    figures = [cost_plot(res, out), arms_plot(res, out)]
     (out / "report.json").write_text(
         json.dumps({"runs": runs, "results": res, "summary": summary}, indent=1, default=str)
     )
     (out / "report.md").write_text(text + "\n" + "\n".join(f"![]({p.name})" for p in figures))
+    assert all(math.isfinite(r["given"]["tokens"]) for r in summary["levels"]["stage2"].values())
     return text, headline(summary)
