@@ -52,11 +52,13 @@ CONFIGS = [
     ("moe-seq512", 512, 2, 2, {}, False),
     ("moe-seq1024", 1024, 2, 2, {}, False),
     ("moe-seq1024-recompute", 1024, 2, 2, {}, True),
+    ("moe-dp2-seq512", 512, 2, 2, {}, False),
     ("moe-ep2-seq512", 512, 2, 2, {"expert_model_parallel_size": 2}, False),
 ]
-DATA_PARALLEL = {"moe-ep2-seq512": 2}
+DATA_PARALLEL = {"moe-dp2-seq512": 2, "moe-ep2-seq512": 2}
 """Data-parallel ranks of a configuration (1 if absent): expert parallelism is carved out of
-them, so EP 2 runs on two data-parallel ranks, each holding half of every layer's experts."""
+them, so EP 2 runs on two data-parallel ranks, each holding half of every layer's experts
+(``moe-dp2-seq512``, the same two ranks without EP, separates what DP 2 itself adds)."""
 
 
 def model_of(name: str) -> Path:
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("torch.cuda.max_memory_allocated" if cuda else "CPU allocator peak, all threads")
     )
     header = (
-        f"{'config':<25} {'seq':>5} {'TP':>3} {'PP':>3} {'SP':>3} {'CP':>3} {'EP':>3} {'rc':>3} "
+        f"{'config':<25} {'seq':>5} {'TP':>3} {'PP':>3} {'SP':>3} {'CP':>3} {'EP':>3} {'DP':>3} "
+        f"{'rc':>3} "
         f"{'stage':>5} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10}"
         + ("" if cuda else f" {'RSS delta MiB':>14}")
     )
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cp, sp = p["context_parallel_size"], p["sequence_parallel"]
         ep, dp = p.get("expert_model_parallel_size", 1), DATA_PARALLEL.get(name, 1)
         prefix = (
-            f"{name:<25} {seq:>5} {tp:>3} {pp:>3} {'on' if sp else '-':>3} {cp:>3} {ep:>3} "
+            f"{name:<25} {seq:>5} {tp:>3} {pp:>3} {'on' if sp else '-':>3} {cp:>3} {ep:>3} {dp:>3} "
             f"{_recompute_label(recompute):>3}"
         )
         reason = pending_reason(p, model_of(name))
