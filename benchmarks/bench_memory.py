@@ -33,12 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "bench_memory_worker.py"
 MODEL = ROOT / "examples" / "tiny" / "model.yaml"
 MOE_MODEL = Path(__file__).resolve().parent / "bench_memory_moe.yaml"
-"""The parent of the ``moe-*`` configurations (mixture-of-experts ``E`` layers, one process:
-expert parallelism is not wired into the trainer yet)."""
+"""The parent of the ``moe-*`` configurations (mixture-of-experts ``E`` layers)."""
 MIB = 1024**2
 
 # name, seq, micro-batch size, micro-batches, parallel, recompute (True: every layer; N: the
-# first N layers of each stage, megatron's block method)
+# first N layers of each stage, megatron's block method); data parallelism: DATA_PARALLEL
 CONFIGS = [
     ("seq256", 256, 2, 2, {}, False),
     ("seq512", 512, 2, 2, {}, False),
@@ -53,7 +52,13 @@ CONFIGS = [
     ("moe-seq512", 512, 2, 2, {}, False),
     ("moe-seq1024", 1024, 2, 2, {}, False),
     ("moe-seq1024-recompute", 1024, 2, 2, {}, True),
+    ("moe-dp2-seq512", 512, 2, 2, {}, False),
+    ("moe-ep2-seq512", 512, 2, 2, {"expert_model_parallel_size": 2}, False),
 ]
+DATA_PARALLEL = {"moe-dp2-seq512": 2, "moe-ep2-seq512": 2}
+"""Data-parallel ranks of a configuration (1 if absent): expert parallelism is carved out of
+them, so EP 2 runs on two data-parallel ranks, each holding half of every layer's experts
+(``moe-dp2-seq512``, the same two ranks without EP, separates what DP 2 itself adds)."""
 
 
 def model_of(name: str) -> Path:
@@ -73,13 +78,13 @@ def _recompute_label(recompute: bool | int) -> str:
     return f"b{recompute}" if recompute else "-"
 
 
-def pending_reason(parallel: dict) -> str | None:
-    """Why this checkout cannot run ``parallel`` yet (None: it can)."""
+def pending_reason(parallel: dict, model: Path = MODEL) -> str | None:
+    """Why this checkout cannot run ``parallel`` on ``model`` yet (None: it can)."""
     from megatron_elastic.config import ParallelConfig, load_model_config
     from megatron_elastic.model.builder import transformer_config
 
     p = ParallelConfig(**parallel)
-    config = transformer_config(load_model_config(MODEL), p)
+    config = transformer_config(load_model_config(model), p)
     if p.sequence_parallel_active and not config.sequence_parallel:
         return "sequence parallelism is not built into the model yet"
     if p.context_parallel_size > 1 and config.context_parallel_size != p.context_parallel_size:
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("torch.cuda.max_memory_allocated" if cuda else "CPU allocator peak, all threads")
     )
     header = (
-        f"{'config':<25} {'seq':>5} {'TP':>3} {'PP':>3} {'SP':>3} {'CP':>3} {'rc':>3} "
+        f"{'config':<25} {'seq':>5} {'TP':>3} {'PP':>3} {'SP':>3} {'CP':>3} {'EP':>3} {'DP':>3} "
+        f"{'rc':>3} "
         f"{'stage':>5} {'predicted MiB':>14} {'measured MiB':>13} {'pred/meas':>10}"
         + ("" if cuda else f" {'RSS delta MiB':>14}")
     )
@@ -175,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         p = {"sequence_parallel": False, "context_parallel_size": 1, **parallel}
         tp, pp = p.get("tensor_parallel_size", 1), p.get("pipeline_parallel_size", 1)
         cp, sp = p["context_parallel_size"], p["sequence_parallel"]
+        ep, dp = p.get("expert_model_parallel_size", 1), DATA_PARALLEL.get(name, 1)
         prefix = (
-            f"{name:<25} {seq:>5} {tp:>3} {pp:>3} {'on' if sp else '-':>3} {cp:>3} "
+            f"{name:<25} {seq:>5} {tp:>3} {pp:>3} {'on' if sp else '-':>3} {cp:>3} {ep:>3} {dp:>3} "
             f"{_recompute_label(recompute):>3}"
         )
-        reason = pending_reason(p)
+        reason = pending_reason(p, model_of(name))
         if reason:
             print(f"{prefix} {'':>5} pending: {reason}")
             continue
@@ -194,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             "recompute": recompute,
             "steps": args.steps,
             "gc_collect": args.gc_collect,
+            "data_parallel_size": dp,
         }
-        nproc = tp * pp * cp
+        nproc = tp * pp * cp * dp
         t0 = time.time()
         results = launch(workdir, run, nproc, args.timeout)
         recipe = workdir / f"recipe_{name}.yaml"

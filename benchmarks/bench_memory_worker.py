@@ -66,7 +66,12 @@ def prepare(workdir: Path, model_yaml: Path) -> None:
         yaml.safe_dump(
             {
                 "model": str(model_yaml.resolve()),
-                "elastic": {"budgets": BUDGETS, "ffn_nesting_blocks": 2},
+                "elastic": {
+                    "budgets": BUDGETS,
+                    "ffn_nesting_blocks": 2,
+                    # experts nest per block of a rank's experts, so EP 2 can split them
+                    **({"moe_expert_nesting_blocks": 2} if cfg.num_moe_experts else {}),
+                },
             }
         )
     )

@@ -122,23 +122,15 @@ class MemoryPlanConfig:
         object.__setattr__(self, "stages", self.parallel.stage_layer_counts(self.model.num_layers))
 
     def _check_expert_parallel(self) -> None:
+        """EP must divide DP x CP (megatron carves EP out of them). ``check_parallel_fit`` has
+        already refused an EP that does not divide the routed experts, or one without them."""
         ep, p = self.parallel.expert_model_parallel_size, self.parallel
-        if ep == 1:
-            return
-        field = f"ParallelConfig.expert_model_parallel_size={ep}"
-        if "moe" not in self.model.layer_kinds():
-            raise ValueError(f"{field} without 'E' (mixture-of-experts) layers; set it to 1")
-        if self.model.num_moe_experts % ep:
-            raise ValueError(
-                f"{field} does not divide num_moe_experts={self.model.num_moe_experts}: every EP "
-                "rank holds the same number of experts; use a divisor"
-            )
         dp_cp = self.data_parallel_size * p.context_parallel_size
         if dp_cp % ep:
             raise ValueError(
-                f"{field} does not divide data-parallel x context-parallel ranks = "
-                f"{self.data_parallel_size} x {p.context_parallel_size} (megatron carves EP out "
-                "of them); use a divisor, or more ranks"
+                f"ParallelConfig.expert_model_parallel_size={ep} does not divide data-parallel x "
+                f"context-parallel ranks = {self.data_parallel_size} x {p.context_parallel_size} "
+                "(megatron carves EP out of them); use a divisor, or more ranks"
             )
 
     @property

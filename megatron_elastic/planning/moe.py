@@ -12,16 +12,28 @@ ranks, while every other weight's is sharded over DP (as the dense plan does). T
 
 Activations, per micro-batch and rank, of the student's slice-mode layer
 (``elastic/moe.py::ElasticMoELayer.forward``, which the trainer runs on CPU and GPU: the router on
-the kept experts' gate rows in fp32, then per kept expert its tokens' rows, fc1, squared ReLU, the
-router-weight product, fc2, the routing-probability product and an ``index_add`` into the
-output), read off the autograd graph (``tests/unit/test_plan_memory.py`` checks them against what
-autograd saves on a tiny MoE layer for four routers):
+the kept experts' gate rows in fp32, its probabilities and routing map widened to one column per
+parent expert, then megatron's all-gather token dispatcher (``MoEAllGatherTokenDispatcher``:
+gather over TP x EP, ``permute`` the rank's routed token copies into one tensor, run each local
+kept expert on its rows: fc1, squared ReLU, the router-weight product, fc2, the routing-probability
+product; ``unpermute`` by ``scatter_add``, reduce-scatter back), read off the autograd graph
+(``tests/unit/test_plan_memory.py`` checks them against what autograd saves on a tiny MoE layer
+for four routers, in fp32 and bf16):
 
-* per routed token copy (top-k of them per token; every token goes to exactly ``k`` experts, so
-  there are ``k x tokens`` copies whatever the routing): the expert's input rows (fc1's input),
-  squared ReLU's relu output, its square, the router-weighted result (fc2's input), fc2's output
-  (the probability product's input), that product (``index_add``'s source), the probability
-  (fp32) and the token index (int64);
+* per routed token copy on this rank (top-k of them per token; every token goes to exactly ``k``
+  experts, so there are ``k x tokens`` copies whatever the routing): the permuted tokens
+  (``permute``'s ``index_select`` output, fc1's input), squared ReLU's relu output, its square,
+  the router-weighted result (fc2's input), fc2's output (the probability product's input): 2
+  hidden + 3 expert widths in the model dtype; the permuted probability (fp32, the
+  ``masked_select`` result the product keeps) and the int64 token index (``permute``'s sorted
+  indices, which ``unpermute``'s ``scatter_add`` keeps; the product itself, its source, is not
+  kept);
+* per gathered token and local expert (``dispatch_postprocess``'s ``masked_select`` keeps its
+  input and mask): the local experts' probabilities transposed (fp32) and routing map (bool),
+  ``tokens x TP x EP`` gathered tokens x ``experts / EP`` local experts;
+* slice mode widens the kept experts' probabilities to the parent's experts (``index_copy``,
+  which keeps its source: the router's dense fp32 ``tokens x kept`` probabilities, and the int64
+  index of the kept experts);
 * per token: the shared expert's three ``shared_ffn``-wide tensors (as an MLP layer's), and the
   router's fp32 tensors (``router_terms``: scores, top-k probabilities and indices, the z-loss's
   logits, the load-balancing loss's scores);
@@ -30,9 +42,8 @@ autograd saves on a tiny MoE layer for four routers):
 Under expert parallelism every rank receives on average ``k x tokens`` copies (the balanced
 routing the load-balancing loss and the expert bias aim at; imbalance raises it), and megatron's
 all-gather dispatcher gathers the ``tokens x TP x EP`` hidden states into its global buffer
-(a static term, :func:`dispatch_buffer_tokens`). EP > 1 is planned by these formulas and checked
-by hand-computed figures; it is not measured yet (the trainer refuses EP > 1 until its process
-groups and dispatcher are wired, issue 26 step 5).
+(a static term, :func:`dispatch_buffer_tokens`: ``permute`` copies out of it, so autograd keeps
+none of it). ``benchmarks/bench_memory.py``'s ``moe-ep2-*`` configuration measures EP 2.
 """
 
 from __future__ import annotations
@@ -74,13 +85,14 @@ def moe_largest_weight(cfg: MemoryPlanConfig) -> float:
 
 
 def dispatch_buffer_tokens(cfg: MemoryPlanConfig) -> float:
-    """Tokens of megatron's all-gather dispatcher buffer (``tokens x TP x EP`` hidden states, one
-    micro-batch's sequence share per rank gathered over the TP x EP ranks); 0 without a gather."""
+    """Tokens of megatron's all-gather dispatcher buffer (one micro-batch's tokens on this rank,
+    a sequence-parallel share under TP, gathered over the TP x EP ranks); 0 without a gather."""
     p = cfg.parallel
     gather = p.tensor_parallel_size * p.expert_model_parallel_size
     if gather == 1 or "moe" not in cfg.model.layer_kinds():
         return 0.0
-    return cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size * gather
+    tokens = cfg.micro_batch_size * cfg.seq_length / p.context_parallel_size
+    return tokens / (p.tensor_parallel_size if p.sequence_parallel_active else 1) * gather
 
 
 def router_terms(cfg: MemoryPlanConfig, experts: int, tokens: float) -> dict[str, float]:
@@ -121,16 +133,22 @@ def moe_activation_terms(
     ``hidden`` the student's embedding width."""
     from megatron_elastic.planning.memory_config import PROFILES
 
-    m, tp, a = cfg.model, cfg.parallel.tensor_parallel_size, PROFILES[cfg.profile].act_bytes
-    f = layer.expert_ffn / tp
+    m, p = cfg.model, cfg.parallel
+    tp, ep = p.tensor_parallel_size, p.expert_model_parallel_size
+    a = PROFILES[cfg.profile].act_bytes
+    f, kept = layer.expert_ffn / tp, layer.width
     copies = m.moe_router_topk * tokens  # balanced over EP ranks: k x tokens on average
-    # per copy: fc1 input, fc2 output, the probability product (3 hidden); relu, square,
-    # router-weighted (3 f) in the model dtype; the fp32 probability and the int64 token index
+    gathered = hidden_tokens * tp * ep  # the dispatcher's all-gather over TP x EP
     terms = {
-        "moe: routed copies (k x (3h + 3f))": copies * a * (3 * hidden + 3 * f),
+        # permuted tokens (fc1 input), fc2 output (2h); relu, square, router-weighted (3f)
+        "moe: routed copies (k x (2h + 3f))": copies * a * (2 * hidden + 3 * f),
         "moe: routed probs + token index (k x 12 B)": copies * 12,
+        # fp32 local probabilities (transposed) and their bool routing map, masked_select's
+        "moe: dispatcher probs + map (5 B x experts/EP)": gathered * m.num_moe_experts / ep * 5,
+        # slice mode's index_copy to one column per parent expert: fp32 kept probs, int64 index
+        "moe: kept probs widened (4 B x kept)": hidden_tokens * kept * 4 + 8 * kept,
     }
     if layer.shared_ffn:
         terms["moe: shared expert (3 fs)"] = 3 * tokens * layer.shared_ffn / tp * a
-    terms.update(router_terms(cfg, layer.width, hidden_tokens))
+    terms.update(router_terms(cfg, kept, hidden_tokens))
     return terms

@@ -352,6 +352,7 @@ def test_cpu_terms_equal_what_autograd_saves(pgs) -> None:
 # Nemotron 3 style (sigmoid router with expert bias, scaled top-2, aux loss and z-loss, a shared
 # expert): hidden 32, 8 experts of 16 neurons, shared expert 24, vocabulary 128, pattern "ME*E".
 MOE = load_model_config(ROOT / "tests" / "fixtures" / "hybrid_moe_small.yaml")
+MOE_LAYERS = _small(model=MOE).layers()
 
 
 def test_moe_static_figures_by_hand() -> None:
@@ -395,11 +396,12 @@ def test_moe_expert_parallel_bad_input() -> None:
     ep = lambda n, **kw: _small(
         model=MOE, seq_length=48, parallel=ParallelConfig(expert_model_parallel_size=n), **kw
     )
-    with pytest.raises(ValueError, match="does not divide num_moe_experts=8"):
+    # the experts' count and their absence: config.check_parallel_fit (recipes reach it too)
+    with pytest.raises(ValueError, match=r"=3: ModelConfig.num_moe_experts=8 is not divisible"):
         ep(3, data_parallel_size=3)
     with pytest.raises(ValueError, match=r"does not divide data-parallel x context-parallel"):
         ep(4, data_parallel_size=2)
-    with pytest.raises(ValueError, match="without 'E'"):
+    with pytest.raises(ValueError, match="has no 'E'"):
         _small(parallel=ParallelConfig(expert_model_parallel_size=2), data_parallel_size=2)
 
 
@@ -408,13 +410,17 @@ def test_moe_activation_figures_by_hand() -> None:
     t, h, f, fs, e, k = 96, 32, 16, 24, 8, 2
     cfg = _small(model=MOE, seq_length=48, micro_batch_size=2)
     terms = layer_activation_terms(cfg, cfg.layers()[1], h)
-    routed = k * t * (FP32 * (3 * h + 3 * f) + FP32 + 8)  # + fp32 prob, int64 token index
+    routed = k * t * (FP32 * (2 * h + 3 * f) + FP32 + 8)  # + fp32 prob, int64 token index
+    dispatcher = t * e * (FP32 + 1)  # masked_select's local probs (fp32) and map (bool)
+    widened = FP32 * t * e + 8 * e  # slice mode's index_copy: kept probs, kept-expert index
     shared = FP32 * 3 * t * fs
     router = FP32 * t * e + 8 * t * k + FP32 * t * (k + 1)  # scores, indices, top-k + sum
     z_loss = FP32 * t * (e + 1) + FP32  # logits, logsumexp; the 0-dim loss
     aux = FP32 * t * (e + 1) + 8 * e + FP32  # scores + sum, int64 counts per expert; the loss
     norm = FP32 * t * (4 * h + 1)
-    assert sum(terms.values()) == routed + shared + router + z_loss + aux + norm
+    assert sum(terms.values()) == (
+        routed + dispatcher + widened + shared + router + z_loss + aux + norm
+    )
 
 
 MOE_ROUTERS = {  # (the fixture's: sigmoid, expert bias, aux loss, z-loss)
@@ -442,9 +448,10 @@ MOE_ROUTERS = {  # (the fixture's: sigmoid, expert bias, aux loss, z-loss)
 }
 
 
-def _elastic_moe_net(pgs, model: ModelConfig):
-    """The elastic student of ``model`` at its full budget on the training path (router scalars
-    on every axis and the depth gate); and the scalar."""
+def _elastic_moe_net(pgs, model: ModelConfig, **sizes: int):
+    """The elastic student of ``model`` on the training path (router scalars on every axis and
+    the depth gate): its full budget, or the homogeneous sub-network of ``sizes`` (axis names,
+    and ``hidden``)."""
     from megatron_elastic.elastic import (
         ElasticConfig,
         SubnetSpec,
@@ -458,7 +465,7 @@ def _elastic_moe_net(pgs, model: ModelConfig):
     w = torch.ones((), requires_grad=True)
     n = model.num_layers
     net.set_subnet(
-        SubnetSpec.full(model),
+        SubnetSpec.homogeneous(model, **sizes),
         SubnetWeights(hidden=w * 1, layers=(w * 1,) * n, gates=(w * 1,) * n),
     )
     return net
@@ -476,6 +483,23 @@ def test_moe_terms_equal_what_autograd_saves(pgs, router: str) -> None:
         if layer.kind == "moe":
             predicted = sum(layer_activation_terms(cfg, layer, model.hidden_size).values())
             assert predicted == measured[j], (j, predicted, measured[j])
+
+
+def test_moe_subnet_terms_equal_what_autograd_saves(pgs) -> None:
+    """A sub-network (4 of 8 experts of 12 neurons, shared expert 20, hidden 28): the terms
+    that follow the kept experts (router, widened probabilities) and those that follow the
+    parent's (the dispatcher's one column per parent expert) are told apart."""
+    sizes = {"moe_experts": 4, "moe_expert_ffn": 12, "moe_shared_ffn": 20}
+    net = _elastic_moe_net(pgs, MOE, hidden=28, **sizes)
+    measured = _saved_bytes_per_layer(net, torch.randint(0, MOE.vocab_size, (2, 48)))
+    layers = tuple(
+        LayerShape("moe", 4, expert_ffn=12, shared_ffn=20) if layer.kind == "moe" else layer
+        for layer in MOE_LAYERS
+    )
+    cfg = _small(model=MOE, seq_length=48, micro_batch_size=2, student_layers=layers)
+    for j in (1, 3):
+        predicted = sum(layer_activation_terms(cfg, layers[j], 28).values())
+        assert predicted == measured[j], (j, predicted, measured[j])
 
 
 def test_moe_bf16_terms_equal_what_autograd_saves(pgs) -> None:
