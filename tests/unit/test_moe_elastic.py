@@ -684,3 +684,39 @@ def test_sub_networks_count_dropped_experts_as_balanced_for_the_bias_update(
         want = bias[kept] + torch.sign(mean - counts[kept]) * 1e-3  # the pruned model's update
         assert torch.equal(new[kept], want)
         assert ((new[4:] - bias[4:]).abs() <= 1e-3).all()
+
+
+def test_expert_and_shared_neurons_are_dealt_over_the_ffn_nesting_blocks(pgs, moe_config) -> None:
+    """With ``ffn_nesting_blocks`` 2 (at TP 2 one block per rank) ranking deals every expert's
+    and the shared expert's neurons over the blocks as the dense FFN's: the permuted parent
+    computes the same function, and a width keeps the same prefix of each block, together the
+    best neurons (block 0 the 1st, 3rd, ... best, block 1 the 2nd, 4th, ...)."""
+    from megatron_elastic.importance.estimate import estimate_importance, rank_model
+
+    cfg = moe_config
+    model = _model(cfg, pgs, ElasticConfig(budgets={"full": 1.0}, ffn_nesting_blocks=2))
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = _logits(model)
+    ranking = estimate_importance(model, [{"tokens": TOKENS}], pgs, rank_layers=False)
+    rank_model(model, ranking, pgs)
+    with torch.no_grad():
+        assert _rel(_logits(model), before) <= TOL
+    spec = SubnetSpec.homogeneous(cfg, moe_expert_ffn=8, moe_shared_ffn=12)
+    kept, hidden = model.sliced_state_dict(spec), ranking.hidden
+
+    def dealt(best: list[int], keep: int) -> list[int]:  # each block's prefix, block-major
+        return best[0 : 2 * keep : 2] + best[1 : 2 * keep : 2]
+
+    for j in MOE_LAYERS:
+        p = f"decoder.layers.{j}.mlp."
+        assert ranking.orders["moe_shared_ffn"][j] != list(range(24))  # the test permutes
+        for pos, e in enumerate(ranking.orders["moe_experts"][j]):
+            best = ranking.orders["moe_expert_ffn"][j][e]  # in the parent's expert numbering
+            want = original[f"{p}experts.local_experts.{e}.linear_fc1.weight"][dealt(best, 4)]
+            got = kept[f"{p}experts.local_experts.{pos}.linear_fc1.weight"]
+            torch.testing.assert_close(got, want[:, hidden], rtol=0, atol=0)
+        best = ranking.orders["moe_shared_ffn"][j]
+        want = original[f"{p}shared_experts.linear_fc1.weight"][dealt(best, 6)]
+        got = kept[f"{p}shared_experts.linear_fc1.weight"]
+        torch.testing.assert_close(got, want[:, hidden], rtol=0, atol=0)
