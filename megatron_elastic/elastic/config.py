@@ -47,7 +47,8 @@ class ElasticConfig:
     """``slice``: weights cut to the active prefix (compute shrinks); ``mask``: full compute with
     0/1 activation masks (the paper's formulation)."""
     ffn_nesting_blocks: int = 1
-    """FFN neurons nest as a prefix within each of this many equal blocks, so that every tensor-
+    """FFN neurons (of MLP layers, and of every routed expert and the shared expert of ``E``
+    layers) nest as a prefix within each of this many equal blocks, so that every tensor-
     parallel rank keeps the same number of active neurons. Must be a multiple of the TP size;
     independent of it, so a model trained at one TP size means the same at another."""
     moe_expert_nesting_blocks: int = 1
@@ -175,12 +176,12 @@ class ElasticConfig:
 
 def _check_moe_parent(model: ModelConfig, parallel: ParallelConfig) -> None:
     """What elastic ``E`` layers do not run yet, refused before anything is built."""
-    if parallel.tensor_parallel_size > 1:
+    if parallel.tensor_parallel_size > 1 and not parallel.sequence_parallel:
         raise ValueError(
-            f"ParallelConfig.tensor_parallel_size={parallel.tensor_parallel_size} with 'E' layers: "
-            "elastic MoE layers do not split an expert's neurons over tensor-parallel ranks "
-            "(expert TP); use tensor_parallel_size=1 and split the experts with "
-            "expert_model_parallel_size"
+            f"ParallelConfig.tensor_parallel_size={parallel.tensor_parallel_size} with 'E' layers "
+            "needs sequence parallelism (megatron's MoE layer refuses to train without it: its "
+            "token dispatcher gathers each TP rank's share of the sequence); set "
+            "parallel.sequence_parallel: true"
         )
     if model.moe_router_load_balancing_type in ("seq_aux_loss", "global_aux_loss"):
         raise ValueError(

@@ -198,8 +198,8 @@ class ElasticHybridModel(HybridModel):
             # partial; all-reducing it in backward makes the router's gradient complete (and
             # identical) on every TP rank, like the replicated hidden weight and depth gates.
             weight = copy_to_tensor_model_parallel_region(weight, group=self.pg_collection.tp)
-            if weight.dim() > 0:  # this rank's share of the logical vector
-                weight = weight.chunk(tp_size)[tp_rank]
+            if weight.dim() > 0 and choice.kind != "moe":  # this rank's share (an E layer
+                weight = weight.chunk(tp_size)[tp_rank]  # takes its own: per expert, shared)
         if choice.kind == "mamba":
             idx = mamba_indices(
                 model.mamba_num_heads,
@@ -222,7 +222,11 @@ class ElasticHybridModel(HybridModel):
             idx = moe_indices(
                 model.num_moe_experts,
                 expert_groups(model, self.elastic_config),
-                *(choice.size(a) for a in ("moe_experts", "moe_expert_ffn", "moe_shared_ffn")),
+                choice.size("moe_experts"),
+                (model.moe_ffn_hidden_size, choice.size("moe_expert_ffn")),
+                (model.moe_shared_expert_intermediate_size or 0, choice.size("moe_shared_ffn")),
+                self.elastic_config.ffn_nesting_blocks,
+                tp_size,
             )
         else:
             idx = ffn_indices(

@@ -19,13 +19,21 @@ that runs on gloo; ``alltoall`` builds a CUDA stream on construction), in both m
 map and probabilities are widened to one column per parent expert (dropped experts' columns
 empty), so under expert parallelism (``pgs.ep``) tokens travel to the rank holding their expert
 and back exactly as in the parent. Kept experts nest per ``ElasticConfig.moe_expert_nesting_blocks``
-(a multiple of EP), so every EP rank keeps the same number of them. Tensor-parallel size 1
-(``ElasticConfig.validate_for`` refuses more).
+(a multiple of EP), so every EP rank keeps the same number of them.
+
+Under tensor parallelism (sequence parallel, as megatron requires for MoE; expert TP = TP) every
+routed expert's neurons are split over the TP ranks (megatron's expert linears: no collective of
+their own, the dispatcher gathers the TP x EP group's tokens and reduce-scatters the partial
+outputs) and the shared expert is column/row-parallel like a dense MLP. Both widths nest per
+``ElasticConfig.ffn_nesting_blocks`` (whole blocks per rank), so each rank keeps a prefix of each
+of its blocks, and each rank takes its share of the router's per-neuron weights: per kept expert
+its neurons' chunk, then its chunk of the shared neurons.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import (
     compute_routing_scores_for_aux_loss,
@@ -44,14 +52,29 @@ from megatron_elastic.elastic.layers import (
     unit_mask,
 )
 from megatron_elastic.elastic.moe_axes import MoEIndices
+from megatron_elastic.elastic.subnet import Index, take
 
 __all__ = ["ElasticMoELayer"]
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
-def _count(idx: slice) -> int:
-    return idx.stop - idx.start
+def _count(idx: Index) -> int:
+    return idx.stop - idx.start if isinstance(idx, slice) else idx.numel()
+
+
+def _local_linear(x: torch.Tensor, weight: torch.Tensor, linear) -> torch.Tensor:
+    """``x @ weight.T`` on this rank alone, as megatron's expert linears compute (no TP
+    collective: the token dispatcher gathers their input and reduce-scatters their output)."""
+    return linear_with_grad_accumulation_and_async_allreduce(
+        x,
+        weight,
+        None,
+        gradient_accumulation_fusion=False,
+        allreduce_dgrad=False,
+        sequence_parallel=False,
+        tp_group=linear.tp_group,
+    )
 
 
 class ElasticMoELayer(MoELayer):
@@ -76,12 +99,13 @@ class ElasticMoELayer(MoELayer):
         for local, pos in self._local_kept(kept).items():
             expert = self.experts.local_experts[local]
             prefix = f"experts.local_experts.{pos}."
-            out[prefix + "linear_fc1.weight"] = expert.linear_fc1.weight[idx.expert_ffn, :h]
-            out[prefix + "linear_fc2.weight"] = expert.linear_fc2.weight[:h, idx.expert_ffn]
+            fc1, fc2 = expert.linear_fc1.weight, expert.linear_fc2.weight
+            out[prefix + "linear_fc1.weight"] = take(fc1, 0, idx.expert_ffn)[:, :h]
+            out[prefix + "linear_fc2.weight"] = take(fc2, 1, idx.expert_ffn)[:h]
         if self.shared_experts is not None:
-            shared = self.shared_experts
-            out["shared_experts.linear_fc1.weight"] = shared.linear_fc1.weight[idx.shared_ffn, :h]
-            out["shared_experts.linear_fc2.weight"] = shared.linear_fc2.weight[:h, idx.shared_ffn]
+            fc1, fc2 = self.shared_experts.linear_fc1, self.shared_experts.linear_fc2
+            out["shared_experts.linear_fc1.weight"] = take(fc1.weight, 0, idx.shared_ffn)[:, :h]
+            out["shared_experts.linear_fc2.weight"] = take(fc2.weight, 1, idx.shared_ffn)[:h]
         return out
 
     def _local_kept(self, kept: tuple[int, ...]) -> dict[int, int]:
@@ -222,12 +246,22 @@ class ElasticMoELayer(MoELayer):
         return probs, routing_map
 
     def _unit_weights(self, weight: torch.Tensor | None, idx: MoEIndices):
-        """(per kept expert: its neurons' router weights, shared-expert neurons' weights)."""
+        """(per kept expert: this rank's share of its neurons' router weights, this rank's
+        share of the shared-expert neurons' weights). ``weight`` is the layer's logical vector
+        (every kept expert's kept neurons, expert-major, then the shared expert's; each width
+        block-major), the same on every rank: a TP rank holds a contiguous run of every
+        expert's and of the shared expert's blocks, hence the same chunk of each."""
         if weight is None or weight.dim() == 0:
             return [weight] * len(idx.experts), weight
-        ffn = _count(idx.expert_ffn)
-        routed = weight[: len(idx.experts) * ffn].view(len(idx.experts), ffn)
-        return list(routed), weight[len(idx.experts) * ffn :]
+        tp, experts = idx.tp_size, len(idx.experts)
+        ffn = _count(idx.expert_ffn) * tp
+        routed, shared = weight[: experts * ffn].view(experts, ffn), weight[experts * ffn :]
+        if tp > 1:
+            expert_tp = self.experts.local_experts[0].linear_fc1.tp_group
+            routed = routed.chunk(tp, dim=1)[expert_tp.rank()]
+            if shared.numel():
+                shared = shared.chunk(tp)[self.shared_experts.linear_fc1.tp_group.rank()]
+        return list(routed), shared
 
     def _expert(self, x, local: int, pos: int, st: ActiveWidth, w, weight) -> torch.Tensor:
         """This rank's routed expert ``local`` (kept position ``pos``) on the tokens ``x``
@@ -237,12 +271,12 @@ class ElasticMoELayer(MoELayer):
         if w is not None:
             prefix = f"experts.local_experts.{pos}."
             inter = apply_unit_weight(
-                act(column_parallel(x, w[prefix + "linear_fc1.weight"], fc1)), weight
+                act(_local_linear(x, w[prefix + "linear_fc1.weight"], fc1)), weight
             )
-            return row_parallel(inter, w[prefix + "linear_fc2.weight"], fc2)
-        inter = act(column_parallel(x, fc1.weight, fc1))
+            return _local_linear(inter, w[prefix + "linear_fc2.weight"], fc2)
+        inter = act(_local_linear(x, fc1.weight, fc1))
         inter = inter * unit_mask(inter.size(-1), st.indices.expert_ffn, inter, weight)
-        return row_parallel(inter, fc2.weight, fc2)
+        return _local_linear(inter, fc2.weight, fc2)
 
     def _shared(self, x, st: ActiveWidth, w, shared_w) -> torch.Tensor:
         shared, act = self.shared_experts, self.config.activation_func

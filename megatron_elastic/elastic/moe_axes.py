@@ -12,6 +12,11 @@ built-in ones of :mod:`~megatron_elastic.elastic.builtin_axes`, so their draw or
 - ``moe_shared_ffn``: neurons kept in the shared expert; a parent without one has size 0 there and
   takes no candidates.
 
+Both widths nest as the dense FFN's do: a prefix of every one of ``ElasticConfig.
+ffn_nesting_blocks`` equal blocks (a multiple of the TP size), so under tensor parallelism (an
+expert's neurons split over the expert-TP ranks, megatron's default expert TP = TP, the shared
+expert column/row-parallel) every rank keeps the same number of each expert's neurons.
+
 Candidates are given in ``ElasticConfig.choices`` under these names (no fields of their own).
 
 Importance (issue 26 step 3) ranks from one statistic per ``E`` layer
@@ -36,7 +41,8 @@ import torch
 
 from megatron_elastic.config import ModelConfig, ParallelConfig
 from megatron_elastic.elastic.axes import Axis, LayerKind, Number, Order, StateDict, register
-from megatron_elastic.elastic.builtin_axes import argsort, take
+from megatron_elastic.elastic.builtin_axes import argsort, block_interleave, take
+from megatron_elastic.elastic.subnet import Index, ffn_indices
 from megatron_elastic.model.param_count import moe_layer_active_params, moe_layer_params
 
 if TYPE_CHECKING:
@@ -114,9 +120,32 @@ def _no_moe_layer(choices, model: ModelConfig, name: str) -> None:
         )
 
 
+def _ffn_blocks(model: ModelConfig, elastic: ElasticConfig | None) -> int:
+    """Expert and shared-expert neurons nest in the dense FFN's blocks (a multiple of TP)."""
+    return elastic.ffn_nesting_blocks if elastic is not None else 1
+
+
+def _check_blocks_split(width: int, name: str, model: ModelConfig, elastic, parallel) -> None:
+    """``ffn_nesting_blocks`` splits the expert (shared) width ``width``; the fix offered splits
+    every FFN width of the parent and is a multiple of the TP size."""
+    blocks, tp = elastic.ffn_nesting_blocks, parallel.tensor_parallel_size
+    if width and width % blocks:
+        shared = model.moe_shared_expert_intermediate_size or 0
+        common = math.gcd(model.ffn_hidden_size, model.moe_ffn_hidden_size or 0, shared)
+        fit = [b for b in range(tp, common + 1, tp) if common % b == 0]
+        fix = max([b for b in fit if b <= blocks] or fit[:1] or [1])
+        raise ValueError(
+            f"ElasticConfig.ffn_nesting_blocks={blocks} must divide {name}={width} (expert and "
+            f"shared-expert neurons nest per FFN nesting block, whole blocks per TP rank); use "
+            f"ffn_nesting_blocks={fix}"
+        )
+
+
 def _check_expert_ffn(choices, model: ModelConfig, elastic, parallel) -> None:
     if not model.moe_ffn_hidden_size:
         _no_moe_layer(choices, model, "moe_expert_ffn")
+    width = model.moe_ffn_hidden_size or 0
+    _check_blocks_split(width, "moe_ffn_hidden_size", model, elastic, parallel)
 
 
 def _check_shared(choices, model: ModelConfig, elastic, parallel) -> None:
@@ -125,6 +154,8 @@ def _check_shared(choices, model: ModelConfig, elastic, parallel) -> None:
             f"ElasticConfig choices['moe_shared_ffn']={list(choices)}: the parent has no shared "
             "expert (moe_shared_expert_intermediate_size is null); remove them"
         )
+    shared = model.moe_shared_expert_intermediate_size or 0
+    _check_blocks_split(shared, "moe_shared_expert_intermediate_size", model, elastic, parallel)
 
 
 def split_moe_stat(stat: torch.Tensor, model: ModelConfig):
@@ -201,13 +232,18 @@ def _permute_experts(sd: StateDict, model: ModelConfig, order: Order, layer: int
 
 
 def _permute_expert_ffn(sd: StateDict, model: ModelConfig, order: Order, layer: int, blocks):
-    """Each expert's neurons move in its own order (experts stay in place)."""
+    """Each expert's neurons move in its own order (experts stay in place), dealt round-robin
+    over the FFN nesting blocks as the dense FFN's, so every block's prefix (hence every TP
+    rank's share) holds its best neurons."""
     for e, neurons in enumerate(order):
+        neurons = block_interleave(list(neurons), blocks)
         sd[_expert_key(layer, e, 1)] = take(sd[_expert_key(layer, e, 1)], 0, neurons)
         sd[_expert_key(layer, e, 2)] = take(sd[_expert_key(layer, e, 2)], 1, neurons)
 
 
 def _permute_shared(sd: StateDict, model: ModelConfig, order: Order, layer: int, blocks: int):
+    """The shared expert's neurons, dealt over the FFN nesting blocks as the dense FFN's."""
+    order = block_interleave(list(order), blocks)
     p = f"decoder.layers.{layer}.mlp.shared_experts."
     sd[p + "linear_fc1.weight"] = take(sd[p + "linear_fc1.weight"], 0, order)
     sd[p + "linear_fc2.weight"] = take(sd[p + "linear_fc2.weight"], 1, order)
@@ -230,6 +266,8 @@ MOE_EXPERT_FFN = Axis(
     kind="moe",
     full=lambda m: m.moe_ffn_hidden_size or 0,
     label="expert FFN neurons",
+    groups=_ffn_blocks,
+    unit="FFN nesting block",
     check=_check_expert_ffn,
     rank=_rank_expert_ffn,
     permute=_permute_expert_ffn,
@@ -239,6 +277,8 @@ MOE_SHARED_FFN = Axis(
     kind="moe",
     full=lambda m: m.moe_shared_expert_intermediate_size or 0,
     label="shared-expert FFN neurons",
+    groups=_ffn_blocks,
+    unit="FFN nesting block",
     check=_check_shared,
     rank=_rank_shared,
     permute=_permute_shared,
@@ -284,25 +324,40 @@ MOE = LayerKind(
 
 @dataclass(frozen=True)
 class MoEIndices:
-    """What one ``E`` layer keeps (tensor-parallel size 1)."""
+    """What one ``E`` layer keeps on one rank."""
 
     experts: tuple[int, ...]
     """Kept routed experts (the parent's numbering), in the sliced layer's order."""
-    expert_ffn: slice
-    """Neurons kept in every kept routed expert."""
-    shared_ffn: slice
-    """Neurons kept in the shared expert (empty without one)."""
+    expert_ffn: Index
+    """This rank's kept neurons of every kept routed expert (rows of its fc1 shard): a prefix
+    of each of its FFN nesting blocks."""
+    shared_ffn: Index
+    """This rank's kept neurons of the shared expert (empty without one), likewise."""
+    tp_size: int = 1
+    """Tensor-parallel ranks the neurons are split over (expert TP = TP)."""
 
 
 @lru_cache(maxsize=256)
 def moe_indices(
-    num_experts: int, groups: int, experts: int, expert_ffn: int, shared_ffn: int
+    num_experts: int,
+    groups: int,
+    experts: int,
+    expert_ffn: tuple[int, int],
+    shared_ffn: tuple[int, int],
+    blocks: int = 1,
+    tp_size: int = 1,
 ) -> MoEIndices:
     """The experts (the same prefix of every one of ``groups`` expert groups, group-major, as
-    :meth:`Axis.kept_units`) and the neuron prefixes a layer's sizes keep."""
+    :meth:`Axis.kept_units`) and this rank's kept neurons of each kept expert and of the shared
+    expert (``(parent's width, kept width)``: a prefix of each of the rank's ``blocks / tp_size``
+    FFN nesting blocks, :func:`~megatron_elastic.elastic.subnet.ffn_indices`)."""
     per_group, keep = num_experts // groups, experts // groups
     kept = tuple(g * per_group + j for g in range(groups) for j in range(keep))
-    return MoEIndices(kept, slice(0, expert_ffn), slice(0, shared_ffn))
+
+    def neurons(full: int, active: int) -> Index:
+        return ffn_indices(full, blocks, active, tp_size) if full else slice(0, 0)
+
+    return MoEIndices(kept, neurons(*expert_ffn), neurons(*shared_ffn), tp_size)
 
 
 # Registration order is the router's draw order and the order rankings are applied in: each

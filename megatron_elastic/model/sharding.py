@@ -9,6 +9,8 @@ Pipeline stages hold layers under local indices, and expert-parallel ranks their
 :func:`global_parameter_names` maps both to the full model's names, so :func:`load_full_state_dict`
 loads each rank's experts and :func:`gather_full_tensors` returns them under the parent's names
 (experts are not gathered over EP ranks: each returns its own, as a pipeline stage its layers).
+An expert's weights are split over the expert-tensor-parallel group (``pgs.expt_tp``, megatron's
+expert parameters: ``allreduce=False``), every other split weight over ``pgs.tp``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def _is_split(param: nn.Parameter) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def _tp_group(param: nn.Parameter, pgs: ProcessGroupCollection) -> dist.ProcessGroup:
+    """The group ``param`` is split over: expert TP for a routed expert's weights, else TP."""
+    return pgs.expt_tp if not getattr(param, "allreduce", True) else pgs.tp
+
+
 def shard_tensor(
     full: torch.Tensor, param: nn.Parameter, tp_rank: int, tp_size: int
 ) -> torch.Tensor:
@@ -97,7 +104,6 @@ def load_full_state_dict(
     model: nn.Module, full: dict[str, torch.Tensor], pgs: ProcessGroupCollection
 ) -> None:
     """Copy this rank's shard of every parameter from a full (unsplit) state dict."""
-    tp_rank, tp_size = pgs.tp.rank(), pgs.tp.size()
     names = global_parameter_names(model)
     for name, param in model.named_parameters():
         key = names[name]
@@ -105,7 +111,8 @@ def load_full_state_dict(
             raise KeyError(
                 f"full state dict has no tensor {key!r} (needed by this rank's {name!r})"
             )
-        shard = shard_tensor(full[key], param, tp_rank, tp_size)
+        group = _tp_group(param, pgs)
+        shard = shard_tensor(full[key], param, group.rank(), group.size())
         if shard.shape != param.shape:
             raise ValueError(
                 f"{key}: full tensor {tuple(full[key].shape)} gives shard {tuple(shard.shape)}, "
@@ -118,16 +125,17 @@ def gather_full_tensors(
     model: nn.Module, tensors: dict[str, torch.Tensor], pgs: ProcessGroupCollection
 ) -> dict[str, torch.Tensor]:
     """All-gather per-parameter tensors (weights or grads, keyed by local name) across the TP group
-    and return them under global names, unsplit. Every TP rank gets the result."""
-    tp_size = pgs.tp.size()
+    (an expert's: the expert-TP group) and return them under global names, unsplit. Every TP rank
+    gets the result."""
     names = global_parameter_names(model)
     params = dict(model.named_parameters())
     out = {}
     for name, tensor in tensors.items():
         param = params[name]
-        if _is_split(param) and tp_size > 1:
-            shards = [torch.empty_like(tensor) for _ in range(tp_size)]
-            dist.all_gather(shards, tensor.contiguous(), group=pgs.tp)
+        group = _tp_group(param, pgs)
+        if _is_split(param) and group.size() > 1:
+            shards = [torch.empty_like(tensor) for _ in range(group.size())]
+            dist.all_gather(shards, tensor.contiguous(), group=group)
             out[names[name]] = unshard_tensor(shards, param)
         else:
             out[names[name]] = tensor

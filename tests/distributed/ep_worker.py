@@ -6,20 +6,26 @@ sub-budget with fewer experts (4 of 8, narrower experts and shared expert, a nar
 width), in slice and mask mode, each sub-network carrying router-like weights (leaf tensors: one
 per kept routed-expert neuron and shared neuron of every E layer, and on the hidden channels),
 with ``ElasticConfig.moe_expert_nesting_blocks`` 2 (kept experts 0, 1 on EP rank 0 and 4, 5 on
-EP rank 1). Every case is one forward/backward through megatron's schedule on the model wrapped
-in megatron's DDP, then ``finalize_model_grads`` (dense gradients averaged over data
-parallelism, expert gradients over expert-data parallelism with megatron's expert scaling) and
-the router's gradient reduction, as the trainer does.
+EP rank 1) and ``ffn_nesting_blocks`` 4 (each TP rank holds 2 blocks of every expert's and of the
+shared expert's neurons and keeps a prefix of each: not one contiguous run). Every case is one
+forward/backward through megatron's schedule on the model wrapped in megatron's DDP, then
+``finalize_model_grads`` (dense gradients averaged over data parallelism, expert gradients over
+expert-data parallelism with megatron's expert scaling, sequence-parallel gradients summed over
+TP) and the router's gradient reduction, as the trainer does.
 
 EP ranks are data-parallel replicas for the dense layers: replica ``r`` of ``DP`` takes
 micro-batches ``r, r + DP, ...``, so one process that runs them all is the reference (as in
 sp_cp_worker.py). The loss is the replicas' token-weighted mean.
 
-Every rank saves its results (``rank{N}.pt``): the loss, the gradients of the parameters it
-holds under the parent's names (its own experts only: ``local_experts.{i}`` of EP rank ``r`` is
-the parent's expert ``r x 8/EP + i``), the router weights' gradients and its coordinates. With
-``--init`` (one process) it first builds the model, draws decisive weights and saves them with
-the micro-batches; every layout loads them.
+One launch runs each ``--layouts`` entry in turn (``EPxTP``: process groups re-initialised,
+the model rebuilt), so a world size costs one torchrun start. Under tensor parallelism sequence
+parallelism is on (megatron's MoE layer trains only so), and expert TP is megatron's default, TP.
+
+Every rank saves its results (``EPxTP/rank{N}.pt``): the loss, the gradients of the parameters it
+holds under the parent's names, TP-gathered (its own experts only: ``local_experts.{i}`` of EP
+rank ``r`` is the parent's expert ``r x 8/EP + i``), the router weights' gradients and its
+coordinates. With ``--init`` (one process) it first builds the model, draws decisive weights and
+saves them with the micro-batches; every layout loads them.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from megatron_elastic.training import forward_backward
 from megatron_elastic.training.optim import OptimConfig, build_optimizer, wrap_ddp
 
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 24
-ELASTIC = ElasticConfig(budgets={"full": 1.0, "small": 0.5}, moe_expert_nesting_blocks=2)
+ELASTIC = ElasticConfig(
+    budgets={"full": 1.0, "small": 0.5}, moe_expert_nesting_blocks=2, ffn_nesting_blocks=4
+)
 MOE = ("moe_experts", "moe_expert_ffn", "moe_shared_ffn")
 
 
@@ -126,16 +134,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--layouts", nargs="+", default=["1x1"], help="EPxTP, run in turn")
     parser.add_argument("--init", action="store_true")
     args = parser.parse_args()
-    work = Path(args.workdir)
     cfg = config_from_dict(ModelConfig, yaml.safe_load(Path(args.model).read_text()))
-    parallel = ParallelConfig(expert_model_parallel_size=args.ep)
+    for layout in args.layouts:
+        ep, tp = (int(n) for n in layout.split("x"))
+        run_layout(cfg, Path(args.workdir), ep, tp, args.init)
+    destroy_process_groups()
+
+
+def run_layout(cfg: ModelConfig, work: Path, ep: int, tp: int, init_weights: bool) -> None:
+    """Every case on one layout (EP x TP, the rest data parallel)."""
+    parallel = ParallelConfig(
+        tensor_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=tp > 1
+    )
     pgs = init_process_groups(parallel, seed=7)
     dp = pgs.dp.size()
     model = build_elastic_model(cfg, ELASTIC, pgs, parallel)
-    if args.init:
+    if init_weights:
         randomise(model)
         g = torch.Generator().manual_seed(11)
         batches = []
@@ -190,12 +207,18 @@ def main() -> None:
             }
             model.set_subnet(None)
     results["step"] = optimizer_step(model, ddp, batches, pgs)
-    results["coords"] = {"ep": pgs.ep.size(), "ep_rank": pgs.ep.rank(), "dp": dp}
+    results["coords"] = {
+        "ep": pgs.ep.size(),
+        "ep_rank": pgs.ep.rank(),
+        "tp": pgs.tp.size(),
+        "tp_rank": pgs.tp.rank(),
+        "dp": dp,
+        "sequence_parallel": model.config.sequence_parallel,
+    }
     results["dispatcher"] = type(model.decoder.layers[1].mlp.token_dispatcher).__name__
-    out = work / f"ep{args.ep}"
+    out = work / f"{ep}x{tp}"
     out.mkdir(exist_ok=True)
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
-    destroy_process_groups()
 
 
 if __name__ == "__main__":

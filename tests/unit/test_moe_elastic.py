@@ -60,8 +60,10 @@ def moe_config() -> ModelConfig:
     return load_model_config(MOE_YAML)
 
 
-def _elastic(budgets=None, **choices) -> ElasticConfig:
-    return ElasticConfig(budgets=budgets or {"full": 1.0}, choices=choices)
+def _elastic(budgets=None, ffn_nesting_blocks: int = 1, **choices) -> ElasticConfig:
+    return ElasticConfig(
+        budgets=budgets or {"full": 1.0}, choices=choices, ffn_nesting_blocks=ffn_nesting_blocks
+    )
 
 
 def _randomise(model) -> None:
@@ -291,7 +293,23 @@ def test_moe_sizes_the_parent_cannot_route_are_refused(moe_config, small_config)
         (lambda: _elastic(moe_experts=(4,)).validate_for(small_config), "no 'E'"),
         (
             lambda: _elastic().validate_for(cfg, ParallelConfig(tensor_parallel_size=2)),
-            "do not split an expert's neurons over tensor-parallel ranks",
+            "needs sequence parallelism .* set parallel.sequence_parallel: true",
+        ),
+        (  # expert and shared neurons nest in the FFN nesting blocks: whole blocks per TP rank
+            lambda: _elastic(ffn_nesting_blocks=32).validate_for(cfg),
+            "ffn_nesting_blocks=32 must divide moe_ffn_hidden_size=16 .*; use ffn_nesting_blocks=8",
+        ),
+        (
+            lambda: _elastic(ffn_nesting_blocks=16).validate_for(cfg, _tp2),
+            "must divide moe_shared_expert_intermediate_size=24 .*; use ffn_nesting_blocks=8",
+        ),
+        (
+            lambda: _elastic(ffn_nesting_blocks=4, moe_expert_ffn=(10,)).validate_for(cfg, _tp2),
+            r"moe_expert_ffn choices \[10\] .* kept per FFN nesting block \(4 of them\)",
+        ),
+        (
+            lambda: _elastic(ffn_nesting_blocks=4, moe_shared_ffn=(6,)).validate_for(cfg, _tp2),
+            r"moe_shared_ffn choices \[6\] .* kept per FFN nesting block \(4 of them\)",
         ),
         (
             lambda: _elastic().validate_for(
@@ -311,6 +329,12 @@ def test_moe_sizes_the_parent_cannot_route_are_refused(moe_config, small_config)
         assert "\n" not in str(err.value)
     _elastic(moe_experts=(2, 4), moe_expert_ffn=(8,), moe_shared_ffn=(12,)).validate_for(cfg)
     _elastic(moe_experts=(8,)).validate_for(grouped)
+    _elastic(ffn_nesting_blocks=4, moe_expert_ffn=(12,), moe_shared_ffn=(16,)).validate_for(
+        cfg, _tp2
+    )
+
+
+_tp2 = ParallelConfig(tensor_parallel_size=2, sequence_parallel=True)
 
 
 # ---- counting ----------------------------------------------------------------------------
@@ -561,7 +585,7 @@ def test_importance_with_nesting_blocks_keeps_the_best_experts_on_every_rank(
     with_blocks = _model(cfg, pgs, elastic)  # estimate_importance deals over the model's blocks
     estimated = estimate_importance(with_blocks, [{"tokens": tokens}], pgs, rank_layers=False)
     assert estimated.orders["moe_experts"] == dealt.orders["moe_experts"]
-    positions = moe_indices(8, expert_groups(cfg, elastic), 4, 16, 0).experts
+    positions = moe_indices(8, expert_groups(cfg, elastic), 4, (16, 16), (0, 0)).experts
     assert positions == (0, 1, 4, 5)  # 2 on each EP rank
     for j in MOE_LAYERS:
         reap = dealt.scores["moe_experts"][str(j)]["reap"]
@@ -660,3 +684,39 @@ def test_sub_networks_count_dropped_experts_as_balanced_for_the_bias_update(
         want = bias[kept] + torch.sign(mean - counts[kept]) * 1e-3  # the pruned model's update
         assert torch.equal(new[kept], want)
         assert ((new[4:] - bias[4:]).abs() <= 1e-3).all()
+
+
+def test_expert_and_shared_neurons_are_dealt_over_the_ffn_nesting_blocks(pgs, moe_config) -> None:
+    """With ``ffn_nesting_blocks`` 2 (at TP 2 one block per rank) ranking deals every expert's
+    and the shared expert's neurons over the blocks as the dense FFN's: the permuted parent
+    computes the same function, and a width keeps the same prefix of each block, together the
+    best neurons (block 0 the 1st, 3rd, ... best, block 1 the 2nd, 4th, ...)."""
+    from megatron_elastic.importance.estimate import estimate_importance, rank_model
+
+    cfg = moe_config
+    model = _model(cfg, pgs, ElasticConfig(budgets={"full": 1.0}, ffn_nesting_blocks=2))
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = _logits(model)
+    ranking = estimate_importance(model, [{"tokens": TOKENS}], pgs, rank_layers=False)
+    rank_model(model, ranking, pgs)
+    with torch.no_grad():
+        assert _rel(_logits(model), before) <= TOL
+    spec = SubnetSpec.homogeneous(cfg, moe_expert_ffn=8, moe_shared_ffn=12)
+    kept, hidden = model.sliced_state_dict(spec), ranking.hidden
+
+    def dealt(best: list[int], keep: int) -> list[int]:  # each block's prefix, block-major
+        return best[0 : 2 * keep : 2] + best[1 : 2 * keep : 2]
+
+    for j in MOE_LAYERS:
+        p = f"decoder.layers.{j}.mlp."
+        assert ranking.orders["moe_shared_ffn"][j] != list(range(24))  # the test permutes
+        for pos, e in enumerate(ranking.orders["moe_experts"][j]):
+            best = ranking.orders["moe_expert_ffn"][j][e]  # in the parent's expert numbering
+            want = original[f"{p}experts.local_experts.{e}.linear_fc1.weight"][dealt(best, 4)]
+            got = kept[f"{p}experts.local_experts.{pos}.linear_fc1.weight"]
+            torch.testing.assert_close(got, want[:, hidden], rtol=0, atol=0)
+        best = ranking.orders["moe_shared_ffn"][j]
+        want = original[f"{p}shared_experts.linear_fc1.weight"][dealt(best, 6)]
+        got = kept[f"{p}shared_experts.linear_fc1.weight"]
+        torch.testing.assert_close(got, want[:, hidden], rtol=0, atol=0)

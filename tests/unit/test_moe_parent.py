@@ -290,8 +290,9 @@ def test_moe_config_errors_name_the_field(moe_config, change, field) -> None:
 
 
 def test_elastic_side_refuses_what_moe_parents_cannot_run_yet(pgs, moe_config) -> None:
-    """MoE parents are elastic (issue 26 step 2, tests/unit/test_moe_elastic.py) at TP 1 only
-    (experts split over EP instead: tests/distributed/test_expert_parallel.py)."""
+    """MoE parents are elastic (issue 26 step 2, tests/unit/test_moe_elastic.py) at TP > 1 with
+    sequence parallelism only, as megatron trains them
+    (tests/distributed/test_expert_parallel.py)."""
     from megatron_elastic.config import ParallelConfig
     from megatron_elastic.elastic import build_elastic_model
 
@@ -302,7 +303,7 @@ def test_elastic_side_refuses_what_moe_parents_cannot_run_yet(pgs, moe_config) -
         lambda: elastic.validate_for(moe_config, tp2),
         lambda: build_elastic_model(moe_config, elastic, pgs, tp2),
     ):
-        with pytest.raises(ValueError, match=r"expert TP\); use tensor_parallel_size=1"):
+        with pytest.raises(ValueError, match=r"set parallel.sequence_parallel: true"):
             refuse()
 
 
