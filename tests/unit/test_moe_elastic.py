@@ -12,10 +12,11 @@ active) are the sliced tensors' and what one token touches.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
+from moe_fixture import MOE_YAML
+from moe_fixture import ROUTERS as FIXTURE_ROUTERS
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, load_model_config
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, SubnetWeights, build_elastic_model
@@ -29,29 +30,20 @@ from megatron_elastic.model.param_count import count_active_parameters, count_pa
 from megatron_elastic.router import ElasticRouter, RouterConfig, fit_to_budgets
 from megatron_elastic.training.lm_step import position_ids_like
 
-MOE_YAML = Path(__file__).parents[2] / "tests" / "fixtures" / "hybrid_moe_small.yaml"
 MOE_LAYERS = (1, 3)  # "ME*E"
 TOL = 1e-6
 """Relative to the logits' scale: the same float32 products summed in another order (mask mode
 adds exact zeros; the pruned model's dispatcher permutes tokens). Measured worst 4.9e-7."""
 
 ROUTERS = {
-    "sigmoid_bias_shared": {},  # Nemotron 3's
-    "softmax_top3_no_shared": {
-        "moe_router_score_function": "softmax",
-        "moe_router_enable_expert_bias": False,
-        "moe_router_topk_scaling_factor": None,
-        "moe_shared_expert_intermediate_size": None,
-        "moe_router_topk": 3,
-    },
+    **FIXTURE_ROUTERS,  # Nemotron 3's, softmax top-3 without shared expert, group-limited (one of
+    # two groups of 4: kept experts are a prefix of each group, 4 kept: 0, 1, 4, 5)
     "softmax_pre_top1": {
         "moe_router_score_function": "softmax",
         "moe_router_pre_softmax": True,
         "moe_router_enable_expert_bias": False,
         "moe_router_topk": 1,
     },
-    # one of two groups of 4: kept experts are a prefix of each group (4 kept: 0, 1, 4, 5)
-    "sigmoid_group_limited": {"moe_router_num_groups": 2, "moe_router_group_topk": 1},
 }
 
 
