@@ -703,6 +703,8 @@ def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
 
     mib = 1024**2
     previous = track_all_threads()
+    gc.collect()
+    gc.disable()  # a collection inside the window would free tensors the test does not count
     try:
         # live and counted before the profile (as a trainer's model is after its window turned
         # counting on): the window's figures start from the counter's value, not from 0
@@ -715,6 +717,7 @@ def test_benchmark_peak_counts_frees_made_on_other_threads() -> None:
                     thread.start()
                     thread.join()
     finally:
+        gc.enable()
         track_all_threads(previous)
     result = cpu_peak(prof, "window")
     assert result["start_bytes"] >= kept.nbytes
@@ -743,11 +746,13 @@ def test_cpu_window_peak_survives_garbage_collected_after_its_baseline() -> None
         del garbage  # unreachable, still allocated until a collection
         window = CpuPeakWindow()
         gc.collect()  # Python's automatic collection, say while the trainer builds its model
+        gc.disable()  # (and none inside the window: the test counts what it allocates)
         window.start()
         held = torch.empty(mib // 4)
         peak = window.stop()
         del held
     finally:
+        gc.enable()
         track_all_threads(previous)
     assert abs(peak - mib) <= 1024, peak  # the window's 1 MiB (less the baseline's probe)
 
