@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from worker_data import random_batches
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_elastic.model import build_hybrid_model
@@ -48,13 +49,13 @@ VARIANTS = {
 
 def batches(cfg: ModelConfig, step: int, rank: int) -> list[dict[str, torch.Tensor]]:
     """This replica's micro-batches of ``step`` (distinct per replica)."""
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    out = []
-    for _ in range(MICRO_BATCHES):
-        tokens = torch.randint(0, cfg.vocab_size, (MICRO_BATCH_SIZE, SEQ + 1), generator=g)
-        mask = (torch.rand(MICRO_BATCH_SIZE, SEQ, generator=g) > 0.2).float()
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
-    return out
+    return random_batches(
+        cfg.vocab_size,
+        seed=1000 * step + rank,
+        count=MICRO_BATCHES,
+        micro_batch_size=MICRO_BATCH_SIZE,
+        seq=SEQ,
+    )
 
 
 def train(cfg: ModelConfig, pgs, parallel: ParallelConfig, optim: OptimConfig, init) -> dict:

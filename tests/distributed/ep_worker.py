@@ -38,6 +38,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from torch import nn
+from worker_data import random_batches, replica_mean_loss
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, SubnetWeights, build_elastic_model
@@ -154,12 +155,9 @@ def run_layout(cfg: ModelConfig, work: Path, ep: int, tp: int, init_weights: boo
     model = build_elastic_model(cfg, ELASTIC, pgs, parallel)
     if init_weights:
         randomise(model)
-        g = torch.Generator().manual_seed(11)
-        batches = []
-        for _ in range(MICRO_BATCHES):
-            tokens = torch.randint(0, cfg.vocab_size, (MICRO_BATCH_SIZE, SEQ + 1), generator=g)
-            mask = (torch.rand(MICRO_BATCH_SIZE, SEQ, generator=g) > 0.2).float()
-            batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
+        batches = random_batches(
+            cfg.vocab_size, seed=11, count=MICRO_BATCHES, micro_batch_size=MICRO_BATCH_SIZE, seq=SEQ
+        )
         full = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
         torch.save({"weights": full, "batches": batches}, work / "init.pt")
     init = torch.load(work / "init.pt")
@@ -192,9 +190,7 @@ def run_layout(cfg: ModelConfig, work: Path, ep: int, tp: int, init_weights: boo
             )
             finalize_model_grads([ddp], pg_collection=pgs)
             if dp > 1:  # the replicas' token-weighted mean, as logged
-                totals = torch.stack([loss * tokens, tokens])
-                dist.all_reduce(totals, group=pgs.dp)
-                loss = totals[0] / totals[1]
+                loss = replica_mean_loss(loss, tokens, pgs.dp)
             router_grads = None
             if router is not None:
                 finalize_router_grads(router, pgs)

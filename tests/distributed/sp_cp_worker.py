@@ -34,6 +34,7 @@ import yaml
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from torch import nn
 from tp_pp_worker import elastic_spec  # (torchrun puts this directory on sys.path)
+from worker_data import random_batches, replica_mean_loss
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
@@ -153,14 +154,13 @@ def main() -> None:
     for recompute in (False, True):
         model = build_elastic_model(cfg, ELASTIC, pgs, parallel, recompute=recompute)
         if args.init and not recompute:
-            g = torch.Generator().manual_seed(11)
-            batches = []
-            for _ in range(MICRO_BATCHES):
-                tokens = torch.randint(0, cfg.vocab_size, (MICRO_BATCH_SIZE, SEQ + 1), generator=g)
-                mask = (torch.rand(MICRO_BATCH_SIZE, SEQ, generator=g) > 0.2).float()
-                batches.append(
-                    {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
-                )
+            batches = random_batches(
+                cfg.vocab_size,
+                seed=11,
+                count=MICRO_BATCHES,
+                micro_batch_size=MICRO_BATCH_SIZE,
+                seq=SEQ,
+            )
             full = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
             torch.save({"weights": full, "batches": batches}, work / "init.pt")
         init = torch.load(work / "init.pt")
@@ -190,9 +190,7 @@ def main() -> None:
                 )
                 finalize_model_grads([ddp], pg_collection=pgs)
                 if loss is not None and dp > 1:  # the replicas' token-weighted mean, as logged
-                    totals = torch.stack([loss * tokens, tokens])
-                    dist.all_reduce(totals, group=pgs.dp)
-                    loss = totals[0] / totals[1]
+                    loss = replica_mean_loss(loss, tokens, pgs.dp)
                 router_grads = None
                 if router is not None:
                     finalize_router_grads(router, pgs)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from worker_data import random_batches
 
 from megatron_elastic.config import ModelConfig, ParallelConfig, config_from_dict
 from megatron_elastic.elastic import ElasticConfig, SubnetSpec, build_elastic_model
@@ -84,12 +85,9 @@ def main() -> None:
         model = build_hybrid_model(cfg, pgs, parallel)
 
     if args.init:
-        g = torch.Generator().manual_seed(11)
-        batches = []
-        for _ in range(MICRO_BATCHES):
-            tokens = torch.randint(0, cfg.vocab_size, (MICRO_BATCH_SIZE, SEQ + 1), generator=g)
-            mask = (torch.rand(MICRO_BATCH_SIZE, SEQ, generator=g) > 0.2).float()
-            batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
+        batches = random_batches(
+            cfg.vocab_size, seed=11, count=MICRO_BATCHES, micro_batch_size=MICRO_BATCH_SIZE, seq=SEQ
+        )
         full = {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}
         torch.save({"weights": full, "batches": batches}, work / "init.pt")
     init = torch.load(work / "init.pt")
