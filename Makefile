@@ -1,5 +1,6 @@
 # megatron-elastic: the two commands of the README, and what they need.
 #   make test        create .venv if missing, install the pinned stack, run the whole test suite
+#                    (two workers)
 #   make quickstart  the main job: the tiny CPU recipe end to end
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -31,8 +32,10 @@ $(STAMP): $(INSTALL_INPUTS)
 	@touch $@
 	@echo "installed the pinned stack into $(VENV)"
 
+# Two pytest-xdist workers of one thread each (TEST_WORKERS=0: one process); a file's tests share
+# a worker (tests/conftest.py), so module fixtures are built once.
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $${TEST_WORKERS:-2} --dist loadgroup tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not distributed"

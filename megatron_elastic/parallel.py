@@ -1,8 +1,15 @@
 """Process groups for one model replica: torch.distributed init (gloo on CPU, NCCL on GPU) and
-megatron-core's model-parallel groups, returned as an explicit ``ProcessGroupCollection``."""
+megatron-core's model-parallel groups, returned as an explicit ``ProcessGroupCollection``.
+
+Every ``init_process_groups`` is paired with one ``destroy_process_groups``. The groups are
+held, not rebuilt: a caller that asks for the layout already initialised here shares those groups,
+and only the last ``destroy_process_groups`` tears them down. A tool run in-process (a test, a
+notebook, a driver that trains and then exports) therefore leaves its caller's groups, and every
+model built on them, working."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -18,17 +25,54 @@ from megatron_elastic.config import ParallelConfig
 __all__ = ["destroy_process_groups", "init_process_groups"]
 
 
+@dataclasses.dataclass
+class _Held:
+    """The groups this module initialised: their layout and how many callers hold them."""
+
+    layout: tuple[int, ...] | None = None
+    count: int = 0
+
+
+_held = _Held()
+
+
+def _layout(parallel: ParallelConfig) -> tuple[int, ...]:
+    """What sharing requires to match (the timeout does not: the first caller's holds)."""
+    return (
+        parallel.tensor_parallel_size,
+        parallel.pipeline_parallel_size,
+        parallel.context_parallel_size,
+        parallel.expert_model_parallel_size,
+    )
+
+
 def init_process_groups(parallel: ParallelConfig, *, seed: int = 1234) -> ProcessGroupCollection:
     """Initialise torch.distributed (from torchrun/SLURM env vars, or a single local process) and
     megatron-core's tensor/pipeline/data/context/expert-parallel groups (``pgs.ep``: the ranks
     sharing one layer's routed experts, ``pgs.expt_dp``: the replicas of one expert, over which
     megatron's DDP reduces expert gradients); seed the model-parallel RNG streams.
 
-    Returns the process groups to pass explicitly to every model and helper.
+    Returns the process groups to pass explicitly to every model and helper. Groups of the same
+    layout already initialised here are shared (and the RNG streams reseeded); another layout
+    replaces them. Pair every call with ``destroy_process_groups``.
     """
     platform.apply()
+    layout = _layout(parallel)
+    if _held.count and _held.layout == layout and parallel_state.model_parallel_is_initialized():
+        _held.count += 1
+        pgs = ProcessGroupCollection.use_mpu_process_groups()
+        _seed(pgs, seed)
+        return pgs
     with console.drop_native_output():  # gloo reports each new group on stdout
-        return _init_process_groups(parallel, seed)
+        pgs = _init_process_groups(parallel, seed)
+    _held.layout, _held.count = layout, 1
+    return pgs
+
+
+def _seed(pgs: ProcessGroupCollection, seed: int) -> None:
+    platform.seed_model_parallel_rng(
+        seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank()
+    )
 
 
 def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCollection:
@@ -71,14 +115,17 @@ def _init_process_groups(parallel: ParallelConfig, seed: int) -> ProcessGroupCol
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    platform.seed_model_parallel_rng(
-        seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank()
-    )
+    _seed(pgs, seed)
     return pgs
 
 
 def destroy_process_groups() -> None:
-    """Tear down megatron's groups and torch.distributed (tests and tools that re-initialise)."""
+    """Release one ``init_process_groups``; the last release tears down megatron's groups and
+    torch.distributed."""
+    _held.count = max(0, _held.count - 1)
+    if _held.count:
+        return
+    _held.layout = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -20,10 +20,22 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
 
 
+@pytest.hookimpl(tryfirst=True)  # (before xdist reads the groups)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _group_by_file(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _group_by_file(items: list[pytest.Item]) -> None:
+    """For ``make test``'s workers (pytest-xdist, ``--dist loadgroup``): a file's tests run on one
+    worker, so its module fixtures are built once, and every file whose tests use the session's
+    SLURM cluster (tests/e2e/conftest.py) runs on the same worker, which starts one cluster."""
+    slurm = {item.path for item in items if "cluster" in getattr(item, "fixturenames", ())}
+    for item in items:
+        group = "slurm-cluster" if item.path in slurm else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))

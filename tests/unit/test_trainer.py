@@ -61,7 +61,7 @@ def _torchrun(workspace, save: Path, *extra: str, nproc: int = 2) -> subprocess.
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
-        "--master-port=29517",
+        "--standalone",  # (a free port: other tests may run torchrun beside it)
         "-m",
         "megatron_elastic.train",
         *_args(workspace, save, *extra),
