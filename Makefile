@@ -33,9 +33,9 @@ $(STAMP): $(INSTALL_INPUTS)
 	@echo "installed the pinned stack into $(VENV)"
 
 # Two pytest-xdist workers of one thread each (TEST_WORKERS=0: one process); a file's tests share
-# a worker (tests/conftest.py), so module fixtures are built once.
+# a worker, and so do the SLURM files (tests/conftest.py's scheduler).
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $${TEST_WORKERS:-2} --dist loadgroup tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $${TEST_WORKERS:-2} --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not distributed"

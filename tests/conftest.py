@@ -10,6 +10,8 @@ from megatron_elastic import console
 # one warnings context) ...
 console.quiet()
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -20,9 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
 
 
-@pytest.hookimpl(tryfirst=True)  # (before xdist reads the groups)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _group_by_file(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -31,11 +31,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _group_by_file(items: list[pytest.Item]) -> None:
-    """For ``make test``'s workers (pytest-xdist, ``--dist loadgroup``): a file's tests run on one
-    worker, so its module fixtures are built once, and every file whose tests use the session's
-    SLURM cluster (tests/e2e/conftest.py) runs on the same worker, which starts one cluster."""
-    slurm = {item.path for item in items if "cluster" in getattr(item, "fixturenames", ())}
-    for item in items:
-        group = "slurm-cluster" if item.path in slurm else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True)  # (a pytest-xdist hook)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``make test``'s workers (pytest-xdist): a file's tests run on one worker, so its module
+    fixtures are built once, and the files named ``*slurm*`` (they share the session's SLURM
+    cluster, tests/e2e/conftest.py) run on one worker, which starts one cluster. (A scheduler,
+    not ``xdist_group`` marks: xdist 3.8 renames node ids in a way pytest 9 ignores.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm" if "slurm" in Path(path).name else path
+
+    return FileScheduling(config, log)
