@@ -45,6 +45,12 @@ ranking and data (~100 s) and measurement (~500 s; the old study's 361 s scaled 
 figures (two scratch pretrainings of 1,600 steps are most of it). ``--reduced``: one seed, 3
 steps a stage, every arm (``tests/e2e/test_bench_family.py``).
 
+``--jobs N`` (default 2): where arms are independent (the elastic arms; the Minitron arms of each
+seed and size; the ablations) N training stages run at once, each in its own process with
+``cpus // N`` threads. The tiny model gains little from a second thread, so on 2 cores two
+one-thread stages do more work than one two-thread stage; each process pays its ~10 s import.
+``--jobs 1`` runs every stage in this process, one at a time.
+
 Results: ``<output>/report.md`` (tables, printed at the end), ``report.json`` and
 ``family_cost.png`` / ``family_arms.png``. Logs of every step in ``<output>/logs``.
 """
@@ -56,6 +62,7 @@ import json
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also the ablation arms (uniform, fixed, heterogeneous, depth, scratch)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="training stages run at once where the arms are independent (each in its own "
+        "process with its share of the CPU threads; 1: one at a time, in this process)",
+    )
+    parser.add_argument(
         "--measure-only",
         action="store_true",
         help="measure and report the runs already in --output again, without training",
@@ -122,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "training stage resumes from its last checkpoint",
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more")
     out = Path(args.output).resolve()
     if args.measure_only:
         return measure_only(out)
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench_family] removed the earlier run in {out}", flush=True)
     size = {k: v[1] if args.reduced else v[0] for k, v in SIZES.items()}
     plan = Plan(out, size, reduced=args.reduced)
-    steps = Steps(plan, args.resume)
+    steps = Steps(plan, args.resume, args.jobs)
     started = time.time()
 
     from megatron_elastic.checkpoint import read_manifest
@@ -145,26 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     seeds, fix_seeds = list(range(size["seeds"])), list(range(size["fix_seeds"]))
     runs: dict[str, Any] = {"ranked": str(ranked), "parent": str(latest(parent)), "elastic": {}}
     arms = [("elastic", seeds, ()), ("fixes", fix_seeds, FIXES), ("sandwich", fix_seeds, SANDWICH)]
-    for arm, arm_seeds, extra in arms:
-        for seed in arm_seeds:
-            key = f"{arm}_s{seed}"
-            curriculum(steps, key, base, ranked, seed=seed, extra=extra)
-            runs["elastic"][key] = {st: str(latest(out / key / st)) for st in ("stage1", "stage2")}
+    keys = [(f"{arm}_s{seed}", seed, extra) for arm, arm_seeds, extra in arms for seed in arm_seeds]
+    steps.parallel(
+        [partial(curriculum, steps, k, base, ranked, seed=seed, extra=x) for k, seed, x in keys]
+    )
+    for key, _, _ in keys:
+        runs["elastic"][key] = {st: str(latest(out / key / st)) for st in ("stage1", "stage2")}
 
     model, elastic = load_elastic_recipe(base)
     elastic = dataclasses.replace(elastic, layer_ranking=tuple(ranking))
     smaller = {name: f for name, f in elastic.budgets.items() if f < 1}
     tokens = plan.tokens()["elastic"]
-    runs["minitron"] = {}
+    tasks, names = [], []
     for seed in seeds:
         specs = router_specs(latest(out / f"elastic_s{seed}" / "stage2"))
         for budget, fraction in smaller.items():
             cands = candidates(model, elastic, fraction, specs[budget])
-            key = f"s{seed}/{budget}"
-            record = search_arm(steps, seed, budget, cands, ranked, tokens)
-            router_choices = cands["router"]["choices"]
-            record["given"] = given_arm(steps, seed, budget, router_choices, ranked, tokens)
-            runs["minitron"][key] = record
+            tasks.append(partial(minitron, steps, seed, budget, cands, ranked, tokens))
+            names.append(f"s{seed}/{budget}")
+    runs["minitron"] = dict(zip(names, steps.parallel(tasks), strict=True))
     if args.ablations or args.reduced:
         runs.update(ablations(steps, base, ranked, parent, model, elastic, smaller))
 
@@ -179,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     return measure_only(out)
 
 
+def minitron(steps: Steps, seed: int, budget: str, cands, ranked: Path, tokens: int) -> dict:
+    """Both Minitron arms of one size and seed: the search, then the router's architecture."""
+    record = search_arm(steps, seed, budget, cands, ranked, tokens)
+    router_choices = cands["router"]["choices"]
+    record["given"] = given_arm(steps, seed, budget, router_choices, ranked, tokens)
+    return record
+
+
 def ablations(steps: Steps, base: Path, ranked: Path, parent: Path, model, elastic, smaller):
     """The ablation arms (seed 0): their save directories for ``runs.json``."""
     from megatron_elastic.checkpoint import read_manifest
@@ -187,16 +210,6 @@ def ablations(steps: Steps, base: Path, ranked: Path, parent: Path, model, elast
 
     out, runs = steps.plan.out, {}
     s0 = out / "elastic_s0"
-    stage(
-        steps,
-        "uniform",
-        2,
-        base,
-        latest(s0 / "stage1"),
-        ranked,
-        extra=("budget_sampling={'full': 1/3, '75%': 1/3, '50%': 1/3}",),
-    )
-    runs["uniform"] = str(latest(out / "uniform" / "stage2"))
     width_only = {
         name: choices_of(
             model,
@@ -206,31 +219,39 @@ def ablations(steps: Steps, base: Path, ranked: Path, parent: Path, model, elast
         for name, fraction in smaller.items()
     }
     fixed = elastic_yaml(steps.plan, "fixed", budget_choices=width_only)
-    curriculum(steps, "fixed", fixed, ranked, extra=("router.fixed=true",))
-    runs["fixed"] = str(latest(out / "fixed" / "stage2"))
     hetero = elastic_yaml(steps.plan, "heterogeneous", heterogeneous=True)
-    curriculum(steps, "heterogeneous", hetero, ranked)
-    runs["heterogeneous"] = str(latest(out / "heterogeneous" / "stage2"))
     # Depth: the tiny recipe's depth choices (8-10 of 10 layers) drop at most two layers, and
     # both rankings drop the same two; deeper cuts show what the attention floor changes.
     depths = {"depth_choices": list(range(DEPTH_MIN, model.num_layers + 1))}
     floor = elastic_yaml(steps.plan, "depth_floor", **depths)
-    curriculum(steps, "depth_floor", floor, ranked)
-    runs["depth_floor"] = str(latest(out / "depth_floor" / "stage2"))
     no_floor = elastic_yaml(steps.plan, "depth_no_floor", min_attention_layers=0, **depths)
-    ranked_nf = rank(steps, "ranked_no_attention_floor", no_floor, parent)
-    curriculum(steps, "depth_no_floor", no_floor, ranked_nf)
-    runs["depth_no_floor"] = str(latest(out / "depth_no_floor" / "stage2"))
-    nf = read_manifest(ranked_nf)["metadata"]["layer_ranking"]
-    runs["rankings"] = {"min_attention_layers 0": nf}
-    runs["scratch"] = {}
     specs = router_specs(latest(s0 / "stage2"))
+    scratch = {}
     for budget in smaller:
         child = standalone_config(model, specs[budget])
         data = {k: v for k, v in dataclasses.asdict(child).items() if v is not None}
-        child_yaml = write_yaml(out / "recipes" / f"scratch_{budget[:-1]}.yaml", data)
-        save = pretrain(steps, f"scratch_{budget[:-1]}", child_yaml, curve=True)
-        runs["scratch"][budget] = str(save)
+        scratch[budget] = write_yaml(out / "recipes" / f"scratch_{budget[:-1]}.yaml", data)
+
+    def depth_no_floor() -> None:
+        ranked_nf = rank(steps, "ranked_no_attention_floor", no_floor, parent)
+        curriculum(steps, "depth_no_floor", no_floor, ranked_nf)
+
+    uniform = ("budget_sampling={'full': 1/3, '75%': 1/3, '50%': 1/3}",)
+    tasks = [
+        partial(stage, steps, "uniform", 2, base, latest(s0 / "stage1"), ranked, extra=uniform),
+        partial(curriculum, steps, "fixed", fixed, ranked, extra=("router.fixed=true",)),
+        partial(curriculum, steps, "heterogeneous", hetero, ranked),
+        partial(curriculum, steps, "depth_floor", floor, ranked),
+        depth_no_floor,
+        *(partial(pretrain, steps, f"scratch_{b[:-1]}", y, curve=True) for b, y in scratch.items()),
+    ]
+    steps.parallel(tasks)
+    runs["uniform"] = str(latest(out / "uniform" / "stage2"))
+    for arm in ("fixed", "heterogeneous", "depth_floor", "depth_no_floor"):
+        runs[arm] = str(latest(out / arm / "stage2"))
+    nf = read_manifest(out / "ranked_no_attention_floor")["metadata"]["layer_ranking"]
+    runs["rankings"] = {"min_attention_layers 0": nf}
+    runs["scratch"] = {b: str(out / f"scratch_{b[:-1]}") for b in scratch}
     return runs
 
 

@@ -10,13 +10,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 TINY = REPO / "examples" / "tiny"
 STAGE1_BATCH, STAGE2_BATCH, PRETRAIN_BATCH = 12, 6, 8  # examples/tiny global batch sizes
 HORIZONS = ((1 / 8, 1 / 4, 1 / 2, 1.0), (1 / 2, 1.0))
@@ -68,62 +72,95 @@ class Plan:
 
 
 class Steps:
-    """Runs each step as its own process (what a user would type), output to a log file."""
+    """Runs each step as a user would type it, output to a log file. Inside ``parallel``, up to
+    ``jobs`` steps run at once, each training stage in its own process with its share of the
+    CPU threads; elsewhere a stage runs in this process (the import costs about 10 s a process)."""
 
-    def __init__(self, plan: Plan, resume: bool) -> None:
-        self.plan, self.t0, self.count, self.resume = plan, time.time(), 0, resume
+    def __init__(self, plan: Plan, resume: bool, jobs: int = 1) -> None:
+        self.plan, self.t0, self.count, self.resume, self.jobs = plan, time.time(), 0, resume, jobs
+        self._lock = threading.Lock()
+        self._local = threading.local()  # ``in_pool``: this thread runs a step of ``parallel``
         (plan.out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def _start(self, title: str) -> float:
-        self.count += 1
-        started = time.time()
-        print(
-            f"[bench_family] ({self.count}) {title}  [{started - self.t0:,.0f}s elapsed]",
-            flush=True,
-        )
-        return started
+    def parallel(self, tasks: list[Callable[[], T]]) -> list[T]:
+        """Each task's result, in order; up to ``jobs`` at once (the first failure is raised once
+        the tasks already started have ended)."""
+        if self.jobs == 1 or len(tasks) < 2:
+            return [task() for task in tasks]
 
-    def run(self, title: str, log: str, *args: str, done_if: Path | None = None) -> None:
-        """``done_if``: with ``--resume``, skip the step when this file exists."""
-        if self.resume and done_if is not None and done_if.exists():
+        def run(task: Callable[[], T]) -> T:
+            self._local.in_pool = True
+            return task()
+
+        with ThreadPoolExecutor(self.jobs) as pool:
+            futures = [pool.submit(run, task) for task in tasks]
+        return [f.result() for f in futures]
+
+    def _say(self, text: str) -> None:
+        with self._lock:
+            print(f"[bench_family] {text}", flush=True)
+
+    def _start(self, title: str) -> tuple[int, float]:
+        with self._lock:
             self.count += 1
-            print(f"[bench_family] ({self.count}) {title}: done already", flush=True)
-            return
-        started = self._start(title)
-        path = self.plan.out / "logs" / f"{log}.log"
-        cmd = [sys.executable, *args]
+            n, started = self.count, time.time()
+        self._say(f"({n}) {title}  [{started - self.t0:,.0f}s elapsed]")
+        return n, started
+
+    def _done(self, n: int, started: float) -> None:
+        self._say(f"    ({n}) done in {time.time() - started:,.0f}s")
+
+    def _process(self, cmd: list[str], path: Path, rerun: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if getattr(self._local, "in_pool", False):
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
         with path.open("w") as f:
             done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             tail = "".join(path.read_text().splitlines(keepends=True)[-30:])
             raise SystemExit(
                 f"{tail}\n[bench_family] step failed (exit {done.returncode}, log {path}); "
-                "rerun it with:\n  " + " ".join(cmd)
+                f"rerun it with:\n  {rerun}"
             )
-        print(f"[bench_family]     done in {time.time() - started:,.0f}s", flush=True)
+
+    def run(self, title: str, log: str, *args: str, done_if: Path | None = None) -> None:
+        """``done_if``: with ``--resume``, skip the step when this file exists."""
+        if self.resume and done_if is not None and done_if.exists():
+            with self._lock:
+                self.count += 1
+                n = self.count
+            self._say(f"({n}) {title}: done already")
+            return
+        n, started = self._start(title)
+        cmd = [sys.executable, *args]
+        self._process(cmd, self.plan.out / "logs" / f"{log}.log", " ".join(cmd))
+        self._done(n, started)
 
     def train(self, title: str, log: str, recipe: str, *overrides: str) -> Path:
-        """One training stage, ``python -m megatron_elastic.train`` run in this process (the
-        import costs about 10 s a process; there are ~20 stages); returns its save directory."""
-        from megatron_elastic.train import main as train_main
-
+        """One training stage, ``python -m megatron_elastic.train``; returns its save
+        directory."""
         p = self.plan
-        started = self._start(title)
+        n, started = self._start(title)
         argv = [
             *("--config", str(TINY / recipe)),
             *(f"data.tokenizer={p.tokenizer}", f"data.blend={p.data / 'train'}"),
             *overrides,
         ]
         path = p.out / "logs" / f"{log}.log"
-        with path.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            status = train_main(argv)
-        if status != 0:
-            tail = "".join(path.read_text().splitlines(keepends=True)[-30:])
-            raise SystemExit(
-                f"{tail}\n[bench_family] training failed (exit {status}, log {path}); rerun "
-                "it with:\n  python -m megatron_elastic.train " + " ".join(argv)
-            )
+        rerun = "python -m megatron_elastic.train " + " ".join(argv)
+        if getattr(self._local, "in_pool", False):
+            self._process([sys.executable, "-m", "megatron_elastic.train", *argv], path, rerun)
+        else:
+            from megatron_elastic.train import main as train_main
+
+            with path.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                status = train_main(argv)
+            if status != 0:
+                tail = "".join(path.read_text().splitlines(keepends=True)[-30:])
+                raise SystemExit(
+                    f"{tail}\n[bench_family] training failed (exit {status}, log {path}); rerun "
+                    f"it with:\n  {rerun}"
+                )
         save = Path(_override(overrides, "checkpoint.save"))
         reached = json.loads((save / "latest.json").read_text())["step"]
         if reached != int(_override(overrides, "train.steps")):
@@ -132,7 +169,7 @@ class Steps:
                 f"[bench_family] {title}: stopped at step {reached} (a preemption signal); "
                 f"continue with: python benchmarks/bench_family.py --output {p.out} --resume"
             )
-        print(f"[bench_family]     done in {time.time() - started:,.0f}s", flush=True)
+        self._done(n, started)
         return save
 
 
