@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,8 +83,8 @@ class Steps:
         (plan.out / "logs").mkdir(parents=True, exist_ok=True)
 
     def parallel(self, tasks: list[Callable[[], T]]) -> list[T]:
-        """Each task's result, in order; up to ``jobs`` at once (the first failure is raised once
-        the tasks already started have ended)."""
+        """Each task's result, in order; up to ``jobs`` at once. The first failure cancels the
+        tasks not yet started and is raised once the running ones have ended."""
         if self.jobs == 1 or len(tasks) < 2:
             return [task() for task in tasks]
 
@@ -94,6 +94,10 @@ class Steps:
 
         with ThreadPoolExecutor(self.jobs) as pool:
             futures = [pool.submit(run, task) for task in tasks]
+            for done in as_completed(futures):
+                if done.exception() is not None:  # start nothing more; the running ones end
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise done.exception()
         return [f.result() for f in futures]
 
     def _say(self, text: str) -> None:
