@@ -4,13 +4,11 @@ collective ends the process and the SLURM scripts requeue the job."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from test_process_groups import run_in_fresh_process
 
 from megatron_elastic.config import ParallelConfig
 from megatron_elastic.training.recipe import load_train_recipe
@@ -60,13 +58,6 @@ CHECK = textwrap.dedent(
 
 @pytest.mark.slow
 def test_every_process_group_gets_the_timeout() -> None:
-    # A fresh process: the unit tests' session already holds process groups of its own.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    seconds = dict(line.split() for line in done.stdout.splitlines())
-    assert seconds == {name: "180" for name in ("world", "tp", "pp", "dp", "cp")}, done.stdout
+    stdout = run_in_fresh_process(CHECK)
+    seconds = dict(line.split() for line in stdout.splitlines())
+    assert seconds == {name: "180" for name in ("world", "tp", "pp", "dp", "cp")}, stdout

@@ -49,14 +49,20 @@ LAST_RELEASE = textwrap.dedent(
 )
 
 
-def test_the_last_release_tears_the_groups_down() -> None:
-    # A fresh process: the unit tests' session holds groups of its own.
+def run_in_fresh_process(code: str) -> str:
+    """Run ``code`` in a new single-process Python (the unit tests' session holds groups of its
+    own) and return its stdout; fail the test if it fails."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     done = subprocess.run(
-        [sys.executable, "-c", LAST_RELEASE], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()[-2:]
-    assert lines == ["after one release True True", "after the last False False"], done.stdout
+    return done.stdout
+
+
+def test_the_last_release_tears_the_groups_down() -> None:
+    stdout = run_in_fresh_process(LAST_RELEASE)
+    lines = stdout.strip().splitlines()[-2:]
+    assert lines == ["after one release True True", "after the last False False"], stdout
