@@ -172,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     elastic = dataclasses.replace(elastic, layer_ranking=tuple(ranking))
     smaller = {name: f for name, f in elastic.budgets.items() if f < 1}
     tokens = plan.tokens()["elastic"]
-    tasks, names = [], []
+    tasks = {}
     for seed in seeds:
         specs = router_specs(latest(out / f"elastic_s{seed}" / "stage2"))
         for budget, fraction in smaller.items():
             cands = candidates(model, elastic, fraction, specs[budget])
-            tasks.append(partial(minitron, steps, seed, budget, cands, ranked, tokens))
-            names.append(f"s{seed}/{budget}")
-    runs["minitron"] = dict(zip(names, steps.parallel(tasks), strict=True))
+            tasks[f"s{seed}/{budget}"] = partial(
+                minitron, steps, seed, budget, cands, ranked, tokens
+            )
+    runs["minitron"] = dict(zip(tasks, steps.parallel(list(tasks.values())), strict=True))
     if args.ablations or args.reduced:
         runs.update(ablations(steps, base, ranked, parent, model, elastic, smaller))
 
@@ -232,26 +233,30 @@ def ablations(steps: Steps, base: Path, ranked: Path, parent: Path, model, elast
         data = {k: v for k, v in dataclasses.asdict(child).items() if v is not None}
         scratch[budget] = write_yaml(out / "recipes" / f"scratch_{budget[:-1]}.yaml", data)
 
-    def depth_no_floor() -> None:
+    def depth_no_floor() -> Path:
         ranked_nf = rank(steps, "ranked_no_attention_floor", no_floor, parent)
-        curriculum(steps, "depth_no_floor", no_floor, ranked_nf)
+        runs["rankings"] = {
+            "min_attention_layers 0": read_manifest(ranked_nf)["metadata"]["layer_ranking"]
+        }
+        return curriculum(steps, "depth_no_floor", no_floor, ranked_nf)
 
     uniform = ("budget_sampling={'full': 1/3, '75%': 1/3, '50%': 1/3}",)
-    tasks = [
-        partial(stage, steps, "uniform", 2, base, latest(s0 / "stage1"), ranked, extra=uniform),
-        partial(curriculum, steps, "fixed", fixed, ranked, extra=("router.fixed=true",)),
-        partial(curriculum, steps, "heterogeneous", hetero, ranked),
-        partial(curriculum, steps, "depth_floor", floor, ranked),
-        depth_no_floor,
-        *(partial(pretrain, steps, f"scratch_{b[:-1]}", y, curve=True) for b, y in scratch.items()),
-    ]
-    steps.parallel(tasks)
-    runs["uniform"] = str(latest(out / "uniform" / "stage2"))
-    for arm in ("fixed", "heterogeneous", "depth_floor", "depth_no_floor"):
-        runs[arm] = str(latest(out / arm / "stage2"))
-    nf = read_manifest(out / "ranked_no_attention_floor")["metadata"]["layer_ranking"]
-    runs["rankings"] = {"min_attention_layers 0": nf}
-    runs["scratch"] = {b: str(out / f"scratch_{b[:-1]}") for b in scratch}
+    arms = {  # each returns its save directory (the stage-2 one for the elastic arms)
+        "uniform": partial(
+            stage, steps, "uniform", 2, base, latest(s0 / "stage1"), ranked, extra=uniform
+        ),
+        "fixed": partial(curriculum, steps, "fixed", fixed, ranked, extra=("router.fixed=true",)),
+        "heterogeneous": partial(curriculum, steps, "heterogeneous", hetero, ranked),
+        "depth_floor": partial(curriculum, steps, "depth_floor", floor, ranked),
+        "depth_no_floor": depth_no_floor,
+    }
+    scratch_runs = {
+        b: partial(pretrain, steps, f"scratch_{b[:-1]}", y, curve=True) for b, y in scratch.items()
+    }
+    tasks = {**arms, **scratch_runs}
+    saves = dict(zip(tasks, steps.parallel(list(tasks.values())), strict=True))
+    runs.update({arm: str(latest(saves[arm])) for arm in arms})
+    runs["scratch"] = {b: str(saves[b]) for b in scratch_runs}
     return runs
 
 

@@ -104,10 +104,17 @@ class Steps:
         with self._lock:
             print(f"[bench_family] {text}", flush=True)
 
-    def _start(self, title: str) -> tuple[int, float]:
+    @property
+    def _in_pool(self) -> bool:
+        return getattr(self._local, "in_pool", False)
+
+    def _next(self) -> int:
         with self._lock:
             self.count += 1
-            n, started = self.count, time.time()
+            return self.count
+
+    def _start(self, title: str) -> tuple[int, float]:
+        n, started = self._next(), time.time()
         self._say(f"({n}) {title}  [{started - self.t0:,.0f}s elapsed]")
         return n, started
 
@@ -116,24 +123,17 @@ class Steps:
 
     def _process(self, cmd: list[str], path: Path, rerun: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if getattr(self._local, "in_pool", False):
+        if self._in_pool:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
         with path.open("w") as f:
             done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         if done.returncode != 0:
-            tail = "".join(path.read_text().splitlines(keepends=True)[-30:])
-            raise SystemExit(
-                f"{tail}\n[bench_family] step failed (exit {done.returncode}, log {path}); "
-                f"rerun it with:\n  {rerun}"
-            )
+            _fail(path, done.returncode, rerun)
 
     def run(self, title: str, log: str, *args: str, done_if: Path | None = None) -> None:
         """``done_if``: with ``--resume``, skip the step when this file exists."""
         if self.resume and done_if is not None and done_if.exists():
-            with self._lock:
-                self.count += 1
-                n = self.count
-            self._say(f"({n}) {title}: done already")
+            self._say(f"({self._next()}) {title}: done already")
             return
         n, started = self._start(title)
         cmd = [sys.executable, *args]
@@ -152,7 +152,7 @@ class Steps:
         ]
         path = p.out / "logs" / f"{log}.log"
         rerun = "python -m megatron_elastic.train " + " ".join(argv)
-        if getattr(self._local, "in_pool", False):
+        if self._in_pool:
             self._process([sys.executable, "-m", "megatron_elastic.train", *argv], path, rerun)
         else:
             from megatron_elastic.train import main as train_main
@@ -160,11 +160,7 @@ class Steps:
             with path.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
                 status = train_main(argv)
             if status != 0:
-                tail = "".join(path.read_text().splitlines(keepends=True)[-30:])
-                raise SystemExit(
-                    f"{tail}\n[bench_family] training failed (exit {status}, log {path}); rerun "
-                    f"it with:\n  {rerun}"
-                )
+                _fail(path, status, rerun)
         save = Path(_override(overrides, "checkpoint.save"))
         reached = json.loads((save / "latest.json").read_text())["step"]
         if reached != int(_override(overrides, "train.steps")):
@@ -175,6 +171,13 @@ class Steps:
             )
         self._done(n, started)
         return save
+
+
+def _fail(log: Path, status: int, rerun: str) -> None:
+    tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+    raise SystemExit(
+        f"{tail}\n[bench_family] step failed (exit {status}, log {log}); rerun it with:\n  {rerun}"
+    )
 
 
 def _override(overrides: tuple[str, ...], key: str) -> str:

@@ -300,12 +300,13 @@ def test_memory_windows_free_their_events_when_read() -> None:
     # every step grew to 10 GB. Here 10 windows of 2,000 ops each grew the process by ~300 MB
     # then (hand-broken: 311 MiB), by < 1 MB now (gc held off: it is what freed them by chance).
     import gc
-    import os
+
+    import psutil
 
     from megatron_elastic.planning.measure import CpuPeakWindow
 
     def rss_mib() -> float:
-        return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * 4096 / 2**20
+        return psutil.Process().memory_info().rss / 2**20
 
     window, x = CpuPeakWindow(), torch.randn(32, 32)
     gc.collect()
